@@ -1,0 +1,62 @@
+# exaone_ext: the two commands of the README, and the build checks CI runs.
+#   make demo        set up .venv, build and install the package, run the showcase
+#   make test        set up .venv, build and install the package, run the test suite
+#   make cuda-check  compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no torch, no GPU)
+#   make cuda-build  build and import the full CUDA extension against torch==2.14.1 (CUDA 13) in .venv-cuda
+#   make bench       run the CPU benchmarks (pytest-benchmark)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_CPU ?= torch==2.13.0
+TORCH_CUDA ?= torch==2.14.1
+NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
+CUDA_ARCHS ?= 80 90
+DEPS := numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26" \
+        pytest pytest-benchmark transformers
+
+.PHONY: demo test venv install cuda-check cuda-build bench clean
+
+$(VENV)/.deps:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_CPU)"
+	$(PIP) install -q $(DEPS)
+	@touch $@
+
+venv: $(VENV)/.deps
+
+install: venv
+	$(PIP) install -q --no-build-isolation --no-deps .
+
+demo: install
+	$(PY) -m exaone_ext.demo
+
+test: install
+	$(PY) -m pytest -q tests
+	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then $(MAKE) --no-print-directory cuda-check; \
+	 else echo "nvcc not found: skipping cuda-check"; fi
+
+cuda-check:
+	@mkdir -p build/cuda-check
+	@set -e; fail=0; for f in $$(find csrc/cuda -name '*.cu' | sort); do \
+	  for a in $(CUDA_ARCHS); do \
+	    o=build/cuda-check/$$(echo $$f | tr / _).sm_$$a.o; \
+	    if [ $$o -nt $$f ] && [ -z "$$(find csrc/common csrc/cuda -name '*.h' -o -name '*.cuh' -newer $$o)" ]; then continue; fi; \
+	    echo "nvcc sm_$$a $$f"; \
+	    $(NVCC) -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_$$a,code=sm_$$a -c $$f -o $$o || fail=1; \
+	  done; done; \
+	if [ $$fail = 1 ]; then echo "cuda-check: FAILED"; exit 1; fi; echo "cuda-check: every .cu compiles for sm $(CUDA_ARCHS)"
+
+cuda-build:
+	@test -x .venv-cuda/bin/python || $(PYTHON) -m venv .venv-cuda
+	@.venv-cuda/bin/python -c "import torch" 2>/dev/null || .venv-cuda/bin/pip install -q "$(TORCH_CUDA)"
+	.venv-cuda/bin/pip install -q numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26"
+	EXAONE_EXT_CUDA=ON .venv-cuda/bin/pip install -q --no-build-isolation --no-deps .
+	cd /tmp && $(CURDIR)/.venv-cuda/bin/python -c "import exaone_ext, json; i = exaone_ext.build_info(); print(json.dumps(i)); assert i['cuda'], 'CUDA kernels missing'"
+
+bench: install
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,ops -q
+
+clean:
+	rm -rf build dist

@@ -1,0 +1,48 @@
+// Run-time choice of the CPU kernel variant. Each op's kernels are compiled for AVX-512, AVX2 and
+// portable C++ (see cmake/ExaoneExtCpuIsa.cmake); active_isa() picks the widest one this CPU and
+// this build support, which a user may lower (never raise) with EXAONE_EXT_CPU_ISA=avx2|scalar or
+// exaone_ext.set_cpu_isa(), e.g. to compare variants or to test every variant on one machine.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace exaone_ext::cpu {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* isa_name(Isa isa);
+Isa best_isa();                 // widest variant both compiled in and supported by this CPU
+Isa active_isa();               // what the kernels use now
+void set_isa(const std::string& name);  // "avx512" | "avx2" | "scalar" | "auto"; throws if unsupported
+std::vector<std::string> cpu_features();  // the relevant features this CPU reports
+bool cpu_has(const char* feature);        // e.g. "avx512bf16", "amx_tile"
+
+}  // namespace exaone_ext::cpu
+
+// Calls EXAONE_ISA_NS::fn(args...) for the active variant.
+#if defined(EXAONE_HAVE_AVX512)
+#define EXAONE_CASE_AVX512(fn, ...) \
+  case ::exaone_ext::cpu::Isa::kAvx512: return ::exaone_ext::cpu::avx512::fn(__VA_ARGS__);
+#else
+#define EXAONE_CASE_AVX512(fn, ...)
+#endif
+#if defined(EXAONE_HAVE_AVX2)
+#define EXAONE_CASE_AVX2(fn, ...) \
+  case ::exaone_ext::cpu::Isa::kAvx2: return ::exaone_ext::cpu::avx2::fn(__VA_ARGS__);
+#else
+#define EXAONE_CASE_AVX2(fn, ...)
+#endif
+#define EXAONE_CPU_DISPATCH(fn, ...)                          \
+  [&]() {                                                     \
+    switch (::exaone_ext::cpu::active_isa()) {                \
+      EXAONE_CASE_AVX512(fn, __VA_ARGS__)                     \
+      EXAONE_CASE_AVX2(fn, __VA_ARGS__)                       \
+      default: return ::exaone_ext::cpu::scalar::fn(__VA_ARGS__); \
+    }                                                         \
+  }()
+
+// Declares fn with the given parameter list in each ISA namespace.
+#define EXAONE_DECLARE_ISA_KERNEL(ret, fn, params)        \
+  namespace exaone_ext::cpu::avx512 { ret fn params; }    \
+  namespace exaone_ext::cpu::avx2 { ret fn params; }      \
+  namespace exaone_ext::cpu::scalar { ret fn params; }

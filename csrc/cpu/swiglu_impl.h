@@ -1,0 +1,95 @@
+// SwiGLU kernel bodies, written once against cpu/vec.h and compiled per instruction set by
+// swiglu_avx512.cpp, swiglu_avx2.cpp and swiglu_scalar.cpp.
+#pragma once
+#include <type_traits>
+#include "common/activations.h"
+#include "cpu/swiglu.h"
+#include "cpu/vec.h"
+
+namespace exaone_ext::cpu::EXAONE_ISA {
+namespace {
+
+template <typename T>
+void forward_rows(const SwigluArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.cols;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* g = static_cast<const T*>(a.gate) + r * a.gate_stride;
+    const T* u = static_cast<const T*>(a.up) + r * a.up_stride;
+    T* y = static_cast<T*>(a.out) + r * a.out_stride;
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t i = 0; i < n; ++i) y[i] = swiglu_value(g[i], u[i]);
+    } else {
+      int64_t i = 0;
+      for (; i + Vec::size <= n; i += Vec::size) {
+        Vec gv = Vec::load(g + i);
+        (gv * vsigmoid(gv) * Vec::load(u + i)).store(y + i);
+      }
+      if (i < n) {
+        const int rem = int(n - i);
+        Vec gv = Vec::load(g + i, rem);
+        (gv * vsigmoid(gv) * Vec::load(u + i, rem)).store(y + i, rem);
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_rows(const SwigluArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.cols;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* g = static_cast<const T*>(a.gate) + r * a.gate_stride;
+    const T* u = static_cast<const T*>(a.up) + r * a.up_stride;
+    const T* dy = static_cast<const T*>(a.dy) + r * a.dy_stride;
+    T* dg = static_cast<T*>(a.out) + r * a.out_stride;
+    T* du = static_cast<T*>(a.out2) + r * a.out2_stride;
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t i = 0; i < n; ++i) swiglu_grads(g[i], u[i], dy[i], dg[i], du[i]);
+    } else {
+      const Vec one = Vec::set1(1.f);
+      auto step = [&](int64_t i, int rem) {
+        Vec gv = rem ? Vec::load(g + i, rem) : Vec::load(g + i);
+        Vec uv = rem ? Vec::load(u + i, rem) : Vec::load(u + i);
+        Vec dyv = rem ? Vec::load(dy + i, rem) : Vec::load(dy + i);
+        Vec s = vsigmoid(gv);
+        Vec gs = gv * s;
+        Vec dgv = dyv * uv * s * fmadd(gv, one - s, one);
+        Vec duv = dyv * gs;
+        if (rem) {
+          dgv.store(dg + i, rem);
+          duv.store(du + i, rem);
+        } else {
+          dgv.store(dg + i);
+          duv.store(du + i);
+        }
+      };
+      int64_t i = 0;
+      for (; i + Vec::size <= n; i += Vec::size) step(i, 0);
+      if (i < n) step(i, int(n - i));
+    }
+  }
+}
+
+template <template <typename> class F, typename... Args>
+void by_dtype(DType t, Args&&... args) {
+  switch (t) {
+    case DType::kFloat32: return F<float>::run(args...);
+    case DType::kBFloat16: return F<bf16>::run(args...);
+    case DType::kFloat16: return F<f16>::run(args...);
+    case DType::kFloat64:
+#if defined(EXAONE_VEC_SCALAR)
+      return F<double>::run(args...);
+#else
+      break;  // float64 is routed to the portable variant by the caller
+#endif
+  }
+}
+
+template <typename T> struct Fwd { static void run(const SwigluArgs& a, int64_t b, int64_t e) { forward_rows<T>(a, b, e); } };
+template <typename T> struct Bwd { static void run(const SwigluArgs& a, int64_t b, int64_t e) { backward_rows<T>(a, b, e); } };
+
+}  // namespace
+
+void swiglu_forward_rows(const SwigluArgs& a, int64_t begin, int64_t end) { by_dtype<Fwd>(a.dtype, a, begin, end); }
+void swiglu_backward_rows(const SwigluArgs& a, int64_t begin, int64_t end) { by_dtype<Bwd>(a.dtype, a, begin, end); }
+
+}  // namespace exaone_ext::cpu::EXAONE_ISA

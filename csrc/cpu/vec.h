@@ -1,0 +1,211 @@
+// A small float-vector type for the CPU kernels, one definition per instruction set.
+//
+// Include this only from csrc/cpu/*_avx512.cpp, *_avx2.cpp (compiled with those flags) or from
+// portable files; the type lives in namespace exaone_ext::cpu::EXAONE_ISA so that code compiled
+// with wide instructions can never be linked in place of portable code. Kernels are written once
+// against this interface (cpu/*_impl.h) and instantiated in each ISA file.
+//
+//   Vec::size                   lanes (16 for AVX-512, 8 for AVX2, 1 for the portable fallback)
+//   Vec::load(p) / store(p)     float, bf16 or f16 memory; 16-bit types converted in registers
+//   Vec::load(p, n) / store(p, n)  the first n < size lanes (tails)
+//   + - * /, fmadd, max, min, vexp, reduce_add, reduce_max
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include "common/dtypes.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define EXAONE_ISA avx512
+#define EXAONE_VEC_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define EXAONE_ISA avx2
+#define EXAONE_VEC_AVX2 1
+#include <immintrin.h>
+#else
+#define EXAONE_ISA scalar
+#define EXAONE_VEC_SCALAR 1
+#endif
+
+namespace exaone_ext::cpu::EXAONE_ISA {
+
+#if defined(EXAONE_VEC_AVX512)
+
+struct Vec {
+  static constexpr int size = 16;
+  __m512 v;
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec load(const bf16* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
+  static Vec load(const f16* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static Vec load(const float* p, int n) { return {_mm512_maskz_loadu_ps(mask(n), p)}; }
+  static Vec load(const bf16* p, int n) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask(n), p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
+  static Vec load(const f16* p, int n) { return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p))}; }
+
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(bf16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits()); }
+  void store(f16* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store(float* p, int n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
+  void store(bf16* p, int n) const { _mm256_mask_storeu_epi16(p, mask(n), to_bf16_bits()); }
+  void store(f16* p, int n) const {
+    _mm256_mask_storeu_epi16(p, mask(n), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+
+  static __mmask16 mask(int n) { return __mmask16((1u << n) - 1u); }
+  // round to nearest even; NaN -> quiet NaN
+  __m256i to_bf16_bits() const {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    r = _mm512_srli_epi32(r, 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+  }
+};
+inline Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+// max/min return the second operand when either is NaN: keep the data operand second to propagate NaN.
+inline Vec max(Vec bound, Vec x) { return {_mm512_max_ps(bound.v, x.v)}; }
+inline Vec min(Vec bound, Vec x) { return {_mm512_min_ps(bound.v, x.v)}; }
+inline float reduce_add(Vec a) { return _mm512_reduce_add_ps(a.v); }
+inline float reduce_max(Vec a) { return _mm512_reduce_max_ps(a.v); }
+inline Vec round_nearest(Vec a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline Vec pow2i(Vec n) {  // 2^n for integral n in [-126, 127]
+  __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(e, 23))};
+}
+inline Vec zero_below(Vec x, float lo, Vec r) {  // r where x >= lo (or NaN), 0 where x < lo
+  return {_mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(lo), _CMP_LT_OQ), r.v)};
+}
+
+#elif defined(EXAONE_VEC_AVX2)
+
+struct Vec {
+  static constexpr int size = 8;
+  __m256 v;
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load(const bf16* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  }
+  static Vec load(const f16* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+  template <typename T> static Vec load(const T* p, int n) {
+    T buf[size] = {};
+    std::memcpy(buf, p, sizeof(T) * n);
+    return load(buf);
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(bf16* p) const {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(qnan), nan));
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  void store(f16* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  template <typename T> void store(T* p, int n) const {
+    T buf[size];
+    store(buf);
+    std::memcpy(p, buf, sizeof(T) * n);
+  }
+};
+inline Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec max(Vec bound, Vec x) { return {_mm256_max_ps(bound.v, x.v)}; }
+inline Vec min(Vec bound, Vec x) { return {_mm256_min_ps(bound.v, x.v)}; }
+inline float reduce_add(Vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float reduce_max(Vec a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline Vec round_nearest(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline Vec pow2i(Vec n) {
+  __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(e, 23))};
+}
+inline Vec zero_below(Vec x, float lo, Vec r) {
+  return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(lo), _CMP_LT_OQ), r.v)};
+}
+
+#else  // portable: one lane, plain C++
+
+struct Vec {
+  static constexpr int size = 1;
+  float v;
+  static Vec zero() { return {0.f}; }
+  static Vec set1(float x) { return {x}; }
+  template <typename T> static Vec load(const T* p) { return {to_float(*p)}; }
+  template <typename T> static Vec load(const T* p, int n) { return {n > 0 ? to_float(*p) : 0.f}; }
+  template <typename T> void store(T* p) const { *p = from_float<T>(v); }
+  template <typename T> void store(T* p, int n) const { if (n > 0) *p = from_float<T>(v); }
+};
+inline Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
+inline Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
+inline Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+inline Vec operator/(Vec a, Vec b) { return {a.v / b.v}; }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return {std::fma(a.v, b.v, c.v)}; }
+inline Vec max(Vec bound, Vec x) { return {std::isnan(x.v) ? x.v : (x.v > bound.v ? x.v : bound.v)}; }
+inline Vec min(Vec bound, Vec x) { return {std::isnan(x.v) ? x.v : (x.v < bound.v ? x.v : bound.v)}; }
+inline float reduce_add(Vec a) { return a.v; }
+inline float reduce_max(Vec a) { return a.v; }
+inline Vec round_nearest(Vec a) { return {std::nearbyint(a.v)}; }
+inline Vec pow2i(Vec n) { return {std::ldexp(1.0f, int(n.v))}; }
+inline Vec zero_below(Vec x, float lo, Vec r) { return {x.v < lo ? 0.f : r.v}; }
+
+#endif
+
+// exp(x) in float to ~1 ulp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a
+// degree-7 polynomial in r (the classic Cephes expf coefficients) scaled by 2^n.
+// exp(-inf) and anything below the float range is exactly 0; NaN propagates.
+inline Vec vexp(Vec x) {
+  const Vec hi = Vec::set1(88.3762626647949f), lo = Vec::set1(-87.3365478515625f);
+  Vec xc = min(hi, max(lo, x));
+  Vec n = round_nearest(xc * Vec::set1(1.44269504088896341f));
+  Vec r = fmadd(n, Vec::set1(-0.693359375f), xc);
+  r = fmadd(n, Vec::set1(2.12194440e-4f), r);
+  Vec p = Vec::set1(1.9875691500e-4f);
+  p = fmadd(p, r, Vec::set1(1.3981999507e-3f));
+  p = fmadd(p, r, Vec::set1(8.3334519073e-3f));
+  p = fmadd(p, r, Vec::set1(4.1665795894e-2f));
+  p = fmadd(p, r, Vec::set1(1.6666665459e-1f));
+  p = fmadd(p, r, Vec::set1(5.0000001201e-1f));
+  p = fmadd(p, r * r, r + Vec::set1(1.0f));
+  return zero_below(x, -87.3365478515625f, p * pow2i(n));
+}
+
+inline Vec vsigmoid(Vec x) { return Vec::set1(1.0f) / (Vec::set1(1.0f) + vexp(Vec::zero() - x)); }
+
+}  // namespace exaone_ext::cpu::EXAONE_ISA

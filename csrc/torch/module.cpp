@@ -1,0 +1,60 @@
+// The pybind11 module exaone_ext._C. Importing it runs the static operator registrations of
+// every csrc/torch/ops_*.cpp (and csrc/torch/cuda/*.cpp in a CUDA build); the functions here are
+// the few non-tensor things Python needs from C++.
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu/isa.h"
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = EXAONE_EXT_VERSION;
+  d["torch_version"] = EXAONE_EXT_TORCH_VERSION;
+  d["cuda"] = bool(EXAONE_EXT_WITH_CUDA);
+  py::list archs;
+#if EXAONE_EXT_WITH_CUDA
+  std::string s = EXAONE_EXT_CUDA_ARCHS_STR;
+  size_t start = 0;
+  while (start <= s.size()) {
+    size_t end = s.find(',', start);
+    if (end == std::string::npos) end = s.size();
+    if (end > start) archs.append(s.substr(start, end - start));
+    start = end + 1;
+  }
+#endif
+  d["cuda_archs"] = archs;
+  py::list compiled;
+  compiled.append("scalar");
+#if defined(EXAONE_HAVE_AVX2)
+  compiled.append("avx2");
+#endif
+#if defined(EXAONE_HAVE_AVX512)
+  compiled.append("avx512");
+#endif
+  d["cpu_isa_compiled"] = compiled;
+  d["cpu_isa_best"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::best_isa());
+  d["cpu_isa"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa());
+  d["cpu_features"] = exaone_ext::cpu::cpu_features();
+  d["threads"] = at::get_num_threads();
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "exaone_ext compiled kernels (operators live in torch.ops.exaone_ext)";
+  m.def("build_info", &build_info, "What this build of exaone_ext contains and what it uses on this machine.");
+  m.def("set_cpu_isa", [](const std::string& name) { exaone_ext::cpu::set_isa(name); },
+        py::arg("name"), "Choose the CPU kernel variant: 'auto', 'avx512', 'avx2' or 'scalar'.");
+  m.def("get_cpu_isa", []() { return std::string(exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa())); });
+}

@@ -1,0 +1,8 @@
+"""The fused operators. Each public function here runs a compiled kernel (torch.ops.exaone_ext.*)
+on CPU or CUDA, is differentiable, works under torch.compile, and has a plain-PyTorch twin of the
+same name in exaone_ext.ops.reference."""
+from . import reference
+from ._dispatch import has_kernel
+from .swiglu import swiglu
+
+__all__ = ["reference", "has_kernel", "swiglu"]

@@ -1,0 +1,112 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import exaone_ext
+from exaone_ext import ops
+from exaone_ext.ops import reference
+from conftest import DEVICES, DTYPES, assert_error_within
+
+SHAPES = [(1, 7), (3, 17), (17, 80), (1000, 96), (2, 5, 1001)]
+
+
+def _ref64(g, u):
+    return F.silu(g.double()) * u.double()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_forward_backward_matches_reference(shape, dtype, fused, device, cpu_isa):
+    g = torch.randn(shape, device=device).mul_(3).to(dtype).requires_grad_()
+    u = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    dy = torch.randn(shape, device=device).to(dtype)
+    if fused:
+        gu = torch.cat([g.detach(), u.detach()], -1).requires_grad_()
+        out = ops.swiglu(gu)
+        out.backward(dy)
+        dg, du = gu.grad.chunk(2, -1)
+    else:
+        out = ops.swiglu(g, u)
+        out.backward(dy)
+        dg, du = g.grad, u.grad
+    g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+    ref64 = _ref64(g64, u64)
+    ref64.backward(dy.double())
+    gl, ul = g.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    ref_lp = reference.swiglu(gl, ul)
+    ref_lp.backward(dy)
+    assert_error_within(out, ref64, ref_lp, "out")
+    assert_error_within(dg, g64.grad, gl.grad, "dgate")
+    assert_error_within(du, u64.grad, ul.grad, "dup")
+
+
+def test_non_contiguous_inputs(device, cpu_isa):
+    base = torch.randn(40, 2, 130, device=device)
+    g = base[:, 0, 1:98]          # strided rows, offset start
+    u = torch.randn(97, 40, device=device).t()  # transposed: last dim not contiguous
+    out = ops.swiglu(g, u)
+    torch.testing.assert_close(out, F.silu(g) * u)
+    gu = torch.randn(6, 3, 2 * 33, device=device).transpose(0, 1)
+    torch.testing.assert_close(ops.swiglu(gu), reference.swiglu(gu))
+
+
+def test_special_values(cpu_isa):
+    g = torch.tensor([0.0, -0.0, 1e-30, 80.0, -80.0, 100.0, -100.0, float("inf"), float("nan")] * 3)
+    u = torch.ones_like(g)
+    out = ops.swiglu(g, u)
+    ref = F.silu(g.double()).float()
+    torch.testing.assert_close(out[:-1 - 8], ref[:-1 - 8], equal_nan=True)
+    assert torch.isnan(out[8]) and torch.isnan(out[-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty(dtype, device):
+    g = torch.empty(0, 64, dtype=dtype, device=device)
+    assert ops.swiglu(g, g).shape == (0, 64)
+    assert ops.swiglu(torch.empty(3, 0, dtype=dtype, device=device)).shape == (3, 0)
+
+
+def test_gradcheck_float64(cpu_isa):
+    g = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.swiglu, (g, u))
+    gu = torch.randn(2, 3, 14, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.swiglu(t), (gu,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype, device):
+    g = torch.randn(5, 24, dtype=dtype, device=device, requires_grad=True)
+    u = torch.randn(5, 24, dtype=dtype, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.exaone_ext.swiglu.default, (g, u))
+    torch.library.opcheck(torch.ops.exaone_ext.swiglu_fused.default, (torch.cat([g, u], -1).detach().requires_grad_(),))
+    dy = torch.randn(5, 24, dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.exaone_ext.swiglu_backward.default, (dy, g.detach(), u.detach()))
+    torch.library.opcheck(torch.ops.exaone_ext.swiglu_fused_backward.default, (dy, torch.cat([g, u], -1).detach()))
+
+
+def test_bad_inputs():
+    g = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="'up' must have the same shape as 'gate'"):
+        ops.swiglu(g, torch.randn(4, 9))
+    with pytest.raises(TypeError, match="'up' must have the same dtype as 'gate'"):
+        ops.swiglu(g, torch.randn(4, 8, dtype=torch.float16))
+    with pytest.raises(TypeError, match="'gate' must be float32, bfloat16 or float16"):
+        ops.swiglu(torch.ones(4, 8, dtype=torch.int32), torch.ones(4, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="must be even"):
+        ops.swiglu(torch.randn(4, 7))
+    with pytest.raises(TypeError, match="'up' must be a torch.Tensor"):
+        ops.swiglu(g, [1.0])
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        ops.swiglu(torch.tensor(1.0), torch.tensor(2.0))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="same device"):
+            ops.swiglu(g, g.cuda())
+
+
+def test_reference_used_without_kernel():
+    # the meta device has no compiled kernel, only shapes: the op must still trace
+    g = torch.empty(3, 8, device="meta")
+    assert ops.swiglu(g, g).shape == (3, 8)
+    assert ops.swiglu(torch.empty(3, 16, device="meta")).shape == (3, 8)
