@@ -1,0 +1,106 @@
+// Parameters and math shared by the CPU and CUDA attention kernels (no torch, no CUDA runtime).
+//
+// Layouts (strides in elements, so any view whose last dim is contiguous works without a copy):
+//   dense:   q [batch, seq_q, q_heads, head_dim], k/v [batch, seq_k, kv_heads, head_dim]
+//   varlen:  q [total_q, q_heads, head_dim], k/v [total_k, kv_heads, head_dim], with int32
+//            cu_seqlens_q / cu_seqlens_k [batch + 1]; sequence b owns rows cu[b] .. cu[b+1]-1
+//            (batch strides are then unused and the row offsets come from cu_seqlens)
+//   kv-cache decode: k/v are the caches [batch, max_seq, kv_heads, head_dim]; the valid length
+//            of sequence b is cache_seqlens[b] (after any new tokens have been appended)
+//   lse:     float32; dense [batch, q_heads, seq_q], varlen [q_heads, total_q]
+//
+// Grouping: kv head j serves q heads j*g .. (j+1)*g-1, g = q_heads / kv_heads.
+// Causal mask, bottom-right aligned: query i of a sequence with (len_q, len_k) sees keys
+// 0 .. i + len_k - len_q. A query that sees no key outputs zeros and has lse = -inf.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/dtypes.h"
+
+namespace exaone_ext {
+
+struct AttnParams {
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, seq_q = 0, seq_k = 0;  // dense sizes; for varlen seq_* are the max lengths
+  int64_t q_heads = 0, kv_heads = 0, head_dim = 0;
+  bool causal = true;
+  float scale = 1.f;  // softmax scale (default 1/sqrt(head_dim))
+
+  const void* q = nullptr; const void* k = nullptr; const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // may be null when not needed
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0;  // lse row stride is 1
+
+  const int32_t* cu_seqlens_q = nullptr;   // varlen
+  const int32_t* cu_seqlens_k = nullptr;   // varlen
+  const int32_t* cache_seqlens = nullptr;  // kv-cache decode: valid keys per sequence
+
+  int64_t group() const { return q_heads / kv_heads; }
+};
+
+// Gradients of the attention (same layouts as the forward; dq like q, dk/dv like k/v).
+struct AttnBwdParams {
+  AttnParams fwd;  // q, k, v, out, lse of the forward
+  const void* dout = nullptr;
+  int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
+  void* dq = nullptr; void* dk = nullptr; void* dv = nullptr;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+};
+
+// Row offsets and lengths of sequence b for the q and k sides.
+struct SeqRange { int64_t q_start, len_q, k_start, len_k; };
+
+EXAONE_HD SeqRange seq_range(const AttnParams& p, int64_t b) {
+  SeqRange r;
+  if (p.cu_seqlens_q) {
+    r.q_start = p.cu_seqlens_q[b];
+    r.len_q = p.cu_seqlens_q[b + 1] - r.q_start;
+    r.k_start = p.cu_seqlens_k[b];
+    r.len_k = p.cu_seqlens_k[b + 1] - r.k_start;
+  } else {
+    r.q_start = 0; r.len_q = p.seq_q; r.k_start = 0; r.len_k = p.seq_k;
+    if (p.cache_seqlens) r.len_k = p.cache_seqlens[b];
+  }
+  return r;
+}
+
+// Last key index (exclusive bound) visible to query i under the bottom-right causal mask.
+EXAONE_HD int64_t causal_key_end(int64_t i, int64_t len_q, int64_t len_k) {
+  const int64_t end = i + len_k - len_q + 1;
+  return end < 0 ? 0 : (end > len_k ? len_k : end);
+}
+
+// Online softmax: running max m and running sum l of exp(s - m) for one query row.
+// After a block with maximum m_blk, the previous sum and output are rescaled by exp(m - m_new).
+struct OnlineSoftmax {
+  float m = -INFINITY;
+  float l = 0.f;
+  // Returns the factor to rescale the previous accumulator by; sets m to the new max.
+  EXAONE_HD float update_max(float block_max) {
+    const float m_new = block_max > m ? block_max : m;
+    const float alpha = (m == -INFINITY) ? 0.f : expf(m - m_new);
+    m = m_new;
+    l *= alpha;
+    return alpha;
+  }
+  EXAONE_HD float lse() const { return l > 0.f ? m + logf(l) : -INFINITY; }
+  EXAONE_HD float inv_l() const { return l > 0.f ? 1.f / l : 0.f; }
+};
+
+// Combine of split-KV partial results (flash-decoding): each split s has (lse_s, out_s) with out_s
+// already normalised by its own sum; the total is sum_s exp(lse_s - lse) * out_s, with
+// lse = log(sum_s exp(lse_s)).
+EXAONE_HD float lse_combine_max(const float* lse, int n) {
+  float m = -INFINITY;
+  for (int s = 0; s < n; ++s) m = lse[s] > m ? lse[s] : m;
+  return m;
+}
+
+}  // namespace exaone_ext
