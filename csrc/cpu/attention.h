@@ -9,13 +9,16 @@
 //             LSE go to p.out / p.lse; otherwise the tile is one split of a split-KV pass and writes
 //             float partials (normalised by its own sum) part_out [batch, seq_q, q_heads, head_dim]
 //             and part_lse [batch, seq_q, q_heads] (dense / kv-cache layouts only).
-//   backward: (sequence b, kv head, key blocks kb_first, kb_first + kb_step, ...). The item owns
-//             dk / dv of its key blocks (no atomics) and adds its share of dq into dq_acc, an
-//             accumulator of the accumulation type (float; double for float64) laid out
-//             [rows, q_heads, head_dim] with rows = batch * seq_q (dense) or total_q (varlen).
-//             Items that write into the same dq_acc must not run concurrently: the torch layer
-//             gives each concurrent split its own accumulator and sums them in a fixed order.
-//             dsum (same type and layout as dq_acc without head_dim) holds D = rowsum(dout * out).
+//   backward: (sequence b, kv head, query blocks qb_first, qb_first + qb_step, ...) of
+//             attn_block_q(group) positions. The item owns dq of its query rows (written to bp.dq,
+//             scaled) and adds its share of dK / dV (unscaled dK: the caller multiplies by the
+//             softmax scale) into dk_acc / dv_acc, accumulators of the accumulation type (float;
+//             double for float64) holding the rows of this kv head: [rows_k, head_dim] with
+//             rows_k = batch * seq_k (dense) or total_k (varlen). Items that add into the same
+//             accumulators must not run concurrently: the torch layer gives each concurrent split its
+//             own accumulators and sums them in a fixed order (deterministic, no atomics).
+//             dsum (accumulation type, [rows_q, q_heads], rows_q = batch * seq_q or total_q) holds
+//             D = rowsum(dout * out).
 //
 // Scratch: each call needs attn_scratch_bytes(group, head_dim) bytes, 64-byte aligned, private
 // to the calling thread.
@@ -54,6 +57,6 @@ EXAONE_DECLARE_ISA_KERNEL(void, attn_fwd_block,
                           (const exaone_ext::AttnParams& p, int64_t b, int64_t kv_head, int64_t q_begin,
                            int64_t q_end, int64_t k_begin, int64_t k_end, float* part_out, float* part_lse,
                            void* scratch))
-EXAONE_DECLARE_ISA_KERNEL(void, attn_bwd_keys,
-                          (const exaone_ext::AttnBwdParams& p, const void* dsum, void* dq_acc, int64_t b,
-                           int64_t kv_head, int64_t kb_first, int64_t kb_step, void* scratch))
+EXAONE_DECLARE_ISA_KERNEL(void, attn_bwd_rows,
+                          (const exaone_ext::AttnBwdParams& p, const void* dsum, void* dk_acc, void* dv_acc,
+                           int64_t b, int64_t kv_head, int64_t qb_first, int64_t qb_step, void* scratch))

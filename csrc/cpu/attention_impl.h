@@ -253,6 +253,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
   A* O = cv.take<A>(mp_max * d);
   A* St = cv.take<A>(BK * mp_max);
   A* Kf = cv.take<A>(BK * d);
+  A* Vf = cv.take<A>(BK * d);
   A* m = cv.take<A>(mp_max);
   A* l = cv.take<A>(mp_max);
   A* msub = cv.take<A>(mp_max);
@@ -288,17 +289,13 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
 
     for (int64_t kb = k_begin; kb < kmax; kb += BK) {
       const int64_t nk = std::min(BK, kmax - kb);
-      const A* kt;
-      int64_t kld;
-      if constexpr (std::is_same_v<T, A>) {
-        kt = kbase + kb * p.k_row_stride;
-        kld = p.k_row_stride;
-      } else {
-        for (int64_t j = 0; j < nk; ++j) load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
-        kt = Kf;
-        kld = d;
+      // K and V tiles packed contiguous in the accumulation type: rows of a head are strided in
+      // the source (kv_heads * head_dim apart), which would alias in the L1 sets
+      for (int64_t j = 0; j < nk; ++j) {
+        load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
+        load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
       }
-      gemm(St, Mp, kt, kld, 1, Qt, Mp, nk, Mp, d, false);  // S^T = K . (scale Q)^T
+      gemm(St, Mp, Kf, d, 1, Qt, Mp, nk, Mp, d, false);  // S^T = K . (scale Q)^T
       if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(-INFINITY));
       col_max(St, nk, Mp, alpha);
       for (int64_t c = 0; c < Mp; ++c) {
@@ -314,7 +311,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       for (int64_t c = 0; c < M; ++c)
         if (alpha[c] != A(1)) scale_row(O + c * d, d, alpha[c]);
       // O += P . V, P read transposed out of S^T
-      gemm(O, d, St, 1, Mp, vbase + kb * p.v_row_stride, p.v_row_stride, M, d, nk, true);
+      gemm(O, d, St, 1, Mp, Vf, d, M, d, nk, true);
     }
 
     for (int64_t c = 0; c < M; ++c) {
@@ -338,8 +335,8 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
 // ---- backward --------------------------------------------------------------------------------------
 
 template <typename T>
-void bwd_keys(const AttnBwdParams& bp, const void* dsum_v, void* dq_acc_v, int64_t b, int64_t kvh, int64_t kb_first,
-              int64_t kb_step, void* scratch) {
+void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void* dv_acc_v, int64_t b, int64_t kvh,
+              int64_t qb_first, int64_t qb_step, void* scratch) {
   using A = acc_t<T>;
   const AttnParams& p = bp.fwd;
   const SeqRange sr = seq_range(p, b);
@@ -358,80 +355,70 @@ void bwd_keys(const AttnBwdParams& bp, const void* dsum_v, void* dq_acc_v, int64
   A* dPt = cv.take<A>(BK * mp_max);
   A* Kf = cv.take<A>(BK * d);
   A* Vf = cv.take<A>(BK * d);
-  A* dK = cv.take<A>(BK * d);
-  A* dV = cv.take<A>(BK * d);
   A* lse_c = cv.take<A>(mp_max);
   A* D_c = cv.take<A>(mp_max);
   int64_t* cend = cv.take<int64_t>(mp_max);
 
   const A* dsum = static_cast<const A*>(dsum_v);
-  A* dq_acc = static_cast<A*>(dq_acc_v);
-  const int64_t row0 = p.cu_seqlens_q ? sr.q_start : b * p.seq_q;  // first row of the sequence in dq_acc
+  const int64_t row0 = p.cu_seqlens_q ? sr.q_start : b * p.seq_q;   // first q row of the sequence in dsum
+  const int64_t krow0 = p.cu_seqlens_k ? sr.k_start : b * p.seq_k;  // first k row in the dk / dv accumulators
+  A* dk_acc = static_cast<A*>(dk_acc_v) + krow0 * d;
+  A* dv_acc = static_cast<A*>(dv_acc_v) + krow0 * d;
   const T* qbase = static_cast<const T*>(p.q) + b * p.q_batch_stride + sr.q_start * p.q_row_stride +
                    kvh * g * p.q_head_stride;
   const T* dobase = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + sr.q_start * bp.do_row_stride +
                     kvh * g * bp.do_head_stride;
+  T* dqbase = static_cast<T*>(bp.dq) + b * bp.dq_batch_stride + sr.q_start * bp.dq_row_stride +
+              kvh * g * bp.dq_head_stride;
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_batch_stride + sr.k_start * p.k_row_stride +
                    kvh * p.k_head_stride;
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_batch_stride + sr.k_start * p.v_row_stride +
                    kvh * p.v_head_stride;
-  T* dkbase = static_cast<T*>(bp.dk) + b * bp.dk_batch_stride + sr.k_start * bp.dk_row_stride +
-              kvh * bp.dk_head_stride;
-  T* dvbase = static_cast<T*>(bp.dv) + b * bp.dv_batch_stride + sr.k_start * bp.dv_row_stride +
-              kvh * bp.dv_head_stride;
   const float* lse = p.lse + b * p.lse_batch_stride + sr.q_start;
   const A scale = A(p.scale);
-  const int64_t nkb = (len_k + BK - 1) / BK;
+  const int64_t nqb = (len_q + bq - 1) / bq;
 
-  for (int64_t kbi = kb_first; kbi < nkb; kbi += kb_step) {
-    const int64_t kb = kbi * BK, nk = std::min(BK, len_k - kb);
-    for (int64_t j = 0; j < nk; ++j) {
-      load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
-      load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
+  for (int64_t qbi = qb_first; qbi < nqb; qbi += qb_step) {
+    const int64_t qs = qbi * bq, qe = std::min(qs + bq, len_q), M = (qe - qs) * g, Mp = round_up(M, lanes<A>());
+    int64_t kmax = 0, kmin = len_k;
+    for (int64_t c = 0; c < M; ++c) {
+      const int64_t i = qs + c / g, h = c % g, head = kvh * g + h;
+      cend[c] = p.causal ? causal_key_end(i, len_q, len_k) : len_k;
+      kmax = std::max(kmax, cend[c]);
+      kmin = std::min(kmin, cend[c]);
+      lse_c[c] = A(lse[head * p.lse_head_stride + i]);
+      D_c[c] = dsum[(row0 + i) * hq + head];
+      load_row(Qf + c * d, qbase + i * p.q_row_stride + h * p.q_head_stride, d, A(1));
+      load_row(dOf + c * d, dobase + i * bp.do_row_stride + h * bp.do_head_stride, d, A(1));
+      for (int64_t x = 0; x < d; ++x) {
+        Qt[x * Mp + c] = Qf[c * d + x];
+        dOt[x * Mp + c] = dOf[c * d + x];
+      }
     }
-    std::fill(dK, dK + nk * d, A(0));
-    std::fill(dV, dV + nk * d, A(0));
-    const int64_t q_first = p.causal ? std::clamp<int64_t>(kb - len_k + len_q, 0, len_q) : 0;
-
-    for (int64_t qs = q_first; qs < len_q; qs += bq) {
-      const int64_t qe = std::min(qs + bq, len_q), M = (qe - qs) * g, Mp = round_up(M, lanes<A>());
-      int64_t kmin = kb + nk;
-      for (int64_t c = 0; c < M; ++c) {
-        const int64_t i = qs + c / g, h = c % g, head = kvh * g + h;
-        cend[c] = p.causal ? causal_key_end(i, len_q, len_k) : len_k;
-        kmin = std::min(kmin, cend[c]);
-        lse_c[c] = A(lse[head * p.lse_head_stride + i]);
-        D_c[c] = dsum[(row0 + i) * hq + head];
-        const T* qr = qbase + i * p.q_row_stride + h * p.q_head_stride;
-        const T* dr = dobase + i * bp.do_row_stride + h * bp.do_head_stride;
-        load_row(Qf + c * d, qr, d, A(1));
-        load_row(dOf + c * d, dr, d, A(1));
-        for (int64_t x = 0; x < d; ++x) {
-          Qt[x * Mp + c] = Qf[c * d + x];
-          dOt[x * Mp + c] = dOf[c * d + x];
-        }
+    for (int64_t c = M; c < Mp; ++c) {
+      lse_c[c] = 0;
+      D_c[c] = 0;
+      for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = dOt[x * Mp + c] = 0;
+    }
+    std::fill(dQ, dQ + M * d, A(0));
+    for (int64_t kb = 0; kb < kmax; kb += BK) {
+      const int64_t nk = std::min(BK, kmax - kb);
+      for (int64_t j = 0; j < nk; ++j) {
+        load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
+        load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
       }
-      for (int64_t c = M; c < Mp; ++c) {
-        lse_c[c] = 0;
-        D_c[c] = 0;
-        for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = dOt[x * Mp + c] = 0;
-      }
-      gemm(St, Mp, Kf, d, 1, Qt, Mp, nk, Mp, d, false);  // S^T (unscaled)
+      gemm(St, Mp, Kf, d, 1, Qt, Mp, nk, Mp, d, false);               // S^T (unscaled)
       exp_cols(St, nk, Mp, scale, lse_c, static_cast<A*>(nullptr));  // P^T = exp(scale S^T - lse)
       if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(0));
-      gemm(dPt, Mp, Vf, d, 1, dOt, Mp, nk, Mp, d, false);  // dP^T = V . dO^T
-      grad_scores(dPt, St, nk, Mp, D_c);                    // dS^T
-      gemm(dV, d, St, Mp, 1, dOf, d, nk, d, M, true);       // dV += P^T . dO
-      gemm(dK, d, dPt, Mp, 1, Qf, d, nk, d, M, true);       // dK += dS^T . Q
-      gemm(dQ, d, dPt, 1, Mp, Kf, d, M, d, nk, false);      // dQ tile = dS . K
-      for (int64_t c = 0; c < M; ++c) {
-        const int64_t i = qs + c / g, head = kvh * g + c % g;
-        add_row(dq_acc + ((row0 + i) * hq + head) * d, dQ + c * d, d, scale);
-      }
+      gemm(dPt, Mp, Vf, d, 1, dOt, Mp, nk, Mp, d, false);             // dP^T = V . dO^T
+      grad_scores(dPt, St, nk, Mp, D_c);                               // dS^T
+      gemm(dv_acc + kb * d, d, St, Mp, 1, dOf, d, nk, d, M, true);    // dV += P^T . dO
+      gemm(dk_acc + kb * d, d, dPt, Mp, 1, Qf, d, nk, d, M, true);    // dK += dS^T . Q (unscaled)
+      gemm(dQ, d, dPt, 1, Mp, Kf, d, M, d, nk, true);                 // dQ += dS . K
     }
-    for (int64_t j = 0; j < nk; ++j) {
-      store_row(dkbase + (kb + j) * bp.dk_row_stride, dK + j * d, d, scale);
-      store_row(dvbase + (kb + j) * bp.dv_row_stride, dV + j * d, d, A(1));
+    for (int64_t c = 0; c < M; ++c) {
+      const int64_t i = qs + c / g, h = c % g;
+      store_row(dqbase + i * bp.dq_row_stride + h * bp.dq_head_stride, dQ + c * d, d, scale);
     }
   }
 }
@@ -455,7 +442,7 @@ template <typename T> struct Fwd {
   template <typename... Args> static void run(Args&&... args) { fwd_block<T>(args...); }
 };
 template <typename T> struct Bwd {
-  template <typename... Args> static void run(Args&&... args) { bwd_keys<T>(args...); }
+  template <typename... Args> static void run(Args&&... args) { bwd_rows<T>(args...); }
 };
 
 }  // namespace
@@ -465,9 +452,9 @@ void attn_fwd_block(const AttnParams& p, int64_t b, int64_t kv_head, int64_t q_b
   by_dtype<Fwd>(p.dtype, p, b, kv_head, q_begin, q_end, k_begin, k_end, part_out, part_lse, scratch);
 }
 
-void attn_bwd_keys(const AttnBwdParams& p, const void* dsum, void* dq_acc, int64_t b, int64_t kv_head,
-                   int64_t kb_first, int64_t kb_step, void* scratch) {
-  by_dtype<Bwd>(p.fwd.dtype, p, dsum, dq_acc, b, kv_head, kb_first, kb_step, scratch);
+void attn_bwd_rows(const AttnBwdParams& p, const void* dsum, void* dk_acc, void* dv_acc, int64_t b, int64_t kv_head,
+                   int64_t qb_first, int64_t qb_step, void* scratch) {
+  by_dtype<Bwd>(p.fwd.dtype, p, dsum, dk_acc, dv_acc, b, kv_head, qb_first, qb_step, scratch);
 }
 
 }  // namespace exaone_ext::cpu::EXAONE_ISA

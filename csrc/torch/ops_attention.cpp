@@ -86,26 +86,31 @@ void run_fwd(const AttnParams& p, int64_t batch, int64_t nsplit, int64_t split_k
   });
 }
 
-// Backward: items (sequence, kv head, split); split s owns key blocks s, s + nsplit, ... and adds its
-// dq share into its own accumulator; the accumulators are summed in split order afterwards.
-void run_bwd(const AttnBwdParams& bp, int64_t batch, const at::Tensor& dout, const at::Tensor& out, at::Tensor& dq) {
+// Backward: items (sequence, kv head, split); split s owns query blocks s, s + nsplit, ... (writes
+// their dq) and adds its share of dK / dV into its own float accumulators [nsplit, kv_heads, rows_k, d];
+// the accumulators are summed in split order afterwards (deterministic, no atomics).
+void run_bwd(const AttnBwdParams& bp, int64_t batch, const at::Tensor& dout, const at::Tensor& out, at::Tensor& dk,
+             at::Tensor& dv) {
   const AttnParams& p = bp.fwd;
-  if (batch == 0 || p.q_heads == 0 || dq.numel() == 0) return;
+  if (batch == 0 || p.q_heads == 0 || dout.numel() == 0 || dk.numel() == 0) return;
   const bool dbl = p.dtype == DType::kFloat64;
   const auto acc = dbl ? at::kDouble : at::kFloat;
-  // D = rowsum(dout * out): [rows, q_heads]
+  // D = rowsum(dout * out): [rows_q, q_heads]
   const at::Tensor dsum = (dout.to(acc) * out.to(acc)).sum(-1).contiguous();
-  const int64_t rows = dq.numel() / (p.q_heads * p.head_dim);
+  const int64_t rows_k = dk.numel() / (p.kv_heads * p.head_dim);
+  const int64_t g = p.group(), bq = cpu::attn_block_q(g);
   const auto lens = seq_lengths(p, batch);
   int64_t pairs = 0, max_blocks = 1;
   for (const auto& [lq, lk] : lens) {
     if (lq > 0 && lk > 0) pairs += p.kv_heads;
-    max_blocks = std::max(max_blocks, (lk + cpu::kAttnBlockK - 1) / cpu::kAttnBlockK);
+    max_blocks = std::max(max_blocks, (lq + bq - 1) / bq);
   }
   const int64_t threads = at::get_num_threads();
-  const int64_t nsplit = std::clamp<int64_t>(pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1),
-                                             1, max_blocks);
-  at::Tensor dq_acc = at::zeros({nsplit, rows, p.q_heads, p.head_dim}, dq.options().dtype(acc));
+  const int64_t want = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1);
+  const int64_t nsplit = std::clamp<int64_t>(want, 1, max_blocks);
+  const auto acc_opts = dk.options().dtype(acc);
+  at::Tensor dk_acc = at::zeros({nsplit, p.kv_heads, rows_k, p.head_dim}, acc_opts);
+  at::Tensor dv_acc = at::zeros({nsplit, p.kv_heads, rows_k, p.head_dim}, acc_opts);
   struct Item { int64_t b, kvh, s; double cost; };
   std::vector<Item> items;
   for (int64_t b = 0; b < batch; ++b) {
@@ -115,19 +120,27 @@ void run_bwd(const AttnBwdParams& bp, int64_t batch, const at::Tensor& dout, con
       for (int64_t s = 0; s < nsplit; ++s) items.push_back({b, h, s, double(lq) * double(lk)});
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
-  char* acc_base = static_cast<char*>(dq_acc.data_ptr());
-  const int64_t split_bytes = rows * p.q_heads * p.head_dim * dq_acc.element_size();
+  char* dk_base = static_cast<char*>(dk_acc.data_ptr());
+  char* dv_base = static_cast<char*>(dv_acc.data_ptr());
+  const int64_t slab = rows_k * p.head_dim * dk_acc.element_size();  // one (split, kv head)
   const void* ds = dsum.const_data_ptr();
-  run_items(int64_t(items.size()), cpu::attn_scratch_bytes(p.group(), p.head_dim), [&](int64_t t, void* scratch) {
+  run_items(int64_t(items.size()), cpu::attn_scratch_bytes(g, p.head_dim), [&](int64_t t, void* scratch) {
     const Item& it = items[t];
-    void* dqa = acc_base + it.s * split_bytes;
+    const int64_t off = (it.s * p.kv_heads + it.kvh) * slab;
     if (dbl) {
-      cpu::scalar::attn_bwd_keys(bp, ds, dqa, it.b, it.kvh, it.s, nsplit, scratch);
+      cpu::scalar::attn_bwd_rows(bp, ds, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
     } else {
-      EXAONE_CPU_DISPATCH(attn_bwd_keys, bp, ds, dqa, it.b, it.kvh, it.s, nsplit, scratch);
+      EXAONE_CPU_DISPATCH(attn_bwd_rows, bp, ds, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
     }
   });
-  dq.copy_((nsplit == 1 ? dq_acc[0] : dq_acc.sum(0)).view(dq.sizes()));
+  // [kv_heads, rows_k, d] -> [rows_k, kv_heads, d] -> the shape of dk / dv
+  auto finish = [&](at::Tensor& acc_t, at::Tensor& grad, double mul) {
+    at::Tensor total = nsplit == 1 ? acc_t[0] : acc_t.sum(0);
+    if (mul != 1.0) total.mul_(mul);
+    grad.copy_(total.permute({1, 0, 2}).reshape(grad.sizes()));
+  };
+  finish(dk_acc, dk, double(p.scale));
+  finish(dv_acc, dv, 1.0);
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -155,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(const at::Tens
                                                                   bool causal, double softmax_scale) {
   at::Tensor dq, dk, dv;
   const AttnBwdParams bp = prepare_flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, dq, dk, dv);
-  run_bwd(bp, bp.fwd.batch, dout, out, dq);
+  run_bwd(bp, bp.fwd.batch, dout, out, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -166,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   at::Tensor dq, dk, dv;
   const AttnBwdParams bp = prepare_flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                          max_seqlen_q, max_seqlen_k, causal, softmax_scale, dq, dk, dv);
-  run_bwd(bp, bp.fwd.batch, dout, out, dq);
+  run_bwd(bp, bp.fwd.batch, dout, out, dk, dv);
   return {dq, dk, dv};
 }
 
