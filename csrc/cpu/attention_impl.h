@@ -355,6 +355,9 @@ void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void*
   A* dPt = cv.take<A>(BK * mp_max);
   A* Kf = cv.take<A>(BK * d);
   A* Vf = cv.take<A>(BK * d);
+  A* dKt = cv.take<A>(BK * d);
+  A* dVt = cv.take<A>(BK * d);
+  A* dQt = cv.take<A>(mp_max * d);
   A* lse_c = cv.take<A>(mp_max);
   A* D_c = cv.take<A>(mp_max);
   int64_t* cend = cv.take<int64_t>(mp_max);
@@ -391,7 +394,7 @@ void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void*
       load_row(Qf + c * d, qbase + i * p.q_row_stride + h * p.q_head_stride, d, A(1));
       load_row(dOf + c * d, dobase + i * bp.do_row_stride + h * bp.do_head_stride, d, A(1));
       for (int64_t x = 0; x < d; ++x) {
-        Qt[x * Mp + c] = Qf[c * d + x];
+        Qt[x * Mp + c] = Qf[c * d + x] * scale;  // as the forward does, so S matches it bit for bit
         dOt[x * Mp + c] = dOf[c * d + x];
       }
     }
@@ -407,14 +410,21 @@ void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void*
         load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
         load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
       }
-      gemm(St, Mp, Kf, d, 1, Qt, Mp, nk, Mp, d, false);               // S^T (unscaled)
-      exp_cols(St, nk, Mp, scale, lse_c, static_cast<A*>(nullptr));  // P^T = exp(scale S^T - lse)
+      gemm(St, Mp, Kf, d, 1, Qt, Mp, nk, Mp, d, false);              // S^T = K . (scale Q)^T
+      exp_cols(St, nk, Mp, A(1), lse_c, static_cast<A*>(nullptr));  // P^T = exp(S^T - lse)
       if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(0));
       gemm(dPt, Mp, Vf, d, 1, dOt, Mp, nk, Mp, d, false);             // dP^T = V . dO^T
       grad_scores(dPt, St, nk, Mp, D_c);                               // dS^T
-      gemm(dv_acc + kb * d, d, St, Mp, 1, dOf, d, nk, d, M, true);    // dV += P^T . dO
-      gemm(dk_acc + kb * d, d, dPt, Mp, 1, Qf, d, nk, d, M, true);    // dK += dS^T . Q (unscaled)
-      gemm(dQ, d, dPt, 1, Mp, Kf, d, M, d, nk, true);                 // dQ += dS . K
+      // Each tile product is formed on its own and then added, so the long sums over all query
+      // (key) blocks are sums of block sums rather than one sequential chain.
+      gemm(dVt, d, St, Mp, 1, dOf, d, nk, d, M, false);   // P^T . dO
+      gemm(dKt, d, dPt, Mp, 1, Qf, d, nk, d, M, false);   // dS^T . Q (unscaled)
+      gemm(dQt, d, dPt, 1, Mp, Kf, d, M, d, nk, false);   // dS . K
+      for (int64_t j = 0; j < nk; ++j) {
+        add_row(dv_acc + (kb + j) * d, dVt + j * d, d, A(1));
+        add_row(dk_acc + (kb + j) * d, dKt + j * d, d, A(1));
+      }
+      for (int64_t c = 0; c < M; ++c) add_row(dQ + c * d, dQt + c * d, d, A(1));
     }
     for (int64_t c = 0; c < M; ++c) {
       const int64_t i = qs + c / g, h = c % g;
