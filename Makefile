@@ -2,7 +2,7 @@
 #   make demo        set up .venv, build and install the package, run the showcase
 #   make test        set up .venv, build and install the package, run the test suite
 #   make cuda-check  compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no torch, no GPU)
-#   make cuda-build  build and import the full CUDA extension against torch==2.14.1 (CUDA 13) in .venv-cuda
+#   make cuda-build  build and import the full CUDA extension against torch==2.14.1 (CUDA 13) in $(CUDA_VENV)
 #   make bench       run the CPU benchmarks (pytest-benchmark)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,10 +11,24 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_CPU ?= torch==2.13.0
 TORCH_CUDA ?= torch==2.14.1
+CUDA_VENV ?= .venv-cuda
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 CUDA_ARCHS ?= 80 90
 DEPS := numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26" \
         pytest pytest-benchmark transformers
+
+# Imports the CUDA build on a machine without a GPU and checks every op has a CUDA kernel registered.
+define CUDA_IMPORT_CHECK
+import json, torch, exaone_ext
+info = exaone_ext.build_info()
+print(json.dumps(info))
+assert info["cuda"], "the CUDA kernels are missing from the build"
+ops = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("exaone_ext::")]
+missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+assert ops and not missing, f"ops without a CUDA kernel: {missing}"
+print(f"cuda-build: {len(ops)} ops, each with a CUDA kernel")
+endef
+export CUDA_IMPORT_CHECK
 
 .PHONY: demo test venv install cuda-check cuda-build bench clean
 
@@ -49,11 +63,11 @@ cuda-check:
 	if [ $$fail = 1 ]; then echo "cuda-check: FAILED"; exit 1; fi; echo "cuda-check: every .cu compiles for sm $(CUDA_ARCHS)"
 
 cuda-build:
-	@test -x .venv-cuda/bin/python || $(PYTHON) -m venv .venv-cuda
-	@.venv-cuda/bin/python -c "import torch" 2>/dev/null || .venv-cuda/bin/pip install -q "$(TORCH_CUDA)"
-	.venv-cuda/bin/pip install -q numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26"
-	EXAONE_EXT_CUDA=ON .venv-cuda/bin/pip install -q --no-build-isolation --no-deps .
-	cd /tmp && $(CURDIR)/.venv-cuda/bin/python -c "import exaone_ext, json; i = exaone_ext.build_info(); print(json.dumps(i)); assert i['cuda'], 'CUDA kernels missing'"
+	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv .venv-cuda
+	@$(CUDA_VENV)/bin/python -c "import torch" 2>/dev/null || $(CUDA_VENV)/bin/pip install -q "$(TORCH_CUDA)"
+	$(CUDA_VENV)/bin/pip install -q numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26"
+	EXAONE_EXT_CUDA=ON $(CUDA_VENV)/bin/pip install -q --no-build-isolation --no-deps --config-settings=build-dir=build/cuda .
+	cd /tmp && $(abspath $(CUDA_VENV))/bin/python -c "$$CUDA_IMPORT_CHECK"
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,ops -q
