@@ -2,7 +2,7 @@
 #   make demo        set up .venv, build and install the package, run the showcase
 #   make test        set up .venv, build and install the package, run the test suite
 #   make cuda-check  compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no torch, no GPU)
-#   make cuda-build  build and import the full CUDA extension against torch==2.14.1 (CUDA 13) in $(CUDA_VENV)
+#   make cuda-build  build and import the full CUDA extension against torch==2.14.1 (CUDA 13) in .venv-cuda
 #   make bench       run the CPU benchmarks (pytest-benchmark)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -63,7 +63,7 @@ cuda-check:
 	if [ $$fail = 1 ]; then echo "cuda-check: FAILED"; exit 1; fi; echo "cuda-check: every .cu compiles for sm $(CUDA_ARCHS)"
 
 cuda-build:
-	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv .venv-cuda
+	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	@$(CUDA_VENV)/bin/python -c "import torch" 2>/dev/null || $(CUDA_VENV)/bin/pip install -q "$(TORCH_CUDA)"
 	$(CUDA_VENV)/bin/pip install -q numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26"
 	EXAONE_EXT_CUDA=ON $(CUDA_VENV)/bin/pip install -q --no-build-isolation --no-deps --config-settings=build-dir=build/cuda .
