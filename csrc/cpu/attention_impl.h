@@ -218,6 +218,45 @@ inline void mask_cols(A* S, int64_t nk, int64_t Mp, int64_t M, const int64_t* ce
   }
 }
 
+// Scores of a narrow block (decode: a few rows per group) straight from the K rows in memory:
+// S^T[j][r] = dot(Qn[r], K[j]), vectorised along head_dim and reduced per row; rows MR..Mp-1 are 0.
+// Reading K in place (no packing) keeps decode at one pass over the cache.
+template <int MR, typename T>
+void scores_narrow(float* St, int64_t Mp, const float* Qn, int64_t d, const T* k, int64_t ldk, int64_t nk) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const T* kr = k + j * ldk;
+    Vec acc[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r] = Vec::zero();
+    for (int64_t c = 0; c < d; c += W) {
+      const Vec kv = Vec::load(kr + c);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) acc[r] = fmadd(Vec::load(Qn + r * d + c), kv, acc[r]);
+    }
+    float* srow = St + j * Mp;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) srow[r] = reduce_add(acc[r]);
+    for (int64_t r = MR; r < Mp; ++r) srow[r] = 0.f;
+  }
+}
+
+constexpr int64_t kNarrowRows = 8;
+
+template <typename T>
+void scores_narrow_rows(int64_t M, float* St, int64_t Mp, const float* Qn, int64_t d, const T* k, int64_t ldk,
+                        int64_t nk) {
+  switch (M) {
+    case 1: return scores_narrow<1>(St, Mp, Qn, d, k, ldk, nk);
+    case 2: return scores_narrow<2>(St, Mp, Qn, d, k, ldk, nk);
+    case 3: return scores_narrow<3>(St, Mp, Qn, d, k, ldk, nk);
+    case 4: return scores_narrow<4>(St, Mp, Qn, d, k, ldk, nk);
+    case 5: return scores_narrow<5>(St, Mp, Qn, d, k, ldk, nk);
+    case 6: return scores_narrow<6>(St, Mp, Qn, d, k, ldk, nk);
+    case 7: return scores_narrow<7>(St, Mp, Qn, d, k, ldk, nk);
+    default: return scores_narrow<8>(St, Mp, Qn, d, k, ldk, nk);
+  }
+}
+
 inline char* align64(void* p) {
   const uintptr_t u = reinterpret_cast<uintptr_t>(p);
   return reinterpret_cast<char*>((u + 63) & ~uintptr_t(63));
@@ -254,6 +293,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
   A* St = cv.take<A>(BK * mp_max);
   A* Kf = cv.take<A>(BK * d);
   A* Vf = cv.take<A>(BK * d);
+  A* Qn = cv.take<A>(mp_max * d);
   A* m = cv.take<A>(mp_max);
   A* l = cv.take<A>(mp_max);
   A* msub = cv.take<A>(mp_max);
@@ -270,6 +310,8 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
 
   for (int64_t qs = q_begin; qs < q_end; qs += bq) {
     const int64_t qe = std::min(qs + bq, q_end), M = (qe - qs) * g, Mp = round_up(M, lanes<A>());
+    // a narrow block (decode) reads K and V in place; a wide one packs tiles for the micro-kernel
+    const bool narrow = !std::is_same_v<A, double> && M <= kNarrowRows;
     int64_t kmax = k_begin, kmin = k_end;
     for (int64_t c = 0; c < M; ++c) {
       const int64_t i = qs + c / g;
@@ -279,6 +321,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       kmin = std::min(kmin, e);
       const T* qr = qbase + i * p.q_row_stride + (c % g) * p.q_head_stride;
       for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = A(to_float(qr[x])) * scale;
+      if (narrow) load_row(Qn + c * d, qr, d, scale);
     }
     for (int64_t c = M; c < Mp; ++c) {
       cend[c] = 0;
@@ -291,11 +334,16 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       const int64_t nk = std::min(BK, kmax - kb);
       // K and V tiles packed contiguous in the accumulation type: rows of a head are strided in
       // the source (kv_heads * head_dim apart), which would alias in the L1 sets
-      for (int64_t j = 0; j < nk; ++j) {
-        load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
-        load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
+      if constexpr (!std::is_same_v<A, double>) {
+        if (narrow) scores_narrow_rows(M, St, Mp, Qn, d, kbase + kb * p.k_row_stride, p.k_row_stride, nk);
       }
-      gemm(St, Mp, Kf, d, 1, Qt, Mp, nk, Mp, d, false);  // S^T = K . (scale Q)^T
+      if (!narrow) {
+        for (int64_t j = 0; j < nk; ++j) {
+          load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
+          load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
+        }
+        gemm(St, Mp, Kf, d, 1, Qt, Mp, nk, Mp, d, false);  // S^T = K . (scale Q)^T
+      }
       if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(-INFINITY));
       col_max(St, nk, Mp, alpha);
       for (int64_t c = 0; c < Mp; ++c) {
@@ -311,7 +359,11 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       for (int64_t c = 0; c < M; ++c)
         if (alpha[c] != A(1)) scale_row(O + c * d, d, alpha[c]);
       // O += P . V, P read transposed out of S^T
-      gemm(O, d, St, 1, Mp, Vf, d, M, d, nk, true);
+      if (narrow) {
+        gemm(O, d, St, 1, Mp, vbase + kb * p.v_row_stride, p.v_row_stride, M, d, nk, true);
+      } else {
+        gemm(O, d, St, 1, Mp, Vf, d, M, d, nk, true);
+      }
     }
 
     for (int64_t c = 0; c < M; ++c) {

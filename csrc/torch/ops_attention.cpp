@@ -191,15 +191,19 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
                                                   softmax_scale, out, lens);
   const int64_t batch = p.batch;
   if (batch == 0 || p.seq_q == 0) return out;
-  // Split-KV: when (sequence, kv head, query block) items are too few to keep every thread busy,
-  // cut the keys into splits of >= 256 keys and combine the partial results with their LSEs.
-  const int64_t threads = at::get_num_threads();
-  const int64_t items = batch * p.kv_heads * ((p.seq_q + cpu::attn_block_q(p.group()) - 1) / cpu::attn_block_q(p.group()));
+  // Split-KV ("flash-decoding"): long caches are cut into key ranges of kSplitKeys; every
+  // (sequence, kv head, query block, range) is an item, and items of one range run next to each
+  // other (heads innermost) so that concurrent threads stream neighbouring cache memory, whatever
+  // the number of sequences and heads. The partial results are combined with their LSEs. The
+  // partial buffers are capped at ~32 MiB (long chunked prefills split less: they are compute-bound
+  // and have enough query blocks to share out).
+  constexpr int64_t kSplitKeys = 512;
   int64_t max_len = 0;
   for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]);
-  int64_t nsplit = 1;
-  if (p.dtype != DType::kFloat64 && items < 4 * threads)
-    nsplit = std::clamp<int64_t>((4 * threads + items - 1) / items, 1, std::max<int64_t>(1, max_len / 256));
+  const int64_t part_floats = batch * p.seq_q * p.q_heads * (p.head_dim + 1);
+  const int64_t max_splits = std::max<int64_t>(1, (int64_t(32) << 20) / 4 / std::max<int64_t>(part_floats, 1));
+  int64_t nsplit = std::min((max_len + kSplitKeys - 1) / kSplitKeys, max_splits);
+  if (p.dtype == DType::kFloat64) nsplit = 1;  // float64 (tests) stays exact: partials are float
   if (nsplit == 1) {
     run_fwd(p, batch, 1, 0, nullptr, nullptr, 0);
     return out;
