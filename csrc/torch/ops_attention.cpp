@@ -42,6 +42,29 @@ void fwd_kernel(const AttnParams& p, int64_t b, int64_t kvh, int64_t q0, int64_t
   }
 }
 
+// The rows of one head of k / v (and q / dout) are kv_heads * head_dim elements apart in the
+// [.., seq, heads, head_dim] layout: tiles read from there alias in the cache sets and defeat the
+// prefetchers, and every query block reads them again. A head-major copy ([.., heads, seq, d], one
+// pass over the tensor, negligible next to the O(seq^2) work) makes every tile contiguous.
+at::Tensor heads_major(const at::Tensor& t) { return t.transpose(-2, -3).contiguous(); }
+
+void point_at(const at::Tensor& t, bool dense, const void*& ptr, int64_t& bs, int64_t& rs, int64_t& hs) {
+  ptr = t.const_data_ptr();
+  bs = dense ? t.stride(0) : 0;
+  rs = t.stride(-2);
+  hs = t.stride(-3);
+}
+
+// Head-major copies of k and v, kept alive by the returned tensors, with p pointing at them.
+std::pair<at::Tensor, at::Tensor> use_heads_major_kv(AttnParams& p, const at::Tensor& k, const at::Tensor& v) {
+  if (p.kv_heads <= 1 || k.numel() == 0) return {};
+  at::Tensor kh = heads_major(k), vh = heads_major(v);
+  const bool dense = k.dim() == 4;
+  point_at(kh, dense, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  point_at(vh, dense, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  return {kh, vh};
+}
+
 struct FwdItem {
   int64_t b, kvh, q0, q1, k0, k1, split;
   double cost;
@@ -89,10 +112,15 @@ void run_fwd(const AttnParams& p, int64_t batch, int64_t nsplit, int64_t split_k
 // Backward: items (sequence, kv head, split); split s owns query blocks s, s + nsplit, ... (writes
 // their dq) and adds its share of dK / dV into its own float accumulators [nsplit, kv_heads, rows_k, d];
 // the accumulators are summed in split order afterwards (deterministic, no atomics).
-void run_bwd(const AttnBwdParams& bp, int64_t batch, const at::Tensor& dout, const at::Tensor& out, at::Tensor& dk,
-             at::Tensor& dv) {
+void run_bwd(AttnBwdParams bp, int64_t batch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor& dout, const at::Tensor& out, at::Tensor& dk, at::Tensor& dv) {
   const AttnParams& p = bp.fwd;
   if (batch == 0 || p.q_heads == 0 || dout.numel() == 0 || dk.numel() == 0) return;
+  const auto keep_kv = use_heads_major_kv(bp.fwd, k, v);
+  const bool dense = q.dim() == 4;
+  const at::Tensor qh = heads_major(q), doh = heads_major(dout);
+  point_at(qh, dense, bp.fwd.q, bp.fwd.q_batch_stride, bp.fwd.q_row_stride, bp.fwd.q_head_stride);
+  point_at(doh, dense, bp.dout, bp.do_batch_stride, bp.do_row_stride, bp.do_head_stride);
   const bool dbl = p.dtype == DType::kFloat64;
   const auto acc = dbl ? at::kDouble : at::kFloat;
   // D = rowsum(dout * out): [rows_q, q_heads]
@@ -146,7 +174,8 @@ void run_bwd(const AttnBwdParams& bp, int64_t batch, const at::Tensor& dout, con
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       bool causal, double softmax_scale) {
   at::Tensor out, lse;
-  const AttnParams p = prepare_flash_attn_fwd(q, k, v, causal, softmax_scale, out, lse);
+  AttnParams p = prepare_flash_attn_fwd(q, k, v, causal, softmax_scale, out, lse);
+  const auto keep = use_heads_major_kv(p, k, v);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
   return {out, lse};
 }
@@ -156,8 +185,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                              int64_t max_seqlen_k, bool causal, double softmax_scale) {
   at::Tensor out, lse;
-  const AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                     causal, softmax_scale, out, lse);
+  AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               causal, softmax_scale, out, lse);
+  const auto keep = use_heads_major_kv(p, k, v);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
   return {out, lse};
 }
@@ -168,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(const at::Tens
                                                                   bool causal, double softmax_scale) {
   at::Tensor dq, dk, dv;
   const AttnBwdParams bp = prepare_flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, dq, dk, dv);
-  run_bwd(bp, bp.fwd.batch, dout, out, dk, dv);
+  run_bwd(bp, bp.fwd.batch, q, k, v, dout, out, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -179,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   at::Tensor dq, dk, dv;
   const AttnBwdParams bp = prepare_flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                          max_seqlen_q, max_seqlen_k, causal, softmax_scale, dq, dk, dv);
-  run_bwd(bp, bp.fwd.batch, dout, out, dk, dv);
+  run_bwd(bp, bp.fwd.batch, q, k, v, dout, out, dk, dv);
   return {dq, dk, dv};
 }
 
