@@ -257,6 +257,125 @@ void scores_narrow_rows(int64_t M, float* St, int64_t Mp, const float* Qn, int64
   }
 }
 
+#if defined(EXAONE_VEC_AVX512)
+// ---- bfloat16 tile products on AVX512-BF16 (vdpbf16ps: 32 bf16 products per instruction, float
+// accumulation). Only used when the CPU reports avx512bf16; the functions carry the target
+// attribute themselves, the rest of this file is compiled without it.
+#define EXAONE_TARGET_BF16 __attribute__((target("avx512bf16")))
+
+inline bool cpu_bf16_dot() {
+  static const bool ok = cpu_has("avx512bf16");
+  return ok;
+}
+
+inline uint32_t load_u32(const void* p) {
+  uint32_t x;
+  std::memcpy(&x, p, 4);
+  return x;
+}
+
+// C[i][n] (+)= sum_kp dot(a(i, kp), B[kp][n]) over bf16 pairs: a(i, kp) is the pair at
+// a + 2 * (i * a_si + kp * a_sc) (strides in pairs); B is "VNNI" packed: the pair of column n at
+// b + kp * ldb + 2 * n (ldb in bf16 elements).
+template <int R, int NV>
+EXAONE_TARGET_BF16 inline void micro_bf16(float* C, int64_t ldc, const uint16_t* a, int64_t a_si, int64_t a_sc,
+                                          const uint16_t* b, int64_t ldb, int64_t KP, bool acc) {
+  __m512 c[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + v * 16) : _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    __m512bh bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + kp * ldb + v * 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(load_u32(a + 2 * (r * a_si + kp * a_sc))));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, c[r][v]);
+}
+
+template <int R, int NV>
+EXAONE_TARGET_BF16 inline void micro_bf16_tail_cols(int nv, float* C, int64_t ldc, const uint16_t* a, int64_t a_si,
+                                                    int64_t a_sc, const uint16_t* b, int64_t ldb, int64_t KP, bool acc) {
+  if constexpr (NV >= 1) {
+    if (nv == NV) return micro_bf16<R, NV>(C, ldc, a, a_si, a_sc, b, ldb, KP, acc);
+    micro_bf16_tail_cols<R, NV - 1>(nv, C, ldc, a, a_si, a_sc, b, ldb, KP, acc);
+  }
+}
+
+template <int R>
+EXAONE_TARGET_BF16 inline void micro_bf16_rows(float* C, int64_t ldc, const uint16_t* a, int64_t a_si, int64_t a_sc,
+                                               const uint16_t* b, int64_t ldb, int64_t N, int64_t KP, bool acc) {
+  int64_t n = 0;
+  for (; n + kNV * 16 <= N; n += kNV * 16) micro_bf16<R, kNV>(C + n, ldc, a, a_si, a_sc, b + 2 * n, ldb, KP, acc);
+  if (n < N)
+    micro_bf16_tail_cols<R, kNV - 1>(int((N - n) / 16), C + n, ldc, a, a_si, a_sc, b + 2 * n, ldb, KP, acc);
+}
+
+template <int R>
+EXAONE_TARGET_BF16 inline void micro_bf16_tail_rows(int nr, float* C, int64_t ldc, const uint16_t* a, int64_t a_si,
+                                                    int64_t a_sc, const uint16_t* b, int64_t ldb, int64_t N,
+                                                    int64_t KP, bool acc) {
+  if constexpr (R >= 1) {
+    if (nr == R) return micro_bf16_rows<R>(C, ldc, a, a_si, a_sc, b, ldb, N, KP, acc);
+    micro_bf16_tail_rows<R - 1>(nr, C, ldc, a, a_si, a_sc, b, ldb, N, KP, acc);
+  }
+}
+
+// rows x N (a multiple of 16) result, KP bf16 pairs of inner dimension.
+EXAONE_TARGET_BF16 void gemm_bf16(float* C, int64_t ldc, const uint16_t* a, int64_t a_si, int64_t a_sc,
+                                  const uint16_t* b, int64_t ldb, int64_t rows, int64_t N, int64_t KP, bool acc) {
+  int64_t i = 0;
+  for (; i + kR <= rows; i += kR) micro_bf16_rows<kR>(C + i * ldc, ldc, a + 2 * i * a_si, a_si, a_sc, b, ldb, N, KP, acc);
+  if (i < rows)
+    micro_bf16_tail_rows<kR - 1>(int(rows - i), C + i * ldc, ldc, a + 2 * i * a_si, a_si, a_sc, b, ldb, N, KP, acc);
+}
+
+// Interleaves two 16-element bf16 rows into 16 pairs.
+inline __m512i interleave16(__m256i lo_row, __m256i hi_row) {
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(lo_row), hi_row, 1);
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), x);
+}
+
+// VNNI tile of nk rows of width d (ld apart): dst[kp][n][2] = (src[2kp][n], src[2kp + 1][n]);
+// the missing row of an odd nk is zero.
+inline void pack_vnni(uint16_t* dst, const bf16* src, int64_t ld, int64_t nk, int64_t d) {
+  for (int64_t kp = 0; kp < (nk + 1) / 2; ++kp) {
+    const bf16* r0 = src + 2 * kp * ld;
+    const bf16* r1 = 2 * kp + 1 < nk ? r0 + ld : nullptr;
+    for (int64_t c = 0; c < d; c += 16) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + c));
+      const __m256i b = r1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + c)) : _mm256_setzero_si256();
+      _mm512_storeu_si512(dst + kp * 2 * d + 2 * c, interleave16(a, b));
+    }
+  }
+}
+
+// Probabilities in bf16 pairs along the keys: dst[kp][c] = (P[2kp][c], P[2kp + 1][c]) from the
+// float S^T tile [nk][Mp] (rounded to nearest even, as a cast to bfloat16 does).
+inline void pack_prob_pairs(uint16_t* dst, const float* St, int64_t Mp, int64_t nk) {
+  for (int64_t kp = 0; kp < (nk + 1) / 2; ++kp) {
+    const float* r0 = St + 2 * kp * Mp;
+    const float* r1 = 2 * kp + 1 < nk ? r0 + Mp : nullptr;
+    for (int64_t c = 0; c < Mp; c += 16) {
+      const __m256i a = Vec::load(r0 + c).to_bf16_bits();
+      const __m256i b = r1 ? Vec::load(r1 + c).to_bf16_bits() : _mm256_setzero_si256();
+      _mm512_storeu_si512(dst + (kp * Mp + c) * 2, interleave16(a, b));
+    }
+  }
+}
+#endif  // EXAONE_VEC_AVX512
+
 inline char* align64(void* p) {
   const uintptr_t u = reinterpret_cast<uintptr_t>(p);
   return reinterpret_cast<char*>((u + 63) & ~uintptr_t(63));
@@ -294,6 +413,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
   A* Kf = cv.take<A>(BK * d);
   A* Vf = cv.take<A>(BK * d);
   A* Qn = cv.take<A>(mp_max * d);
+  uint16_t* Pp = cv.take<uint16_t>(BK * mp_max);  // bf16 probability pairs (AVX512-BF16 path)
   A* m = cv.take<A>(mp_max);
   A* l = cv.take<A>(mp_max);
   A* msub = cv.take<A>(mp_max);
@@ -312,6 +432,13 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
     const int64_t qe = std::min(qs + bq, q_end), M = (qe - qs) * g, Mp = round_up(M, lanes<A>());
     // a narrow block (decode) reads K and V in place; a wide one packs tiles for the micro-kernel
     const bool narrow = !std::is_same_v<A, double> && M <= kNarrowRows;
+    // bfloat16 with AVX512-BF16: Q^T, V and P as bf16 pairs, products by vdpbf16ps
+    bool dot16 = false;
+#if defined(EXAONE_VEC_AVX512)
+    if constexpr (std::is_same_v<T, bf16>) dot16 = !narrow && cpu_bf16_dot();
+    uint32_t* Qp = reinterpret_cast<uint32_t*>(Qt);  // [d / 2][Mp] pairs of unscaled q
+    uint16_t* Vp = reinterpret_cast<uint16_t*>(Vf);  // [nk / 2][d][2]
+#endif
     int64_t kmax = k_begin, kmin = k_end;
     for (int64_t c = 0; c < M; ++c) {
       const int64_t i = qs + c / g;
@@ -320,8 +447,15 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       kmax = std::max(kmax, e);
       kmin = std::min(kmin, e);
       const T* qr = qbase + i * p.q_row_stride + (c % g) * p.q_head_stride;
-      for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = A(to_float(qr[x])) * scale;
-      if (narrow) load_row(Qn + c * d, qr, d, scale);
+      if (narrow) {
+        load_row(Qn + c * d, qr, d, scale);
+      } else if (dot16) {
+#if defined(EXAONE_VEC_AVX512)
+        for (int64_t x = 0; x < d / 2; ++x) Qp[x * Mp + c] = load_u32(qr + 2 * x);
+#endif
+      } else {
+        for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = A(to_float(qr[x])) * scale;
+      }
     }
     for (int64_t c = M; c < Mp; ++c) {
       cend[c] = 0;
@@ -337,7 +471,16 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       if constexpr (!std::is_same_v<A, double>) {
         if (narrow) scores_narrow_rows(M, St, Mp, Qn, d, kbase + kb * p.k_row_stride, p.k_row_stride, nk);
       }
-      if (!narrow) {
+#if defined(EXAONE_VEC_AVX512)
+      if (dot16) {
+        // S^T = K . Q^T on bf16 pairs (K rows read in place), then the scale in float
+        gemm_bf16(St, Mp, reinterpret_cast<const uint16_t*>(kbase + kb * p.k_row_stride), p.k_row_stride / 2, 1,
+                  reinterpret_cast<const uint16_t*>(Qp), 2 * Mp, nk, Mp, d / 2, false);
+        scale_row(St, nk * Mp, scale);
+        pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
+      }
+#endif
+      if (!narrow && !dot16) {
         for (int64_t j = 0; j < nk; ++j) {
           load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
           load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
@@ -361,6 +504,11 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       // O += P . V, P read transposed out of S^T
       if (narrow) {
         gemm(O, d, St, 1, Mp, vbase + kb * p.v_row_stride, p.v_row_stride, M, d, nk, true);
+      } else if (dot16) {
+#if defined(EXAONE_VEC_AVX512)
+        pack_prob_pairs(Pp, St, Mp, nk);
+        gemm_bf16(O, d, Pp, 1, Mp, Vp, 2 * d, M, d, (nk + 1) / 2, true);
+#endif
       } else {
         gemm(O, d, St, 1, Mp, Vf, d, M, d, nk, true);
       }
