@@ -558,6 +558,9 @@ void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void*
   A* dKt = cv.take<A>(BK * d);
   A* dVt = cv.take<A>(BK * d);
   A* dQt = cv.take<A>(mp_max * d);
+  uint16_t* Pb = cv.take<uint16_t>(BK * mp_max);   // AVX512-BF16 path: P, dS as bf16 [nk][Mp]
+  uint16_t* dSb = cv.take<uint16_t>(BK * mp_max);
+  uint16_t* dSp = cv.take<uint16_t>(BK * mp_max);  // dS in bf16 pairs along the keys
   A* lse_c = cv.take<A>(mp_max);
   A* D_c = cv.take<A>(mp_max);
   int64_t* cend = cv.take<int64_t>(mp_max);
@@ -580,6 +583,18 @@ void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void*
   const float* lse = p.lse + b * p.lse_batch_stride + sr.q_start;
   const A scale = A(p.scale);
   const int64_t nqb = (len_q + bq - 1) / bq;
+  // bfloat16 with AVX512-BF16: all five tile products on bf16 pairs (K / V rows read in pairs in
+  // place, so their row strides must be even)
+  bool dot16 = false;
+#if defined(EXAONE_VEC_AVX512)
+  if constexpr (std::is_same_v<T, bf16>)
+    dot16 = cpu_bf16_dot() && p.k_row_stride % 2 == 0 && p.v_row_stride % 2 == 0;
+  uint32_t* Qp = reinterpret_cast<uint32_t*>(Qt);     // [d / 2][Mp] pairs of q (S^T = K . Q^T)
+  uint32_t* dOp = reinterpret_cast<uint32_t*>(dOt);   // [d / 2][Mp] pairs of dout (dP^T = V . dO^T)
+  uint16_t* Qv = reinterpret_cast<uint16_t*>(Qf);     // [M / 2][d][2] (dK = dS^T . Q)
+  uint16_t* dOv = reinterpret_cast<uint16_t*>(dOf);   // [M / 2][d][2] (dV = P^T . dO)
+  uint16_t* Kv = reinterpret_cast<uint16_t*>(Kf);     // [nk / 2][d][2] (dQ = dS . K)
+#endif
 
   for (int64_t qbi = qb_first; qbi < nqb; qbi += qb_step) {
     const int64_t qs = qbi * bq, qe = std::min(qs + bq, len_q), M = (qe - qs) * g, Mp = round_up(M, lanes<A>());
@@ -591,8 +606,22 @@ void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void*
       kmin = std::min(kmin, cend[c]);
       lse_c[c] = A(lse[head * p.lse_head_stride + i]);
       D_c[c] = dsum[(row0 + i) * hq + head];
-      load_row(Qf + c * d, qbase + i * p.q_row_stride + h * p.q_head_stride, d, A(1));
-      load_row(dOf + c * d, dobase + i * bp.do_row_stride + h * bp.do_head_stride, d, A(1));
+      const T* qr = qbase + i * p.q_row_stride + h * p.q_head_stride;
+      const T* dr = dobase + i * bp.do_row_stride + h * bp.do_head_stride;
+#if defined(EXAONE_VEC_AVX512)
+      if (dot16) {
+        uint16_t* Qb = reinterpret_cast<uint16_t*>(dQt);  // staging rows, free until the key loop
+        std::memcpy(Qb + c * d, qr, d * sizeof(T));
+        std::memcpy(Qb + (mp_max + c) * d, dr, d * sizeof(T));
+        for (int64_t x = 0; x < d / 2; ++x) {
+          Qp[x * Mp + c] = load_u32(qr + 2 * x);
+          dOp[x * Mp + c] = load_u32(dr + 2 * x);
+        }
+        continue;
+      }
+#endif
+      load_row(Qf + c * d, qr, d, A(1));
+      load_row(dOf + c * d, dr, d, A(1));
       for (int64_t x = 0; x < d; ++x) {
         Qt[x * Mp + c] = Qf[c * d + x] * scale;  // as the forward does, so S matches it bit for bit
         dOt[x * Mp + c] = dOf[c * d + x];
@@ -603,9 +632,47 @@ void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void*
       D_c[c] = 0;
       for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = dOt[x * Mp + c] = 0;
     }
+#if defined(EXAONE_VEC_AVX512)
+    if (dot16) {
+      const uint16_t* Qb = reinterpret_cast<const uint16_t*>(dQt);
+      pack_vnni(Qv, reinterpret_cast<const bf16*>(Qb), d, M, d);
+      pack_vnni(dOv, reinterpret_cast<const bf16*>(Qb + mp_max * d), d, M, d);
+    }
+#endif
     std::fill(dQ, dQ + M * d, A(0));
     for (int64_t kb = 0; kb < kmax; kb += BK) {
       const int64_t nk = std::min(BK, kmax - kb);
+#if defined(EXAONE_VEC_AVX512)
+      if (dot16) {
+        const T* kt = kbase + kb * p.k_row_stride;
+        const T* vt = vbase + kb * p.v_row_stride;
+        pack_vnni(Kv, reinterpret_cast<const bf16*>(kt), p.k_row_stride, nk, d);
+        // S^T exactly as the forward computes it, then P^T = exp(S^T - lse)
+        gemm_bf16(St, Mp, reinterpret_cast<const uint16_t*>(kt), p.k_row_stride / 2, 1,
+                  reinterpret_cast<const uint16_t*>(Qp), 2 * Mp, nk, Mp, d / 2, false);
+        scale_row(St, nk * Mp, scale);
+        exp_cols(St, nk, Mp, A(1), lse_c, static_cast<A*>(nullptr));
+        if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(0));
+        gemm_bf16(dPt, Mp, reinterpret_cast<const uint16_t*>(vt), p.v_row_stride / 2, 1,
+                  reinterpret_cast<const uint16_t*>(dOp), 2 * Mp, nk, Mp, d / 2, false);
+        grad_scores(dPt, St, nk, Mp, D_c);
+        for (int64_t x = 0; x < nk * Mp; x += W) {
+          Vec::load(St + x).store(reinterpret_cast<bf16*>(Pb) + x);
+          Vec::load(dPt + x).store(reinterpret_cast<bf16*>(dSb) + x);
+        }
+        pack_prob_pairs(dSp, dPt, Mp, nk);
+        const int64_t mpairs = (M + 1) / 2;  // an odd M pairs with a zero row of the packed Q / dO
+        gemm_bf16(dVt, d, Pb, Mp / 2, 1, dOv, 2 * d, nk, d, mpairs, false);  // P^T . dO
+        gemm_bf16(dKt, d, dSb, Mp / 2, 1, Qv, 2 * d, nk, d, mpairs, false);  // dS^T . Q
+        gemm_bf16(dQt, d, dSp, 1, Mp, Kv, 2 * d, M, d, (nk + 1) / 2, false);  // dS . K
+        for (int64_t j = 0; j < nk; ++j) {
+          add_row(dv_acc + (kb + j) * d, dVt + j * d, d, A(1));
+          add_row(dk_acc + (kb + j) * d, dKt + j * d, d, A(1));
+        }
+        for (int64_t c = 0; c < M; ++c) add_row(dQ + c * d, dQt + c * d, d, A(1));
+        continue;
+      }
+#endif
       for (int64_t j = 0; j < nk; ++j) {
         load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
         load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
