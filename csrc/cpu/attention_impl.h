@@ -374,6 +374,50 @@ inline void pack_prob_pairs(uint16_t* dst, const float* St, int64_t Mp, int64_t 
     }
   }
 }
+
+// Narrow-block scores on bf16 (decode): S^T[j][r] = dot(q[r], K[j]) with vdpbf16ps along head_dim,
+// K rows read in place; rows MR..Mp-1 are 0. q is unscaled bf16 [MR][d].
+template <int MR>
+EXAONE_TARGET_BF16 void scores_narrow_bf16(float* St, int64_t Mp, const uint16_t* q, int64_t d, const uint16_t* k,
+                                           int64_t ldk, int64_t nk) {
+  const __mmask32 tail = d % 32 ? __mmask32((1u << (d % 32)) - 1u) : __mmask32(0);
+  for (int64_t j = 0; j < nk; ++j) {
+    const uint16_t* kr = k + j * ldk;
+    __m512 acc[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= d; c += 32) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(kr + c);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(q + r * d + c), kv);
+    }
+    if (tail) {
+      const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(tail, kr + c);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, q + r * d + c), kv);
+    }
+    float* srow = St + j * Mp;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) srow[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int64_t r = MR; r < Mp; ++r) srow[r] = 0.f;
+  }
+}
+
+inline void scores_narrow_bf16_rows(int64_t M, float* St, int64_t Mp, const uint16_t* q, int64_t d, const uint16_t* k,
+                                    int64_t ldk, int64_t nk) {
+  switch (M) {
+    case 1: return scores_narrow_bf16<1>(St, Mp, q, d, k, ldk, nk);
+    case 2: return scores_narrow_bf16<2>(St, Mp, q, d, k, ldk, nk);
+    case 3: return scores_narrow_bf16<3>(St, Mp, q, d, k, ldk, nk);
+    case 4: return scores_narrow_bf16<4>(St, Mp, q, d, k, ldk, nk);
+    case 5: return scores_narrow_bf16<5>(St, Mp, q, d, k, ldk, nk);
+    case 6: return scores_narrow_bf16<6>(St, Mp, q, d, k, ldk, nk);
+    case 7: return scores_narrow_bf16<7>(St, Mp, q, d, k, ldk, nk);
+    default: return scores_narrow_bf16<8>(St, Mp, q, d, k, ldk, nk);
+  }
+}
 #endif  // EXAONE_VEC_AVX512
 
 inline char* align64(void* p) {
@@ -435,7 +479,9 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
     // bfloat16 with AVX512-BF16: Q^T, V and P as bf16 pairs, products by vdpbf16ps
     bool dot16 = false;
 #if defined(EXAONE_VEC_AVX512)
-    if constexpr (std::is_same_v<T, bf16>) dot16 = !narrow && cpu_bf16_dot();
+    if constexpr (std::is_same_v<T, bf16>)
+      dot16 = cpu_bf16_dot() && p.k_row_stride % 2 == 0 && p.v_row_stride % 2 == 0;
+    uint16_t* Qb = reinterpret_cast<uint16_t*>(Qn);  // narrow: [M][d] unscaled bf16 rows of q
     uint32_t* Qp = reinterpret_cast<uint32_t*>(Qt);  // [d / 2][Mp] pairs of unscaled q
     uint16_t* Vp = reinterpret_cast<uint16_t*>(Vf);  // [nk / 2][d][2]
 #endif
@@ -447,7 +493,11 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       kmax = std::max(kmax, e);
       kmin = std::min(kmin, e);
       const T* qr = qbase + i * p.q_row_stride + (c % g) * p.q_head_stride;
-      if (narrow) {
+      if (narrow && dot16) {
+#if defined(EXAONE_VEC_AVX512)
+        std::memcpy(Qb + c * d, qr, d * sizeof(T));
+#endif
+      } else if (narrow) {
         load_row(Qn + c * d, qr, d, scale);
       } else if (dot16) {
 #if defined(EXAONE_VEC_AVX512)
@@ -469,10 +519,15 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       // K and V tiles packed contiguous in the accumulation type: rows of a head are strided in
       // the source (kv_heads * head_dim apart), which would alias in the L1 sets
       if constexpr (!std::is_same_v<A, double>) {
-        if (narrow) scores_narrow_rows(M, St, Mp, Qn, d, kbase + kb * p.k_row_stride, p.k_row_stride, nk);
+        if (narrow && !dot16) scores_narrow_rows(M, St, Mp, Qn, d, kbase + kb * p.k_row_stride, p.k_row_stride, nk);
       }
 #if defined(EXAONE_VEC_AVX512)
-      if (dot16) {
+      if (narrow && dot16) {
+        scores_narrow_bf16_rows(M, St, Mp, Qb, d, reinterpret_cast<const uint16_t*>(kbase + kb * p.k_row_stride),
+                                p.k_row_stride, nk);
+        scale_row(St, nk * Mp, scale);
+        pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
+      } else if (dot16) {
         // S^T = K . Q^T on bf16 pairs (K rows read in place), then the scale in float
         gemm_bf16(St, Mp, reinterpret_cast<const uint16_t*>(kbase + kb * p.k_row_stride), p.k_row_stride / 2, 1,
                   reinterpret_cast<const uint16_t*>(Qp), 2 * Mp, nk, Mp, d / 2, false);
@@ -502,7 +557,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       for (int64_t c = 0; c < M; ++c)
         if (alpha[c] != A(1)) scale_row(O + c * d, d, alpha[c]);
       // O += P . V, P read transposed out of S^T
-      if (narrow) {
+      if (narrow && !dot16) {
         gemm(O, d, St, 1, Mp, vbase + kb * p.v_row_stride, p.v_row_stride, M, d, nk, true);
       } else if (dot16) {
 #if defined(EXAONE_VEC_AVX512)
