@@ -535,12 +535,22 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
         pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
       }
 #endif
+      const A* kt = Kf;  // K / V tile in the accumulation type
+      const A* vt = Vf;
+      int64_t kld = d, vld = d;
       if (!narrow && !dot16) {
-        for (int64_t j = 0; j < nk; ++j) {
-          load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
-          load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
+        if constexpr (std::is_same_v<T, A>) {  // float / double: used in place
+          kt = reinterpret_cast<const A*>(kbase + kb * p.k_row_stride);
+          vt = reinterpret_cast<const A*>(vbase + kb * p.v_row_stride);
+          kld = p.k_row_stride;
+          vld = p.v_row_stride;
+        } else {
+          for (int64_t j = 0; j < nk; ++j) {
+            load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
+            load_row(Vf + j * d, vbase + (kb + j) * p.v_row_stride, d, A(1));
+          }
         }
-        gemm(St, Mp, Kf, d, 1, Qt, Mp, nk, Mp, d, false);  // S^T = K . (scale Q)^T
+        gemm(St, Mp, kt, kld, 1, Qt, Mp, nk, Mp, d, false);  // S^T = K . (scale Q)^T
       }
       if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(-INFINITY));
       col_max(St, nk, Mp, alpha);
@@ -565,7 +575,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
         gemm_bf16(O, d, Pp, 1, Mp, Vp, 2 * d, M, d, (nk + 1) / 2, true);
 #endif
       } else {
-        gemm(O, d, St, 1, Mp, Vf, d, M, d, nk, true);
+        gemm(O, d, St, 1, Mp, vt, vld, M, d, nk, true);
       }
     }
 
