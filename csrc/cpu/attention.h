@@ -17,8 +17,7 @@
 //             rows_k = batch * seq_k (dense) or total_k (varlen). Items that add into the same
 //             accumulators must not run concurrently: the torch layer gives each concurrent split its
 //             own accumulators and sums them in a fixed order (deterministic, no atomics).
-//             dsum (accumulation type, [rows_q, q_heads], rows_q = batch * seq_q or total_q) holds
-//             D = rowsum(dout * out).
+//             D = rowsum(dout * out) is formed per query block from p.out and bp.dout.
 //
 // Scratch: each call needs attn_scratch_bytes(group, head_dim) bytes, 64-byte aligned, private
 // to the calling thread.
@@ -58,5 +57,5 @@ EXAONE_DECLARE_ISA_KERNEL(void, attn_fwd_block,
                            int64_t q_end, int64_t k_begin, int64_t k_end, float* part_out, float* part_lse,
                            void* scratch))
 EXAONE_DECLARE_ISA_KERNEL(void, attn_bwd_rows,
-                          (const exaone_ext::AttnBwdParams& p, const void* dsum, void* dk_acc, void* dv_acc,
-                           int64_t b, int64_t kv_head, int64_t qb_first, int64_t qb_step, void* scratch))
+                          (const exaone_ext::AttnBwdParams& p, void* dk_acc, void* dv_acc, int64_t b,
+                           int64_t kv_head, int64_t qb_first, int64_t qb_step, void* scratch))

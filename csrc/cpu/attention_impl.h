@@ -209,6 +209,16 @@ inline void grad_scores(A* dP, const A* P, int64_t nk, int64_t Mp, const A* D) {
   }
 }
 
+// sum_x a[x] * b[x] in the accumulation type, as one fused multiply-add chain in x order: the same
+// order the float tile product forms dP = dout . v in, so a row whose output is exactly one value
+// row gets dS = P * (dP - D) = 0 exactly.
+template <typename A, typename T>
+inline A row_dot(const T* a, const T* b, int64_t d) {
+  A s = 0;
+  for (int64_t x = 0; x < d; ++x) s = std::fma(A(to_float(a[x])), A(to_float(b[x])), s);
+  return s;
+}
+
 // Masks keys at or beyond each column's end: S[j][c] = fill for kb + j >= cend[c].
 template <typename A>
 inline void mask_cols(A* S, int64_t nk, int64_t Mp, int64_t M, const int64_t* cend, int64_t kb, A fill) {
@@ -600,7 +610,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
 // ---- backward --------------------------------------------------------------------------------------
 
 template <typename T>
-void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void* dv_acc_v, int64_t b, int64_t kvh,
+void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b, int64_t kvh,
               int64_t qb_first, int64_t qb_step, void* scratch) {
   using A = acc_t<T>;
   const AttnParams& p = bp.fwd;
@@ -630,13 +640,13 @@ void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void*
   A* D_c = cv.take<A>(mp_max);
   int64_t* cend = cv.take<int64_t>(mp_max);
 
-  const A* dsum = static_cast<const A*>(dsum_v);
-  const int64_t row0 = p.cu_seqlens_q ? sr.q_start : b * p.seq_q;   // first q row of the sequence in dsum
   const int64_t krow0 = p.cu_seqlens_k ? sr.k_start : b * p.seq_k;  // first k row in the dk / dv accumulators
   A* dk_acc = static_cast<A*>(dk_acc_v) + krow0 * d;
   A* dv_acc = static_cast<A*>(dv_acc_v) + krow0 * d;
   const T* qbase = static_cast<const T*>(p.q) + b * p.q_batch_stride + sr.q_start * p.q_row_stride +
                    kvh * g * p.q_head_stride;
+  const T* obase = static_cast<const T*>(p.out) + b * p.o_batch_stride + sr.q_start * p.o_row_stride +
+                   kvh * g * p.o_head_stride;
   const T* dobase = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + sr.q_start * bp.do_row_stride +
                     kvh * g * bp.do_head_stride;
   T* dqbase = static_cast<T*>(bp.dq) + b * bp.dq_batch_stride + sr.q_start * bp.dq_row_stride +
@@ -670,9 +680,9 @@ void bwd_rows(const AttnBwdParams& bp, const void* dsum_v, void* dk_acc_v, void*
       kmax = std::max(kmax, cend[c]);
       kmin = std::min(kmin, cend[c]);
       lse_c[c] = A(lse[head * p.lse_head_stride + i]);
-      D_c[c] = dsum[(row0 + i) * hq + head];
       const T* qr = qbase + i * p.q_row_stride + h * p.q_head_stride;
       const T* dr = dobase + i * bp.do_row_stride + h * bp.do_head_stride;
+      D_c[c] = row_dot<A>(dr, obase + i * p.o_row_stride + h * p.o_head_stride, d);  // D = rowsum(dout * out)
 #if defined(EXAONE_VEC_AVX512)
       if (dot16) {
         uint16_t* Qb = reinterpret_cast<uint16_t*>(dQt);  // staging rows, free until the key loop
@@ -794,9 +804,9 @@ void attn_fwd_block(const AttnParams& p, int64_t b, int64_t kv_head, int64_t q_b
   by_dtype<Fwd>(p.dtype, p, b, kv_head, q_begin, q_end, k_begin, k_end, part_out, part_lse, scratch);
 }
 
-void attn_bwd_rows(const AttnBwdParams& p, const void* dsum, void* dk_acc, void* dv_acc, int64_t b, int64_t kv_head,
-                   int64_t qb_first, int64_t qb_step, void* scratch) {
-  by_dtype<Bwd>(p.fwd.dtype, p, dsum, dk_acc, dv_acc, b, kv_head, qb_first, qb_step, scratch);
+void attn_bwd_rows(const AttnBwdParams& p, void* dk_acc, void* dv_acc, int64_t b, int64_t kv_head, int64_t qb_first,
+                   int64_t qb_step, void* scratch) {
+  by_dtype<Bwd>(p.fwd.dtype, p, dk_acc, dv_acc, b, kv_head, qb_first, qb_step, scratch);
 }
 
 }  // namespace exaone_ext::cpu::EXAONE_ISA

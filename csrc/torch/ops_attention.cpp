@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -117,14 +119,8 @@ void run_bwd(AttnBwdParams bp, int64_t batch, const at::Tensor& q, const at::Ten
   const AttnParams& p = bp.fwd;
   if (batch == 0 || p.q_heads == 0 || dout.numel() == 0 || dk.numel() == 0) return;
   const auto keep_kv = use_heads_major_kv(bp.fwd, k, v);
-  const bool dense = q.dim() == 4;
-  const at::Tensor qh = heads_major(q), doh = heads_major(dout);
-  point_at(qh, dense, bp.fwd.q, bp.fwd.q_batch_stride, bp.fwd.q_row_stride, bp.fwd.q_head_stride);
-  point_at(doh, dense, bp.dout, bp.do_batch_stride, bp.do_row_stride, bp.do_head_stride);
   const bool dbl = p.dtype == DType::kFloat64;
   const auto acc = dbl ? at::kDouble : at::kFloat;
-  // D = rowsum(dout * out): [rows_q, q_heads]
-  const at::Tensor dsum = (dout.to(acc) * out.to(acc)).sum(-1).contiguous();
   const int64_t rows_k = dk.numel() / (p.kv_heads * p.head_dim);
   const int64_t g = p.group(), bq = cpu::attn_block_q(g);
   const auto lens = seq_lengths(p, batch);
@@ -151,21 +147,24 @@ void run_bwd(AttnBwdParams bp, int64_t batch, const at::Tensor& q, const at::Ten
   char* dk_base = static_cast<char*>(dk_acc.data_ptr());
   char* dv_base = static_cast<char*>(dv_acc.data_ptr());
   const int64_t slab = rows_k * p.head_dim * dk_acc.element_size();  // one (split, kv head)
-  const void* ds = dsum.const_data_ptr();
   run_items(int64_t(items.size()), cpu::attn_scratch_bytes(g, p.head_dim), [&](int64_t t, void* scratch) {
     const Item& it = items[t];
     const int64_t off = (it.s * p.kv_heads + it.kvh) * slab;
     if (dbl) {
-      cpu::scalar::attn_bwd_rows(bp, ds, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
+      cpu::scalar::attn_bwd_rows(bp, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
     } else {
-      EXAONE_CPU_DISPATCH(attn_bwd_rows, bp, ds, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
+      EXAONE_CPU_DISPATCH(attn_bwd_rows, bp, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
     }
   });
   // [kv_heads, rows_k, d] -> [rows_k, kv_heads, d] -> the shape of dk / dv
   auto finish = [&](at::Tensor& acc_t, at::Tensor& grad, double mul) {
-    at::Tensor total = nsplit == 1 ? acc_t[0] : acc_t.sum(0);
-    if (mul != 1.0) total.mul_(mul);
-    grad.copy_(total.permute({1, 0, 2}).reshape(grad.sizes()));
+    const at::Tensor total = (nsplit == 1 ? acc_t[0] : acc_t.sum(0)).permute({1, 0, 2});
+    at::Tensor view = grad.view({rows_k, p.kv_heads, p.head_dim});  // grad is contiguous
+    if (mul != 1.0) {
+      at::mul_out(view, total, at::scalar_tensor(mul, total.options()));  // one pass: scale, transpose, cast
+    } else {
+      view.copy_(total);
+    }
   };
   finish(dk_acc, dk, double(p.scale));
   finish(dv_acc, dv, 1.0);
