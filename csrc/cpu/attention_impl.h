@@ -526,8 +526,9 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
 
     for (int64_t kb = k_begin; kb < kmax; kb += BK) {
       const int64_t nk = std::min(BK, kmax - kb);
-      // K and V tiles packed contiguous in the accumulation type: rows of a head are strided in
-      // the source (kv_heads * head_dim apart), which would alias in the L1 sets
+      // Scores S^T = K . (scale Q)^T by one of three routes: narrow blocks (decode) read K / V rows
+      // in place; bf16 with AVX512-BF16 works on bf16 pairs; otherwise K / V tiles are converted to
+      // the accumulation type (float / double tiles are used in place).
       if constexpr (!std::is_same_v<A, double>) {
         if (narrow && !dot16) scores_narrow_rows(M, St, Mp, Qn, d, kbase + kb * p.k_row_stride, p.k_row_stride, nk);
       }
@@ -615,7 +616,7 @@ void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b
   using A = acc_t<T>;
   const AttnParams& p = bp.fwd;
   const SeqRange sr = seq_range(p, b);
-  const int64_t g = p.group(), d = p.head_dim, hq = p.q_heads;
+  const int64_t g = p.group(), d = p.head_dim;
   const int64_t len_q = sr.len_q, len_k = sr.len_k;
   const int64_t bq = attn_block_q(g);
   const int64_t mp_max = round_up(bq * g, lanes<A>());
