@@ -385,14 +385,22 @@ inline void pack_prob_pairs(uint16_t* dst, const float* St, int64_t Mp, int64_t 
   }
 }
 
+constexpr int64_t kPrefetchRows = 8;
+
 // Narrow-block scores on bf16 (decode): S^T[j][r] = dot(q[r], K[j]) with vdpbf16ps along head_dim,
 // K rows read in place; rows MR..Mp-1 are 0. q is unscaled bf16 [MR][d].
 template <int MR>
 EXAONE_TARGET_BF16 void scores_narrow_bf16(float* St, int64_t Mp, const uint16_t* q, int64_t d, const uint16_t* k,
-                                           int64_t ldk, int64_t nk) {
+                                           int64_t ldk, const uint16_t* v, int64_t ldv, int64_t nk) {
   const __mmask32 tail = d % 32 ? __mmask32((1u << (d % 32)) - 1u) : __mmask32(0);
   for (int64_t j = 0; j < nk; ++j) {
     const uint16_t* kr = k + j * ldk;
+    // Cache rows are kv_heads * head_dim apart: fetch the K row kPrefetchRows ahead and this key's V
+    // row (read by the V packing after the scores) early, one request per 64-byte line.
+    for (int64_t x = 0; x < d; x += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(kr + kPrefetchRows * ldk + x), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v + j * ldv + x), _MM_HINT_T0);
+    }
     __m512 acc[MR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
@@ -416,16 +424,16 @@ EXAONE_TARGET_BF16 void scores_narrow_bf16(float* St, int64_t Mp, const uint16_t
 }
 
 inline void scores_narrow_bf16_rows(int64_t M, float* St, int64_t Mp, const uint16_t* q, int64_t d, const uint16_t* k,
-                                    int64_t ldk, int64_t nk) {
+                                    int64_t ldk, const uint16_t* v, int64_t ldv, int64_t nk) {
   switch (M) {
-    case 1: return scores_narrow_bf16<1>(St, Mp, q, d, k, ldk, nk);
-    case 2: return scores_narrow_bf16<2>(St, Mp, q, d, k, ldk, nk);
-    case 3: return scores_narrow_bf16<3>(St, Mp, q, d, k, ldk, nk);
-    case 4: return scores_narrow_bf16<4>(St, Mp, q, d, k, ldk, nk);
-    case 5: return scores_narrow_bf16<5>(St, Mp, q, d, k, ldk, nk);
-    case 6: return scores_narrow_bf16<6>(St, Mp, q, d, k, ldk, nk);
-    case 7: return scores_narrow_bf16<7>(St, Mp, q, d, k, ldk, nk);
-    default: return scores_narrow_bf16<8>(St, Mp, q, d, k, ldk, nk);
+    case 1: return scores_narrow_bf16<1>(St, Mp, q, d, k, ldk, v, ldv, nk);
+    case 2: return scores_narrow_bf16<2>(St, Mp, q, d, k, ldk, v, ldv, nk);
+    case 3: return scores_narrow_bf16<3>(St, Mp, q, d, k, ldk, v, ldv, nk);
+    case 4: return scores_narrow_bf16<4>(St, Mp, q, d, k, ldk, v, ldv, nk);
+    case 5: return scores_narrow_bf16<5>(St, Mp, q, d, k, ldk, v, ldv, nk);
+    case 6: return scores_narrow_bf16<6>(St, Mp, q, d, k, ldk, v, ldv, nk);
+    case 7: return scores_narrow_bf16<7>(St, Mp, q, d, k, ldk, v, ldv, nk);
+    default: return scores_narrow_bf16<8>(St, Mp, q, d, k, ldk, v, ldv, nk);
   }
 }
 #endif  // EXAONE_VEC_AVX512
@@ -535,7 +543,8 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
 #if defined(EXAONE_VEC_AVX512)
       if (narrow && dot16) {
         scores_narrow_bf16_rows(M, St, Mp, Qb, d, reinterpret_cast<const uint16_t*>(kbase + kb * p.k_row_stride),
-                                p.k_row_stride, nk);
+                                p.k_row_stride, reinterpret_cast<const uint16_t*>(vbase + kb * p.v_row_stride),
+                                p.v_row_stride, nk);
         scale_row(St, nk * Mp, scale);
         pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
       } else if (dot16) {
