@@ -42,9 +42,10 @@ inline int64_t attn_scratch_bytes(int64_t group, int64_t head_dim) {
   const int64_t mp = (rows + 15) / 16 * 16;
   const int64_t bk = kAttnBlockK;
   // backward needs the most: Qf, Qt, dOf, dOt, dQ and its tile (6 * mp * d), St, dPt (2 * bk * mp),
-  // K, V, dK, dV tiles (4 * bk * d) and per-row vectors; the forward fits in the same space.
-  const int64_t elems = 6 * mp * head_dim + 2 * bk * mp + 4 * bk * head_dim + 8 * mp + 16 * 16;
-  return elems * 8 + 64 * 16;
+  // K, V, dK, dV tiles (4 * bk * d), three bf16 [bk, mp] tiles (< bk * mp) and per-row vectors, in
+  // 8-byte elements (float64); the forward fits in the same space. 64 bytes of alignment per piece.
+  const int64_t elems = 6 * mp * head_dim + 3 * bk * mp + 4 * bk * head_dim + 8 * mp;
+  return elems * 8 + 64 * 32;
 }
 
 // Which head dims the kernels accept (a multiple of 16 keeps every vector full).

@@ -443,12 +443,16 @@ inline char* align64(void* p) {
   return reinterpret_cast<char*>((u + 63) & ~uintptr_t(63));
 }
 
-// Bump allocator over the scratch space (64-byte aligned pieces).
+// Bump allocator over the scratch space (64-byte aligned pieces); running past the
+// attn_scratch_bytes() the caller provided is a bug that stops the process rather than corrupting memory.
 struct Carve {
   char* p;
+  char* end;
+  Carve(void* scratch, int64_t bytes) : p(align64(scratch)), end(static_cast<char*>(scratch) + bytes) {}
   template <typename X> X* take(int64_t n) {
     X* r = reinterpret_cast<X*>(p);
     p = align64(p + n * int64_t(sizeof(X)));
+    if (p > end) __builtin_trap();
     return r;
   }
 };
@@ -468,7 +472,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
   const int64_t bq = attn_block_q(g);
   const int64_t mp_max = round_up(bq * g, lanes<A>());
 
-  Carve cv{align64(scratch)};
+  Carve cv(scratch, attn_scratch_bytes(g, d));
   A* Qt = cv.take<A>(d * mp_max);
   A* O = cv.take<A>(mp_max * d);
   A* St = cv.take<A>(BK * mp_max);
@@ -630,7 +634,7 @@ void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b
   const int64_t bq = attn_block_q(g);
   const int64_t mp_max = round_up(bq * g, lanes<A>());
 
-  Carve cv{align64(scratch)};
+  Carve cv(scratch, attn_scratch_bytes(g, d));
   A* Qf = cv.take<A>(mp_max * d);
   A* Qt = cv.take<A>(d * mp_max);
   A* dOf = cv.take<A>(mp_max * d);
