@@ -21,7 +21,7 @@ from ..ops import reference as _reference_ops
 from .config import ExaoneConfig
 from .kv_cache import KVCache
 
-_OP_NAMES = ("rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
+_OP_NAMES = ("linear", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
              "flash_attn_varlen", "flash_attn_with_kvcache")
 
 
@@ -68,9 +68,9 @@ class Attention(nn.Module):
 
     def forward(self, x, ops, cos, sin, position_ids, cu_seqlens, max_seqlen, kv_layer, cache_seqlens):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)     # [b, s, hq, hd]
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
+        q = ops.linear(x, self.q_proj.weight).view(b, s, self.num_heads, self.head_dim)     # [b, s, hq, hd]
+        k = ops.linear(x, self.k_proj.weight).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
+        v = ops.linear(x, self.v_proj.weight).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
         q, k = ops.apply_rope(q, k, cos, sin, position_ids)
         if kv_layer is not None:
             # k, v are written into the cache at each row's offset, then attended with the past
@@ -81,7 +81,7 @@ class Attention(nn.Module):
                                         causal=True)[None]               # [1, total, hq, hd]
         else:
             out = ops.flash_attn(q, k, v, causal=True)                   # [b, s, hq, hd]
-        return self.out_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+        return ops.linear(out.reshape(b, s, self.num_heads * self.head_dim), self.out_proj.weight)
 
 
 class AttentionBlock(nn.Module):
@@ -101,7 +101,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # down
 
     def forward(self, x, ops):
-        return self.c_proj(ops.swiglu(self.c_fc_0(x), self.c_fc_1(x)))
+        return ops.linear(ops.swiglu(ops.linear(x, self.c_fc_0.weight), ops.linear(x, self.c_fc_1.weight)),
+                          self.c_proj.weight)
 
 
 class Block(nn.Module):
@@ -238,7 +239,7 @@ class ExaoneForCausalLM(nn.Module):
             kv_cache.advance(s)
         if num_logits_to_keep > 0:
             y = y[:, -num_logits_to_keep:]                                                        # [b, keep, d]
-        return self.lm_head(y).float()                                                            # [b, s, V]
+        return ops.linear(y, self.lm_head.weight).float()                                        # [b, s, V]
 
     def _check_cu_seqlens(self, cu_seqlens: torch.Tensor, total: int):
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:

@@ -1,0 +1,103 @@
+// exaone_ext::linear (y = x @ weight.T, no bias): schema, checks, and the CPU implementation.
+//
+// Few rows (decode) are bound by reading the weight: the weight-streaming kernels of cpu/linear.h
+// read it once, split over threads by output features. Many rows (prefill) are bound by arithmetic:
+// they go to at::matmul (oneDNN), which blocks for cache reuse.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "cpu/linear.h"
+#include "torch/common.h"
+#include "torch/linear.h"
+
+namespace exaone_ext {
+
+std::vector<int64_t> check_linear(const at::Tensor& x, const at::Tensor& weight) {
+  constexpr const char* op = "linear";
+  check_defined(x, op, "x");
+  check_defined(weight, op, "weight");
+  check_dim_at_least(x, 1, op, "x");
+  check_dim(weight, 2, op, "weight", "[out_features, in_features]");
+  check_same_device(weight, x, op, "weight", "x");
+  kernel_dtype(x, op, "x", x.is_cpu());
+  check_same_dtype(weight, x, op, "weight", "x");
+  TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "exaone_ext.linear: the last dimension of 'x' (shape ",
+                    shape_str(x.sizes()), ") must equal in_features of 'weight' (shape ", shape_str(weight.sizes()),
+                    "), got ", x.size(-1), " != ", weight.size(1));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = weight.size(0);
+  return shape;
+}
+
+namespace {
+
+// Up to this many rows of x the weight-streaming kernel is used; above it at::matmul. Measured with
+// benchmarks/bench_linear.py at the 2.4B shapes in bfloat16 (see the README's figures).
+constexpr int64_t kStreamMaxRows = 16;
+
+std::atomic<bool> g_bf16_dot{true};
+
+bool bf16_dot_available() {
+#if defined(EXAONE_HAVE_AVX512BF16)
+  static const bool has = cpu::cpu_has("avx512bf16");
+  return has && cpu::active_isa() == cpu::Isa::kAvx512 && g_bf16_dot.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
+  const std::vector<int64_t> out_shape = check_linear(x, weight);
+  const DType dt = kernel_dtype(x, "linear", "x", true);
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t M = K ? x.numel() / K : [&] {
+    int64_t m = 1;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+    return m;
+  }();
+  if (M == 0 || N == 0 || K == 0) return at::zeros(out_shape, x.options());
+  if (M > kStreamMaxRows) return at::matmul(x, weight.t()).reshape(out_shape);
+
+  const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
+  const bool dot = dt == DType::kBFloat16 && bf16_dot_available();
+  // x is small: converted once to the kernel's input type (float32, float64 as is, bf16 as is for dot)
+  const at::ScalarType xt = dot ? at::kBFloat16 : (dt == DType::kFloat64 ? at::kDouble : at::kFloat);
+  const at::Tensor xk = x.reshape({M, K}).to(xt).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const LinearArgs a{dt, M, K, N, xk.const_data_ptr(), K, w.const_data_ptr(), w.stride(0), y.data_ptr(), N};
+
+  // whole blocks of output features per task, at least ~256 KiB of weight each
+  const int64_t blocks = (N + kLinearRowBlock - 1) / kLinearRowBlock;
+  const int64_t block_bytes = kLinearRowBlock * K * int64_t(w.element_size());
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / block_bytes);
+  at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
+    const int64_t n0 = b * kLinearRowBlock, n1 = std::min(N, e * kLinearRowBlock);
+    if (dt == DType::kFloat64) {
+      cpu::scalar::linear_rows(a, n0, n1);
+#if defined(EXAONE_HAVE_AVX512BF16)
+    } else if (dot) {
+      cpu::avx512bf16::linear_rows(a, n0, n1);
+#endif
+    } else {
+      EXAONE_CPU_DISPATCH(linear_rows, a, n0, n1);
+    }
+  });
+  return y.view(out_shape);
+}
+
+}  // namespace
+
+bool set_linear_bf16_dot(bool enabled) { return g_bf16_dot.exchange(enabled); }
+
+}  // namespace exaone_ext
+
+TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {
+  m.def("linear(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(exaone_ext, CPU, m) {
+  m.impl("linear", &exaone_ext::linear_cpu);
+}
