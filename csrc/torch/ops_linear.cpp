@@ -34,9 +34,12 @@ std::vector<int64_t> check_linear(const at::Tensor& x, const at::Tensor& weight)
 
 namespace {
 
-// Up to this many rows of x the weight-streaming kernel is used; above it at::matmul. Measured with
-// benchmarks/bench_linear.py at the 2.4B shapes in bfloat16 (see the README's figures).
+// Up to this many rows of x the weight-streaming kernel is used; above it at::matmul. Measured at the
+// 2.4B shapes (benchmarks/bench_linear.py, single-thread CPU time): with AVX512-BF16 dot products, and
+// for float32 / float16, streaming is ahead of oneDNN through 16 rows and level near 24; bfloat16 through
+// convert + FMA is level at 8 rows and behind at 16.
 constexpr int64_t kStreamMaxRows = 16;
+constexpr int64_t kStreamMaxRowsBf16Fma = 8;
 
 std::atomic<bool> g_bf16_dot{true};
 
@@ -59,10 +62,11 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
     return m;
   }();
   if (M == 0 || N == 0 || K == 0) return at::zeros(out_shape, x.options());
-  if (M > kStreamMaxRows) return at::matmul(x, weight.t()).reshape(out_shape);
+  const bool dot = dt == DType::kBFloat16 && bf16_dot_available();
+  const int64_t max_rows = dt == DType::kBFloat16 && !dot ? kStreamMaxRowsBf16Fma : kStreamMaxRows;
+  if (M > max_rows) return at::matmul(x, weight.t()).reshape(out_shape);
 
   const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
-  const bool dot = dt == DType::kBFloat16 && bf16_dot_available();
   // x is small: converted once to the kernel's input type (float32, float64 as is, bf16 as is for dot)
   const at::ScalarType xt = dot ? at::kBFloat16 : (dt == DType::kFloat64 ? at::kDouble : at::kFloat);
   const at::Tensor xk = x.reshape({M, K}).to(xt).contiguous();
