@@ -73,12 +73,15 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor y = at::empty({M, N}, x.options());
   const LinearArgs a{dt, M, K, N, xk.const_data_ptr(), K, w.const_data_ptr(), w.stride(0), y.data_ptr(), N};
 
-  // whole blocks of output features per task, at least ~256 KiB of weight each
+  // Chunks of whole blocks of output features (~256 KiB of weight each) handed out to the threads
+  // one at a time, so that a thread delayed by the OS (a shared machine) leaves its share to the others.
   const int64_t blocks = (N + kLinearRowBlock - 1) / kLinearRowBlock;
   const int64_t block_bytes = kLinearRowBlock * K * int64_t(w.element_size());
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / block_bytes);
-  at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
-    const int64_t n0 = b * kLinearRowBlock, n1 = std::min(N, e * kLinearRowBlock);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 18) / block_bytes);
+  const int64_t chunks = (blocks + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  const auto run = [&](int64_t c) {
+    const int64_t n0 = c * chunk * kLinearRowBlock, n1 = std::min(N, (c + 1) * chunk * kLinearRowBlock);
     if (dt == DType::kFloat64) {
       cpu::scalar::linear_rows(a, n0, n1);
 #if defined(EXAONE_HAVE_AVX512BF16)
@@ -87,6 +90,13 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
 #endif
     } else {
       EXAONE_CPU_DISPATCH(linear_rows, a, n0, n1);
+    }
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      run(c);
     }
   });
   return y.view(out_shape);
