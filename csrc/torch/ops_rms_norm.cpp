@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_impl(const at::Tensor& dy, 
   check_same_shape(dy, x, op, "dy", "x");
   check_defined(rstd, op, "rstd");
   check_same_device(rstd, x, op, "rstd", "x");
-  TORCH_CHECK_TYPE(rstd.scalar_type() == acc_dtype(dt), "exaone_ext.", op, ": 'rstd' must be ", acc_dtype(dt),
+  TORCH_CHECK_TYPE(rstd.scalar_type() == acc_dtype(dt), "exaone_ext.", op, ": 'rstd' must be ", dt == DType::kFloat64 ? "float64" : "float32",
                    " (as returned by the forward), got ", rstd.scalar_type());
   TORCH_CHECK_VALUE(rstd.sizes() == at::IntArrayRef(row_shape(x)), "exaone_ext.", op, ": 'rstd' must have shape ",
                     shape_str(row_shape(x)), " ('x' without its last dimension), got ", shape_str(rstd.sizes()));

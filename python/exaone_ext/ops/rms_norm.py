@@ -21,6 +21,11 @@ def _check_eps(eps, op: str) -> float:
     return eps
 
 
+def _check_device(t: torch.Tensor, name: str, x: torch.Tensor, op: str) -> None:
+    if t.device != x.device:
+        raise ValueError(f"exaone_ext.{op}: '{name}' must be on the same device as 'x' ({x.device}), got {t.device}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """y = (weight * (x32 * rsqrt(mean(x32^2, -1) + eps)).to(x.dtype)).to(x.dtype).
 
@@ -30,6 +35,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     """
     check_tensor(x, "x", "rms_norm")
     check_tensor(weight, "weight", "rms_norm")
+    _check_device(weight, "weight", x, "rms_norm")
     eps = _check_eps(eps, "rms_norm")
     if not has_kernel(x.device):
         return reference.rms_norm(x, weight, eps)
@@ -46,6 +52,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     check_tensor(x, "x", "add_rms_norm")
     check_tensor(residual, "residual", "add_rms_norm")
     check_tensor(weight, "weight", "add_rms_norm")
+    _check_device(residual, "residual", x, "add_rms_norm")
+    _check_device(weight, "weight", x, "add_rms_norm")
     eps = _check_eps(eps, "add_rms_norm")
     if not has_kernel(x.device):
         return reference.add_rms_norm(x, residual, weight, eps)
