@@ -3,6 +3,7 @@ on CPU or CUDA, is differentiable, works under torch.compile, and has a plain-Py
 same name in exaone_ext.ops.reference."""
 from . import reference
 from ._dispatch import has_kernel
+from .rope import apply_rope, rope_cos_sin
 from .swiglu import swiglu
 
-__all__ = ["reference", "has_kernel", "swiglu"]
+__all__ = ["reference", "has_kernel", "apply_rope", "rope_cos_sin", "swiglu"]
