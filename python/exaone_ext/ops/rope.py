@@ -76,6 +76,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         check_tensor(value, name, "apply_rope")
     if not isinstance(interleaved, bool):
         raise TypeError(f"exaone_ext.apply_rope: 'interleaved' must be a bool, got {type(interleaved).__name__}")
+    for name, value in (("k", k), ("cos", cos), ("sin", sin), ("position_ids", position_ids)):
+        if value.device != q.device:
+            raise ValueError(f"exaone_ext.apply_rope: '{name}' must be on the same device as 'q' ({q.device}), "
+                             f"got {value.device}")
     if not has_kernel(q.device):
         return reference.apply_rope(q, k, cos, sin, position_ids, interleaved)
     return _ops.apply_rope(q, k, cos, sin, position_ids, interleaved)
