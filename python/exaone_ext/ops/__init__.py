@@ -4,6 +4,7 @@ same name in exaone_ext.ops.reference."""
 from . import reference
 from ._dispatch import has_kernel
 from .rms_norm import add_rms_norm, rms_norm
+from .rope import apply_rope, rope_cos_sin
 from .swiglu import swiglu
 
-__all__ = ["reference", "has_kernel", "add_rms_norm", "rms_norm", "swiglu"]
+__all__ = ["reference", "has_kernel", "add_rms_norm", "apply_rope", "rms_norm", "rope_cos_sin", "swiglu"]
