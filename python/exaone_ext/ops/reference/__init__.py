@@ -1,6 +1,12 @@
 """Every exaone_ext op in plain PyTorch: the oracle in tests, the baseline in benchmarks and the
-fallback on devices without a compiled kernel. Importable without the compiled extension's kernels
-being used, and written for clarity rather than speed."""
+fallback on devices without a compiled kernel. Written for clarity rather than speed, computing the
+way the Hugging Face EXAONE model does."""
+from .attention import flash_attn, flash_attn_varlen, flash_attn_with_kvcache
+from .rms_norm import add_rms_norm, rms_norm
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .swiglu import swiglu
 
-__all__ = ["swiglu"]
+__all__ = [
+    "add_rms_norm", "apply_rope", "flash_attn", "flash_attn_varlen", "flash_attn_with_kvcache",
+    "rms_norm", "rope_cos_sin", "rope_inv_freq", "swiglu",
+]
