@@ -97,7 +97,8 @@ def tiny_config_dict(vocab_size: int, eos_token_id: int, bos_token_id: int, pad_
     return config
 
 
-def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, vocab_size: int = 1024, **config_overrides) -> Path:
+def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, vocab_size: int = 1024, init_std: float = 0.1,
+                          **config_overrides) -> Path:
     """A complete tiny checkpoint directory: the tiny tokenizer, config.json and random weights
     saved by `ExaoneForCausalLM.save_pretrained` (config keys can be overridden)."""
     import torch
@@ -107,15 +108,12 @@ def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, vocab_size: in
 
     path = write_tiny_tokenizer(path, vocab_size)
     tok = ExaoneTokenizer.from_pretrained(path)
-    config = ExaoneConfig(**tiny_config_dict(tok.vocab_size, tok.eos_token_id, tok.bos_token_id,
-                                             tok.pad_token_id, **config_overrides))
+    config = ExaoneConfig.from_dict(tiny_config_dict(tok.vocab_size, tok.eos_token_id, tok.bos_token_id,
+                                                     tok.pad_token_id, **config_overrides))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ExaoneForCausalLM(config)
-        # Wider than the default init so that a random model's next-token choices are not near-ties.
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 0.5 / p.shape[-1] ** 0.5 * 4)
+        # Wider than the usual 0.02 so that a random model's next-token choices are far from ties.
+        model.reset_parameters(std=init_std)
     model.save_pretrained(path)
     return path

@@ -28,7 +28,9 @@ from .sampling import select_next_tokens
 __all__ = ["GenerationResult", "GenerationStats", "TextStream", "generate", "stream", "prepare_prompts"]
 
 STOP_TOKEN, STOP_STRING, LENGTH = "stop_token", "stop_string", "length"
-_GPU_SYNC_EVERY = 8  # decode steps between host reads on a GPU when nothing needs each token at once
+# Decode steps between host reads when nothing needs each token at once. On a CPU the read is
+# free and lets finished rows drop out immediately; on a GPU it would stall the queue.
+_SYNC_EVERY = {"cpu": 1, "cuda": 8}
 
 
 @dataclass
@@ -275,7 +277,7 @@ def _generate_iter(model, tokenizer: ExaoneTokenizer, prompt_ids: list[list[int]
     rows = [_Row(len(ids), budget, tokenizer.stream_decoder(skip_special_tokens=True), stop_ids,
                  config.stop_strings) for ids, budget in zip(prompt_ids, budgets)]
     active = list(range(batch))                  # original index of each cache row in use
-    sync_every = 1 if (device.type != "cuda" or stream_text or config.stop_strings) else _GPU_SYNC_EVERY
+    sync_every = 1 if (stream_text or config.stop_strings) else _SYNC_EVERY.get(device.type, 1)
     pending: list[torch.Tensor] = []
     step = 0
     while True:
