@@ -93,17 +93,18 @@ class GenerationConfig:
         return asdict(self)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "GenerationConfig":
-        """Defaults from a checkpoint's generation_config.json (Hugging Face keys; unknown keys are
-        ignored), then `overrides`."""
+    def from_pretrained(cls, path: str | os.PathLike, defaults: dict | None = None,
+                        **overrides) -> "GenerationConfig":
+        """`defaults`, then what a checkpoint's generation_config.json sets (Hugging Face keys; the
+        ones this class does not have are ignored), then `overrides`."""
         file = Path(path) / "generation_config.json" if Path(path).is_dir() else Path(path)
-        values: dict = {}
+        values: dict = dict(defaults or {})
         if file.is_file():
             try:
                 data = json.loads(file.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"{file}: not a readable JSON file ({e})") from e
             known = {f for f in cls.__dataclass_fields__}
-            values = {k: v for k, v in data.items() if k in known and v is not None}
+            values.update({k: v for k, v in data.items() if k in known and v is not None})
         values.update(overrides)
         return cls(**values)
