@@ -11,10 +11,24 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_CPU ?= torch==2.13.0
 TORCH_CUDA ?= torch==2.14.1
+CUDA_VENV ?= .venv-cuda
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 CUDA_ARCHS ?= 80 90
 DEPS := numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26" \
         pytest pytest-benchmark transformers
+
+# Imports the CUDA build on a machine without a GPU and checks every op has a CUDA kernel registered.
+define CUDA_IMPORT_CHECK
+import json, torch, exaone_ext
+info = exaone_ext.build_info()
+print(json.dumps(info))
+assert info["cuda"], "the CUDA kernels are missing from the build"
+ops = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("exaone_ext::")]
+missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+assert ops and not missing, f"ops without a CUDA kernel: {missing}"
+print(f"cuda-build: {len(ops)} ops, each with a CUDA kernel")
+endef
+export CUDA_IMPORT_CHECK
 
 .PHONY: demo test venv install cuda-check cuda-build bench clean
 
@@ -34,26 +48,31 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
-	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then $(MAKE) --no-print-directory cuda-check; \
+	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then $(MAKE) --no-print-directory -j$$(nproc) cuda-check; \
 	 else echo "nvcc not found: skipping cuda-check"; fi
 
-cuda-check:
-	@mkdir -p build/cuda-check
-	@set -e; fail=0; for f in $$(find csrc/cuda -name '*.cu' | sort); do \
-	  for a in $(CUDA_ARCHS); do \
-	    o=build/cuda-check/$$(echo $$f | tr / _).sm_$$a.o; \
-	    if [ $$o -nt $$f ] && [ -z "$$(find csrc/common csrc/cuda -name '*.h' -o -name '*.cuh' -newer $$o)" ]; then continue; fi; \
-	    echo "nvcc sm_$$a $$f"; \
-	    $(NVCC) -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_$$a,code=sm_$$a -c $$f -o $$o || fail=1; \
-	  done; done; \
-	if [ $$fail = 1 ]; then echo "cuda-check: FAILED"; exit 1; fi; echo "cuda-check: every .cu compiles for sm $(CUDA_ARCHS)"
+# Each .cu alone through nvcc, once per architecture, in parallel (make -j), rebuilt when it or a
+# header it may include changes.
+CU_SRCS := $(shell find csrc/cuda -name '*.cu' 2>/dev/null | sort)
+CU_HDRS := $(shell find csrc/common csrc/cuda -name '*.h' -o -name '*.cuh' 2>/dev/null)
+CU_OBJS := $(foreach a,$(CUDA_ARCHS),$(patsubst csrc/%.cu,build/cuda-check/sm_$(a)/%.o,$(CU_SRCS)))
+define CU_RULE
+build/cuda-check/sm_$(1)/%.o: csrc/%.cu $(CU_HDRS)
+	@mkdir -p $$(dir $$@)
+	@echo "nvcc sm_$(1) $$<"
+	@$(NVCC) -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_$(1),code=sm_$(1) -c $$< -o $$@
+endef
+$(foreach a,$(CUDA_ARCHS),$(eval $(call CU_RULE,$(a))))
+
+cuda-check: $(CU_OBJS)
+	@echo "cuda-check: all $(words $(CU_SRCS)) .cu files compile for sm $(CUDA_ARCHS)"
 
 cuda-build:
-	@test -x .venv-cuda/bin/python || $(PYTHON) -m venv .venv-cuda
-	@.venv-cuda/bin/python -c "import torch" 2>/dev/null || .venv-cuda/bin/pip install -q "$(TORCH_CUDA)"
-	.venv-cuda/bin/pip install -q numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26"
-	EXAONE_EXT_CUDA=ON .venv-cuda/bin/pip install -q --no-build-isolation --no-deps .
-	cd /tmp && $(CURDIR)/.venv-cuda/bin/python -c "import exaone_ext, json; i = exaone_ext.build_info(); print(json.dumps(i)); assert i['cuda'], 'CUDA kernels missing'"
+	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	@$(CUDA_VENV)/bin/python -c "import torch" 2>/dev/null || $(CUDA_VENV)/bin/pip install -q "$(TORCH_CUDA)"
+	$(CUDA_VENV)/bin/pip install -q numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26"
+	EXAONE_EXT_CUDA=ON $(CUDA_VENV)/bin/pip install -q --no-build-isolation --no-deps --config-settings=build-dir=build/cuda .
+	cd /tmp && $(abspath $(CUDA_VENV))/bin/python -c "$$CUDA_IMPORT_CHECK"
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,ops -q

@@ -32,4 +32,7 @@ else()
   list(GET _torch_facts 3 EXAONE_SITE_PACKAGES)
 endif()
 list(APPEND CMAKE_PREFIX_PATH "${_torch_prefix}")
+# Always the torch of this interpreter, even in a build directory configured before with another one.
+set(Torch_DIR "${_torch_prefix}/Torch" CACHE PATH "" FORCE)
+set(Caffe2_DIR "${_torch_prefix}/Caffe2" CACHE PATH "" FORCE)
 message(STATUS "exaone_ext: torch ${EXAONE_TORCH_VERSION} (CUDA '${EXAONE_TORCH_CUDA_VERSION}', cxx11 abi ${EXAONE_TORCH_CXX11_ABI})")

@@ -1,6 +1,5 @@
-// exaone_ext::swiglu, swiglu_fused and their backwards: schemas, checks and the CPU kernels.
+// exaone_ext::swiglu, swiglu_fused and their backwards: schemas, checks, and the CPU kernels.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "cpu/swiglu.h"
@@ -8,37 +7,91 @@
 #include "torch/swiglu.h"
 
 namespace exaone_ext {
+namespace {
 
-void check_swiglu(const at::Tensor& gate, const at::Tensor& up, const char* op) {
+DType check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op) {
   check_defined(gate, op, "gate");
   check_defined(up, op, "up");
   check_dim_at_least(gate, 1, op, "gate");
   check_same_device(up, gate, op, "up", "gate");
-  kernel_dtype(gate, op, "gate", gate.is_cpu());
+  const DType dt = kernel_dtype(gate, op, "gate", gate.is_cpu());
   check_same_dtype(up, gate, op, "up", "gate");
   check_same_shape(up, gate, op, "up", "gate");
+  return dt;
 }
 
-void check_swiglu_fused(const at::Tensor& gate_up, const char* op) {
+DType check_fused(const at::Tensor& gate_up, const char* op) {
   check_defined(gate_up, op, "gate_up");
   check_dim_at_least(gate_up, 1, op, "gate_up");
-  kernel_dtype(gate_up, op, "gate_up", gate_up.is_cpu());
+  const DType dt = kernel_dtype(gate_up, op, "gate_up", gate_up.is_cpu());
   TORCH_CHECK_VALUE(gate_up.size(-1) % 2 == 0, "exaone_ext.", op,
                     ": the last dimension of 'gate_up' holds gate then up and must be even, got shape ",
                     shape_str(gate_up.sizes()));
+  return dt;
+}
+
+const void* offset(const void* p, int64_t elems, size_t elem_size) {
+  return static_cast<const char*>(p) + elems * int64_t(elem_size);
+}
+
+}  // namespace
+
+at::Tensor swiglu_impl(const at::Tensor& gate, const at::Tensor& up, const SwigluRunner& run) {
+  const DType dt = check_pair(gate, up, "swiglu");
+  Rows g = as_rows(gate), u = as_rows(up);
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  run(SwigluArgs{dt, g.rows, g.cols, g.data(), g.stride, u.data(), u.stride, nullptr, 0,
+                 out.data_ptr(), g.cols, nullptr, 0});
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_impl(const at::Tensor& grad, const at::Tensor& gate,
+                                                        const at::Tensor& up, const SwigluRunner& run) {
+  const DType dt = check_pair(gate, up, "swiglu_backward");
+  check_same_device(grad, gate, "swiglu_backward", "grad", "gate");
+  check_same_dtype(grad, gate, "swiglu_backward", "grad", "gate");
+  check_same_shape(grad, gate, "swiglu_backward", "grad", "gate");
+  Rows g = as_rows(gate), u = as_rows(up), dy = as_rows(grad);
+  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
+  at::Tensor dup = at::empty(gate.sizes(), gate.options());
+  run(SwigluArgs{dt, g.rows, g.cols, g.data(), g.stride, u.data(), u.stride, dy.data(), dy.stride,
+                 dgate.data_ptr(), g.cols, dup.data_ptr(), g.cols});
+  return {dgate, dup};
+}
+
+at::Tensor swiglu_fused_impl(const at::Tensor& gate_up, const SwigluRunner& run) {
+  const DType dt = check_fused(gate_up, "swiglu_fused");
+  Rows gu = as_rows(gate_up);
+  const int64_t half = gu.cols / 2;
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() = half;
+  at::Tensor out = at::empty(shape, gate_up.options());
+  run(SwigluArgs{dt, gu.rows, half, gu.data(), gu.stride, offset(gu.data(), half, gate_up.element_size()),
+                 gu.stride, nullptr, 0, out.data_ptr(), half, nullptr, 0});
+  return out;
+}
+
+at::Tensor swiglu_fused_backward_impl(const at::Tensor& grad, const at::Tensor& gate_up, const SwigluRunner& run) {
+  const DType dt = check_fused(gate_up, "swiglu_fused_backward");
+  check_same_device(grad, gate_up, "swiglu_fused_backward", "grad", "gate_up");
+  check_same_dtype(grad, gate_up, "swiglu_fused_backward", "grad", "gate_up");
+  std::vector<int64_t> expect(gate_up.sizes().begin(), gate_up.sizes().end());
+  expect.back() /= 2;
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(expect), "exaone_ext.swiglu_fused_backward: 'grad' must have shape ",
+                    shape_str(expect), " ('gate_up' with its last dimension halved), got ", shape_str(grad.sizes()));
+  Rows gu = as_rows(gate_up), dy = as_rows(grad);
+  const int64_t half = gu.cols / 2;
+  at::Tensor dgu = at::empty(gate_up.sizes(), gate_up.options());
+  const size_t es = gate_up.element_size();
+  run(SwigluArgs{dt, gu.rows, half, gu.data(), gu.stride, offset(gu.data(), half, es), gu.stride, dy.data(),
+                 dy.stride, dgu.data_ptr(), gu.cols, const_cast<void*>(offset(dgu.data_ptr(), half, es)), gu.cols});
+  return dgu;
 }
 
 namespace {
 
-cpu::SwigluArgs make_args(DType dt, int64_t cols) {
-  cpu::SwigluArgs a{};
-  a.dtype = dt;
-  a.cols = cols;
-  return a;
-}
-
-void run_cpu(bool backward, const cpu::SwigluArgs& a, int64_t rows) {
-  at::parallel_for(0, rows, row_grain(a.cols), [&](int64_t b, int64_t e) {
+void run_cpu(const SwigluArgs& a, bool backward) {
+  at::parallel_for(0, a.rows, row_grain(a.cols), [&](int64_t b, int64_t e) {
     if (a.dtype == DType::kFloat64) {
       backward ? cpu::scalar::swiglu_backward_rows(a, b, e) : cpu::scalar::swiglu_forward_rows(a, b, e);
     } else if (backward) {
@@ -49,69 +102,17 @@ void run_cpu(bool backward, const cpu::SwigluArgs& a, int64_t rows) {
   });
 }
 
-at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
-  check_swiglu(gate, up, "swiglu");
-  Rows g = as_rows(gate), u = as_rows(up);
-  at::Tensor out = at::empty(gate.sizes(), gate.options());
-  auto a = make_args(kernel_dtype(gate, "swiglu", "gate", true), g.cols);
-  a.gate = g.data(); a.gate_stride = g.stride;
-  a.up = u.data(); a.up_stride = u.stride;
-  a.out = out.data_ptr(); a.out_stride = g.cols;
-  run_cpu(false, a, g.rows);
-  return out;
-}
+const SwigluRunner kCpuForward = [](const SwigluArgs& a) { run_cpu(a, false); };
+const SwigluRunner kCpuBackward = [](const SwigluArgs& a) { run_cpu(a, true); };
 
+at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) { return swiglu_impl(gate, up, kCpuForward); }
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
                                                        const at::Tensor& up) {
-  check_swiglu(gate, up, "swiglu_backward");
-  check_same_shape(grad, gate, "swiglu_backward", "grad", "gate");
-  check_same_dtype(grad, gate, "swiglu_backward", "grad", "gate");
-  Rows g = as_rows(gate), u = as_rows(up), dy = as_rows(grad);
-  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
-  at::Tensor dup = at::empty(gate.sizes(), gate.options());
-  auto a = make_args(kernel_dtype(gate, "swiglu_backward", "gate", true), g.cols);
-  a.gate = g.data(); a.gate_stride = g.stride;
-  a.up = u.data(); a.up_stride = u.stride;
-  a.dy = dy.data(); a.dy_stride = dy.stride;
-  a.out = dgate.data_ptr(); a.out_stride = g.cols;
-  a.out2 = dup.data_ptr(); a.out2_stride = g.cols;
-  run_cpu(true, a, g.rows);
-  return {dgate, dup};
+  return swiglu_backward_impl(grad, gate, up, kCpuBackward);
 }
-
-at::Tensor swiglu_fused_cpu(const at::Tensor& gate_up) {
-  check_swiglu_fused(gate_up, "swiglu_fused");
-  Rows gu = as_rows(gate_up);
-  const int64_t half = gu.cols / 2;
-  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
-  shape.back() = half;
-  at::Tensor out = at::empty(shape, gate_up.options());
-  auto a = make_args(kernel_dtype(gate_up, "swiglu_fused", "gate_up", true), half);
-  a.gate = gu.data(); a.gate_stride = gu.stride;
-  a.up = static_cast<const char*>(gu.data()) + half * gate_up.element_size(); a.up_stride = gu.stride;
-  a.out = out.data_ptr(); a.out_stride = half;
-  run_cpu(false, a, gu.rows);
-  return out;
-}
-
+at::Tensor swiglu_fused_cpu(const at::Tensor& gate_up) { return swiglu_fused_impl(gate_up, kCpuForward); }
 at::Tensor swiglu_fused_backward_cpu(const at::Tensor& grad, const at::Tensor& gate_up) {
-  check_swiglu_fused(gate_up, "swiglu_fused_backward");
-  check_same_dtype(grad, gate_up, "swiglu_fused_backward", "grad", "gate_up");
-  Rows gu = as_rows(gate_up), dy = as_rows(grad);
-  const int64_t half = gu.cols / 2;
-  TORCH_CHECK_VALUE(dy.cols == half && dy.rows == gu.rows, "exaone_ext.swiglu_fused_backward: 'grad' must have shape ",
-                    "of 'gate_up' with the last dimension halved, got ", shape_str(grad.sizes()), " for 'gate_up' ",
-                    shape_str(gate_up.sizes()));
-  at::Tensor dgu = at::empty(gate_up.sizes(), gate_up.options());
-  const size_t es = gate_up.element_size();
-  auto a = make_args(kernel_dtype(gate_up, "swiglu_fused_backward", "gate_up", true), half);
-  a.gate = gu.data(); a.gate_stride = gu.stride;
-  a.up = static_cast<const char*>(gu.data()) + half * es; a.up_stride = gu.stride;
-  a.dy = dy.data(); a.dy_stride = dy.stride;
-  a.out = dgu.data_ptr(); a.out_stride = gu.cols;
-  a.out2 = static_cast<char*>(dgu.data_ptr()) + half * es; a.out2_stride = gu.cols;
-  run_cpu(true, a, gu.rows);
-  return dgu;
+  return swiglu_fused_backward_impl(grad, gate_up, kCpuBackward);
 }
 
 }  // namespace
