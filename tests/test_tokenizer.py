@@ -218,8 +218,9 @@ def test_errors(tmp_path, tok):
         tok.encode(123)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([tok.vocab_size])
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match="negative"):
         tok.stream_decoder().add(-1)
+    assert tok.stream_decoder().add(tok.vocab_size + 5) == ""  # e.g. padding rows of a model's embedding
     with pytest.raises(TypeError, match="messages"):
         tok.apply_chat_template("hello")
     with pytest.raises(ValueError, match=r"messages\[0\]: missing key 'content'"):

@@ -320,9 +320,12 @@ class StreamDecoder:
         """Feed one token id; returns the text completed by it ('' while a character is partial)."""
         if self.skip_special_tokens and token_id in self.tokenizer.special_ids:
             return ""
+        if token_id < 0:
+            raise ValueError(f"token_id: {token_id} is negative")
+        if token_id >= self.tokenizer.vocab_size:
+            # A model's embedding may have more rows than the tokenizer has tokens: such ids have no text.
+            return ""
         if self._table is not None:
-            if not 0 <= token_id < len(self._table):
-                raise ValueError(f"token_id: {token_id} is outside the vocabulary [0, {len(self._table)})")
             return self._utf8.decode(self._table[token_id])
         return self._add_generic(int(token_id))
 
