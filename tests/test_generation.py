@@ -356,3 +356,16 @@ def test_batch_callback_streams_each_row(model, tok):
 def test_stream_takes_one_prompt(model, tok):
     with pytest.raises(TypeError, match="one prompt"):
         stream(model, tok, ["a", "b"])
+
+
+def test_stream_consumer_time_is_not_decode_time(model, tok):
+    import time
+
+    s = stream(model, tok, PROMPTS[0], GenerationConfig(max_new_tokens=4, stop_token_ids=[]))
+    start, slept = time.perf_counter(), 0.0
+    for _ in s:
+        time.sleep(0.3)
+        slept += 0.3
+    wall = time.perf_counter() - start
+    assert slept > 0
+    assert s.result.stats.decode_seconds <= wall - slept - s.result.stats.prefill_seconds + 1e-3

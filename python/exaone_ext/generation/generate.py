@@ -279,7 +279,7 @@ def _generate_iter(model, tokenizer: ExaoneTokenizer, prompt_ids: list[list[int]
     active = list(range(batch))                  # original index of each cache row in use
     sync_every = 1 if (stream_text or config.stop_strings) else _SYNC_EVERY.get(device.type, 1)
     pending: list[torch.Tensor] = []
-    step = 0
+    step, paused = 0, 0.0
     while True:
         pending.append(next_tokens)
         step += 1
@@ -296,7 +296,9 @@ def _generate_iter(model, tokenizer: ExaoneTokenizer, prompt_ids: list[list[int]
                         break
                     piece = row.push(token)
                     if piece and stream_text:
+                        paused_from = time.perf_counter()
                         yield r, piece
+                        paused += time.perf_counter() - paused_from  # the consumer's time is not decode time
                 if row.stop_reason is None:
                     keep.append(pos)
             if not keep:
@@ -314,7 +316,7 @@ def _generate_iter(model, tokenizer: ExaoneTokenizer, prompt_ids: list[list[int]
 
     sampled = sum(r.sampled for r in rows)
     stats = GenerationStats(prefill_tokens=sum(len(p) for p in prompt_ids), prefill_seconds=t1 - t0,
-                            decode_tokens=sampled - batch, decode_seconds=t2 - t1)
+                            decode_tokens=sampled - batch, decode_seconds=t2 - t1 - paused)
     return [GenerationResult(tokens=r.tokens, text=r.text, stop_reason=r.stop_reason, prompt_tokens=r.prompt_len,
                              stats=stats) for r in rows]
 
