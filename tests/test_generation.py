@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exaone_ext.generation import GenerationConfig, generate, prepare_prompts, select_next_tokens, stream
+from exaone_ext.generation import GenerationConfig, engine, generate, prepare_prompts, select_next_tokens, stream
 from exaone_ext.generation.sampling import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
 from exaone_ext.model import ExaoneForCausalLM
 from exaone_ext.testing import write_tiny_checkpoint
 from exaone_ext.tokenizer import ExaoneTokenizer
 
-gen_mod = __import__("exaone_ext.generation.generate", fromlist=["_SYNC_EVERY"])
 
 KOREAN = "안녕하세요. 한국의 수도는 서울입니다. 감사합니다!"
 ENGLISH = "Hello, how are you today? The capital of Korea is Seoul."
@@ -196,7 +195,7 @@ def test_batched_equals_one_by_one(model, tok):
 @pytest.mark.parametrize("sync_every", [1, 4])
 def test_rows_stopping_at_different_times(model, tok, monkeypatch, sync_every):
     # Rows that stop are dropped from the batch (their cache rows moved); the others must be unaffected.
-    monkeypatch.setitem(gen_mod._SYNC_EVERY, "cpu", sync_every)
+    monkeypatch.setitem(engine._SYNC_EVERY, "cpu", sync_every)
     free = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=10, stop_token_ids=[]))
     # A stop token that ends some rows early: the 3rd token of row 1 (first occurrence in each row decides).
     stop = free[1].tokens[2]

@@ -3,7 +3,7 @@
     from exaone_ext.generation import GenerationConfig, generate, stream
 """
 from .config import GenerationConfig
-from .generate import GenerationResult, GenerationStats, TextStream, generate, prepare_prompts, stream
+from .engine import GenerationResult, GenerationStats, TextStream, generate, prepare_prompts, stream
 from .sampling import process_logits, select_next_tokens
 
 __all__ = ["GenerationConfig", "GenerationResult", "GenerationStats", "TextStream", "generate", "stream",
