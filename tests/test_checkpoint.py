@@ -152,6 +152,13 @@ def test_checkpoint_info(tmp_path):
     json.dumps(info)  # plain data
 
 
+def test_progress_bar(tmp_path, capsys):
+    make_model(False).save_pretrained(tmp_path / "ck", progress=True)
+    ExaoneForCausalLM.from_pretrained(tmp_path / "ck", progress=True)
+    err = capsys.readouterr().err
+    assert "saving ck" in err and "loading ck" in err and "100.0%" in err
+
+
 def test_progress_callback(tmp_path):
     model = make_model(False)
     calls = []
