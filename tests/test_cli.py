@@ -57,10 +57,11 @@ def test_generate_matches_api(ckpt, api):
     model, tok = api
     cfg = GenerationConfig(max_new_tokens=12)
     raw = run("generate", "--model", str(ckpt), "--prompt", "The capital of Korea is", "--raw",
-              "--max-new-tokens", "12", "--stats")
+              "--max-new-tokens", "12", "--stats", "--progress")
     assert raw.returncode == 0, raw.stderr
     assert raw.stdout == generate(model, tok, "The capital of Korea is", cfg).text + "\n"
     assert "tok/s" in raw.stderr
+    assert "loading tiny" in raw.stderr and "100.0%" in raw.stderr  # the bar, asked for although not a TTY
     chat = run("generate", "--model", str(ckpt), "--prompt", "안녕하세요", "--system", "You are EXAONE",
                "--max-new-tokens", "12", "--stream")
     expected = generate(model, tok, [{"role": "system", "content": "You are EXAONE"},

@@ -368,3 +368,15 @@ def test_stream_consumer_time_is_not_decode_time(model, tok):
     wall = time.perf_counter() - start
     assert slept > 0
     assert s.result.stats.decode_seconds <= wall - slept - s.result.stats.prefill_seconds + 1e-3
+
+
+def test_default_stop_ids_include_model_eos(model, tok):
+    cfg = GenerationConfig()
+    assert engine._stop_ids(tok, model, cfg) == {tok.eos_token_id, model.config.eos_token_id}
+
+    class Other:
+        config = type("C", (), {"eos_token_id": [7, 9]})()
+
+    assert engine._stop_ids(tok, Other(), cfg) == {tok.eos_token_id, 7, 9}
+    assert engine._stop_ids(tok, Other(), GenerationConfig(stop_token_ids=[5])) == {5}
+    assert engine._stop_ids(tok, Other(), GenerationConfig(stop_token_ids=[])) == set()
