@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from exaone_ext.generation import GenerationConfig, engine, generate, prepare_prompts, select_next_tokens, stream
-from exaone_ext.generation.sampling import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
+from exaone_ext.generation.sampling import (apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, draw,
+                                            draw_inverse_cdf, draw_race, process_logits)
 from exaone_ext.model import ExaoneForCausalLM
 from exaone_ext.testing import write_tiny_checkpoint
 from exaone_ext.tokenizer import ExaoneTokenizer
@@ -108,13 +109,57 @@ def test_seed_reproduces_and_differs():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_masked_tokens_never_drawn():
-    # A draw must never land on a -inf logit, even with many rows and a huge vocabulary.
+@pytest.mark.parametrize("draw_fn", [draw, draw_race, draw_inverse_cdf])
+def test_masked_tokens_never_drawn(draw_fn):
+    # A draw must never land on a zero-probability token, even with many rows and a huge vocabulary.
     logits = torch.full((256, 4096), float("-inf"))
     logits[:, 17] = 0.0
     logits[:, 4000] = -1.0
-    draws = select_next_tokens(logits, GenerationConfig(do_sample=True), generator=torch.Generator().manual_seed(0))
+    draws = draw_fn(logits.softmax(-1), torch.Generator().manual_seed(0))
     assert set(draws.unique().tolist()) <= {17, 4000}
+    assert (draws == 17).float().mean() > 0.6
+
+
+@pytest.mark.parametrize("draw_fn", [draw, draw_race, draw_inverse_cdf])
+def test_draw_follows_probabilities(draw_fn):
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(40000, -1)
+    draws = draw_fn(probs, torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    assert (freq - probs[0].double()).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("top_p, scale", [(0.9, 4.0), (0.999, 0.05)])
+def test_top_p_probe_equals_full_sort(top_p, scale):
+    # A peaked distribution (nucleus within the probe) and a flat one (needs the full sort): both must
+    # keep exactly the nucleus of the full vocabulary.
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 5000, generator=g) * scale
+    cfg = GenerationConfig(do_sample=True, top_p=top_p)
+    nucleus = ~torch.isinf(apply_top_p(logits, top_p))
+    draws = select_next_tokens(logits.repeat(2000, 1), cfg, generator=torch.Generator().manual_seed(0))
+    rows = draws.view(2000, 3)
+    for r in range(3):
+        assert nucleus[r, rows[:, r]].all()
+    probs = logits.softmax(-1).masked_fill(~nucleus, 0)
+    expected = probs / probs.sum(-1, keepdim=True)
+    best = expected.argmax(-1)
+    hits = (rows == best).float().mean(0)
+    assert (hits - expected[torch.arange(3), best]).abs().max() < 0.04
+
+
+def test_combined_controls_match_processed_distribution():
+    # select_next_tokens (top-k candidates only) samples from softmax(process_logits(...)) (whole vocabulary).
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 12, generator=g) * 2
+    seen = torch.zeros(1, 12, dtype=torch.bool)
+    seen[0, logits[0].argmax()] = True
+    cfg = GenerationConfig(do_sample=True, temperature=0.9, top_k=6, top_p=0.8, min_p=0.05, repetition_penalty=1.3)
+    expected = process_logits(logits, cfg, seen).double().softmax(-1)[0]
+    assert 1 < int((expected > 0).sum()) < 6  # the controls really cut something
+    draws = sample_many(logits, cfg, n=40000, seen=seen)
+    freq = torch.bincount(draws, minlength=12).double() / draws.numel()
+    assert (freq - expected).abs().max() < 0.012
+    assert set(draws.unique().tolist()) == set((expected > 0).nonzero()[:, 0].tolist())
 
 
 @pytest.mark.parametrize("kwargs, match", [
