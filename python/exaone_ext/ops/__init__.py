@@ -4,6 +4,9 @@ same name in exaone_ext.ops.reference."""
 from . import reference
 from ._dispatch import has_kernel
 from .linear import linear
+from .rms_norm import add_rms_norm, rms_norm
+from .rope import apply_rope, rope_cos_sin
 from .swiglu import swiglu
 
-__all__ = ["reference", "has_kernel", "linear", "swiglu"]
+__all__ = ["reference", "has_kernel", "add_rms_norm", "apply_rope", "linear", "rms_norm", "rope_cos_sin",
+           "swiglu"]
