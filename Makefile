@@ -48,19 +48,24 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
-	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then $(MAKE) --no-print-directory cuda-check; \
+	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then $(MAKE) --no-print-directory -j$$(nproc) cuda-check; \
 	 else echo "nvcc not found: skipping cuda-check"; fi
 
-cuda-check:
-	@mkdir -p build/cuda-check
-	@set -e; fail=0; for f in $$(find csrc/cuda -name '*.cu' | sort); do \
-	  for a in $(CUDA_ARCHS); do \
-	    o=build/cuda-check/$$(echo $$f | tr / _).sm_$$a.o; \
-	    if [ $$o -nt $$f ] && [ -z "$$(find csrc/common csrc/cuda -name '*.h' -o -name '*.cuh' -newer $$o)" ]; then continue; fi; \
-	    echo "nvcc sm_$$a $$f"; \
-	    $(NVCC) -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_$$a,code=sm_$$a -c $$f -o $$o || fail=1; \
-	  done; done; \
-	if [ $$fail = 1 ]; then echo "cuda-check: FAILED"; exit 1; fi; echo "cuda-check: every .cu compiles for sm $(CUDA_ARCHS)"
+# Each .cu alone through nvcc, once per architecture, in parallel (make -j), rebuilt when it or a
+# header it may include changes.
+CU_SRCS := $(shell find csrc/cuda -name '*.cu' 2>/dev/null | sort)
+CU_HDRS := $(shell find csrc/common csrc/cuda -name '*.h' -o -name '*.cuh' 2>/dev/null)
+CU_OBJS := $(foreach a,$(CUDA_ARCHS),$(patsubst csrc/%.cu,build/cuda-check/sm_$(a)/%.o,$(CU_SRCS)))
+define CU_RULE
+build/cuda-check/sm_$(1)/%.o: csrc/%.cu $(CU_HDRS)
+	@mkdir -p $$(dir $$@)
+	@echo "nvcc sm_$(1) $$<"
+	@$(NVCC) -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_$(1),code=sm_$(1) -c $$< -o $$@
+endef
+$(foreach a,$(CUDA_ARCHS),$(eval $(call CU_RULE,$(a))))
+
+cuda-check: $(CU_OBJS)
+	@echo "cuda-check: all $(words $(CU_SRCS)) .cu files compile for sm $(CUDA_ARCHS)"
 
 cuda-build:
 	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)

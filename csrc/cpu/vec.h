@@ -93,6 +93,13 @@ inline Vec pow2i(Vec n) {  // 2^n for integral n in [-126, 127]
 inline Vec zero_below(Vec x, float lo, Vec r) {  // r where x >= lo (or NaN), 0 where x < lo
   return {_mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(lo), _CMP_LT_OQ), r.v)};
 }
+inline Vec scale_pow2(Vec p, Vec n) { return {_mm512_scalef_ps(p.v, n.v)}; }  // p * 2^n, exact, saturating
+// 1/d to ~2^-28 relative: the 14-bit estimate refined by one Newton step (d finite, nonzero)
+inline Vec recip(Vec d) {
+  __m512 y = _mm512_rcp14_ps(d.v);
+  return {_mm512_mul_ps(y, _mm512_fnmadd_ps(d.v, y, _mm512_set1_ps(2.f)))};
+}
+#define EXAONE_VEC_HAS_SCALEF 1
 
 #elif defined(EXAONE_VEC_AVX2)
 
@@ -159,6 +166,11 @@ inline Vec pow2i(Vec n) {
 inline Vec zero_below(Vec x, float lo, Vec r) {
   return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(lo), _CMP_LT_OQ), r.v)};
 }
+// 1/d to ~2^-23 relative: the 12-bit estimate refined by one Newton step (d finite, normal)
+inline Vec recip(Vec d) {
+  __m256 y = _mm256_rcp_ps(d.v);
+  return {_mm256_mul_ps(y, _mm256_fnmadd_ps(d.v, y, _mm256_set1_ps(2.f)))};
+}
 
 #else  // portable: one lane, plain C++
 
@@ -184,16 +196,15 @@ inline float reduce_max(Vec a) { return a.v; }
 inline Vec round_nearest(Vec a) { return {std::nearbyint(a.v)}; }
 inline Vec pow2i(Vec n) { return {std::ldexp(1.0f, int(n.v))}; }
 inline Vec zero_below(Vec x, float lo, Vec r) { return {x.v < lo ? 0.f : r.v}; }
+inline Vec recip(Vec d) { return {1.f / d.v}; }
 
 #endif
 
 // exp(x) in float to ~1 ulp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a
 // degree-7 polynomial in r (the classic Cephes expf coefficients) scaled by 2^n.
 // exp(-inf) and anything below the float range is exactly 0; NaN propagates.
-inline Vec vexp(Vec x) {
-  const Vec hi = Vec::set1(88.3762626647949f), lo = Vec::set1(-87.3365478515625f);
-  Vec xc = min(hi, max(lo, x));
-  Vec n = round_nearest(xc * Vec::set1(1.44269504088896341f));
+inline Vec exp_reduced(Vec xc, Vec& n) {
+  n = round_nearest(xc * Vec::set1(1.44269504088896341f));
   Vec r = fmadd(n, Vec::set1(-0.693359375f), xc);
   r = fmadd(n, Vec::set1(2.12194440e-4f), r);
   Vec p = Vec::set1(1.9875691500e-4f);
@@ -202,10 +213,26 @@ inline Vec vexp(Vec x) {
   p = fmadd(p, r, Vec::set1(4.1665795894e-2f));
   p = fmadd(p, r, Vec::set1(1.6666665459e-1f));
   p = fmadd(p, r, Vec::set1(5.0000001201e-1f));
-  p = fmadd(p, r * r, r + Vec::set1(1.0f));
-  return zero_below(x, -87.3365478515625f, p * pow2i(n));
+  return fmadd(p, r * r, r + Vec::set1(1.0f));
 }
 
-inline Vec vsigmoid(Vec x) { return Vec::set1(1.0f) / (Vec::set1(1.0f) + vexp(Vec::zero() - x)); }
+inline Vec vexp(Vec x) {
+  Vec n;
+#if defined(EXAONE_VEC_HAS_SCALEF)
+  // scalef saturates to 0 / inf by itself; the clamp only keeps the reduction exact.
+  Vec p = exp_reduced(min(Vec::set1(89.f), max(Vec::set1(-104.f), x)), n);
+  return scale_pow2(p, n);
+#else
+  Vec p = exp_reduced(min(Vec::set1(88.3762626647949f), max(Vec::set1(-87.3365478515625f), x)), n);
+  return zero_below(x, -87.3365478515625f, p * pow2i(n));
+#endif
+}
+
+// 1 / (1 + exp(-x)); x is clamped to +-88 first so that exp stays finite (sigmoid is 0 / 1 to
+// float precision there), letting the reciprocal be a refined estimate instead of a division.
+inline Vec vsigmoid(Vec x) {
+  Vec xc = min(Vec::set1(88.f), max(Vec::set1(-88.f), x));
+  return recip(Vec::set1(1.0f) + vexp(Vec::zero() - xc));
+}
 
 }  // namespace exaone_ext::cpu::EXAONE_ISA

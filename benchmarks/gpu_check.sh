@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: build exaone_ext with its CUDA kernels against the torch
+# already installed, run the test suite (the CUDA variants run because a device is present), then
+# the benchmarks on the GPU. Results go to ${OUT:-out}/ (logs and a JSON of every benchmark row).
+#
+#   OUT=out bash benchmarks/gpu_check.sh [pytest -k expression for the benchmarks]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+ARCH=$($PY -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}{p.minor}')")
+echo "GPU: $($PY -c 'import torch; print(torch.cuda.get_device_name(0))') (sm_$ARCH), torch $($PY -c 'import torch; print(torch.__version__)')" | tee "$OUT/summary.txt"
+
+start=$(date +%s)
+EXAONE_EXT_CUDA=ON EXAONE_EXT_CUDA_ARCHS="$ARCH" MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  $PY -m pip install -q --no-build-isolation --no-deps --config-settings=build-dir=build/gpu . > "$OUT/build.log" 2>&1
+rc=$?
+echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
+[ $rc = 0 ] || { tail -50 "$OUT/build.log"; exit 1; }
+(cd /tmp && $PY -c "import exaone_ext, json; print(json.dumps(exaone_ext.build_info()))") | tee -a "$OUT/summary.txt"
+
+$PY -m pytest -q -x tests -p no:cacheprovider > "$OUT/tests.log" 2>&1
+echo "tests rc=$? : $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
+
+EXAONE_BENCH_JSON="$OUT/bench.json" $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+  --benchmark-min-rounds=10 --benchmark-max-time=0.5 ${1:+-k "$1"} > "$OUT/bench.log" 2>&1
+echo "benchmarks rc=$?" | tee -a "$OUT/summary.txt"
+sed -n '/rates and speed-ups/,/^---/p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
