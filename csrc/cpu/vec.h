@@ -217,12 +217,15 @@ inline Vec exp_reduced(Vec xc, Vec& n) {
 }
 
 inline Vec vexp(Vec x) {
-  Vec n;
-#if defined(EXAONE_VEC_HAS_SCALEF)
+#if defined(EXAONE_VEC_SCALAR)
+  return {std::exp(x.v)};  // one lane: libm is exact and faster than the emulated reduction
+#elif defined(EXAONE_VEC_HAS_SCALEF)
   // scalef saturates to 0 / inf by itself; the clamp only keeps the reduction exact.
+  Vec n;
   Vec p = exp_reduced(min(Vec::set1(89.f), max(Vec::set1(-104.f), x)), n);
   return scale_pow2(p, n);
 #else
+  Vec n;
   Vec p = exp_reduced(min(Vec::set1(88.3762626647949f), max(Vec::set1(-87.3365478515625f), x)), n);
   return zero_below(x, -87.3365478515625f, p * pow2i(n));
 #endif

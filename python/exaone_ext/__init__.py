@@ -39,3 +39,8 @@ def get_cpu_isa() -> str:
 from . import ops  # noqa: E402  (registers fake kernels and autograd on the loaded operators)
 
 __all__ = ["build_info", "set_cpu_isa", "get_cpu_isa", "ops", "__version__"]
+
+from . import model  # noqa: E402
+from .model import ExaoneConfig, ExaoneForCausalLM, KVCache  # noqa: E402
+
+__all__ += ["model", "ExaoneConfig", "ExaoneForCausalLM", "KVCache"]

@@ -1,0 +1,242 @@
+"""Batch-1 decode and prefill throughput of ExaoneForCausalLM against Hugging Face transformers'
+LlamaForCausalLM running on the very same weight tensors (shared, not copied), in one process.
+
+    python benchmarks/bench_model.py                       # 2.4B shape, all 30 layers, bf16
+    python benchmarks/bench_model.py --layers 4 --prefill 512 --decode 16   # a quick look
+
+Reports decode tokens/s and the weight bytes it reads per second as a fraction of the machine's read
+bandwidth (summing a 1 GiB tensor, measured in the same run), prefill tokens/s, batched decode, and
+peak memory against weights + KV cache. A standalone script (not part of the test run)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+from exaone_ext.model import ExaoneConfig, ExaoneForCausalLM, KVCache, exaone_to_llama_name
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, device, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def read_bandwidth(device, gib: float = 1.0) -> float:
+    """Bytes/s of summing a `gib` GiB float32 tensor (best of 5)."""
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
+    x.sum()
+    t = best_time(lambda: x.sum().item(), device, 5)
+    return x.nbytes / t
+
+
+# ---- peak memory ----
+def _rss_peak_reset():
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set size (VmHWM)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Memory:
+    def __init__(self, device):
+        self.device = device
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated() if self.device.type == "cuda" else _status("VmRSS")
+
+    def reset_peak(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _rss_peak_reset()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.device.type == "cuda" else _status("VmHWM")
+
+
+def hf_model_sharing(model: ExaoneForCausalLM):
+    """A transformers LlamaForCausalLM whose parameters are our model's tensors (no copy)."""
+    import transformers
+    cfg = transformers.LlamaConfig(**model.config.to_llama_dict())
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(cfg)
+    ours = dict(model.named_parameters())
+    for name, _ in list(hf.named_parameters()):
+        src = "transformer.wte.weight" if name == "lm_head.weight" and model.config.tie_word_embeddings else None
+        tensor = ours[src] if src else ours[next(k for k in ours if exaone_to_llama_name(k) == name)]
+        mod, _, attr = name.rpartition(".")
+        hf.get_submodule(mod)._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    if model.config.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    dev = model.transformer.wte.weight.device
+    rotary = hf.model.rotary_emb  # its buffers were built on meta: rebuild them
+    fresh = type(rotary)(cfg).to(dev)
+    hf.model.rotary_emb = fresh
+    return hf.eval()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="2.4b")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers than the preset (stated in the output)")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
+    ap.add_argument("--decode", type=int, default=32, help="tokens decoded and timed")
+    ap.add_argument("--prefill", type=int, default=2048, help="tokens in the timed prefill")
+    ap.add_argument("--batch", type=int, default=8, help="batch of the batched-decode figure (0: skip)")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    overrides = {"num_layers": args.layers} if args.layers else {}
+    config = ExaoneConfig.preset(args.preset, **overrides)
+    mem = Memory(device)
+
+    out: dict = {"preset": args.preset, "num_layers": config.num_layers, "dtype": "bfloat16",
+                 "device": str(device), "threads": torch.get_num_threads()}
+    bw = read_bandwidth(device)
+    out["read_bandwidth_GBps"] = bw / 1e9
+    print(f"{args.preset} shape, {config.num_layers} layers ({config.num_parameters / 1e9:.3f} B params), bf16, "
+          f"{device}, {torch.get_num_threads()} threads; read bandwidth {bw / 1e9:.1f} GB/s (sum of 1 GiB)")
+
+    base = mem.current()
+    with torch.device("meta"):
+        model = ExaoneForCausalLM(config)
+    model = model.to(dtype).to_empty(device=device)  # bf16 storage allocated once
+    model.reset_parameters(0.02)
+    model.init_rope(device)
+    model.eval()
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    # one decode step reads every matrix once; the embedding only by rows unless it is the tied head
+    read_per_token = weight_bytes - (0 if config.tie_word_embeddings else model.transformer.wte.weight.nbytes)
+    V = config.vocab_size
+    prompt = torch.randint(0, V, (1, args.prompt), device=device)
+    max_len = args.prompt + args.decode + 1
+
+    def ours_decode(use_kernels, batch=1):
+        model.use_kernels = use_kernels
+        cache = KVCache(config, batch, max_len, dtype, device)
+        p = prompt.expand(batch, -1)
+        logits = model(p, kv_cache=cache, num_logits_to_keep=1)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(args.decode):
+            tok = model(tok, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)  # [batch, 1]
+        sync(device)
+        return time.perf_counter() - t, cache
+
+    def ours_prefill(use_kernels):
+        model.use_kernels = use_kernels
+        ids = torch.randint(0, V, (1, args.prefill), device=device)
+        return best_time(lambda: model(ids, num_logits_to_keep=1), device, args.repeat)
+
+    rows = {}
+    with torch.inference_mode():
+        ours_decode(True)  # warm-up
+        mem.reset_peak()
+        before_peak = mem.current()
+        dt, cache = min((ours_decode(True) for _ in range(args.repeat)), key=lambda r: r[0])
+        decode_peak = mem.peak()
+        kv_bytes = cache.nbytes
+        rows["ours (kernels)"] = {"decode_tok_s": args.decode / dt}
+        dt_ref, _ = min((ours_decode(False) for _ in range(args.repeat)), key=lambda r: r[0])
+        rows["ours (reference ops)"] = {"decode_tok_s": args.decode / dt_ref}
+        if args.prefill:
+            mem.reset_peak()
+            rows["ours (kernels)"]["prefill_tok_s"] = args.prefill / ours_prefill(True)
+            prefill_peak = mem.peak()
+            rows["ours (reference ops)"]["prefill_tok_s"] = args.prefill / ours_prefill(False)
+        if args.batch > 1:
+            dtb, _ = ours_decode(True, args.batch)
+            out["batched_decode"] = {"batch": args.batch, "tok_s": args.batch * args.decode / dtb,
+                                     "speedup_vs_batch1": (args.batch * args.decode / dtb) / rows["ours (kernels)"]["decode_tok_s"]}
+
+        if not args.no_hf:
+            hf = hf_model_sharing(model)
+            from transformers import DynamicCache
+
+            def hf_decode():
+                # the greedy loop generate() runs, without its per-step bookkeeping
+                pkv = DynamicCache(config=hf.config)
+                logits = hf(prompt, past_key_values=pkv, use_cache=True, logits_to_keep=1).logits
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(args.decode):
+                    logits = hf(tok, past_key_values=pkv, use_cache=True, logits_to_keep=1).logits
+                    tok = logits[:, -1].argmax(-1, keepdim=True)
+                sync(device)
+                return time.perf_counter() - t
+
+            hf_decode()  # warm-up
+            rows["transformers"] = {"decode_tok_s": args.decode / min(hf_decode() for _ in range(args.repeat))}
+            gen = lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                        min_new_tokens=n, do_sample=False, pad_token_id=0)
+            t_gen = best_time(lambda: gen(args.decode), device, args.repeat)
+            out["transformers_generate_s"] = {"prompt": args.prompt, "new_tokens": args.decode, "seconds": t_gen}
+            if args.prefill:
+                pids = torch.randint(0, V, (1, args.prefill), device=device)
+                t = best_time(lambda: hf(pids, use_cache=False, logits_to_keep=1), device, args.repeat)
+                rows["transformers"]["prefill_tok_s"] = args.prefill / t
+
+    for name, r in rows.items():
+        r["decode_weight_GBps"] = r["decode_tok_s"] * read_per_token / 1e9
+        r["decode_fraction_of_bandwidth"] = r["decode_tok_s"] * read_per_token / bw
+    out["rows"] = rows
+    out["weight_bytes"] = weight_bytes
+    out["kv_cache_bytes"] = kv_bytes
+    out["decode_peak_over_weights_plus_kv"] = (decode_peak - base) / (weight_bytes + kv_bytes)
+    out["decode_peak_bytes"] = decode_peak - base
+    if args.prefill:
+        out["prefill_peak_over_weights"] = (prefill_peak - base) / weight_bytes
+
+    print(f"{'':24s}{'decode tok/s':>14s}{'weights GB/s':>14s}{'of bandwidth':>14s}{'prefill tok/s':>15s}")
+    for name, r in rows.items():
+        print(f"{name:24s}{r['decode_tok_s']:14.2f}{r['decode_weight_GBps']:14.2f}"
+              f"{r['decode_fraction_of_bandwidth']:14.1%}{r.get('prefill_tok_s', float('nan')):15.1f}")
+    if "transformers" in rows:
+        hf_r, ours_r = rows["transformers"], rows["ours (kernels)"]
+        print(f"ours / transformers: decode {ours_r['decode_tok_s'] / hf_r['decode_tok_s']:.2f}x"
+              + (f", prefill {ours_r['prefill_tok_s'] / hf_r['prefill_tok_s']:.2f}x (prompt {args.prefill})"
+                 if args.prefill else ""))
+    if "transformers_generate_s" in out:
+        g = out["transformers_generate_s"]
+        print(f"transformers generate(): {g['seconds']:.2f} s for a {g['prompt']}-token prompt + {g['new_tokens']} tokens")
+    if "batched_decode" in out:
+        b = out["batched_decode"]
+        print(f"batched decode (batch {b['batch']}): {b['tok_s']:.1f} tok/s, {b['speedup_vs_batch1']:.2f}x batch 1")
+    print(f"memory: weights {weight_bytes / 1e9:.2f} GB, KV cache {kv_bytes / 1e6:.1f} MB; decode peak above the "
+          f"start {out['decode_peak_bytes'] / 1e9:.2f} GB = {out['decode_peak_over_weights_plus_kv']:.2f}x "
+          f"weights+KV" + (f"; prefill peak {out['prefill_peak_over_weights']:.2f}x weights" if args.prefill else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""A preallocated key/value cache: one (k, v) pair per layer, written in place by
+flash_attn_with_kvcache at each row's current length."""
+from __future__ import annotations
+
+import torch
+
+from .config import ExaoneConfig
+
+
+class KVCache:
+    """layers[i] = (k, v), each [batch_size, max_seq_len, num_key_value_heads, head_dim];
+    seqlens int32 [batch_size]: tokens already cached in each row (the model advances it after a forward).
+
+        cache = KVCache(config, batch_size=1, max_seq_len=4096, dtype=torch.bfloat16, device="cpu")
+        logits = model(prompt_ids, kv_cache=cache)      # prefill
+        logits = model(next_ids, kv_cache=cache)        # decode, one token per row
+    """
+
+    def __init__(self, config: ExaoneConfig, batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"KVCache: batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(max_seq_len, int) or max_seq_len <= 0:
+            raise ValueError(f"KVCache: max_seq_len must be a positive integer, got {max_seq_len!r}")
+        if max_seq_len > config.max_position_embeddings:
+            raise ValueError(f"KVCache: max_seq_len {max_seq_len} exceeds the model's context "
+                             f"(max_position_embeddings {config.max_position_embeddings})")
+        shape = (batch_size, max_seq_len, config.num_key_value_heads, config.head_dim)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_layers)]
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+
+    @classmethod
+    def _view(cls, layers, seqlens, max_seq_len) -> "KVCache":
+        cache = cls.__new__(cls)
+        cache.layers, cache.seqlens = layers, seqlens
+        cache.max_seq_len, cache.batch_size = max_seq_len, seqlens.shape[0]
+        return cache
+
+    def row(self, b: int) -> "KVCache":
+        """A one-row cache sharing storage with row `b` of this one (its writes and its length
+        updates land here)."""
+        if not -self.batch_size <= b < self.batch_size:
+            raise IndexError(f"KVCache.row: row {b} out of range for batch_size {self.batch_size}")
+        b = b % self.batch_size
+        return KVCache._view([(k[b:b + 1], v[b:b + 1]) for k, v in self.layers], self.seqlens[b:b + 1],
+                             self.max_seq_len)
+
+    def reset(self) -> None:
+        """Forget every cached token (the storage is kept and overwritten by later writes)."""
+        self.seqlens.zero_()
+
+    def check_room(self, new_tokens: int) -> None:
+        """Raise ValueError if appending `new_tokens` to any row would pass max_seq_len."""
+        longest = int(self.seqlens.max()) if self.batch_size else 0
+        if longest + new_tokens > self.max_seq_len:
+            raise ValueError(f"KVCache: appending {new_tokens} token(s) to a row holding {longest} would exceed "
+                             f"max_seq_len {self.max_seq_len}")
+
+    def advance(self, new_tokens: int) -> None:
+        """Record that `new_tokens` were appended to every row."""
+        self.seqlens += new_tokens
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0][0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.seqlens.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def __repr__(self) -> str:
+        k = self.layers[0][0] if self.layers else None
+        return (f"KVCache(layers={len(self.layers)}, batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
+                f"kv_heads={k.shape[2] if k is not None else '?'}, head_dim={k.shape[3] if k is not None else '?'}, "
+                f"dtype={self.dtype if k is not None else '?'}, seqlens={self.seqlens.tolist()})")
