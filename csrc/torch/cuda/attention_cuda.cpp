@@ -1,6 +1,7 @@
-// CUDA registrations of the flash-attention ops: the shared checks, allocation and parameter filling
-// (torch/attention.h), a device guard, scratch memory from torch's allocator, torch's current
-// stream, then the torch-free launchers of csrc/cuda/attention/flash_attn.h.
+// CUDA registrations of the flash-attention ops: the shared checks, allocation and parameter
+// filling (torch/attention.h; outputs go to q's device), then a device guard, scratch memory from
+// torch's allocator, torch's current stream and the torch-free launchers of
+// csrc/cuda/attention/flash_attn.h.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -51,9 +52,9 @@ void run_backward(const AttnBwdParams& bp, const at::Tensor& q, int64_t q_rows) 
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        bool causal, double softmax_scale) {
-  c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out, lse;
   const AttnParams p = prepare_flash_attn_fwd(q, k, v, causal, softmax_scale, out, lse);
+  c10::cuda::CUDAGuard guard(q.device());  // after the checks: q is a CUDA tensor
   run_forward(p, q, /*allow_split=*/true);
   return {out, lse};
 }
@@ -63,10 +64,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cuda(const at::Tensor& 
                                                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                               int64_t max_seqlen_k, bool causal,
                                                               double softmax_scale) {
-  c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out, lse;
   const AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                      causal, softmax_scale, out, lse);
+  c10::cuda::CUDAGuard guard(q.device());  // after the checks: q is a CUDA tensor
   run_forward(p, q, /*allow_split=*/false);
   return {out, lse};
 }
@@ -75,9 +76,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(const at::Ten
                                                                    const at::Tensor& k, const at::Tensor& v,
                                                                    const at::Tensor& out, const at::Tensor& lse,
                                                                    bool causal, double softmax_scale) {
-  c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq, dk, dv;
   const AttnBwdParams bp = prepare_flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, dq, dk, dv);
+  c10::cuda::CUDAGuard guard(q.device());  // after the checks: q is a CUDA tensor
   run_backward(bp, q, q.size(0) * q.size(1));
   return {dq, dk, dv};
 }
@@ -86,10 +87,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool causal, double softmax_scale) {
-  c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq, dk, dv;
   const AttnBwdParams bp = prepare_flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                          max_seqlen_q, max_seqlen_k, causal, softmax_scale, dq, dk, dv);
+  c10::cuda::CUDAGuard guard(q.device());  // after the checks: q is a CUDA tensor
   run_backward(bp, q, q.size(0));
   return {dq, dk, dv};
 }
@@ -97,10 +98,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cuda(
 at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                    const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale) {
-  c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out, seqlens_after;  // seqlens_after backs p.cache_seqlens: alive until the launches are queued
   const AttnParams p = prepare_flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
                                                   softmax_scale, out, seqlens_after);
+  c10::cuda::CUDAGuard guard(q.device());  // after the checks: q is a CUDA tensor
   run_forward(p, q, /*allow_split=*/true);
   return out;
 }
