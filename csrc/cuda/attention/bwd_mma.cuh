@@ -51,6 +51,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
 
   const AttnParams& p = bp.fwd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
+  const int mi = lane / 8, mr = lane % 8;  // ldmatrix: this lane addresses row mr of matrix mi
   const int64_t n0 = int64_t(blockIdx.x) * kBwdKeys;
   const int64_t hk = blockIdx.y, b = blockIdx.z, g = attn_group(p);
   const SeqRange r = seq_range(p, b);
@@ -120,9 +121,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
       const uint16_t* k0 = sK + (warp * 16 + gid) * SD + kk * 16 + tig * 2;
       const uint32_t a[4] = {lds_pair(k0), lds_pair(k0 + 8 * SD), lds_pair(k0 + 8), lds_pair(k0 + 8 * SD + 8)};
 #pragma unroll
-      for (int nt = 0; nt < kBwdRows / 8; ++nt) {
-        const uint16_t* qr = sQ + (nt * 8 + gid) * SD + kk * 16 + tig * 2;
-        mma_16816<T>(st[nt], a, lds_pair(qr), lds_pair(qr + 8));
+      for (int nt = 0; nt < kBwdRows / 8; nt += 2) {  // B = Q^T for row tiles nt, nt + 1
+        uint32_t qb[4];
+        ldmatrix_x4(qb, sQ + ((nt + (mi >> 1)) * 8 + mr) * SD + kk * 16 + (mi & 1) * 8);
+        mma_16816<T>(st[nt], a, qb[0], qb[1]);
+        mma_16816<T>(st[nt + 1], a, qb[2], qb[3]);
       }
     }
     // P^T, masked where the row does not see the key (or does not exist).
@@ -142,9 +145,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
                              pack2<T>(st[2 * kt + 1][0], st[2 * kt + 1][1]),
                              pack2<T>(st[2 * kt + 1][2], st[2 * kt + 1][3])};
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const uint16_t* dc = sdO + (kt * 16 + tig * 2) * SD + dt * 8 + gid;
-        mma_16816<T>(dv[dt], a, lds_col_pair(dc, SD), lds_col_pair(dc + 8 * SD, SD));
+      for (int dt = 0; dt < D / 8; dt += 2) {  // B = dO (rows x d), transposed on load, d tiles dt, dt + 1
+        uint32_t ob[4];
+        ldmatrix_x4_trans(ob, sdO + (kt * 16 + (mi & 1) * 8 + mr) * SD + (dt + (mi >> 1)) * 8);
+        mma_16816<T>(dv[dt], a, ob[0], ob[1]);
+        mma_16816<T>(dv[dt + 1], a, ob[2], ob[3]);
       }
     }
     // dP^T = V dO^T.
@@ -156,9 +161,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
       const uint16_t* v0 = sV + (warp * 16 + gid) * SD + kk * 16 + tig * 2;
       const uint32_t a[4] = {lds_pair(v0), lds_pair(v0 + 8 * SD), lds_pair(v0 + 8), lds_pair(v0 + 8 * SD + 8)};
 #pragma unroll
-      for (int nt = 0; nt < kBwdRows / 8; ++nt) {
-        const uint16_t* dr = sdO + (nt * 8 + gid) * SD + kk * 16 + tig * 2;
-        mma_16816<T>(dpt[nt], a, lds_pair(dr), lds_pair(dr + 8));
+      for (int nt = 0; nt < kBwdRows / 8; nt += 2) {  // B = dO^T for row tiles nt, nt + 1
+        uint32_t ob[4];
+        ldmatrix_x4(ob, sdO + ((nt + (mi >> 1)) * 8 + mr) * SD + kk * 16 + (mi & 1) * 8);
+        mma_16816<T>(dpt[nt], a, ob[0], ob[1]);
+        mma_16816<T>(dpt[nt + 1], a, ob[2], ob[3]);
       }
     }
     // dS^T = P^T (dP^T - D), kept in st; also to shared memory for dQ.
@@ -179,9 +186,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
                              pack2<T>(st[2 * kt + 1][0], st[2 * kt + 1][1]),
                              pack2<T>(st[2 * kt + 1][2], st[2 * kt + 1][3])};
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const uint16_t* qc = sQ + (kt * 16 + tig * 2) * SD + dt * 8 + gid;
-        mma_16816<T>(dk[dt], a, lds_col_pair(qc, SD), lds_col_pair(qc + 8 * SD, SD));
+      for (int dt = 0; dt < D / 8; dt += 2) {  // B = Q (rows x d), transposed on load
+        uint32_t qb[4];
+        ldmatrix_x4_trans(qb, sQ + (kt * 16 + (mi & 1) * 8 + mr) * SD + (dt + (mi >> 1)) * 8);
+        mma_16816<T>(dk[dt], a, qb[0], qb[1]);
+        mma_16816<T>(dk[dt + 1], a, qb[2], qb[3]);
       }
     }
     __syncthreads();  // all of dS^T is in shared memory
@@ -192,13 +201,16 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
     for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
 #pragma unroll
     for (int kt = 0; kt < kBwdKeys / 16; ++kt) {
-      const uint16_t* s0 = sdS + (kt * 16 + tig * 2) * SS + warp * 16 + gid;
-      const uint32_t a[4] = {lds_col_pair(s0, SS), lds_col_pair(s0 + 8, SS), lds_col_pair(s0 + 8 * SS, SS),
-                             lds_col_pair(s0 + 8 * SS + 8, SS)};
+      // A = dS (rows x keys) = dS^T transposed on load: matrices (keys kt*16.., rows w*16..),
+      // (keys kt*16.., rows w*16+8..), (keys kt*16+8.., rows w*16..), (keys kt*16+8.., rows w*16+8..).
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, sdS + (kt * 16 + (mi >> 1) * 8 + mr) * SS + warp * 16 + (mi & 1) * 8);
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const uint16_t* kc = sK + (kt * 16 + tig * 2) * SD + dt * 8 + gid;
-        mma_16816<T>(dq[dt], a, lds_col_pair(kc, SD), lds_col_pair(kc + 8 * SD, SD));
+      for (int dt = 0; dt < D / 8; dt += 2) {  // B = K (keys x d), transposed on load
+        uint32_t kb[4];
+        ldmatrix_x4_trans(kb, sK + (kt * 16 + (mi & 1) * 8 + mr) * SD + (dt + (mi >> 1)) * 8);
+        mma_16816<T>(dq[dt], a, kb[0], kb[1]);
+        mma_16816<T>(dq[dt + 1], a, kb[2], kb[3]);
       }
     }
 #pragma unroll

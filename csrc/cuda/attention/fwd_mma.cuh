@@ -128,12 +128,17 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
       float s[kFwdKeys / 8][4];
 #pragma unroll
       for (int nt = 0; nt < kFwdKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      // B fragments of K^T for key tiles nt, nt + 1: matrices (keys nt*8.., d kk*16..), (.., d + 8),
+      // (keys (nt+1)*8.., d kk*16..), (.., d + 8); lane supplies row lane % 8 of matrix lane / 8.
+      const int mi = lane / 8, mr = lane % 8;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-        for (int nt = 0; nt < kFwdKeys / 8; ++nt) {
-          const uint16_t* kr = tK + (nt * 8 + gid) * SD + kk * 16 + tig * 2;
-          mma_16816<T>(s[nt], qf[kk], lds_pair(kr), lds_pair(kr + 8));
+        for (int nt = 0; nt < kFwdKeys / 8; nt += 2) {
+          uint32_t kb[4];
+          ldmatrix_x4(kb, tK + ((nt + (mi >> 1)) * 8 + mr) * SD + kk * 16 + (mi & 1) * 8);
+          mma_16816<T>(s[nt], qf[kk], kb[0], kb[1]);
+          mma_16816<T>(s[nt + 1], qf[kk], kb[2], kb[3]);
         }
       }
 
@@ -182,10 +187,14 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
         a[1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
         a[2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
         a[3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+        // B fragments of V for d tiles dt, dt + 1, transposed on load: matrices (keys kt*16.., d dt*8..),
+        // (keys kt*16+8.., d dt*8..), (keys kt*16.., d (dt+1)*8..), (keys kt*16+8.., d (dt+1)*8..).
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          const uint16_t* vc = tV + (kt * 16 + tig * 2) * SD + dt * 8 + gid;
-          mma_16816<T>(o[dt], a, lds_col_pair(vc, SD), lds_col_pair(vc + 8 * SD, SD));
+        for (int dt = 0; dt < D / 8; dt += 2) {
+          uint32_t vb[4];
+          ldmatrix_x4_trans(vb, tV + (kt * 16 + (mi & 1) * 8 + mr) * SD + (dt + (mi >> 1)) * 8);
+          mma_16816<T>(o[dt], a, vb[0], vb[1]);
+          mma_16816<T>(o[dt + 1], a, vb[2], vb[3]);
         }
       }
     }

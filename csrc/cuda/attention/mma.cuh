@@ -74,6 +74,23 @@ __device__ __forceinline__ uint32_t lds_col_pair(const uint16_t* p, int stride) 
   return uint32_t(p[0]) | (uint32_t(p[stride]) << 16);
 }
 
+// Four 8x8 matrices of 16-bit elements from shared memory in one instruction. Lane l supplies the
+// address of row l % 8 of matrix l / 8 (16-byte aligned). Without .trans, register i of lane l holds
+// row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 of matrix i; with .trans it holds rows 2 (l % 4)
+// and 2 (l % 4) + 1 of column l / 4: exactly an A/B fragment half of the mma above.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row_address) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row_address) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 // --- asynchronous global -> shared copies --------------------------------------------------------
 // 16 bytes; when !valid nothing is read and the destination is zero-filled.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
