@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -40,6 +42,29 @@ void fwd_kernel(const AttnParams& p, int64_t b, int64_t kvh, int64_t q0, int64_t
   } else {
     EXAONE_CPU_DISPATCH(attn_fwd_block, p, b, kvh, q0, q1, k0, k1, part_out, part_lse, scratch);
   }
+}
+
+// The rows of one head of k / v (and q / dout) are kv_heads * head_dim elements apart in the
+// [.., seq, heads, head_dim] layout: tiles read from there alias in the cache sets and defeat the
+// prefetchers, and every query block reads them again. A head-major copy ([.., heads, seq, d], one
+// pass over the tensor, negligible next to the O(seq^2) work) makes every tile contiguous.
+at::Tensor heads_major(const at::Tensor& t) { return t.transpose(-2, -3).contiguous(); }
+
+void point_at(const at::Tensor& t, bool dense, const void*& ptr, int64_t& bs, int64_t& rs, int64_t& hs) {
+  ptr = t.const_data_ptr();
+  bs = dense ? t.stride(0) : 0;
+  rs = t.stride(-2);
+  hs = t.stride(-3);
+}
+
+// Head-major copies of k and v, kept alive by the returned tensors, with p pointing at them.
+std::pair<at::Tensor, at::Tensor> use_heads_major_kv(AttnParams& p, const at::Tensor& k, const at::Tensor& v) {
+  if (p.kv_heads <= 1 || k.numel() == 0) return {};
+  at::Tensor kh = heads_major(k), vh = heads_major(v);
+  const bool dense = k.dim() == 4;
+  point_at(kh, dense, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  point_at(vh, dense, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  return {kh, vh};
 }
 
 struct FwdItem {
@@ -86,26 +111,30 @@ void run_fwd(const AttnParams& p, int64_t batch, int64_t nsplit, int64_t split_k
   });
 }
 
-// Backward: items (sequence, kv head, split); split s owns key blocks s, s + nsplit, ... and adds its
-// dq share into its own accumulator; the accumulators are summed in split order afterwards.
-void run_bwd(const AttnBwdParams& bp, int64_t batch, const at::Tensor& dout, const at::Tensor& out, at::Tensor& dq) {
+// Backward: items (sequence, kv head, split); split s owns query blocks s, s + nsplit, ... (writes
+// their dq) and adds its share of dK / dV into its own float accumulators [nsplit, kv_heads, rows_k, d];
+// the accumulators are summed in split order afterwards (deterministic, no atomics).
+void run_bwd(AttnBwdParams bp, int64_t batch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor& dout, const at::Tensor& out, at::Tensor& dk, at::Tensor& dv) {
   const AttnParams& p = bp.fwd;
-  if (batch == 0 || p.q_heads == 0 || dq.numel() == 0) return;
+  if (batch == 0 || p.q_heads == 0 || dout.numel() == 0 || dk.numel() == 0) return;
+  const auto keep_kv = use_heads_major_kv(bp.fwd, k, v);
   const bool dbl = p.dtype == DType::kFloat64;
   const auto acc = dbl ? at::kDouble : at::kFloat;
-  // D = rowsum(dout * out): [rows, q_heads]
-  const at::Tensor dsum = (dout.to(acc) * out.to(acc)).sum(-1).contiguous();
-  const int64_t rows = dq.numel() / (p.q_heads * p.head_dim);
+  const int64_t rows_k = dk.numel() / (p.kv_heads * p.head_dim);
+  const int64_t g = p.group(), bq = cpu::attn_block_q(g);
   const auto lens = seq_lengths(p, batch);
   int64_t pairs = 0, max_blocks = 1;
   for (const auto& [lq, lk] : lens) {
     if (lq > 0 && lk > 0) pairs += p.kv_heads;
-    max_blocks = std::max(max_blocks, (lk + cpu::kAttnBlockK - 1) / cpu::kAttnBlockK);
+    max_blocks = std::max(max_blocks, (lq + bq - 1) / bq);
   }
   const int64_t threads = at::get_num_threads();
-  const int64_t nsplit = std::clamp<int64_t>(pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1),
-                                             1, max_blocks);
-  at::Tensor dq_acc = at::zeros({nsplit, rows, p.q_heads, p.head_dim}, dq.options().dtype(acc));
+  const int64_t want = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1);
+  const int64_t nsplit = std::clamp<int64_t>(want, 1, max_blocks);
+  const auto acc_opts = dk.options().dtype(acc);
+  at::Tensor dk_acc = at::zeros({nsplit, p.kv_heads, rows_k, p.head_dim}, acc_opts);
+  at::Tensor dv_acc = at::zeros({nsplit, p.kv_heads, rows_k, p.head_dim}, acc_opts);
   struct Item { int64_t b, kvh, s; double cost; };
   std::vector<Item> items;
   for (int64_t b = 0; b < batch; ++b) {
@@ -115,25 +144,37 @@ void run_bwd(const AttnBwdParams& bp, int64_t batch, const at::Tensor& dout, con
       for (int64_t s = 0; s < nsplit; ++s) items.push_back({b, h, s, double(lq) * double(lk)});
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
-  char* acc_base = static_cast<char*>(dq_acc.data_ptr());
-  const int64_t split_bytes = rows * p.q_heads * p.head_dim * dq_acc.element_size();
-  const void* ds = dsum.const_data_ptr();
-  run_items(int64_t(items.size()), cpu::attn_scratch_bytes(p.group(), p.head_dim), [&](int64_t t, void* scratch) {
+  char* dk_base = static_cast<char*>(dk_acc.data_ptr());
+  char* dv_base = static_cast<char*>(dv_acc.data_ptr());
+  const int64_t slab = rows_k * p.head_dim * dk_acc.element_size();  // one (split, kv head)
+  run_items(int64_t(items.size()), cpu::attn_scratch_bytes(g, p.head_dim), [&](int64_t t, void* scratch) {
     const Item& it = items[t];
-    void* dqa = acc_base + it.s * split_bytes;
+    const int64_t off = (it.s * p.kv_heads + it.kvh) * slab;
     if (dbl) {
-      cpu::scalar::attn_bwd_keys(bp, ds, dqa, it.b, it.kvh, it.s, nsplit, scratch);
+      cpu::scalar::attn_bwd_rows(bp, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
     } else {
-      EXAONE_CPU_DISPATCH(attn_bwd_keys, bp, ds, dqa, it.b, it.kvh, it.s, nsplit, scratch);
+      EXAONE_CPU_DISPATCH(attn_bwd_rows, bp, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
     }
   });
-  dq.copy_((nsplit == 1 ? dq_acc[0] : dq_acc.sum(0)).view(dq.sizes()));
+  // [kv_heads, rows_k, d] -> [rows_k, kv_heads, d] -> the shape of dk / dv
+  auto finish = [&](at::Tensor& acc_t, at::Tensor& grad, double mul) {
+    const at::Tensor total = (nsplit == 1 ? acc_t[0] : acc_t.sum(0)).permute({1, 0, 2});
+    at::Tensor view = grad.view({rows_k, p.kv_heads, p.head_dim});  // grad is contiguous
+    if (mul != 1.0) {
+      at::mul_out(view, total, at::scalar_tensor(mul, total.options()));  // one pass: scale, transpose, cast
+    } else {
+      view.copy_(total);
+    }
+  };
+  finish(dk_acc, dk, double(p.scale));
+  finish(dv_acc, dv, 1.0);
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       bool causal, double softmax_scale) {
   at::Tensor out, lse;
-  const AttnParams p = prepare_flash_attn_fwd(q, k, v, causal, softmax_scale, out, lse);
+  AttnParams p = prepare_flash_attn_fwd(q, k, v, causal, softmax_scale, out, lse);
+  const auto keep = use_heads_major_kv(p, k, v);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
   return {out, lse};
 }
@@ -143,8 +184,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                              int64_t max_seqlen_k, bool causal, double softmax_scale) {
   at::Tensor out, lse;
-  const AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                     causal, softmax_scale, out, lse);
+  AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               causal, softmax_scale, out, lse);
+  const auto keep = use_heads_major_kv(p, k, v);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
   return {out, lse};
 }
@@ -155,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(const at::Tens
                                                                   bool causal, double softmax_scale) {
   at::Tensor dq, dk, dv;
   const AttnBwdParams bp = prepare_flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, dq, dk, dv);
-  run_bwd(bp, bp.fwd.batch, dout, out, dq);
+  run_bwd(bp, bp.fwd.batch, q, k, v, dout, out, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -166,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   at::Tensor dq, dk, dv;
   const AttnBwdParams bp = prepare_flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                          max_seqlen_q, max_seqlen_k, causal, softmax_scale, dq, dk, dv);
-  run_bwd(bp, bp.fwd.batch, dout, out, dq);
+  run_bwd(bp, bp.fwd.batch, q, k, v, dout, out, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -178,15 +220,19 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
                                                   softmax_scale, out, lens);
   const int64_t batch = p.batch;
   if (batch == 0 || p.seq_q == 0) return out;
-  // Split-KV: when (sequence, kv head, query block) items are too few to keep every thread busy,
-  // cut the keys into splits of >= 256 keys and combine the partial results with their LSEs.
-  const int64_t threads = at::get_num_threads();
-  const int64_t items = batch * p.kv_heads * ((p.seq_q + cpu::attn_block_q(p.group()) - 1) / cpu::attn_block_q(p.group()));
+  // Split-KV ("flash-decoding"): long caches are cut into key ranges of kSplitKeys; every
+  // (sequence, kv head, query block, range) is an item, and items of one range run next to each
+  // other (heads innermost) so that concurrent threads stream neighbouring cache memory, whatever
+  // the number of sequences and heads. The partial results are combined with their LSEs. The
+  // partial buffers are capped at ~32 MiB (long chunked prefills split less: they are compute-bound
+  // and have enough query blocks to share out).
+  constexpr int64_t kSplitKeys = 512;
   int64_t max_len = 0;
   for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]);
-  int64_t nsplit = 1;
-  if (p.dtype != DType::kFloat64 && items < 4 * threads)
-    nsplit = std::clamp<int64_t>((4 * threads + items - 1) / items, 1, std::max<int64_t>(1, max_len / 256));
+  const int64_t part_floats = batch * p.seq_q * p.q_heads * (p.head_dim + 1);
+  const int64_t max_splits = std::max<int64_t>(1, (int64_t(32) << 20) / 4 / std::max<int64_t>(part_floats, 1));
+  int64_t nsplit = std::min((max_len + kSplitKeys - 1) / kSplitKeys, max_splits);
+  if (p.dtype == DType::kFloat64) nsplit = 1;  // float64 (tests) stays exact: partials are float
   if (nsplit == 1) {
     run_fwd(p, batch, 1, 0, nullptr, nullptr, 0);
     return out;
