@@ -1,0 +1,59 @@
+// Argument validation, allocation and parameter filling shared by the CPU and CUDA registrations
+// of the flash-attention ops (csrc/torch/ops_attention.cpp, csrc/torch/cuda/attention_cuda.cpp).
+// Device-agnostic: everything here is torch ops and host-side checks; a kernel receives the
+// filled AttnParams / AttnBwdParams and never sees an unchecked value.
+//
+// Every prepare_* function
+//   - raises ValueError / TypeError naming the op and the argument for any bad input: rank and
+//     shape, q_heads not a multiple of kv_heads, head dim not in {64, 80, 96, 128, 256}, dtype
+//     (float32 / bfloat16 / float16; float64 too on CPU), device, a non-contiguous last dimension
+//     (the Python API makes the last dimension contiguous before calling the ops), a non-finite
+//     softmax_scale;
+//   - reads the sequence offsets / lengths on the host to validate them (int32, 1-D, contiguous,
+//     non-decreasing, within the packed tensors, no longer than max_seqlen_*; cache lengths within
+//     max_seq). For CUDA tensors this is one small device-to-host copy per call (a sync), the price
+//     of never letting a bad offset reach a kernel;
+//   - allocates the outputs on the inputs' device: out contiguous like q; lse float32
+//     [batch, q_heads, seq_q] (dense) or [q_heads, total_q] (varlen). For varlen, rows that belong to
+//     no sequence (outside cu_seqlens[0] .. cu_seqlens[-1]) get out = 0 and lse = -inf.
+//   - backward: dq like q, dk / dv like k / v, all contiguous and zero-filled (so a kernel may
+//     accumulate into them); lse must be the forward's contiguous float32 LSE.
+//
+// KV cache: prepare_flash_attn_kvcache writes k_new / v_new into the caches itself (one index_put_
+// per cache, a device-agnostic scatter at each row's offset cache_seqlens[b]); the kernel only reads
+// the caches. seqlens_after is a new int32 tensor (on the caches' device) holding cache_seqlens +
+// seq_new (or a copy of cache_seqlens without new tokens); the returned params point at it, so the
+// caller keeps seqlens_after alive while the kernel runs. cache_seqlens itself is never modified.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "common/attention.h"
+
+namespace exaone_ext {
+
+AttnParams prepare_flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                  double softmax_scale, at::Tensor& out, at::Tensor& lse);
+
+AttnParams prepare_flash_attn_varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                         int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                         double softmax_scale, at::Tensor& out, at::Tensor& lse);
+
+AttnBwdParams prepare_flash_attn_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
+                                     double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+
+AttnBwdParams prepare_flash_attn_varlen_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                            int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                            double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+
+AttnParams prepare_flash_attn_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                                      const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale,
+                                      at::Tensor& out, at::Tensor& seqlens_after);
+
+}  // namespace exaone_ext

@@ -1,0 +1,279 @@
+// exaone_ext flash-attention ops: schemas and the CPU implementations. The checks, allocations and
+// parameter filling live in torch/attention.cpp (shared with the CUDA registration); here the work
+// is cut into items and spread over ATen's threads, then the ISA-dispatched kernels run.
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "cpu/attention.h"
+#include "torch/attention.h"
+#include "torch/common.h"
+
+namespace exaone_ext {
+namespace {
+
+// Runs n items over ATen's threads, each thread pulling the next item (items are sorted by
+// decreasing cost by the caller, so this is longest-first scheduling). The result never depends
+// on which thread ran an item.
+template <typename F>
+void run_items(int64_t n, int64_t scratch_bytes, const F& f) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::unique_ptr<char[]> scratch(new char[scratch_bytes]);
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) f(t, scratch.get());
+  });
+}
+
+void fwd_kernel(const AttnParams& p, int64_t b, int64_t kvh, int64_t q0, int64_t q1, int64_t k0, int64_t k1,
+                float* part_out, float* part_lse, void* scratch) {
+  if (p.dtype == DType::kFloat64) {
+    cpu::scalar::attn_fwd_block(p, b, kvh, q0, q1, k0, k1, part_out, part_lse, scratch);
+  } else {
+    EXAONE_CPU_DISPATCH(attn_fwd_block, p, b, kvh, q0, q1, k0, k1, part_out, part_lse, scratch);
+  }
+}
+
+// The rows of one head of k / v (and q / dout) are kv_heads * head_dim elements apart in the
+// [.., seq, heads, head_dim] layout: tiles read from there alias in the cache sets and defeat the
+// prefetchers, and every query block reads them again. A head-major copy ([.., heads, seq, d], one
+// pass over the tensor, negligible next to the O(seq^2) work) makes every tile contiguous.
+at::Tensor heads_major(const at::Tensor& t) { return t.transpose(-2, -3).contiguous(); }
+
+void point_at(const at::Tensor& t, bool dense, const void*& ptr, int64_t& bs, int64_t& rs, int64_t& hs) {
+  ptr = t.const_data_ptr();
+  bs = dense ? t.stride(0) : 0;
+  rs = t.stride(-2);
+  hs = t.stride(-3);
+}
+
+// Head-major copies of k and v, kept alive by the returned tensors, with p pointing at them.
+std::pair<at::Tensor, at::Tensor> use_heads_major_kv(AttnParams& p, const at::Tensor& k, const at::Tensor& v) {
+  if (p.kv_heads <= 1 || k.numel() == 0) return {};
+  at::Tensor kh = heads_major(k), vh = heads_major(v);
+  const bool dense = k.dim() == 4;
+  point_at(kh, dense, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  point_at(vh, dense, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  return {kh, vh};
+}
+
+struct FwdItem {
+  int64_t b, kvh, q0, q1, k0, k1, split;
+  double cost;
+};
+
+// Sequence lengths (len_q, len_k) of every sequence, read on the host.
+std::vector<std::pair<int64_t, int64_t>> seq_lengths(const AttnParams& p, int64_t batch) {
+  std::vector<std::pair<int64_t, int64_t>> out(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const SeqRange r = seq_range(p, b);
+    out[b] = {r.len_q, r.len_k};
+  }
+  return out;
+}
+
+// Forward over (sequence, kv head, query block[, key split]). With nsplit > 1 the key range is cut
+// into nsplit parts whose partial results go to part_out / part_lse (split s at offset s * part_size).
+void run_fwd(const AttnParams& p, int64_t batch, int64_t nsplit, int64_t split_keys, float* part_out,
+             float* part_lse, int64_t part_size) {
+  if (batch == 0 || p.q_heads == 0) return;
+  const int64_t g = p.group(), bq = cpu::attn_block_q(g);
+  const auto lens = seq_lengths(p, batch);
+  std::vector<FwdItem> items;
+  for (int64_t b = 0; b < batch; ++b) {
+    const auto [lq, lk] = lens[b];
+    for (int64_t q0 = 0; q0 < lq; q0 += bq) {
+      const int64_t q1 = std::min(q0 + bq, lq);
+      const int64_t kend = p.causal ? causal_key_end(q1 - 1, lq, lk) : lk;
+      for (int64_t s = 0; s < nsplit; ++s) {
+        const int64_t k0 = nsplit > 1 ? s * split_keys : 0, k1 = nsplit > 1 ? (s + 1) * split_keys : lk;
+        const double cost = double(q1 - q0) * double(std::max<int64_t>(0, std::min(k1, kend) - k0) + 16);
+        for (int64_t h = 0; h < p.kv_heads; ++h) items.push_back({b, h, q0, q1, k0, k1, s, cost});
+      }
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const FwdItem& a, const FwdItem& b) { return a.cost > b.cost; });
+  run_items(int64_t(items.size()), cpu::attn_scratch_bytes(g, p.head_dim), [&](int64_t t, void* scratch) {
+    const FwdItem& it = items[t];
+    float* po = part_out ? part_out + it.split * part_size * p.head_dim : nullptr;
+    float* pl = part_out ? part_lse + it.split * part_size : nullptr;
+    fwd_kernel(p, it.b, it.kvh, it.q0, it.q1, it.k0, it.k1, po, pl, scratch);
+  });
+}
+
+// Backward: items (sequence, kv head, split); split s owns query blocks s, s + nsplit, ... (writes
+// their dq) and adds its share of dK / dV into its own float accumulators [nsplit, kv_heads, rows_k, d];
+// the accumulators are summed in split order afterwards (deterministic, no atomics).
+void run_bwd(AttnBwdParams bp, int64_t batch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor& dout, const at::Tensor& out, at::Tensor& dk, at::Tensor& dv) {
+  const AttnParams& p = bp.fwd;
+  if (batch == 0 || p.q_heads == 0 || dout.numel() == 0 || dk.numel() == 0) return;
+  const auto keep_kv = use_heads_major_kv(bp.fwd, k, v);
+  const bool dbl = p.dtype == DType::kFloat64;
+  const auto acc = dbl ? at::kDouble : at::kFloat;
+  const int64_t rows_k = dk.numel() / (p.kv_heads * p.head_dim);
+  const int64_t g = p.group(), bq = cpu::attn_block_q(g);
+  const auto lens = seq_lengths(p, batch);
+  int64_t pairs = 0, max_blocks = 1;
+  for (const auto& [lq, lk] : lens) {
+    if (lq > 0 && lk > 0) pairs += p.kv_heads;
+    max_blocks = std::max(max_blocks, (lq + bq - 1) / bq);
+  }
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1);
+  const int64_t nsplit = std::clamp<int64_t>(want, 1, max_blocks);
+  const auto acc_opts = dk.options().dtype(acc);
+  at::Tensor dk_acc = at::zeros({nsplit, p.kv_heads, rows_k, p.head_dim}, acc_opts);
+  at::Tensor dv_acc = at::zeros({nsplit, p.kv_heads, rows_k, p.head_dim}, acc_opts);
+  struct Item { int64_t b, kvh, s; double cost; };
+  std::vector<Item> items;
+  for (int64_t b = 0; b < batch; ++b) {
+    const auto [lq, lk] = lens[b];
+    if (lq == 0 || lk == 0) continue;
+    for (int64_t h = 0; h < p.kv_heads; ++h)
+      for (int64_t s = 0; s < nsplit; ++s) items.push_back({b, h, s, double(lq) * double(lk)});
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  char* dk_base = static_cast<char*>(dk_acc.data_ptr());
+  char* dv_base = static_cast<char*>(dv_acc.data_ptr());
+  const int64_t slab = rows_k * p.head_dim * dk_acc.element_size();  // one (split, kv head)
+  run_items(int64_t(items.size()), cpu::attn_scratch_bytes(g, p.head_dim), [&](int64_t t, void* scratch) {
+    const Item& it = items[t];
+    const int64_t off = (it.s * p.kv_heads + it.kvh) * slab;
+    if (dbl) {
+      cpu::scalar::attn_bwd_rows(bp, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
+    } else {
+      EXAONE_CPU_DISPATCH(attn_bwd_rows, bp, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
+    }
+  });
+  // [kv_heads, rows_k, d] -> [rows_k, kv_heads, d] -> the shape of dk / dv
+  auto finish = [&](at::Tensor& acc_t, at::Tensor& grad, double mul) {
+    const at::Tensor total = (nsplit == 1 ? acc_t[0] : acc_t.sum(0)).permute({1, 0, 2});
+    at::Tensor view = grad.view({rows_k, p.kv_heads, p.head_dim});  // grad is contiguous
+    if (mul != 1.0) {
+      at::mul_out(view, total, at::scalar_tensor(mul, total.options()));  // one pass: scale, transpose, cast
+    } else {
+      view.copy_(total);
+    }
+  };
+  finish(dk_acc, dk, double(p.scale));
+  finish(dv_acc, dv, 1.0);
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      bool causal, double softmax_scale) {
+  at::Tensor out, lse;
+  AttnParams p = prepare_flash_attn_fwd(q, k, v, causal, softmax_scale, out, lse);
+  const auto keep = use_heads_major_kv(p, k, v);
+  run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                             int64_t max_seqlen_k, bool causal, double softmax_scale) {
+  at::Tensor out, lse;
+  AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               causal, softmax_scale, out, lse);
+  const auto keep = use_heads_major_kv(p, k, v);
+  run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                                  bool causal, double softmax_scale) {
+  at::Tensor dq, dk, dv;
+  const AttnBwdParams bp = prepare_flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, dq, dk, dv);
+  run_bwd(bp, bp.fwd.batch, q, k, v, dout, out, dk, dv);
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double softmax_scale) {
+  at::Tensor dq, dk, dv;
+  const AttnBwdParams bp = prepare_flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                         max_seqlen_q, max_seqlen_k, causal, softmax_scale, dq, dk, dv);
+  run_bwd(bp, bp.fwd.batch, q, k, v, dout, out, dk, dv);
+  return {dq, dk, dv};
+}
+
+at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                                  const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale) {
+  at::Tensor out, lens;
+  const AttnParams p = prepare_flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
+                                                  softmax_scale, out, lens);
+  const int64_t batch = p.batch;
+  if (batch == 0 || p.seq_q == 0) return out;
+  // Split-KV ("flash-decoding"): long caches are cut into key ranges of kSplitKeys; every
+  // (sequence, kv head, query block, range) is an item, and items of one range run next to each
+  // other (heads innermost) so that concurrent threads stream neighbouring cache memory, whatever
+  // the number of sequences and heads. The partial results are combined with their LSEs. The
+  // partial buffers are capped at ~32 MiB (long chunked prefills split less: they are compute-bound
+  // and have enough query blocks to share out).
+  constexpr int64_t kSplitKeys = 512;
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]);
+  const int64_t part_floats = batch * p.seq_q * p.q_heads * (p.head_dim + 1);
+  const int64_t max_splits = std::max<int64_t>(1, (int64_t(32) << 20) / 4 / std::max<int64_t>(part_floats, 1));
+  int64_t nsplit = std::min((max_len + kSplitKeys - 1) / kSplitKeys, max_splits);
+  if (p.dtype == DType::kFloat64) nsplit = 1;  // float64 (tests) stays exact: partials are float
+  if (nsplit == 1) {
+    run_fwd(p, batch, 1, 0, nullptr, nullptr, 0);
+    return out;
+  }
+  const int64_t split_keys = ((max_len + nsplit - 1) / nsplit + cpu::kAttnBlockK - 1) / cpu::kAttnBlockK * cpu::kAttnBlockK;
+  nsplit = (max_len + split_keys - 1) / split_keys;
+  const auto fopts = q.options().dtype(at::kFloat);
+  at::Tensor part_out = at::empty({nsplit, batch, p.seq_q, p.q_heads, p.head_dim}, fopts);
+  at::Tensor part_lse = at::empty({nsplit, batch, p.seq_q, p.q_heads}, fopts);
+  run_fwd(p, batch, nsplit, split_keys, part_out.data_ptr<float>(), part_lse.data_ptr<float>(),
+          batch * p.seq_q * p.q_heads);
+  const at::Tensor lse = part_lse.logsumexp(0);
+  const at::Tensor w = (part_lse - lse.unsqueeze(0)).exp().nan_to_num(0.0);
+  out.copy_((w.unsqueeze(-1) * part_out).sum(0));
+  return out;
+}
+
+}  // namespace
+}  // namespace exaone_ext
+
+TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {
+  m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+      "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
+      "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+      "Tensor? k_new, Tensor? v_new, bool causal, float softmax_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(exaone_ext, CPU, m) {
+  m.impl("flash_attn_fwd", &exaone_ext::flash_attn_fwd_cpu);
+  m.impl("flash_attn_bwd", &exaone_ext::flash_attn_bwd_cpu);
+  m.impl("flash_attn_varlen_fwd", &exaone_ext::flash_attn_varlen_fwd_cpu);
+  m.impl("flash_attn_varlen_bwd", &exaone_ext::flash_attn_varlen_bwd_cpu);
+  m.impl("flash_attn_kvcache", &exaone_ext::flash_attn_kvcache_cpu);
+}

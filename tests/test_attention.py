@@ -1,0 +1,364 @@
+import math
+
+import pytest
+import torch
+
+from exaone_ext import ops
+from exaone_ext.ops import reference
+from conftest import DEVICES, DTYPES, assert_error_within
+
+_ops = torch.ops.exaone_ext
+
+# (batch, seq_q, seq_k, q_heads, kv_heads, head_dim): seq 1, 17, 97, 128, 1025; head dims 64, 80, 128;
+# GQA ratios 1, 4, 8; seq_q < seq_k, and seq_q > seq_k (causal then leaves the first rows empty).
+SHAPES = [
+    (2, 1, 1, 4, 4, 64),
+    (1, 17, 17, 8, 2, 80),
+    (2, 97, 97, 8, 1, 128),
+    (1, 128, 128, 4, 4, 64),
+    (1, 17, 97, 8, 1, 80),
+    (2, 97, 17, 4, 1, 64),
+    (1, 1025, 1025, 4, 1, 80),
+]
+
+
+def _qkv(b, sq, sk, hq, hk, d, dtype, device="cpu"):
+    q = torch.randn(b, sq, hq, d, device=device).to(dtype)
+    k = torch.randn(b, sk, hk, d, device=device).to(dtype)
+    v = torch.randn(b, sk, hk, d, device=device).to(dtype)
+    return q, k, v
+
+
+def _assert_lse(lse, ref64, ref_lp, name="lse"):
+    finite = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(lse), finite), f"{name}: -inf pattern differs from the reference"
+    assert torch.all(lse[~finite] == float("-inf"))
+    assert_error_within(lse[finite], ref64[finite].double(), ref_lp[finite].float(), name)
+
+
+def _check_dense(shape, dtype, causal, device, scale=None, backward=True):
+    q, k, v = _qkv(*shape, dtype, device)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = ops.flash_attn(*leaves, causal=causal, softmax_scale=scale, return_lse=True)
+    l64 = [x.double().requires_grad_() for x in (q, k, v)]
+    ref64, lse64 = reference.flash_attn(*l64, causal=causal, softmax_scale=scale, return_lse=True)
+    llp = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_lp, lse_lp = reference.flash_attn(*llp, causal=causal, softmax_scale=scale, return_lse=True)
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert_error_within(out, ref64, ref_lp, "out")
+    _assert_lse(lse, lse64, lse_lp)
+    if not backward:
+        return
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref64.backward(dout.double())
+    ref_lp.backward(dout)
+    for ours, r64, rlp, name in zip(leaves, l64, llp, ("dq", "dk", "dv")):
+        assert_error_within(ours.grad, r64.grad, rlp.grad, name)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_backward_matches_reference(shape, dtype, causal, device):
+    _check_dense(shape, dtype, causal, device)
+
+
+@pytest.mark.parametrize("shape", [(1, 33, 70, 8, 2, 128), (2, 70, 33, 4, 1, 96)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_cpu_variant(shape, dtype, cpu_isa):
+    _check_dense(shape, dtype, True, "cpu")
+
+
+@pytest.mark.parametrize("d", [96, 256])
+def test_other_head_dims_and_scale(d):
+    _check_dense((1, 40, 50, 6, 2, d), torch.float32, True, "cpu", scale=0.3)
+    _check_dense((1, 40, 50, 6, 2, d), torch.bfloat16, False, "cpu", scale=-0.05)
+
+
+def test_non_contiguous_inputs(device):
+    # q, k, v as head slices of one fused projection (strided rows and heads), and a transposed q
+    b, s, hq, hk, d = 2, 37, 8, 2, 64
+    qkv = torch.randn(b, s, hq + 2 * hk, d, device=device)
+    q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hk], qkv[:, :, hq + hk:]
+    torch.testing.assert_close(ops.flash_attn(q, k, v), reference.flash_attn(q, k, v))
+    qt = torch.randn(b, s, hq, d, device=device).transpose(1, 2).contiguous().transpose(1, 2)  # [b, s, h, d], strided
+    torch.testing.assert_close(ops.flash_attn(qt, k, v, causal=False), reference.flash_attn(qt, k, v, causal=False))
+    qd = torch.randn(b, s, hq, d, device=device).transpose(-1, -2).contiguous().transpose(-1, -2)  # last dim strided
+    torch.testing.assert_close(ops.flash_attn(qd, k, v), reference.flash_attn(qd, k, v))
+    # gradients with an expanded (stride-0) upstream gradient
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ops.flash_attn(*leaves).sum().backward()
+    refl = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    reference.flash_attn(*refl).sum().backward()
+    for a, r in zip(leaves, refl):
+        torch.testing.assert_close(a.grad, r.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_empty_and_keyless(device):
+    q, k, v = _qkv(0, 5, 5, 4, 2, 64, torch.float32, device)
+    out, lse = ops.flash_attn(q, k, v, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (0, 4, 5)
+    q, k, v = _qkv(2, 0, 5, 4, 2, 64, torch.float32, device)
+    assert ops.flash_attn(q, k, v).shape == q.shape
+    q, k, v = _qkv(2, 3, 0, 4, 2, 64, torch.float32, device)  # no keys: zeros and lse = -inf
+    out, lse = ops.flash_attn(q, k, v, causal=False, return_lse=True)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    q.requires_grad_()
+    ops.flash_attn(q, k, v, causal=False).sum().backward()
+    assert torch.all(q.grad == 0)
+
+
+# ---- varlen ----------------------------------------------------------------------------------------
+
+def _packed(lens_q, lens_k, hq, hk, d, dtype, device="cpu", lead=0):
+    cu_q = torch.tensor([lead] + list(lead + torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([lead] + list(lead + torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=device)
+    q = torch.randn(int(cu_q[-1]) + lead, hq, d, device=device).to(dtype)
+    k = torch.randn(int(cu_k[-1]) + lead, hk, d, device=device).to(dtype)
+    v = torch.randn(int(cu_k[-1]) + lead, hk, d, device=device).to(dtype)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_matches_reference(dtype, causal, device):
+    gen = torch.Generator().manual_seed(1)
+    lens_q = torch.randint(1, 301, (7,), generator=gen).tolist()
+    lens_q[2] = 0  # an empty sequence
+    lens_q[4] = 1
+    lens_k = [n if i % 2 else min(300, n + 13) for i, n in enumerate(lens_q)]  # some seq_q < seq_k
+    lens_k[5] = 0
+    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, 8, 2, 80, dtype, device)
+    mq, mk = max(lens_q), max(lens_k)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = ops.flash_attn_varlen(*leaves, cu_q, cu_k, mq, mk, causal=causal, return_lse=True)
+    l64 = [x.double().requires_grad_() for x in (q, k, v)]
+    ref64, lse64 = reference.flash_attn_varlen(*l64, cu_q, cu_k, mq, mk, causal=causal, return_lse=True)
+    llp = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_lp, lse_lp = reference.flash_attn_varlen(*llp, cu_q, cu_k, mq, mk, causal=causal, return_lse=True)
+    assert_error_within(out, ref64, ref_lp, "out")
+    _assert_lse(lse, lse64, lse_lp)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref64.backward(dout.double())
+    ref_lp.backward(dout)
+    for ours, r64, rlp, name in zip(leaves, l64, llp, ("dq", "dk", "dv")):
+        assert_error_within(ours.grad, r64.grad, rlp.grad, name)
+
+
+def test_varlen_rows_outside_sequences(device):
+    # cu_seqlens starting past row 0 and ending before the last row: those rows are zeros / -inf
+    q, k, v, cu_q, cu_k = _packed([5, 9], [7, 9], 4, 2, 64, torch.float32, device, lead=3)
+    out, lse = ops.flash_attn_varlen(q, k, v, cu_q, cu_k, 9, 9, return_lse=True)
+    ref, ref_lse = reference.flash_attn_varlen(q, k, v, cu_q, cu_k, 9, 9, return_lse=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    assert torch.all(out[:3] == 0) and torch.all(out[-3:] == 0)
+
+
+def test_varlen_equals_dense_per_sequence(device):
+    q, k, v = _qkv(3, 50, 50, 8, 2, 128, torch.bfloat16, device)
+    cu = torch.arange(0, 151, 50, dtype=torch.int32, device=device)
+    packed = ops.flash_attn_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 50, 50)
+    assert torch.equal(packed.view_as(q), ops.flash_attn(q, k, v))
+
+
+# ---- kv cache --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s_new", [1, 7])
+def test_kvcache_matches_reference(dtype, s_new, device):
+    b, max_seq, hq, hk, d = 3, 300, 8, 2, 128
+    k_cache = torch.randn(b, max_seq, hk, d, device=device).to(dtype)
+    v_cache = torch.randn(b, max_seq, hk, d, device=device).to(dtype)
+    lens = torch.tensor([0, 130, 291], dtype=torch.int32, device=device)  # ragged, one empty
+    q, k_new, v_new = _qkv(b, s_new, s_new, hq, hk, d, dtype, device)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = ops.flash_attn_with_kvcache(q, kc, vc, lens, k_new, v_new)
+    kc64, vc64 = k_cache.double(), v_cache.double()
+    ref64 = reference.flash_attn_with_kvcache(q.double(), kc64, vc64, lens, k_new.double(), v_new.double())
+    kr, vr = k_cache.clone(), v_cache.clone()
+    ref_lp = reference.flash_attn_with_kvcache(q, kr, vr, lens, k_new, v_new)
+    assert_error_within(out, ref64, ref_lp, "out")
+    assert torch.equal(kc, kr) and torch.equal(vc, vr), "the new keys / values were not written at the offsets"
+    assert lens.tolist() == [0, 130, 291], "cache_seqlens must not be modified"
+    # without new tokens: attends to the first cache_seqlens keys only
+    out2 = ops.flash_attn_with_kvcache(q, kc, vc, lens, causal=False)
+    torch.testing.assert_close(out2.float(), reference.flash_attn_with_kvcache(q, kc, vc, lens, causal=False).float(),
+                               atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kvcache_split_kv_long_cache(dtype):
+    # one sequence, one kv head, a long cache: the keys are split across threads and combined
+    b, max_seq, hq, hk, d = 1, 5000, 4, 1, 64
+    k_cache = torch.randn(b, max_seq, hk, d).to(dtype)
+    v_cache = torch.randn(b, max_seq, hk, d).to(dtype)
+    lens = torch.tensor([4321], dtype=torch.int32)
+    q = torch.randn(b, 1, hq, d).to(dtype)
+    out = ops.flash_attn_with_kvcache(q, k_cache, v_cache, lens)
+    ref64 = reference.flash_attn_with_kvcache(q.double(), k_cache.double(), v_cache.double(), lens)
+    ref_lp = reference.flash_attn_with_kvcache(q, k_cache, v_cache, lens)
+    assert_error_within(out, ref64, ref_lp, "out")
+
+
+def test_chunked_prefill_equals_full_recomputation(device):
+    b, s, hq, hk, d = 2, 150, 8, 2, 80
+    q, k, v = _qkv(b, s, s, hq, hk, d, torch.float32, device)
+    full = ops.flash_attn(q, k, v, causal=True)
+    k_cache = torch.zeros(b, 200, hk, d, device=device)
+    v_cache = torch.zeros(b, 200, hk, d, device=device)
+    lens = torch.zeros(b, dtype=torch.int32, device=device)
+    outs = []
+    for start in range(0, s, 37):
+        end = min(s, start + 37)
+        outs.append(ops.flash_attn_with_kvcache(q[:, start:end], k_cache, v_cache, lens, k[:, start:end],
+                                                v[:, start:end], causal=True))
+        lens += end - start
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache[:, :s], k)
+
+
+# ---- operator checks -----------------------------------------------------------------------------------
+
+def test_opcheck_all_ops(device):
+    q, k, v = _qkv(2, 9, 11, 4, 2, 64, torch.float32, device)
+    for x in (q, k, v):
+        x.requires_grad_()
+    torch.library.opcheck(_ops.flash_attn_fwd.default, (q, k, v, True, 0.125))
+    out, lse = _ops.flash_attn_fwd(q, k, v, False, 0.125)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(_ops.flash_attn_bwd.default, (dout, q.detach(), k.detach(), v.detach(), out.detach(),
+                                                       lse.detach(), False, 0.125))
+    qp, kp, vp, cu_q, cu_k = _packed([3, 0, 8], [5, 2, 8], 4, 2, 64, torch.float32, device)
+    for x in (qp, kp, vp):
+        x.requires_grad_()
+    torch.library.opcheck(_ops.flash_attn_varlen_fwd.default, (qp, kp, vp, cu_q, cu_k, 8, 8, True, 0.125))
+    out, lse = _ops.flash_attn_varlen_fwd(qp, kp, vp, cu_q, cu_k, 8, 8, True, 0.125)
+    torch.library.opcheck(_ops.flash_attn_varlen_bwd.default,
+                          (torch.randn_like(out), qp.detach(), kp.detach(), vp.detach(), out.detach(), lse.detach(),
+                           cu_q, cu_k, 8, 8, True, 0.125))
+    kc, vc = torch.randn(2, 16, 2, 64, device=device), torch.randn(2, 16, 2, 64, device=device)
+    lens = torch.tensor([3, 9], dtype=torch.int32, device=device)
+    qn, kn, vn = _qkv(2, 2, 2, 4, 2, 64, torch.float32, device)
+    torch.library.opcheck(_ops.flash_attn_kvcache.default, (qn, kc, vc, lens, kn, vn, True, 0.125))
+    torch.library.opcheck(_ops.flash_attn_kvcache.default, (qn, kc, vc, lens, None, None, False, 0.125))
+
+
+def test_gradcheck_float64():
+    q, k, v = [x.requires_grad_() for x in _qkv(1, 5, 7, 4, 2, 64, torch.float64)]
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.flash_attn(a, b, c, causal=True), (q, k, v), fast_mode=True)
+    q, k, v = [x.requires_grad_() for x in _qkv(1, 6, 4, 2, 1, 80, torch.float64)]
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.flash_attn(a, b, c, causal=False, softmax_scale=0.3), (q, k, v), fast_mode=True)
+    qp, kp, vp, cu_q, cu_k = _packed([3, 0, 4], [2, 3, 5], 4, 2, 64, torch.float64)
+    for x in (qp, kp, vp):
+        x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.flash_attn_varlen(a, b, c, cu_q, cu_k, 4, 5), (qp, kp, vp), fast_mode=True)
+
+
+def test_torch_compile_fullgraph():
+    def block(q, k, v, cu):
+        dense = ops.flash_attn(q, k, v, causal=True)
+        packed = ops.flash_attn_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 16, 16)
+        return dense.sum() + packed.sum()
+
+    q, k, v = [x.requires_grad_() for x in _qkv(2, 16, 16, 4, 2, 64, torch.float32)]
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v, cu)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_grads = torch.autograd.grad(block(q, k, v, cu), (q, k, v))
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r)
+
+
+def test_reference_used_without_kernel():
+    q = torch.empty(1, 3, 4, 64, device="meta")
+    k = torch.empty(1, 3, 2, 64, device="meta")
+    assert ops.flash_attn(q, k, k).shape == q.shape
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    q, k, v = _qkv(1, 4, 4, 6, 4, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"q heads \(6\) must be a multiple of the kv heads \(4\)"):
+        ops.flash_attn(q, k, v)
+    q, k, v = _qkv(1, 4, 4, 4, 2, 72, torch.float32)
+    with pytest.raises(ValueError, match="head_dim must be one of 64, 80, 96, 128, 256, got 72"):
+        ops.flash_attn(q, k, v)
+    q, k, v = _qkv(1, 4, 4, 4, 2, 64, torch.float32)
+    with pytest.raises(TypeError, match="'k' must have the same dtype as 'q'"):
+        ops.flash_attn(q, k.half(), v)
+    with pytest.raises(TypeError, match="'q' must be float32, bfloat16 or float16"):
+        ops.flash_attn(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match="'v' must have the same shape as 'k'"):
+        ops.flash_attn(q, k, v[:, :3])
+    with pytest.raises(ValueError, match="'q' must be 4-dimensional"):
+        ops.flash_attn(q[0], k, v)
+    with pytest.raises(ValueError, match="'k' must have the batch size of 'q'"):
+        ops.flash_attn(q, torch.cat([k, k]), torch.cat([v, v]))
+    with pytest.raises(ValueError, match="'softmax_scale' must be finite"):
+        ops.flash_attn(q, k, v, softmax_scale=float("nan"))
+    with pytest.raises(TypeError, match="'v' must be a torch.Tensor"):
+        ops.flash_attn(q, k, [1.0])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="same device"):
+            ops.flash_attn(q, k.cuda(), v)
+    # backward op arguments
+    out, lse = _ops.flash_attn_fwd(q, k, v, True, 0.125)
+    with pytest.raises(ValueError, match="'lse' must have shape"):
+        _ops.flash_attn_bwd(out, q, k, v, out, lse[:, :1], True, 0.125)
+    with pytest.raises(TypeError, match="'lse' must be float32"):
+        _ops.flash_attn_bwd(out, q, k, v, out, lse.double(), True, 0.125)
+    with pytest.raises(ValueError, match="'dout' must have the same shape as 'q'"):
+        _ops.flash_attn_bwd(out[:, :2], q, k, v, out, lse, True, 0.125)
+    with pytest.raises(ValueError, match="'q' must have a contiguous last dimension"):
+        _ops.flash_attn_fwd(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, True, 0.125)
+
+
+def test_bad_varlen_inputs():
+    q, k, v, cu_q, cu_k = _packed([3, 4], [3, 4], 4, 2, 64, torch.float32)
+    with pytest.raises(TypeError, match="'cu_seqlens_q' must be int32"):
+        ops.flash_attn_varlen(q, k, v, cu_q.long(), cu_k, 4, 4)
+    with pytest.raises(ValueError, match="'cu_seqlens_k' must be non-decreasing"):
+        ops.flash_attn_varlen(q, k, v, cu_q, torch.tensor([0, 5, 3], dtype=torch.int32), 4, 5)
+    with pytest.raises(ValueError, match=r"'cu_seqlens_q'\[2\] = 9 is out of range"):
+        ops.flash_attn_varlen(q, k, v, torch.tensor([0, 3, 9], dtype=torch.int32), cu_k, 6, 4)
+    with pytest.raises(ValueError, match=r"'cu_seqlens_q'\[0\] = -1 is out of range"):
+        ops.flash_attn_varlen(q, k, v, torch.tensor([-1, 3, 7], dtype=torch.int32), cu_k, 4, 4)
+    with pytest.raises(ValueError, match="more than max_seqlen_q = 3"):
+        ops.flash_attn_varlen(q, k, v, cu_q, cu_k, 3, 4)
+    with pytest.raises(ValueError, match="must have the same length"):
+        ops.flash_attn_varlen(q, k, v, cu_q, cu_k[:2], 4, 4)
+    with pytest.raises(ValueError, match="'q' must be 3-dimensional"):
+        ops.flash_attn_varlen(q[None], k, v, cu_q, cu_k, 4, 4)
+
+
+def test_bad_kvcache_inputs():
+    b, hq, hk, d = 2, 4, 2, 64
+    kc, vc = torch.randn(b, 10, hk, d), torch.randn(b, 10, hk, d)
+    q = torch.randn(b, 1, hq, d)
+    kn, vn = torch.randn(b, 1, hk, d), torch.randn(b, 1, hk, d)
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"'cache_seqlens'\[1\] = 10 plus the new tokens \(1\) exceeds max_seq = 10"):
+        ops.flash_attn_with_kvcache(q, kc, vc, torch.tensor([3, 10], dtype=torch.int32), kn, vn)
+    with pytest.raises(ValueError, match=r"'cache_seqlens'\[1\] = 11 exceeds max_seq = 10"):
+        ops.flash_attn_with_kvcache(q, kc, vc, torch.tensor([3, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match="is negative"):
+        ops.flash_attn_with_kvcache(q, kc, vc, torch.tensor([-1, 2], dtype=torch.int32))
+    with pytest.raises(TypeError, match="'cache_seqlens' must be int32"):
+        ops.flash_attn_with_kvcache(q, kc, vc, lens.long())
+    with pytest.raises(ValueError, match=r"'cache_seqlens' must have shape \[batch\]"):
+        ops.flash_attn_with_kvcache(q, kc, vc, lens[:1])
+    with pytest.raises(ValueError, match="'k_new' must have shape"):
+        ops.flash_attn_with_kvcache(q, kc, vc, lens, torch.randn(b, 1, hq, d), torch.randn(b, 1, hq, d))
+    with pytest.raises(ValueError, match="'v_new' must have the same shape as 'k_new'"):
+        ops.flash_attn_with_kvcache(q, kc, vc, lens, kn, torch.randn(b, 2, hk, d))
+    with pytest.raises(ValueError, match="'k_new' and 'v_new' must be given together"):
+        ops.flash_attn_with_kvcache(q, kc, vc, lens, kn, None)
+    with pytest.raises(ValueError, match="'k_cache' must have a contiguous last dimension"):
+        ops.flash_attn_with_kvcache(q, kc.transpose(-1, -2).contiguous().transpose(-1, -2), vc, lens)
+    assert lens.tolist() == [3, 9]
