@@ -9,7 +9,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 
 
 class Block(torch.nn.Module):
-    def __init__(self, hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96):
+    def __init__(self, hidden=64, heads=4, kv_heads=2, head_dim=64, inter=96):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.ln_1 = torch.nn.Parameter(1 + 0.1 * torch.randn(hidden))

@@ -91,8 +91,8 @@ def show_model(directory: str) -> None:
     from exaone_ext.model import checkpoint_info
     from exaone_ext.testing import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(directory, seed=0, num_layers=4, hidden_size=256, num_attention_heads=8,
-                                 num_key_value_heads=2, head_dim=32, intermediate_size=704)
+    path = write_tiny_checkpoint(directory, seed=0, num_layers=4, hidden_size=256, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=64, intermediate_size=704)
     info = checkpoint_info(path)
     print(f"\n[model] tiny EXAONE 3.5 checkpoint in {path}: {info['num_parameters']:,} parameters, "
           f"{len(info['files'])} files, dtypes {info['dtypes']}")

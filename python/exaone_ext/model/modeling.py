@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import ops as _kernel_ops
 from ..ops import reference as _reference_ops
+from ..ops.attention import ATTENTION_HEAD_DIMS
 from .config import ExaoneConfig
 from .kv_cache import KVCache
 
@@ -25,26 +26,24 @@ _OP_NAMES = ("linear", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope",
              "flash_attn_varlen", "flash_attn_with_kvcache")
 
 
-def _resolve_ops(use_kernels: bool) -> SimpleNamespace:
-    if not use_kernels:
-        return SimpleNamespace(**{name: getattr(_reference_ops, name) for name in _OP_NAMES})
-    # an op whose kernel is not in this build yet runs its reference (same signature and semantics)
-    return SimpleNamespace(**{name: getattr(_kernel_ops, name, getattr(_reference_ops, name))
-                              for name in _OP_NAMES})
+_ATTENTION_OPS = ("flash_attn", "flash_attn_varlen", "flash_attn_with_kvcache")
 
 
-_KERNEL_OPS = None
-_REFERENCE_OPS = _resolve_ops(False)
+def _resolve_ops(use_kernels: bool, kernel_attention: bool) -> SimpleNamespace:
+    def pick(name):
+        kernel = use_kernels and (kernel_attention or name not in _ATTENTION_OPS)
+        return getattr(_kernel_ops if kernel else _reference_ops, name)
+    return SimpleNamespace(**{name: pick(name) for name in _OP_NAMES})
 
 
-def ops_for(use_kernels: bool) -> SimpleNamespace:
-    """The op functions the model calls: the kernels (`exaone_ext.ops`) or the references."""
-    global _KERNEL_OPS
-    if not use_kernels:
-        return _REFERENCE_OPS
-    if _KERNEL_OPS is None:
-        _KERNEL_OPS = _resolve_ops(True)
-    return _KERNEL_OPS
+_OPS = {(k, a): _resolve_ops(k, a) for k in (False, True) for a in (False, True)}
+
+
+def ops_for(use_kernels: bool, head_dim: int | None = None) -> SimpleNamespace:
+    """The op functions the model calls: the kernels (`exaone_ext.ops`) or the references. A head
+    dim the attention kernels are not built for (they cover ATTENTION_HEAD_DIMS) runs the attention
+    references and every other op on its kernel."""
+    return _OPS[(bool(use_kernels), head_dim is None or head_dim in ATTENTION_HEAD_DIMS)]
 
 
 class RMSNorm(nn.Module):
@@ -178,7 +177,7 @@ class ExaoneForCausalLM(nn.Module):
         kv_cache: the new tokens are appended to each row's cache and attend to everything before
         them; the cache's seqlens advance by s.
         """
-        ops = ops_for(self.use_kernels)
+        ops = ops_for(self.use_kernels, self.config.head_dim)
         if cu_seqlens is not None:
             if kv_cache is not None:
                 raise ValueError("ExaoneForCausalLM: cu_seqlens and kv_cache cannot be combined")
