@@ -127,6 +127,8 @@ def main():
     with torch.device("meta"):
         model = ExaoneForCausalLM(config)
     model = model.to(dtype).to_empty(device=device)  # bf16 storage allocated once
+    if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie the head again
+        model.lm_head.weight = model.transformer.wte.weight
     model.reset_parameters(0.02)
     model.init_rope(device)
     model.eval()

@@ -20,6 +20,7 @@ import torch
 
 _RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
 _BANDWIDTH: dict[str, float] = {}
+_READ_BANDWIDTH: dict[str, float] = {}
 
 
 def _sync(device: str) -> None:
@@ -65,13 +66,24 @@ def copy_bandwidth():
     return get
 
 
+@pytest.fixture(scope="session")
+def read_bandwidth():
+    """Read bandwidth (GB/s) per device, measured once per session: `read_bandwidth("cpu")`."""
+    def get(device: str = "cpu") -> float:
+        if device not in _READ_BANDWIDTH:
+            _READ_BANDWIDTH[device] = measure_read_bandwidth(device)
+        return _READ_BANDWIDTH[device]
+    return get
+
+
 @pytest.fixture
-def measure(benchmark, copy_bandwidth):
+def measure(benchmark, copy_bandwidth, read_bandwidth):
     """measure(fn, group=..., impl=..., nbytes=..., flops=..., tokens=..., device=...) benchmarks fn
     and records it for the summary table. The first impl named "exaone_ext" in a group is the one
-    compared against every other impl of the group."""
+    compared against every other impl of the group. nbytes_read (bytes only read, e.g. the weights of
+    a decode step) is reported against the read bandwidth instead of the copy bandwidth."""
     def run(fn, *, group: str, impl: str, nbytes: int | None = None, flops: float | None = None,
-            tokens: int | None = None, device: str = "cpu"):
+            tokens: int | None = None, device: str = "cpu", nbytes_read: int | None = None):
         def timed():
             out = fn()
             _sync(device)
@@ -86,6 +98,10 @@ def measure(benchmark, copy_bandwidth):
             row["GB/s"] = nbytes / median / 1e9
             row["copy_GB/s"] = copy_bandwidth(device)
             row["of_copy"] = row["GB/s"] / row["copy_GB/s"]
+        if nbytes_read:
+            row["GB/s"] = nbytes_read / median / 1e9
+            row["read_GB/s"] = read_bandwidth(device)
+            row["of_read"] = row["GB/s"] / row["read_GB/s"]
         if flops:
             row["TFLOP/s"] = flops / median / 1e12
         if tokens:
@@ -103,12 +119,16 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("exaone_ext: rates and speed-ups (same process)")
     for device, bw in _BANDWIDTH.items():
         tr.write_line(f"copy bandwidth {device}: {bw:.1f} GB/s")
+    for device, bw in _READ_BANDWIDTH.items():
+        tr.write_line(f"read bandwidth {device}: {bw:.1f} GB/s")
     for group, impls in _RESULTS.items():
         ours = impls.get("exaone_ext")
         for impl, row in impls.items():
             rate = "  ".join(f"{k} {row[k]:.3g}" for k in ("GB/s", "TFLOP/s", "tokens/s") if k in row)
             if "of_copy" in row:
                 rate += f"  ({100 * row['of_copy']:.0f}% of copy)"
+            if "of_read" in row:
+                rate += f"  ({100 * row['of_read']:.0f}% of read)"
             speed = ""
             if ours is not None and impl != "exaone_ext":
                 speed = f"  exaone_ext is {row['median_s'] / ours['median_s']:.2f}x faster"
@@ -116,7 +136,7 @@ def pytest_terminal_summary(terminalreporter):
     path = os.environ.get("EXAONE_BENCH_JSON")
     if path:
         with open(path, "w") as f:
-            json.dump({"bandwidth": _BANDWIDTH, "results": _RESULTS}, f, indent=1)
+            json.dump({"bandwidth": _BANDWIDTH, "read_bandwidth": _READ_BANDWIDTH, "results": _RESULTS}, f, indent=1)
 
 
 def compiled(fn):

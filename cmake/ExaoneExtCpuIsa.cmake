@@ -10,9 +10,11 @@ set(_avx512_flags -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -mbmi2
 set(_avx2_flags -mavx2 -mfma -mf16c -mbmi2)
 check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512vl -mavx512dq" EXAONE_CC_HAS_AVX512)
 check_cxx_compiler_flag("-mavx2 -mfma -mf16c" EXAONE_CC_HAS_AVX2)
+check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16" EXAONE_CC_HAS_AVX512BF16)
 
 add_library(exaone_cpu_isa INTERFACE)
 file(GLOB _avx512_src CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/*_avx512.cpp")
+file(GLOB _avx512bf16_src CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/*_avx512bf16.cpp")
 file(GLOB _avx2_src CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/*_avx2.cpp")
 
 function(exaone_isa_objects name flags sources define)
@@ -26,6 +28,10 @@ endfunction()
 
 if(EXAONE_CC_HAS_AVX512 AND _avx512_src)
   exaone_isa_objects(exaone_cpu_avx512 "${_avx512_flags}" "${_avx512_src}" EXAONE_HAVE_AVX512)
+endif()
+# Kernels using AVX512-BF16 instructions on top of AVX-512 (run only when the CPU reports avx512bf16).
+if(EXAONE_CC_HAS_AVX512 AND EXAONE_CC_HAS_AVX512BF16 AND _avx512bf16_src)
+  exaone_isa_objects(exaone_cpu_avx512bf16 "${_avx512_flags};-mavx512bf16" "${_avx512bf16_src}" EXAONE_HAVE_AVX512BF16)
 endif()
 if(EXAONE_CC_HAS_AVX2 AND _avx2_src)
   exaone_isa_objects(exaone_cpu_avx2 "${_avx2_flags}" "${_avx2_src}" EXAONE_HAVE_AVX2)

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu/isa.h"
+#include "torch/linear.h"
 
 namespace py = pybind11;
 
@@ -36,7 +37,14 @@ py::dict build_info() {
 #if defined(EXAONE_HAVE_AVX512)
   compiled.append("avx512");
 #endif
+
   d["cpu_isa_compiled"] = compiled;
+  // kernels for narrower instruction-set extensions, used on top of the active variant when present
+  py::list extra;
+#if defined(EXAONE_HAVE_AVX512BF16)
+  extra.append("avx512bf16");
+#endif
+  d["cpu_extra_kernels"] = extra;
   d["cpu_isa_best"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::best_isa());
   d["cpu_isa"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa());
   d["cpu_features"] = exaone_ext::cpu::cpu_features();
@@ -56,5 +64,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "What this build of exaone_ext contains and what it uses on this machine.");
   m.def("set_cpu_isa", [](const std::string& name) { exaone_ext::cpu::set_isa(name); },
         py::arg("name"), "Choose the CPU kernel variant: 'auto', 'avx512', 'avx2' or 'scalar'.");
+  m.def("_set_linear_bf16_dot", &exaone_ext::set_linear_bf16_dot, py::arg("enabled"),
+        "Allow (True) or forbid bfloat16 linear on CPU to use AVX512-BF16 dot products; returns the previous setting.");
   m.def("get_cpu_isa", []() { return std::string(exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa())); });
 }

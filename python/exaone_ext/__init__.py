@@ -44,3 +44,8 @@ from . import model  # noqa: E402
 from .model import ExaoneConfig, ExaoneForCausalLM, KVCache  # noqa: E402
 
 __all__ += ["model", "ExaoneConfig", "ExaoneForCausalLM", "KVCache"]
+
+from .tokenizer import ExaoneTokenizer  # noqa: E402
+from .generation import GenerationConfig, generate, stream  # noqa: E402
+
+__all__ += ["ExaoneTokenizer", "GenerationConfig", "generate", "stream"]

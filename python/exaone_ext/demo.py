@@ -1,11 +1,21 @@
-"""The `make demo` showcase: what this build contains, and each fused op beside PyTorch eager at
-an EXAONE 3.5 2.4B shape (correctness against float64, then speed).
+"""The `make demo` job: exaone_ext end to end on the embedded default, with no download and no GPU.
 
-    python -m exaone_ext.demo [--tokens 2048] [--repeats 20]
+1. What this build contains (CUDA kernels, CPU variant and features).
+2. Each fused op beside PyTorch eager at EXAONE 3.5 2.4B shapes: error against float64, speed.
+3. A tiny EXAONE 3.5 checkpoint written in the Hugging Face layout (real byte-level BPE tokenizer
+   trained on English and Korean, EXAONE chat template, random weights), loaded back with
+   from_pretrained, checked for KV-cache decode == full recomputation, and chatted with in
+   Korean and English through the streaming generator (the weights are random, so the replies are
+   noise; the pipeline is the real one that runs a downloaded EXAONE checkpoint).
+
+    python -m exaone_ext.demo [--tokens 2048] [--repeats 10] [--keep DIR]
 """
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+import tempfile
 import time
 
 import torch
@@ -15,6 +25,8 @@ from exaone_ext import ops
 from exaone_ext.ops import reference
 
 HIDDEN, INTER, Q_HEADS, KV_HEADS, HEAD_DIM = 2560, 7168, 32, 8, 80  # EXAONE 3.5 2.4B
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
 
 
 def _time(fn, repeats: int) -> float:
@@ -27,35 +39,108 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
 def _cases(tokens: int, dtype: torch.dtype):
     """(name, exaone_ext call, eager call, float64 reference call) on fresh random inputs."""
     g, u = (torch.randn(tokens, INTER, dtype=dtype) for _ in range(2))
     yield ("swiglu", lambda: ops.swiglu(g, u), lambda: reference.swiglu(g, u),
            lambda: reference.swiglu(g.double(), u.double()))
+    x, r = (torch.randn(tokens, HIDDEN, dtype=dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(HIDDEN)).to(dtype)
+    yield ("rms_norm", lambda: ops.rms_norm(x, w, 1e-5), lambda: reference.rms_norm(x, w, 1e-5),
+           lambda: reference.rms_norm(x.double(), w.double(), 1e-5))
+    yield ("add_rms_norm", lambda: ops.add_rms_norm(x, r, w, 1e-5), lambda: reference.add_rms_norm(x, r, w, 1e-5),
+           lambda: reference.add_rms_norm(x.double(), r.double(), w.double(), 1e-5))
+    q = torch.randn(1, tokens, Q_HEADS, HEAD_DIM, dtype=dtype)
+    k = torch.randn(1, tokens, KV_HEADS, HEAD_DIM, dtype=dtype)
+    cos, sin = ops.rope_cos_sin(HEAD_DIM, 32768, 1e6, LLAMA3)
+    pos = torch.arange(tokens)[None] + 20000  # beyond 8192, where llama3 scaling matters
+    yield ("apply_rope", lambda: ops.apply_rope(q, k, cos, sin, pos), lambda: reference.apply_rope(q, k, cos, sin, pos),
+           lambda: reference.apply_rope(q.double(), k.double(), cos, sin, pos))
+    if hasattr(ops, "flash_attn"):
+        s = min(tokens, 1024)
+        qa, ka, va = q[:, :s], k[:, :s], torch.randn(1, s, KV_HEADS, HEAD_DIM, dtype=dtype)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def eager_attn():
+            return sdpa(qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), is_causal=True,
+                        enable_gqa=True).transpose(1, 2)
+        yield (f"flash_attn/{s}", lambda: ops.flash_attn(qa, ka, va, causal=True), eager_attn,
+               lambda: reference.flash_attn(qa.double(), ka.double(), va.double(), causal=True))
+
+
+def show_ops(tokens: int, repeats: int) -> None:
+    print(f"\n[ops] EXAONE 3.5 2.4B shapes, {tokens} tokens, bfloat16, CPU. error = max |op - float64 reference|;"
+          " eager = what PyTorch does without exaone_ext (SDPA for attention)")
+    print(f"  {'op':<16}{'exaone_ext':>12}{'eager':>12}{'speed-up':>10}{'err ours':>11}{'err eager':>11}")
+    for name, ours, eager, exact in _cases(tokens, torch.bfloat16):
+        with torch.no_grad():
+            ref = _first(exact())
+            err_ours = (_first(ours()).double() - ref).abs().max().item()
+            err_eager = (_first(eager()).double() - ref).abs().max().item()
+            t_ours, t_eager = _time(ours, repeats), _time(eager, repeats)
+        print(f"  {name:<16}{t_ours * 1e3:>10.2f}ms{t_eager * 1e3:>10.2f}ms{t_eager / t_ours:>9.2f}x"
+              f"{err_ours:>11.2e}{err_eager:>11.2e}")
+
+
+def show_model(directory: str) -> None:
+    from exaone_ext import ExaoneForCausalLM, ExaoneTokenizer, GenerationConfig, KVCache, stream
+    from exaone_ext.model import checkpoint_info
+    from exaone_ext.testing import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(directory, seed=0, num_layers=4, hidden_size=256, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=64, intermediate_size=704)
+    info = checkpoint_info(path)
+    print(f"\n[model] tiny EXAONE 3.5 checkpoint in {path}: {info['num_parameters']:,} parameters, "
+          f"{len(info['files'])} files, dtypes {info['dtypes']}")
+    model = ExaoneForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = ExaoneTokenizer.from_pretrained(path)
+
+    ids = torch.tensor([tok.encode("EXAONE 모델은 한국어와 영어를 모두 잘 합니다.")])
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, 1, ids.shape[1], torch.float32, "cpu")
+        steps = torch.cat([model(ids[:, i:i + 1], kv_cache=cache) for i in range(ids.shape[1])], 1)
+    err = (full - steps).abs().max().item()
+    print(f"  KV-cache decode vs full recomputation over {ids.shape[1]} tokens: max |diff| = {err:.2e}")
+    if not math.isfinite(err) or err > 1e-3:
+        raise SystemExit("demo: KV-cache decode disagrees with the full forward")
+
+    config = GenerationConfig(max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.95, seed=0)
+    for question in ("한국의 수도는 어디인가요?", "What does a key-value cache do?"):
+        messages = [{"role": "system", "content": "You are EXAONE model from LG AI Research, a helpful assistant."},
+                    {"role": "user", "content": question}]
+        print(f"  user: {question}\n  assistant: ", end="", flush=True)
+        s = stream(model, tok, messages, config)
+        for piece in s:
+            print(piece, end="", flush=True)
+        r = s.result
+        print(f"\n    ({len(r.tokens)} tokens, stopped by {r.stop_reason}, prefill {r.prefill_tokens_per_s:.0f} tok/s,"
+              f" decode {r.decode_tokens_per_s:.0f} tok/s)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per op in the ops table")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--keep", metavar="DIR", help="write the tiny checkpoint here and keep it")
     args = p.parse_args(argv)
 
     info = exaone_ext.build_info()
     print(f"exaone_ext {info['version']} | torch {info['torch_version']} | CUDA kernels: "
           f"{'sm ' + ','.join(info['cuda_archs']) if info['cuda'] else 'not built'} | CPU kernels: "
           f"{info['cpu_isa']} ({', '.join(info['cpu_features']) or 'no vector extensions'}) | threads {info['threads']}")
-    print(f"\nEXAONE 3.5 2.4B shapes, {args.tokens} tokens, bfloat16 on CPU; error = max |op - float64 reference|")
-    print(f"{'op':<14}{'exaone_ext':>12}{'eager':>12}{'speed-up':>10}{'err ours':>11}{'err eager':>11}")
-    for name, ours, eager, exact in _cases(args.tokens, torch.bfloat16):
-        with torch.no_grad():
-            ref = exact()
-            err_ours = (ours().double() - ref).abs().max().item()
-            err_eager = (eager().double() - ref).abs().max().item()
-            t_ours, t_eager = _time(ours, args.repeats), _time(eager, args.repeats)
-        print(f"{name:<14}{t_ours * 1e3:>10.2f}ms{t_eager * 1e3:>10.2f}ms{t_eager / t_ours:>9.2f}x"
-              f"{err_ours:>11.2e}{err_eager:>11.2e}")
+    show_ops(args.tokens, args.repeats)
+    if args.keep:
+        show_model(args.keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="exaone-demo-") as d:
+            show_model(d)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

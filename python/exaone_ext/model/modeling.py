@@ -18,33 +18,32 @@ from torch import nn
 
 from .. import ops as _kernel_ops
 from ..ops import reference as _reference_ops
+from ..ops.attention import ATTENTION_HEAD_DIMS
 from .config import ExaoneConfig
 from .kv_cache import KVCache
 
-_OP_NAMES = ("rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
+_OP_NAMES = ("linear", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
              "flash_attn_varlen", "flash_attn_with_kvcache")
 
 
-def _resolve_ops(use_kernels: bool) -> SimpleNamespace:
-    if not use_kernels:
-        return SimpleNamespace(**{name: getattr(_reference_ops, name) for name in _OP_NAMES})
-    # an op whose kernel is not in this build yet runs its reference (same signature and semantics)
-    return SimpleNamespace(**{name: getattr(_kernel_ops, name, getattr(_reference_ops, name))
-                              for name in _OP_NAMES})
+_ATTENTION_OPS = ("flash_attn", "flash_attn_varlen", "flash_attn_with_kvcache")
 
 
-_KERNEL_OPS = None
-_REFERENCE_OPS = _resolve_ops(False)
+def _resolve_ops(use_kernels: bool, kernel_attention: bool) -> SimpleNamespace:
+    def pick(name):
+        kernel = use_kernels and (kernel_attention or name not in _ATTENTION_OPS)
+        return getattr(_kernel_ops if kernel else _reference_ops, name)
+    return SimpleNamespace(**{name: pick(name) for name in _OP_NAMES})
 
 
-def ops_for(use_kernels: bool) -> SimpleNamespace:
-    """The op functions the model calls: the kernels (`exaone_ext.ops`) or the references."""
-    global _KERNEL_OPS
-    if not use_kernels:
-        return _REFERENCE_OPS
-    if _KERNEL_OPS is None:
-        _KERNEL_OPS = _resolve_ops(True)
-    return _KERNEL_OPS
+_OPS = {(k, a): _resolve_ops(k, a) for k in (False, True) for a in (False, True)}
+
+
+def ops_for(use_kernels: bool, head_dim: int | None = None) -> SimpleNamespace:
+    """The op functions the model calls: the kernels (`exaone_ext.ops`) or the references. A head
+    dim the attention kernels are not built for (they cover ATTENTION_HEAD_DIMS) runs the attention
+    references and every other op on its kernel."""
+    return _OPS[(bool(use_kernels), head_dim is None or head_dim in ATTENTION_HEAD_DIMS)]
 
 
 class RMSNorm(nn.Module):
@@ -68,9 +67,9 @@ class Attention(nn.Module):
 
     def forward(self, x, ops, cos, sin, position_ids, cu_seqlens, max_seqlen, kv_layer, cache_seqlens):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)     # [b, s, hq, hd]
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
+        q = ops.linear(x, self.q_proj.weight).view(b, s, self.num_heads, self.head_dim)     # [b, s, hq, hd]
+        k = ops.linear(x, self.k_proj.weight).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
+        v = ops.linear(x, self.v_proj.weight).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
         q, k = ops.apply_rope(q, k, cos, sin, position_ids)
         if kv_layer is not None:
             # k, v are written into the cache at each row's offset, then attended with the past
@@ -81,7 +80,7 @@ class Attention(nn.Module):
                                         causal=True)[None]               # [1, total, hq, hd]
         else:
             out = ops.flash_attn(q, k, v, causal=True)                   # [b, s, hq, hd]
-        return self.out_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+        return ops.linear(out.reshape(b, s, self.num_heads * self.head_dim), self.out_proj.weight)
 
 
 class AttentionBlock(nn.Module):
@@ -101,7 +100,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # down
 
     def forward(self, x, ops):
-        return self.c_proj(ops.swiglu(self.c_fc_0(x), self.c_fc_1(x)))
+        return ops.linear(ops.swiglu(ops.linear(x, self.c_fc_0.weight), ops.linear(x, self.c_fc_1.weight)),
+                          self.c_proj.weight)
 
 
 class Block(nn.Module):
@@ -177,7 +177,7 @@ class ExaoneForCausalLM(nn.Module):
         kv_cache: the new tokens are appended to each row's cache and attend to everything before
         them; the cache's seqlens advance by s.
         """
-        ops = ops_for(self.use_kernels)
+        ops = ops_for(self.use_kernels, self.config.head_dim)
         if cu_seqlens is not None:
             if kv_cache is not None:
                 raise ValueError("ExaoneForCausalLM: cu_seqlens and kv_cache cannot be combined")
@@ -238,7 +238,7 @@ class ExaoneForCausalLM(nn.Module):
             kv_cache.advance(s)
         if num_logits_to_keep > 0:
             y = y[:, -num_logits_to_keep:]                                                        # [b, keep, d]
-        return self.lm_head(y).float()                                                            # [b, s, V]
+        return ops.linear(y, self.lm_head.weight).float()                                        # [b, s, V]
 
     def _check_cu_seqlens(self, cu_seqlens: torch.Tensor, total: int):
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:

@@ -20,6 +20,9 @@ from ._dispatch import check_tensor, has_kernel
 
 _ops = torch.ops.exaone_ext
 
+# The head dims the attention kernels are compiled for (checked again in C++).
+ATTENTION_HEAD_DIMS = (64, 80, 96, 128, 256)
+
 
 def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
     return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])

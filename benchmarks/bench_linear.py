@@ -1,0 +1,31 @@
+"""Linear layers of a decode step (a few rows against a large bf16 weight) against
+torch.nn.functional.linear, at the EXAONE 3.5 2.4B shapes, reporting the weight bytes read per
+second and their fraction of the read bandwidth measured in the same run.
+
+    pytest benchmarks/bench_linear.py --benchmark-only
+    pytest benchmarks/bench_linear.py --benchmark-only -k "102400 and rows1"
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from exaone_ext import ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (name, in_features, out_features) of the 2.4B model: MLP gate/up, MLP down, LM head
+SHAPES = [("c_fc", 2560, 7168), ("c_proj", 7168, 2560), ("lm_head", 2560, 102400)]
+ROWS = [1, 4, 8]  # decode batch: tokens per step
+IMPLS = {"exaone_ext": ops.linear, "torch": F.linear}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("m", ROWS, ids=lambda m: f"rows{m}")
+@pytest.mark.parametrize("name,k,n", SHAPES, ids=lambda v: str(v))
+def test_linear_decode(measure, impl, m, name, k, n):
+    fn = IMPLS[impl]
+    torch.manual_seed(0)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(torch.bfloat16)
+    x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+    with torch.no_grad():
+        measure(lambda: fn(x, w), group=f"linear {name} {k}->{n} rows={m} bf16", impl=impl,
+                nbytes_read=w.nbytes, device=DEVICE)

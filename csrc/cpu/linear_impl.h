@@ -1,0 +1,123 @@
+// Weight-streaming linear kernel body, written once against cpu/vec.h and compiled per instruction
+// set by linear_avx512.cpp, linear_avx2.cpp and linear_scalar.cpp.
+//
+// For a block of R output features and a tile of MT rows of x, R * MT accumulators stay in registers
+// while k advances: each step loads R weight vectors (16-bit types converted in registers) and one x
+// vector per row, then does R * MT independent FMAs. k advances in chunks; within a chunk the tiles
+// of rows take turns, so the chunk of weight rows is read from memory by the first tile and from L1
+// by the others: the weight streams from memory once per call for up to kPassRows rows of x.
+#pragma once
+#include <algorithm>
+#include <type_traits>
+#include "cpu/linear.h"
+#include "cpu/vec.h"
+
+namespace exaone_ext::cpu::EXAONE_ISA {
+namespace {
+
+constexpr int kRows = int(kLinearRowBlock);
+// Rows of x per tile: R * MT accumulators + R weights + 1 x must fit the register file.
+constexpr int kTile = Vec::size >= 16 ? 4 : 2;
+// Rows of x handled per pass over the weight (their accumulators live in a small buffer between chunks).
+constexpr int kPassRows = 16;
+// Elements of k per chunk: the chunk of a block's weight rows (4 x 512 x 2 bytes for bf16) is read
+// from memory by the first tile and from L1 by the others.
+constexpr int64_t kChunk = 512;
+constexpr int64_t kPrefetchBytes = 1024;  // how far ahead of the loads each weight row is prefetched
+
+// k in [k0, k1) for output features n0..n0+R-1 and rows m0..m0+MT-1, accumulators in acc[j * R + r].
+template <typename T, int R, int MT>
+void tile(const LinearArgs& a, int64_t n0, int64_t m0, int64_t k0, int64_t k1, Vec* accbuf) {
+  const T* w[R];
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const T*>(a.w) + (n0 + r) * a.w_stride;
+  const float* x[MT];
+  for (int j = 0; j < MT; ++j) x[j] = static_cast<const float*>(a.x) + (m0 + j) * a.x_stride;
+  Vec acc[MT][R];
+  for (int j = 0; j < MT; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = accbuf[j * R + r];
+  constexpr int64_t pf = kPrefetchBytes / int64_t(sizeof(T));
+  // two vectors per step: a 64-byte line of bf16/f16 weights per row
+  int64_t i = k0;
+  for (; i + 2 * Vec::size <= k1; i += 2 * Vec::size) {
+    Vec w0[R], w1[R];
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(w[r] + i + pf, 0, 3);
+      w0[r] = Vec::load(w[r] + i);
+      w1[r] = Vec::load(w[r] + i + Vec::size);
+    }
+    for (int j = 0; j < MT; ++j) {
+      const Vec x0 = Vec::load(x[j] + i), x1 = Vec::load(x[j] + i + Vec::size);
+      for (int r = 0; r < R; ++r) acc[j][r] = fmadd(x1, w1[r], fmadd(x0, w0[r], acc[j][r]));
+    }
+  }
+  for (; i < k1; i += Vec::size) {
+    const int rem = k1 - i < Vec::size ? int(k1 - i) : 0;
+    Vec wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = rem ? Vec::load(w[r] + i, rem) : Vec::load(w[r] + i);
+    for (int j = 0; j < MT; ++j) {
+      const Vec xv = rem ? Vec::load(x[j] + i, rem) : Vec::load(x[j] + i);
+      for (int r = 0; r < R; ++r) acc[j][r] = fmadd(xv, wv[r], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < MT; ++j)
+    for (int r = 0; r < R; ++r) accbuf[j * R + r] = acc[j][r];
+}
+
+// Output features n0..n0+R-1 for rows m0..m1 (m1 - m0 <= kPassRows), the weight rows read once.
+template <typename T, int R>
+void block(const LinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
+  Vec accbuf[kPassRows * R];
+  for (auto& v : accbuf) v = Vec::zero();
+  for (int64_t k0 = 0; k0 < a.k; k0 += kChunk) {
+    const int64_t k1 = std::min(a.k, k0 + kChunk);
+    int64_t m = m0;
+    for (; m + kTile <= m1; m += kTile) tile<T, R, kTile>(a, n0, m, k0, k1, accbuf + (m - m0) * R);
+    Vec* rest = accbuf + (m - m0) * R;
+    switch (m1 - m) {
+      case 1: tile<T, R, 1>(a, n0, m, k0, k1, rest); break;
+      case 2: if constexpr (kTile > 2) tile<T, R, 2>(a, n0, m, k0, k1, rest); break;
+      case 3: if constexpr (kTile > 3) tile<T, R, 3>(a, n0, m, k0, k1, rest); break;
+      default: break;
+    }
+  }
+  for (int64_t m = m0; m < m1; ++m) {
+    T* y = static_cast<T*>(a.y) + m * a.y_stride + n0;
+    for (int r = 0; r < R; ++r) y[r] = from_float<T>(reduce_add(accbuf[(m - m0) * R + r]));
+  }
+}
+
+template <typename T>
+void rows(const LinearArgs& a, int64_t begin, int64_t end) {
+  for (int64_t m0 = 0; m0 < a.m; m0 += kPassRows) {
+    const int64_t m1 = std::min(a.m, m0 + kPassRows);
+    int64_t n = begin;
+    for (; n + kRows <= end; n += kRows) block<T, kRows>(a, n, m0, m1);
+    for (; n < end; ++n) block<T, 1>(a, n, m0, m1);
+  }
+}
+
+// float64 (gradcheck only): a plain loop accumulating in double
+void rows_double(const LinearArgs& a, int64_t begin, int64_t end) {
+  const double* x = static_cast<const double*>(a.x);
+  const double* w = static_cast<const double*>(a.w);
+  double* y = static_cast<double*>(a.y);
+  for (int64_t n = begin; n < end; ++n)
+    for (int64_t j = 0; j < a.m; ++j) {
+      double s = 0;
+      for (int64_t i = 0; i < a.k; ++i) s += x[j * a.x_stride + i] * w[n * a.w_stride + i];
+      y[j * a.y_stride + n] = s;
+    }
+}
+
+}  // namespace
+
+void linear_rows(const LinearArgs& a, int64_t begin, int64_t end) {
+  switch (a.dtype) {
+    case DType::kFloat32: return rows<float>(a, begin, end);
+    case DType::kBFloat16: return rows<bf16>(a, begin, end);
+    case DType::kFloat16: return rows<f16>(a, begin, end);
+    case DType::kFloat64: return rows_double(a, begin, end);
+  }
+}
+
+}  // namespace exaone_ext::cpu::EXAONE_ISA

@@ -1,0 +1,220 @@
+// RMSNorm kernel bodies, written once against cpu/vec.h and compiled per instruction set by
+// rms_norm_avx512.cpp, rms_norm_avx2.cpp and rms_norm_scalar.cpp. Each row is read twice (once
+// to reduce, once to write); the second read comes from cache, so memory sees one pass.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include "common/rms_norm.h"
+#include "cpu/rms_norm.h"
+#include "cpu/vec.h"
+
+namespace exaone_ext::cpu::EXAONE_ISA {
+namespace {
+
+// v rounded through the storage type T (what an intermediate .to(T) does).
+template <typename T>
+inline Vec rounded(Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T tmp[Vec::size];
+    v.store(tmp);
+    return Vec::load(static_cast<const T*>(tmp));
+  }
+}
+
+template <typename T>
+inline Vec load_n(const T* p, int rem) { return rem ? Vec::load(p, rem) : Vec::load(p); }
+template <typename T>
+inline void store_n(Vec v, T* p, int rem) { rem ? v.store(p, rem) : v.store(p); }
+
+// sum of x^2 over n elements, four independent accumulators
+template <typename T>
+float sum_squares(const T* x, int64_t n) {
+  Vec a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+  int64_t i = 0;
+  for (; i + 4 * Vec::size <= n; i += 4 * Vec::size) {
+    Vec v0 = Vec::load(x + i), v1 = Vec::load(x + i + Vec::size);
+    Vec v2 = Vec::load(x + i + 2 * Vec::size), v3 = Vec::load(x + i + 3 * Vec::size);
+    a0 = fmadd(v0, v0, a0);
+    a1 = fmadd(v1, v1, a1);
+    a2 = fmadd(v2, v2, a2);
+    a3 = fmadd(v3, v3, a3);
+  }
+  for (; i + Vec::size <= n; i += Vec::size) {
+    Vec v = Vec::load(x + i);
+    a0 = fmadd(v, v, a0);
+  }
+  if (i < n) {
+    Vec v = Vec::load(x + i, int(n - i));
+    a1 = fmadd(v, v, a1);
+  }
+  return reduce_add((a0 + a1) + (a2 + a3));
+}
+
+// h = T(x + r) written to h; returns the sum of the rounded h^2
+template <typename T>
+float add_sum_squares(const T* x, const T* r, T* h, int64_t n) {
+  Vec a0 = Vec::zero(), a1 = Vec::zero();
+  auto step = [&](int64_t i, int rem, Vec& acc) {
+    store_n(load_n(x + i, rem) + load_n(r + i, rem), h + i, rem);
+    Vec hv = load_n(static_cast<const T*>(h + i), rem);
+    acc = fmadd(hv, hv, acc);
+  };
+  int64_t i = 0;
+  for (; i + 2 * Vec::size <= n; i += 2 * Vec::size) {
+    step(i, 0, a0);
+    step(i + Vec::size, 0, a1);
+  }
+  for (; i + Vec::size <= n; i += Vec::size) step(i, 0, a0);
+  if (i < n) step(i, int(n - i), a1);
+  return reduce_add(a0 + a1);
+}
+
+template <typename T>
+void forward_rows(const RmsNormArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.cols;
+  using A = acc_t<T>;
+  const A* w = static_cast<const A*>(a.weight);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
+    T* y = static_cast<T*>(a.y) + r * n;
+    const T* src = x;
+    if constexpr (std::is_same_v<T, double>) {
+      double ss = 0;
+      if (a.residual) {
+        const double* res = static_cast<const double*>(a.residual) + r * a.residual_stride;
+        double* h = static_cast<double*>(a.h) + r * n;
+        for (int64_t i = 0; i < n; ++i) h[i] = x[i] + res[i];
+        src = h;
+      }
+      for (int64_t i = 0; i < n; ++i) ss += src[i] * src[i];
+      const double rstd = 1.0 / std::sqrt(ss / double(n) + a.eps);
+      static_cast<double*>(a.rstd)[r] = rstd;
+      for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (src[i] * rstd);
+    } else {
+      float ss;
+      if (a.residual) {
+        const T* res = static_cast<const T*>(a.residual) + r * a.residual_stride;
+        T* h = static_cast<T*>(a.h) + r * n;
+        ss = add_sum_squares(x, res, h, n);
+        src = h;
+      } else {
+        ss = sum_squares(x, n);
+      }
+      const float rstd = 1.0f / std::sqrt(ss / float(n) + float(a.eps));
+      static_cast<float*>(a.rstd)[r] = rstd;
+      const Vec rv = Vec::set1(rstd);
+      auto step = [&](int64_t i, int rem) {
+        Vec nv = rounded<T>(load_n(src + i, rem) * rv);
+        store_n(load_n(w + i, rem) * nv, y + i, rem);
+      };
+      int64_t i = 0;
+      for (; i + Vec::size <= n; i += Vec::size) step(i, 0);
+      if (i < n) step(i, int(n - i));
+    }
+  }
+}
+
+template <typename T>
+void backward_chunk(const RmsNormBackwardArgs& a, int64_t chunk) {
+  const int64_t n = a.cols;
+  using A = acc_t<T>;
+  const A* w = static_cast<const A*>(a.weight);
+  A* dw = static_cast<A*>(a.dw_partial) + chunk * n;
+  for (int64_t i = 0; i < n; ++i) dw[i] = A(0);
+  const int64_t begin = chunk * a.chunk_rows;
+  const int64_t end = std::min(a.rows, begin + a.chunk_rows);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
+    const T* dy = static_cast<const T*>(a.dy) + r * a.dy_stride;
+    const T* dh = a.dh ? static_cast<const T*>(a.dh) + r * a.dh_stride : nullptr;
+    T* dx = static_cast<T*>(a.dx) + r * n;
+    const A rs = static_cast<const A*>(a.rstd)[r];
+    if constexpr (std::is_same_v<T, double>) {
+      double s = 0;
+      for (int64_t i = 0; i < n; ++i) s += dy[i] * w[i] * x[i];
+      const double c = rs * rs * rs * s / double(n);
+      for (int64_t i = 0; i < n; ++i) {
+        dx[i] = rs * (dy[i] * w[i]) - c * x[i] + (dh ? dh[i] : 0.0);
+        dw[i] += dy[i] * (x[i] * rs);
+      }
+    } else {
+      Vec s0 = Vec::zero(), s1 = Vec::zero();
+      int64_t i = 0;
+      for (; i + 2 * Vec::size <= n; i += 2 * Vec::size) {
+        s0 = fmadd(Vec::load(dy + i) * Vec::load(w + i), Vec::load(x + i), s0);
+        const int64_t j = i + Vec::size;
+        s1 = fmadd(Vec::load(dy + j) * Vec::load(w + j), Vec::load(x + j), s1);
+      }
+      for (; i < n; i += Vec::size) {
+        const int rem = n - i < Vec::size ? int(n - i) : 0;
+        s0 = fmadd(load_n(dy + i, rem) * load_n(w + i, rem), load_n(x + i, rem), s0);
+      }
+      const float c = rs * rs * rs * reduce_add(s0 + s1) / float(n);
+      const Vec rv = Vec::set1(rs), cv = Vec::set1(c);
+      auto step = [&](int64_t k, int rem) {
+        Vec dyv = load_n(dy + k, rem), xv = load_n(x + k, rem);
+        Vec dxv = rv * (dyv * load_n(w + k, rem)) - cv * xv;
+        if (dh) dxv = dxv + load_n(dh + k, rem);
+        store_n(dxv, dx + k, rem);
+        store_n(fmadd(dyv, rounded<T>(xv * rv), load_n(static_cast<const float*>(dw + k), rem)), dw + k, rem);
+      };
+      for (i = 0; i + Vec::size <= n; i += Vec::size) step(i, 0);
+      if (i < n) step(i, int(n - i));
+    }
+  }
+}
+
+template <typename T>
+void reduce_dw(const RmsNormBackwardArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  const A* p = static_cast<const A*>(a.dw_partial);
+  A* dw = static_cast<A*>(a.dw);
+  const int64_t n = a.cols;
+  if constexpr (std::is_same_v<T, double>) {
+    for (int64_t i = begin; i < end; ++i) {
+      double s = 0;
+      for (int64_t k = 0; k < a.chunks; ++k) s += p[k * n + i];
+      dw[i] = s;
+    }
+  } else {
+    // each lane is one column: the chunks are added in order for every column
+    auto step = [&](int64_t i, int rem) {
+      Vec s = Vec::zero();
+      for (int64_t k = 0; k < a.chunks; ++k) s = s + load_n(p + k * n + i, rem);
+      store_n(s, dw + i, rem);
+    };
+    int64_t i = begin;
+    for (; i + Vec::size <= end; i += Vec::size) step(i, 0);
+    if (i < end) step(i, int(end - i));
+  }
+}
+
+template <template <typename> class F, typename... Args>
+void by_dtype(DType t, Args&&... args) {
+  switch (t) {
+    case DType::kFloat32: return F<float>::run(args...);
+    case DType::kBFloat16: return F<bf16>::run(args...);
+    case DType::kFloat16: return F<f16>::run(args...);
+    case DType::kFloat64:
+#if defined(EXAONE_VEC_SCALAR)
+      return F<double>::run(args...);
+#else
+      break;  // float64 is routed to the portable variant by the caller
+#endif
+  }
+}
+
+template <typename T> struct Fwd { static void run(const RmsNormArgs& a, int64_t b, int64_t e) { forward_rows<T>(a, b, e); } };
+template <typename T> struct Bwd { static void run(const RmsNormBackwardArgs& a, int64_t c) { backward_chunk<T>(a, c); } };
+template <typename T> struct Red { static void run(const RmsNormBackwardArgs& a, int64_t b, int64_t e) { reduce_dw<T>(a, b, e); } };
+
+}  // namespace
+
+void rms_norm_forward_rows(const RmsNormArgs& a, int64_t begin, int64_t end) { by_dtype<Fwd>(a.dtype, a, begin, end); }
+void rms_norm_backward_chunk(const RmsNormBackwardArgs& a, int64_t chunk) { by_dtype<Bwd>(a.dtype, a, chunk); }
+void rms_norm_reduce_dw(const RmsNormBackwardArgs& a, int64_t begin, int64_t end) { by_dtype<Red>(a.dtype, a, begin, end); }
+
+}  // namespace exaone_ext::cpu::EXAONE_ISA

@@ -1,0 +1,61 @@
+// Grouped-query flash attention on CUDA: launchers (torch-free). The call is described by
+// common/attention.h (AttnParams / AttnBwdParams); scratch memory is allocated by the caller.
+//
+// Paths: bfloat16 / float16 with head dim 64, 80, 96 or 128 run on tensor cores (mma.sync
+// m16n8k16, fp32 accumulation, K/V tiles through shared memory with cp.async); every other
+// supported case (float32, head dim 256, any head dim <= 256 that is a multiple of 8) runs a plain
+// CUDA-core kernel with the same parameters and the same math.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/attention.h"
+
+namespace exaone_ext::cuda {
+
+// Split-KV ("flash-decoding") partition of the keys of each sequence. With num_splits > 1 each split
+// writes its output normalised by its own sum and its LSE into float32 scratch laid out
+//   out_partial [num_splits, batch, q_heads, seq_q, head_dim], lse_partial [num_splits, batch, q_heads, seq_q]
+// and a combine kernel merges them into p.out / p.lse. Dense and kv-cache layouts only (not varlen).
+struct FwdSplit {
+  int num_splits = 1;
+  int64_t keys_per_split = 0;  // a multiple of the key tile (64)
+  float* out_partial = nullptr;
+  float* lse_partial = nullptr;
+};
+
+// How many splits the forward of p should use: enough blocks to fill the device twice over when the
+// (batch, heads, query rows) grid alone would not, each split at least 256 keys. p.seq_k is the
+// largest key length any sequence can have (the cache capacity for a kv cache). Queries the device
+// properties once per device.
+FwdSplit flash_attn_split_plan(const AttnParams& p);
+inline int64_t flash_attn_split_out_elems(const AttnParams& p, const FwdSplit& s) {
+  return int64_t(s.num_splits) * p.batch * p.q_heads * p.seq_q * p.head_dim;
+}
+inline int64_t flash_attn_split_lse_elems(const AttnParams& p, const FwdSplit& s) {
+  return int64_t(s.num_splits) * p.batch * p.q_heads * p.seq_q;
+}
+
+// Forward for dense, varlen (p.cu_seqlens_*) and kv-cache (p.cache_seqlens) layouts: writes p.out
+// and, when non-null, p.lse. Rows that see no key get zeros and lse -inf.
+void flash_attn_forward(const AttnParams& p, const FwdSplit& split, cudaStream_t stream);
+
+// Backward scratch, float32: dsum [q_rows, q_heads] = rowsum(dout * out), and (when
+// flash_attn_bwd_needs_dq_accum) dq_accum [q_rows, q_heads, head_dim] ZERO-INITIALISED, where
+// q_rows = batch * seq_q (dense) or total_q (varlen).
+struct BwdScratch {
+  float* dsum = nullptr;
+  float* dq_accum = nullptr;
+  int64_t q_rows = 0;
+};
+bool flash_attn_bwd_needs_dq_accum(const AttnBwdParams& p);
+
+// Backward: dq, dk, dv (dk / dv summed over each group's query heads), recomputing the attention
+// probabilities from the saved LSE. Every element of dq, dk and dv is written.
+void flash_attn_backward(const AttnBwdParams& p, const BwdScratch& scratch, cudaStream_t stream);
+
+// Head dims the CUDA kernels accept (tensor cores for 64, 80, 96, 128 in 16-bit types).
+inline bool flash_attn_head_dim_supported(int64_t d) { return d > 0 && d <= 256 && d % 8 == 0; }
+
+}  // namespace exaone_ext::cuda

@@ -1,0 +1,7 @@
+// Forward attention on tensor cores: bf16, head dim 80.
+#include "cuda/attention/fwd_mma.cuh"
+#include "cuda/attention/launch.h"
+
+namespace exaone_ext::cuda::attn {
+template void launch_fwd_mma<bf16, 80>(const AttnParams&, const FwdSplit&, cudaStream_t);
+}  // namespace exaone_ext::cuda::attn

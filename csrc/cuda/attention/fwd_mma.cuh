@@ -1,0 +1,260 @@
+// Forward attention on tensor cores (FlashAttention-2 scheme), bfloat16 / float16, head dim D.
+//
+// Block = (64 packed q rows, kv head hk, sequence b [, split]). The packed rows pr = i * g + hh
+// (common/attention_layout.h) put all g query heads of the group in one block, so each K/V tile is
+// read once per group, and a single decode token of a GQA group fills g rows. 4 warps, 16 rows
+// each. Q is staged through shared memory into registers once; K/V tiles of 64 keys are double
+// buffered in shared memory with cp.async. S = Q K^T and O += P V run on mma.sync with the online
+// softmax in registers (exp2 with the scale folded in). Causal: the key range of the block ends at
+// the last visible key of its last row; only tiles crossing a row's limit are masked.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "common/attention.h"
+#include "common/attention_layout.h"
+#include "cuda/attention/flash_attn.h"
+#include "cuda/attention/mma.cuh"
+#include "cuda/cuda_utils.cuh"
+
+namespace exaone_ext::cuda::attn {
+
+constexpr int kFwdRows = 64;  // packed q rows per block
+constexpr int kFwdKeys = 64;  // keys per tile
+constexpr int kFwdThreads = 128;
+
+template <int D>
+struct FwdSmem {
+  static constexpr int kStride = D + 8;
+  static constexpr size_t kBytes = size_t(kFwdRows + 4 * kFwdKeys) * kStride * sizeof(uint16_t);  // Q, 2x K, 2x V
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p, const FwdSplit sp, const bool aligned) {
+  static_assert(D % 16 == 0, "head dim must be a multiple of 16 on tensor cores");
+  constexpr int SD = FwdSmem<D>::kStride;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* sQ = smem;
+  uint16_t* sK = sQ + kFwdRows * SD;  // buffer n at sK + n * kFwdKeys * SD
+  uint16_t* sV = sK + 2 * kFwdKeys * SD;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
+  const int64_t hk = blockIdx.y;
+  const int64_t b = blockIdx.z / sp.num_splits;
+  const int64_t split = blockIdx.z % sp.num_splits;
+  const int64_t g = attn_group(p);
+  const SeqRange r = seq_range(p, b);
+  const int64_t rows_total = r.len_q * g;  // packed rows of this sequence
+  const int64_t m0 = int64_t(blockIdx.x) * kFwdRows;
+  if (m0 >= rows_total) return;  // uniform over the block
+
+  // Keys of this block: the split's range, cut at the last key any of its rows may see.
+  const int64_t kv_begin = sp.num_splits > 1 ? split * sp.keys_per_split : 0;
+  int64_t kv_split_end = sp.num_splits > 1 ? kv_begin + sp.keys_per_split : r.len_k;
+  if (kv_split_end > r.len_k) kv_split_end = r.len_k;
+  const int64_t last_row = (m0 + kFwdRows < rows_total ? m0 + kFwdRows : rows_total) - 1;
+  int64_t kv_end = attn_key_limit(p.causal, last_row / g, r.len_q, r.len_k);
+  if (kv_end > kv_split_end) kv_end = kv_split_end;
+  int64_t min_limit = attn_key_limit(p.causal, m0 / g, r.len_q, r.len_k);  // the block's first row sees least
+  if (min_limit > kv_split_end) min_limit = kv_split_end;
+  const int n_tiles = kv_end > kv_begin ? int((kv_end - kv_begin + kFwdKeys - 1) / kFwdKeys) : 0;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+
+  // Q rows (packed) -> shared.
+  load_tile<D, SD, kFwdThreads>(sQ, kFwdRows, aligned, [&](int row) -> const void* {
+    const int64_t pr = m0 + row, i = pr / g;
+    if (i >= r.len_q) return nullptr;
+    return q + attn_row_offset(p, r, b, i, hk * g + pr % g, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  }, q);
+  cp_async_commit();
+
+  auto load_kv = [&](int64_t n0, int buf) {
+    load_tile<D, SD, kFwdThreads>(sK + buf * kFwdKeys * SD, kFwdKeys, aligned, [&](int row) -> const void* {
+      const int64_t j = n0 + row;
+      if (j >= r.len_k) return nullptr;
+      return k + attn_key_offset(p, r, b, j, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+    }, k);
+    load_tile<D, SD, kFwdThreads>(sV + buf * kFwdKeys * SD, kFwdKeys, aligned, [&](int row) -> const void* {
+      const int64_t j = n0 + row;
+      if (j >= r.len_k) return nullptr;
+      return v + attn_key_offset(p, r, b, j, hk, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+    }, v);
+  };
+
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // This thread's two rows: warp * 16 + gid (+ 8).
+  const bool warp_active = m0 + warp * 16 < rows_total;
+  int64_t limit[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int64_t pr = m0 + warp * 16 + gid + 8 * h2;
+    limit[h2] = attn_key_limit(p.causal, pr / g, r.len_q, r.len_k);
+    if (limit[h2] > kv_split_end) limit[h2] = kv_split_end;
+  }
+
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint16_t* q0 = sQ + (warp * 16 + gid) * SD + kk * 16 + tig * 2;
+    qf[kk][0] = lds_pair(q0);
+    qf[kk][1] = lds_pair(q0 + 8 * SD);
+    qf[kk][2] = lds_pair(q0 + 8);
+    qf[kk][3] = lds_pair(q0 + 8 * SD + 8);
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  OnlineSoftmax sm[2];  // l is this thread's partial sum until the end
+
+  if (n_tiles > 0) load_kv(kv_begin, 0);
+  cp_async_commit();
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int buf = t & 1;
+    const int64_t n0 = kv_begin + int64_t(t) * kFwdKeys;
+    if (t + 1 < n_tiles) load_kv(n0 + kFwdKeys, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // tile t has landed (tile t + 1 may still be in flight)
+    __syncthreads();
+
+    if (warp_active) {
+      const uint16_t* tK = sK + buf * kFwdKeys * SD;
+      const uint16_t* tV = sV + buf * kFwdKeys * SD;
+      float s[kFwdKeys / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kFwdKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      // B fragments of K^T for key tiles nt, nt + 1: matrices (keys nt*8.., d kk*16..), (.., d + 8),
+      // (keys (nt+1)*8.., d kk*16..), (.., d + 8); lane supplies row lane % 8 of matrix lane / 8.
+      const int mi = lane / 8, mr = lane % 8;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int nt = 0; nt < kFwdKeys / 8; nt += 2) {
+          uint32_t kb[4];
+          ldmatrix_x4(kb, tK + ((nt + (mi >> 1)) * 8 + mr) * SD + kk * 16 + (mi & 1) * 8);
+          mma_16816<T>(s[nt], qf[kk], kb[0], kb[1]);
+          mma_16816<T>(s[nt + 1], qf[kk], kb[2], kb[3]);
+        }
+      }
+
+      // Scale, mask, online softmax (row h2 = c / 2 of the fragment).
+      const bool need_mask = n0 + kFwdKeys > min_limit;
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < kFwdKeys / 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          float x = s[nt][c] * p.scale;
+          if (need_mask && n0 + nt * 8 + tig * 2 + (c & 1) >= limit[c >> 1]) x = -INFINITY;
+          s[nt][c] = x;
+          mx[c >> 1] = fmaxf(mx[c >> 1], x);
+        }
+      }
+      float alpha[2], base[2];
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        alpha[h2] = sm[h2].update_max(quad_max(mx[h2]));
+        base[h2] = sm[h2].m == -INFINITY ? 0.f : sm[h2].m * kLog2e;  // a row with no key yet: all p = 0
+      }
+      float rowsum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int nt = 0; nt < kFwdKeys / 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const float e = exp2f(fmaf(s[nt][c], kLog2e, -base[c >> 1]));
+          s[nt][c] = e;
+          rowsum[c >> 1] += e;
+        }
+      }
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) sm[h2].l += rowsum[h2];
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[dt][0] *= alpha[0]; o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1]; o[dt][3] *= alpha[1];
+      }
+
+      // O += P V: P's C fragments become A fragments; V (keys x D) is read column-wise.
+#pragma unroll
+      for (int kt = 0; kt < kFwdKeys / 16; ++kt) {
+        uint32_t a[4];
+        a[0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
+        a[1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
+        a[2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+        a[3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+        // B fragments of V for d tiles dt, dt + 1, transposed on load: matrices (keys kt*16.., d dt*8..),
+        // (keys kt*16+8.., d dt*8..), (keys kt*16.., d (dt+1)*8..), (keys kt*16+8.., d (dt+1)*8..).
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt += 2) {
+          uint32_t vb[4];
+          ldmatrix_x4_trans(vb, tV + (kt * 16 + (mi & 1) * 8 + mr) * SD + (dt + (mi >> 1)) * 8);
+          mma_16816<T>(o[dt], a, vb[0], vb[1]);
+          mma_16816<T>(o[dt + 1], a, vb[2], vb[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with buffer `buf` before it is refilled
+  }
+  cp_async_wait<0>();
+
+  if (!warp_active) return;
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    sm[h2].l = quad_sum(sm[h2].l);
+    const int64_t pr = m0 + warp * 16 + gid + 8 * h2, i = pr / g, h = hk * g + pr % g;
+    if (i >= r.len_q) continue;
+    const float inv = sm[h2].inv_l(), lse = sm[h2].lse();
+    if (sp.num_splits > 1) {
+      const int64_t row = ((split * p.batch + b) * p.q_heads + h) * p.seq_q + i;
+      float* dst = sp.out_partial + row * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        dst[dt * 8 + tig * 2] = o[dt][2 * h2] * inv;
+        dst[dt * 8 + tig * 2 + 1] = o[dt][2 * h2 + 1] * inv;
+      }
+      if (tig == 0) sp.lse_partial[row] = lse;
+    } else {
+      T* dst = out + attn_row_offset(p, r, b, i, h, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        st(dst + dt * 8 + tig * 2, o[dt][2 * h2] * inv);
+        st(dst + dt * 8 + tig * 2 + 1, o[dt][2 * h2 + 1] * inv);
+      }
+      if (tig == 0 && p.lse) p.lse[attn_lse_offset(p, r, b, i, h)] = lse;
+    }
+  }
+}
+
+// Whether every row the tile loader touches is 16-byte aligned.
+inline bool rows_aligned_16(const void* ptr, std::initializer_list<int64_t> strides, int elem_bytes) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16) return false;
+  for (int64_t s : strides)
+    if ((s * elem_bytes) % 16) return false;
+  return true;
+}
+
+template <typename T, int D>
+void launch_fwd_mma(const AttnParams& p, const FwdSplit& sp, cudaStream_t stream) {
+  const bool aligned = rows_aligned_16(p.q, {p.q_batch_stride, p.q_row_stride, p.q_head_stride}, 2) &&
+                       rows_aligned_16(p.k, {p.k_batch_stride, p.k_row_stride, p.k_head_stride}, 2) &&
+                       rows_aligned_16(p.v, {p.v_batch_stride, p.v_row_stride, p.v_head_stride}, 2);
+  const int64_t blocks_x = (p.seq_q * attn_group(p) + kFwdRows - 1) / kFwdRows;
+  const int64_t blocks_z = p.batch * sp.num_splits;
+  if (blocks_x > 0x7fffffff || p.kv_heads > 65535 || blocks_z > 65535)
+    throw std::invalid_argument("exaone_ext: attention grid too large for one launch");
+  auto kernel = fwd_mma_kernel<T, D>;
+  constexpr size_t smem = FwdSmem<D>::kBytes;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
+    check_launch("flash_attn forward (shared memory attribute)");
+  kernel<<<dim3(unsigned(blocks_x), unsigned(p.kv_heads), unsigned(blocks_z)), kFwdThreads, smem, stream>>>(p, sp,
+                                                                                                        aligned);
+  check_launch("flash_attn forward");
+}
+
+}  // namespace exaone_ext::cuda::attn

@@ -1,0 +1,365 @@
+"""The `exaone-ext` command.
+
+    exaone-ext generate --model DIR --prompt "Explain KV caches." [--stream] [--raw] [sampling flags]
+    exaone-ext chat --model DIR [--system "You are ..."]           (/reset, /exit; works with piped input)
+    exaone-ext convert --from exaone --to llama SRC DST
+    exaone-ext info DIR [--json] [--tensors]
+
+Each subcommand is a thin layer over exaone_ext.model, exaone_ext.tokenizer and
+exaone_ext.generation. A user error prints one line on stderr and exits with status 1
+(EXAONE_EXT_DEBUG=1 shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+EXIT_USER_ERROR = 1
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+class UserError(Exception):
+    """A problem with what the user asked for, reported in one line."""
+
+
+# ---------------------------------------------------------------------------- arguments
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="weight dtype (default auto: as stored on CPU, bfloat16 on GPU)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="show a loading progress bar (default: when stderr is a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--stats", action="store_true", help="print prefill / decode tokens per second on stderr")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (defaults: the checkpoint's generation_config.json, else greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help=f"default {DEFAULT_MAX_NEW_TOKENS}")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", default=None, help="argmax decoding")
+    mode.add_argument("--sample", dest="do_sample", action="store_true",
+                      help="sample (implied by --temperature/--top-k/--top-p/--min-p)")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--top-p", type=float, default=None, help="1.0 = off")
+    g.add_argument("--min-p", type=float, default=None, help="0.0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="1.0 = off")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the text contains TEXT (repeatable); [|endofturn|] always stops")
+    g.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exaone-ext", description="EXAONE 3.5 models: generate, chat, "
+                                     "convert and inspect checkpoints.")
+    parser.add_argument("--version", action="store_true", help="print the version and build information")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="continue one prompt", description="Generate a reply to one prompt.")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt ('-' reads it from stdin)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--chat", dest="chat", action="store_true", default=True,
+                     help="wrap the prompt in EXAONE's chat format as a user turn (default)")
+    fmt.add_argument("--raw", dest="chat", action="store_false", help="use the prompt text as is")
+    p.add_argument("--system", default=None, help="system prompt (chat format only)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description="Chat with the model. Commands: /reset (forget the conversation), /exit. "
+                                   "Reads one user turn per line; works with piped input.")
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint with EXAONE or Llama tensor names",
+                       description="Convert a checkpoint between EXAONE and Llama naming (bit-exact tensors; "
+                                   "tokenizer and other files are copied).")
+    p.add_argument("--from", dest="src_naming", required=True, choices=["exaone", "llama"])
+    p.add_argument("--to", dest="dst_naming", required=True, choices=["exaone", "llama"])
+    p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 2GiB, 500MB (default 5GB)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None)
+    bar.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+
+    p = sub.add_parser("info", help="shapes, parameter count, dtypes and memory of a checkpoint",
+                       description="Summarise a checkpoint from its headers (no weights are read).")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print the full summary as JSON")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    return parser
+
+
+# ---------------------------------------------------------------------------- helpers
+def _progress_enabled(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
+def _resolve_device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device: {name!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available in this torch build or on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: {name!r} is not supported (expected cpu, cuda or cuda:N)")
+    return device
+
+
+def _resolve_dtype(name: str, device):
+    import torch
+
+    resolved = DTYPES[name]
+    if resolved is None:
+        return torch.bfloat16 if device.type == "cuda" else None  # None: as stored in the files
+    return getattr(torch, resolved)
+
+
+def load(args):
+    """(model, tokenizer, base GenerationConfig) from --model / --device / --dtype / --progress."""
+    import time
+
+    from .generation import GenerationConfig
+    from .model import ExaoneForCausalLM
+    from .tokenizer import ExaoneTokenizer
+
+    path = args.model
+    if not os.path.isdir(path):
+        raise UserError(f"--model: {path!r} is not a directory")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    tokenizer = ExaoneTokenizer.from_pretrained(path)
+    start = time.perf_counter()
+    model = ExaoneForCausalLM.from_pretrained(path, dtype=dtype, device=device,
+                                              progress=_progress_enabled(args.progress))
+    if args.stats:
+        print(f"[loaded {model.num_parameters:,} parameters ({next(model.parameters()).dtype}) on {device} in "
+              f"{time.perf_counter() - start:.2f}s]", file=sys.stderr)
+    base = GenerationConfig.from_pretrained(path, defaults={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS})
+    return model, tokenizer, base
+
+
+def generation_config(args, base):
+    """The checkpoint's defaults overridden by the flags that were given."""
+    changes = {}
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.stop:
+        changes["stop_strings"] = list(args.stop)
+    if args.do_sample is not None:
+        changes["do_sample"] = args.do_sample
+    elif any(k in changes for k in ("temperature", "top_k", "top_p", "min_p")):
+        changes["do_sample"] = True
+    try:
+        return base.replace(**changes)
+    except (ValueError, TypeError) as e:
+        flag = str(e).split(":")[0].replace("GenerationConfig.", "--").replace("_", "-")
+        raise UserError(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
+
+
+def _print_stats(result) -> None:
+    print(f"[{result.prompt_tokens} prompt + {len(result.tokens)} new tokens, stop: {result.stop_reason}; "
+          f"{result.stats}]", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_generate(args) -> int:
+    from .generation import generate, stream
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.system is not None and not args.chat:
+        raise UserError("--system: only applies to the chat format (drop --raw)")
+    model, tokenizer, base = load(args)
+    config = generation_config(args, base)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        prompt = messages + [{"role": "user", "content": prompt}]
+    out = sys.stdout
+    if args.stream:
+        s = stream(model, tokenizer, prompt, config)
+        for piece in s:
+            out.write(piece)
+            out.flush()
+        result = s.result
+        out.write("\n")
+    else:
+        result = generate(model, tokenizer, prompt, config)
+        out.write(result.text + "\n")
+    out.flush()
+    if args.stats:
+        _print_stats(result)
+    return 0
+
+
+def _read_turns(interactive: bool):
+    """User lines from stdin: with a prompt on a terminal, plain lines when piped."""
+    while True:
+        if interactive:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+            line = line.rstrip("\n")
+        yield line
+
+
+def cmd_chat(args) -> int:
+    from .generation import stream
+
+    model, tokenizer, base = load(args)
+    config = generation_config(args, base)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model. /reset forgets the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    out = sys.stdout
+    for line in _read_turns(interactive):
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = list(system)
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if text.startswith("/") and text.split()[0] in ("/help", "/?"):
+            print("/reset: forget the conversation (keeps the system prompt); /exit: quit", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            s = stream(model, tokenizer, history, config)
+            for piece in s:
+                out.write(piece)
+                out.flush()
+        except ValueError as e:  # e.g. the conversation outgrew the context: keep chatting after /reset
+            history.pop()
+            print(f"exaone-ext: {e} (use /reset to start over)", file=sys.stderr)
+            continue
+        out.write("\n")
+        out.flush()
+        history.append({"role": "assistant", "content": s.result.text})
+        if args.stats:
+            _print_stats(s.result)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .model import checkpoint_info, convert_checkpoint
+
+    if os.path.abspath(args.src) == os.path.abspath(args.dst):
+        raise UserError("convert: SRC and DST must be different directories")
+    if os.path.exists(os.path.join(args.dst, "config.json")):
+        raise UserError(f"convert: {args.dst!r} already holds a checkpoint (remove it or choose another DST)")
+    naming = checkpoint_info(args.src)["naming"]
+    if naming != args.src_naming:
+        raise UserError(f"convert: {args.src!r} has {naming} tensor names, not {args.src_naming} (--from)")
+    convert_checkpoint(args.src, args.dst, to=args.dst_naming, max_shard_size=args.max_shard_size,
+                       progress=_progress_enabled(args.progress))
+    print(f"wrote {args.dst} ({args.dst_naming} names)", file=sys.stderr)
+    return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def cmd_info(args) -> int:
+    from .model import checkpoint_info
+
+    info = checkpoint_info(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = info["config"]
+    layers = c.get("num_layers", c.get("num_hidden_layers"))
+    lines = [
+        f"checkpoint   {info['path']}  ({info['naming']} tensor names, {len(info['files'])} file(s), "
+        f"{_gib(info['file_bytes'])})",
+        f"shape        {layers} layers, hidden {c['hidden_size']}, heads {c['num_attention_heads']} "
+        f"(kv {c['num_key_value_heads']}), head_dim {c['head_dim']}, mlp {c['intermediate_size']}, "
+        f"vocab {c['vocab_size']}, context {c['max_position_embeddings']}, "
+        f"{'tied' if info['tied_word_embeddings'] else 'untied'} head",
+        f"parameters   {info['num_parameters']:,}",
+        "dtypes       " + ", ".join(f"{k}: {v:,}" for k, v in info["dtypes"].items()),
+        f"weights      {_gib(info['weight_bytes'])} in memory as stored; "
+        f"{_gib(info['num_parameters'] * 2)} in bfloat16",
+        f"kv cache     {info['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token ({info['kv_cache_dtype']}); "
+        f"{_gib(info['kv_cache_bytes'])} for one full {c['max_position_embeddings']}-token context",
+        f"memory       about {_gib(info['weight_bytes'] + info['kv_cache_bytes'])} to run one sequence at full "
+        f"context as stored (weights + kv cache)",
+    ]
+    print("\n".join(lines))
+    tensors = info["tensors"]
+    if not args.tensors:  # one layer stands for all
+        tensors = [t for t in tensors if re.search(r"\.(\d+)\.", t["name"]) is None
+                   or re.search(r"\.(\d+)\.", t["name"]).group(1) == "0"]
+        print(f"tensors      (layer 0 shown; every layer alike; --tensors lists all {len(info['tensors'])})")
+    else:
+        print("tensors")
+    width = max((len(t["name"]) for t in tensors), default=0)
+    for t in tensors:
+        print(f"  {t['name']:<{width}}  {str(t['shape']):<16} {t['dtype']:<9} {t['file']}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import build_info
+        print(json.dumps(build_info()))
+        return 0
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except Exception as e:  # noqa: BLE001  (one line for the user; the traceback on request)
+        if os.environ.get("EXAONE_EXT_DEBUG"):
+            raise
+        message = str(e) or type(e).__name__
+        if not isinstance(e, (UserError, ValueError, TypeError, OSError, KeyError)):
+            message = f"{type(e).__name__}: {message}"
+        print(f"exaone-ext: error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Rotary position embedding: float32 cos/sin tables (llama3 frequency scaling) and the fused
+rotation of q and k at arbitrary positions."""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._dispatch import check_tensor, has_kernel
+
+_ops = torch.ops.exaone_ext
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _llama3_params(scaling: dict | None) -> tuple[bool, float, float, float, float]:
+    """(llama3, factor, low_freq_factor, high_freq_factor, original) from a config.json rope_scaling."""
+    if scaling is None:
+        return False, 1.0, 1.0, 1.0, 1.0
+    if not isinstance(scaling, dict):
+        raise TypeError(f"exaone_ext.rope_cos_sin: 'scaling' must be a dict or None, got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return False, 1.0, 1.0, 1.0, 1.0
+    if kind != "llama3":
+        raise ValueError(f"exaone_ext.rope_cos_sin: scaling rope_type must be 'llama3' or 'default', got {kind!r}")
+    missing = [key for key in _LLAMA3_KEYS if key not in scaling]
+    if missing:
+        raise ValueError(f"exaone_ext.rope_cos_sin: llama3 scaling is missing {', '.join(map(repr, missing))}")
+    try:
+        factor, low, high, original = (float(scaling[key]) for key in _LLAMA3_KEYS)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"exaone_ext.rope_cos_sin: llama3 scaling values must be numbers: {e}") from None
+    if not factor > 0:
+        raise ValueError(f"exaone_ext.rope_cos_sin: llama3 scaling 'factor' must be positive, got {factor}")
+    if not 0 < low < high:
+        raise ValueError("exaone_ext.rope_cos_sin: llama3 scaling needs 0 < 'low_freq_factor' < 'high_freq_factor', "
+                         f"got {low} and {high}")
+    if not original > 0:
+        raise ValueError("exaone_ext.rope_cos_sin: llama3 scaling 'original_max_position_embeddings' must be "
+                         f"positive, got {original}")
+    return True, factor, low, high, original
+
+
+def rope_cos_sin(head_dim: int, max_position: int, theta: float = 1e6, scaling: dict | None = None,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, float32 [max_position, head_dim // 2], of the angles
+    position * inv_freq[i], inv_freq[i] = 1 / theta^(2i / head_dim) (rescaled by the llama3 rule when
+    scaling is config.json's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}). Computed in float64 and rounded once to float32."""
+    for name, value in (("head_dim", head_dim), ("max_position", max_position)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"exaone_ext.rope_cos_sin: '{name}' must be an int, got {type(value).__name__}")
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"exaone_ext.rope_cos_sin: 'head_dim' must be a positive even number, got {head_dim}")
+    if max_position < 0:
+        raise ValueError(f"exaone_ext.rope_cos_sin: 'max_position' must be >= 0, got {max_position}")
+    if not float(theta) > 0:
+        raise ValueError(f"exaone_ext.rope_cos_sin: 'theta' must be positive, got {theta}")
+    params = _llama3_params(scaling)
+    device = torch.device("cpu" if device is None else device)
+    if not has_kernel(device):
+        return reference.rope_cos_sin(head_dim, max_position, theta, scaling, device)
+    positions = torch.arange(max_position, dtype=torch.int64, device=device)
+    return _ops.rope_cos_sin(positions, head_dim, float(theta), *params)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               position_ids: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q [batch, seq, q_heads, head_dim] and k [batch, seq, kv_heads, head_dim] by the
+    angles of position_ids (int64 [batch, seq], or [1, seq] shared by the batch; any positions
+    inside the table) in one fused pass. cos, sin: float32 [max_position, head_dim // 2] from
+    rope_cos_sin. Rotate-half layout (pairs (i, i + head_dim / 2), as EXAONE) by default;
+    interleaved=True pairs (2i, 2i + 1). Math in float32 (float64 for float64), outputs new
+    contiguous tensors in the input dtype; differentiable in q and k."""
+    for name, value in (("q", q), ("k", k), ("cos", cos), ("sin", sin), ("position_ids", position_ids)):
+        check_tensor(value, name, "apply_rope")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"exaone_ext.apply_rope: 'interleaved' must be a bool, got {type(interleaved).__name__}")
+    for name, value in (("k", k), ("cos", cos), ("sin", sin), ("position_ids", position_ids)):
+        if value.device != q.device:
+            raise ValueError(f"exaone_ext.apply_rope: '{name}' must be on the same device as 'q' ({q.device}), "
+                             f"got {value.device}")
+    if not has_kernel(q.device):
+        return reference.apply_rope(q, k, cos, sin, position_ids, interleaved)
+    return _ops.apply_rope(q, k, cos, sin, position_ids, interleaved)
+
+
+@torch.library.register_fake("exaone_ext::rope_cos_sin")
+def _(positions, head_dim, theta, llama3, factor, low_freq_factor, high_freq_factor, original_max_position):
+    shape = (positions.shape[0], head_dim // 2)
+    return (positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32))
+
+
+def _fake_rotation(q, k, cos, sin, position_ids, interleaved=False):
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "exaone_ext.apply_rope: q and k must be 4-dimensional")
+    torch._check(k.shape[:2] == q.shape[:2], lambda: "exaone_ext.apply_rope: 'k' must have the batch and seq of 'q'")
+    torch._check(k.shape[3] == q.shape[3], lambda: "exaone_ext.apply_rope: 'k' must have the head_dim of 'q'")
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+torch.library.register_fake("exaone_ext::apply_rope")(_fake_rotation)
+torch.library.register_fake("exaone_ext::apply_rope_backward")(_fake_rotation)
+
+
+def _setup(ctx, inputs, output):
+    _, _, cos, sin, position_ids, interleaved = inputs
+    ctx.save_for_backward(cos, sin, position_ids)
+    ctx.interleaved = interleaved
+
+
+def _grads(ctx, grad_q, grad_k, op):
+    # The rotation is orthogonal: its gradient is the rotation by the negative angle (and back).
+    cos, sin, position_ids = ctx.saved_tensors
+    dq, dk = op(grad_q, grad_k, cos, sin, position_ids, ctx.interleaved)
+    return dq, dk, None, None, None, None
+
+
+def _backward(ctx, grad_q, grad_k):
+    return _grads(ctx, grad_q, grad_k, _ops.apply_rope_backward)
+
+
+def _double_backward(ctx, grad_q, grad_k):
+    return _grads(ctx, grad_q, grad_k, _ops.apply_rope)
+
+
+torch.library.register_autograd("exaone_ext::apply_rope", _backward, setup_context=_setup)
+torch.library.register_autograd("exaone_ext::apply_rope_backward", _double_backward, setup_context=_setup)
