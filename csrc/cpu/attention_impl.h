@@ -789,21 +789,6 @@ void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b
   }
 }
 
-template <template <typename> class F, typename... Args>
-void by_dtype(DType t, Args&&... args) {
-  switch (t) {
-    case DType::kFloat32: return F<float>::run(args...);
-    case DType::kBFloat16: return F<bf16>::run(args...);
-    case DType::kFloat16: return F<f16>::run(args...);
-    case DType::kFloat64:
-#if defined(EXAONE_VEC_SCALAR)
-      return F<double>::run(args...);
-#else
-      break;  // float64 is routed to the portable variant by the caller
-#endif
-  }
-}
-
 template <typename T> struct Fwd {
   template <typename... Args> static void run(Args&&... args) { fwd_block<T>(args...); }
 };

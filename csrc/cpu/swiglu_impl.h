@@ -69,21 +69,6 @@ void backward_rows(const SwigluArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-template <template <typename> class F, typename... Args>
-void by_dtype(DType t, Args&&... args) {
-  switch (t) {
-    case DType::kFloat32: return F<float>::run(args...);
-    case DType::kBFloat16: return F<bf16>::run(args...);
-    case DType::kFloat16: return F<f16>::run(args...);
-    case DType::kFloat64:
-#if defined(EXAONE_VEC_SCALAR)
-      return F<double>::run(args...);
-#else
-      break;  // float64 is routed to the portable variant by the caller
-#endif
-  }
-}
-
 template <typename T> struct Fwd { static void run(const SwigluArgs& a, int64_t b, int64_t e) { forward_rows<T>(a, b, e); } };
 template <typename T> struct Bwd { static void run(const SwigluArgs& a, int64_t b, int64_t e) { backward_rows<T>(a, b, e); } };
 

@@ -238,4 +238,21 @@ inline Vec vsigmoid(Vec x) {
   return recip(Vec::set1(1.0f) + vexp(Vec::zero() - xc));
 }
 
+// Calls F<T>::run(args...) with T the storage type of `t`. float64 exists only in the portable
+// variant (gradcheck); the torch layer routes float64 there.
+template <template <typename> class F, typename... Args>
+void by_dtype(DType t, Args&&... args) {
+  switch (t) {
+    case DType::kFloat32: return F<float>::run(args...);
+    case DType::kBFloat16: return F<bf16>::run(args...);
+    case DType::kFloat16: return F<f16>::run(args...);
+    case DType::kFloat64:
+#if defined(EXAONE_VEC_SCALAR)
+      return F<double>::run(args...);
+#else
+      break;
+#endif
+  }
+}
+
 }  // namespace exaone_ext::cpu::EXAONE_ISA
