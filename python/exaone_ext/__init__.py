@@ -1,4 +1,4 @@
-"""exaone_ext: fused CPU and CUDA kernels, model, generation and training for EXAONE 3.5.
+"""exaone_ext: fused CPU and CUDA kernels, model, checkpoints and generation for EXAONE 3.5.
 
     import exaone_ext
     exaone_ext.build_info()          # what this build contains and uses on this machine
@@ -36,16 +36,12 @@ def get_cpu_isa() -> str:
     return _C.get_cpu_isa()
 
 
-from . import ops  # noqa: E402  (registers fake kernels and autograd on the loaded operators)
-
-__all__ = ["build_info", "set_cpu_isa", "get_cpu_isa", "ops", "__version__"]
-
+# Importing ops registers the fake kernels and autograd formulas on the loaded operators.
+from . import ops  # noqa: E402
 from . import model  # noqa: E402
-from .model import ExaoneConfig, ExaoneForCausalLM, KVCache  # noqa: E402
-
-__all__ += ["model", "ExaoneConfig", "ExaoneForCausalLM", "KVCache"]
-
-from .tokenizer import ExaoneTokenizer  # noqa: E402
 from .generation import GenerationConfig, generate, stream  # noqa: E402
+from .model import ExaoneConfig, ExaoneForCausalLM, KVCache  # noqa: E402
+from .tokenizer import ExaoneTokenizer  # noqa: E402
 
-__all__ += ["ExaoneTokenizer", "GenerationConfig", "generate", "stream"]
+__all__ = ["build_info", "set_cpu_isa", "get_cpu_isa", "ops", "model", "ExaoneConfig", "ExaoneForCausalLM",
+           "KVCache", "ExaoneTokenizer", "GenerationConfig", "generate", "stream", "__version__"]
