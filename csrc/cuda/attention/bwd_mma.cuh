@@ -33,6 +33,28 @@ struct BwdSmem {
                                    + 2 * kBwdRows * sizeof(float) + kBwdRows * sizeof(int64_t);  // lse, D, limit
 };
 
+// acc (this warp's 16 rows of sA x kBwdRows rows of sB) = sA . sB^T over the head dim D: both
+// S^T = K Q^T and dP^T = V dO^T. sA, sB are [rows][SD] tiles in shared memory.
+template <typename T, int D, int SD>
+__device__ __forceinline__ void warp_rows_times_tile_t(float (&acc)[kBwdRows / 8][4], const uint16_t* sA,
+                                                       const uint16_t* sB, int warp, int gid, int tig, int mi,
+                                                       int mr) {
+#pragma unroll
+  for (int nt = 0; nt < kBwdRows / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint16_t* a0 = sA + (warp * 16 + gid) * SD + kk * 16 + tig * 2;
+    const uint32_t a[4] = {lds_pair(a0), lds_pair(a0 + 8 * SD), lds_pair(a0 + 8), lds_pair(a0 + 8 * SD + 8)};
+#pragma unroll
+    for (int nt = 0; nt < kBwdRows / 8; nt += 2) {  // B = sB^T for row tiles nt, nt + 1
+      uint32_t bb[4];
+      ldmatrix_x4(bb, sB + ((nt + (mi >> 1)) * 8 + mr) * SD + kk * 16 + (mi & 1) * 8);
+      mma_16816<T>(acc[nt], a, bb[0], bb[1]);
+      mma_16816<T>(acc[nt + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParams bp, const BwdScratch sc,
                                                               const bool aligned) {
@@ -114,20 +136,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
 
     // S^T (this warp's 16 keys x 64 rows).
     float st[kBwdRows / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kBwdRows / 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint16_t* k0 = sK + (warp * 16 + gid) * SD + kk * 16 + tig * 2;
-      const uint32_t a[4] = {lds_pair(k0), lds_pair(k0 + 8 * SD), lds_pair(k0 + 8), lds_pair(k0 + 8 * SD + 8)};
-#pragma unroll
-      for (int nt = 0; nt < kBwdRows / 8; nt += 2) {  // B = Q^T for row tiles nt, nt + 1
-        uint32_t qb[4];
-        ldmatrix_x4(qb, sQ + ((nt + (mi >> 1)) * 8 + mr) * SD + kk * 16 + (mi & 1) * 8);
-        mma_16816<T>(st[nt], a, qb[0], qb[1]);
-        mma_16816<T>(st[nt + 1], a, qb[2], qb[3]);
-      }
-    }
+    warp_rows_times_tile_t<T, D, SD>(st, sK, sQ, warp, gid, tig, mi, mr);
     // P^T, masked where the row does not see the key (or does not exist).
 #pragma unroll
     for (int nt = 0; nt < kBwdRows / 8; ++nt) {
@@ -154,20 +163,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
     }
     // dP^T = V dO^T.
     float dpt[kBwdRows / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kBwdRows / 8; ++nt) dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint16_t* v0 = sV + (warp * 16 + gid) * SD + kk * 16 + tig * 2;
-      const uint32_t a[4] = {lds_pair(v0), lds_pair(v0 + 8 * SD), lds_pair(v0 + 8), lds_pair(v0 + 8 * SD + 8)};
-#pragma unroll
-      for (int nt = 0; nt < kBwdRows / 8; nt += 2) {  // B = dO^T for row tiles nt, nt + 1
-        uint32_t ob[4];
-        ldmatrix_x4(ob, sdO + ((nt + (mi >> 1)) * 8 + mr) * SD + kk * 16 + (mi & 1) * 8);
-        mma_16816<T>(dpt[nt], a, ob[0], ob[1]);
-        mma_16816<T>(dpt[nt + 1], a, ob[2], ob[3]);
-      }
-    }
+    warp_rows_times_tile_t<T, D, SD>(dpt, sV, sdO, warp, gid, tig, mi, mr);
     // dS^T = P^T (dP^T - D), kept in st; also to shared memory for dQ.
 #pragma unroll
     for (int nt = 0; nt < kBwdRows / 8; ++nt) {
