@@ -181,6 +181,16 @@ AttnParams prepare_flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, cons
   return p;
 }
 
+// Packed sequences: batch and maximal lengths from the (already checked) cu_seqlens.
+static void set_varlen(AttnParams& p, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                       int64_t max_seqlen_k) {
+  p.batch = cu_seqlens_q.size(0) - 1;
+  p.seq_q = max_seqlen_q;
+  p.seq_k = max_seqlen_k;
+  p.cu_seqlens_q = cu_seqlens_q.const_data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.const_data_ptr<int32_t>();
+}
+
 AttnParams prepare_flash_attn_varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                          int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
@@ -194,11 +204,7 @@ AttnParams prepare_flash_attn_varlen_fwd(const at::Tensor& q, const at::Tensor& 
   out = covers_q ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   lse = covers_q ? at::empty({q.size(1), q.size(0)}, lse_opts) : at::full({q.size(1), q.size(0)}, -INFINITY, lse_opts);
   AttnParams p = fill(q, k, v, out, causal, softmax_scale, op);
-  p.batch = cu_seqlens_q.size(0) - 1;
-  p.seq_q = max_seqlen_q;
-  p.seq_k = max_seqlen_k;
-  p.cu_seqlens_q = cu_seqlens_q.const_data_ptr<int32_t>();
-  p.cu_seqlens_k = cu_seqlens_k.const_data_ptr<int32_t>();
+  set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   p.lse = lse.data_ptr<float>();
   p.lse_batch_stride = 0;
   p.lse_head_stride = q.size(0);
@@ -241,11 +247,7 @@ AttnBwdParams prepare_flash_attn_varlen_bwd(const at::Tensor& dout, const at::Te
   dk = at::zeros(k.sizes(), k.options());
   dv = at::zeros(v.sizes(), v.options());
   AttnParams p = fill(q, k, v, out, causal, softmax_scale, op);
-  p.batch = cu_seqlens_q.size(0) - 1;
-  p.seq_q = max_seqlen_q;
-  p.seq_k = max_seqlen_k;
-  p.cu_seqlens_q = cu_seqlens_q.const_data_ptr<int32_t>();
-  p.cu_seqlens_k = cu_seqlens_k.const_data_ptr<int32_t>();
+  set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());
   p.lse_batch_stride = 0;
   p.lse_head_stride = q.size(0);
