@@ -16,7 +16,6 @@ constexpr int kRows = int(kLinearRowBlock);
 constexpr int kTile = 4;
 constexpr int kPassRows = 16;       // rows of x per pass over the weight
 constexpr int64_t kChunk = 512;     // elements of k per chunk (see linear_impl.h)
-constexpr int64_t kPrefetch = 512;  // elements (1 KiB) ahead of the loads on each weight row
 
 inline __m512bh load_pairs(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh load_pairs(const uint16_t* p, int n) {
@@ -35,11 +34,13 @@ void tile(const LinearArgs& a, int64_t n0, int64_t m0, int64_t k0, int64_t k1, _
   __m512 acc[MT][R];
   for (int j = 0; j < MT; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = accbuf[j * R + r];
+  const int64_t next = R * a.w_stride;
   int64_t i = k0;
   for (; i + 32 <= k1; i += 32) {
     __m512bh wv[R];
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[r] + i + kPrefetch), _MM_HINT_T0);
+      // the same place in the next block's rows, into L2 (see linear_impl.h)
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + i + next), _MM_HINT_T1);
       wv[r] = load_pairs(w[r] + i);
     }
     for (int j = 0; j < MT; ++j) {

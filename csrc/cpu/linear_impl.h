@@ -6,6 +6,12 @@
 // vector per row, then does R * MT independent FMAs. k advances in chunks; within a chunk the tiles
 // of rows take turns, so the chunk of weight rows is read from memory by the first tile and from L1
 // by the others: the weight streams from memory once per call for up to kPassRows rows of x.
+//
+// Prefetch: each load is paired with a prefetch into L2 of the same place in the next block's rows
+// (R rows further on). A block's R rows are adjacent, so the prefetches sweep the weight one block
+// ahead of the loads. Measured against a 1 GiB sum on the lm_head shape (2560 -> 102400, one row):
+// 90-95% of the sum's rate, against 78-80% when each row was prefetched 1 KiB ahead of itself (the
+// hardware prefetcher restarts at every block of 4 short rows) and ~88% with no software prefetch.
 #pragma once
 #include <algorithm>
 #include <type_traits>
@@ -23,7 +29,6 @@ constexpr int kPassRows = 16;
 // Elements of k per chunk: the chunk of a block's weight rows (4 x 512 x 2 bytes for bf16) is read
 // from memory by the first tile and from L1 by the others.
 constexpr int64_t kChunk = 512;
-constexpr int64_t kPrefetchBytes = 1024;  // how far ahead of the loads each weight row is prefetched
 
 // k in [k0, k1) for output features n0..n0+R-1 and rows m0..m0+MT-1, accumulators in acc[j * R + r].
 template <typename T, int R, int MT>
@@ -35,13 +40,13 @@ void tile(const LinearArgs& a, int64_t n0, int64_t m0, int64_t k0, int64_t k1, V
   Vec acc[MT][R];
   for (int j = 0; j < MT; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = accbuf[j * R + r];
-  constexpr int64_t pf = kPrefetchBytes / int64_t(sizeof(T));
+  const int64_t next = R * a.w_stride;
   // two vectors per step: a 64-byte line of bf16/f16 weights per row
   int64_t i = k0;
   for (; i + 2 * Vec::size <= k1; i += 2 * Vec::size) {
     Vec w0[R], w1[R];
     for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(w[r] + i + pf, 0, 3);
+      __builtin_prefetch(w[r] + i + next, 0, 2);
       w0[r] = Vec::load(w[r] + i);
       w1[r] = Vec::load(w[r] + i + Vec::size);
     }
