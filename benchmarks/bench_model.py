@@ -130,6 +130,7 @@ def main():
     if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie the head again
         model.lm_head.weight = model.transformer.wte.weight
     model.reset_parameters(0.02)
+    model.hugepage_weights()  # as from_pretrained does for CPU models
     model.init_rope(device)
     model.eval()
     weight_bytes = sum(p.nbytes for p in model.parameters())
