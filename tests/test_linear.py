@@ -144,3 +144,62 @@ def test_bad_inputs():
 def test_reference_used_without_kernel():
     x, w = torch.empty(3, 5, 8, device="meta"), torch.empty(6, 8, device="meta")
     assert ops.linear(x, w).shape == (3, 5, 6)
+
+
+# ---- linear_cat: x @ cat(weights).T without concatenating the weights ----------------------------------
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_cat_equals_separate_linears(m, dtype, device, cpu_isa, bf16_dot):
+    # output sizes that are not multiples of the kernel's block of 4, and one weight of a single row
+    k = 257
+    ws = [torch.randn(n, k, device=device).to(dtype) for n in (130, 1, 64, 33)]
+    x = torch.randn(m, k, device=device).to(dtype)
+    out = ops.linear_cat(x, ws)
+    assert out.shape == (m, 228) and out.is_contiguous()
+    # each weight's columns are exactly what linear gives for it alone
+    assert torch.equal(out, torch.cat([ops.linear(x, w) for w in ws], -1))
+    ref64 = reference.linear_cat(x.double(), [w.double() for w in ws])
+    assert_error_within(out, ref64, reference.linear_cat(x, ws), "out")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_cat_gradients(dtype, device):
+    x = torch.randn(2, 5, 96, device=device).to(dtype)
+    ws = [torch.randn(n, 96, device=device).to(dtype) for n in (40, 24)]
+    dy = torch.randn(2, 5, 64, device=device).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, *ws)]
+    ops.linear_cat(leaves[0], leaves[1:]).backward(dy)
+    leaves64 = [t.double().requires_grad_() for t in (x, *ws)]
+    reference.linear_cat(leaves64[0], leaves64[1:]).backward(dy.double())
+    leaves_lp = [t.clone().requires_grad_() for t in (x, *ws)]
+    reference.linear_cat(leaves_lp[0], leaves_lp[1:]).backward(dy)
+    for name, a, b, c in zip(["dx", "dw0", "dw1"], leaves, leaves64, leaves_lp):
+        assert_error_within(a.grad, b.grad, c.grad, name)
+
+
+def test_linear_cat_gradcheck_and_opcheck(device):
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: ops.linear_cat(x, [a, b]), (x, a, b))
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = torch.randn(2, 4, 40, dtype=dtype, device=device, requires_grad=True)
+        ws = [torch.randn(n, 40, dtype=dtype, device=device, requires_grad=True) for n in (24, 8)]
+        torch.library.opcheck(torch.ops.exaone_ext.linear_cat.default, (xs, ws))
+
+
+def test_linear_cat_bad_inputs():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="at least one weight"):
+        ops.linear_cat(x, [])
+    with pytest.raises(ValueError, match=r"weights\[1\]: the last dimension of 'x'.*in_features"):
+        ops.linear_cat(x, [w, torch.randn(6, 9)])
+    with pytest.raises(TypeError, match=r"weights\[1\]: 'weight' must have the same dtype as 'x'"):
+        ops.linear_cat(x, [w, w.half()])
+    with pytest.raises(TypeError, match=r"'weights\[0\]' must be a torch.Tensor"):
+        ops.linear_cat(x, [1.0])
+    with pytest.raises(TypeError, match="'weights' must be a list or tuple"):
+        ops.linear_cat(x, w)
+    assert ops.linear_cat(torch.empty(0, 8), [w]).shape == (0, 6)
+    meta = ops.linear_cat(torch.empty(3, 8, device="meta"), [torch.empty(6, 8, device="meta")] * 2)
+    assert meta.shape == (3, 12)

@@ -1,4 +1,6 @@
-// exaone_ext::linear (y = x @ weight.T, no bias): schema, checks, and the CPU implementation.
+// exaone_ext::linear (y = x @ weight.T, no bias) and linear_cat (y = x @ cat(weights).T, e.g. the q,
+// k and v projections in one call, without concatenating the weights): schemas, checks, and the CPU
+// implementation.
 //
 // Few rows (decode) are bound by reading the weight: the weight-streaming kernels of cpu/linear.h
 // read it once, split over threads by output features. Many rows (prefill) are bound by arithmetic:
@@ -32,6 +34,32 @@ std::vector<int64_t> check_linear(const at::Tensor& x, const at::Tensor& weight)
   return shape;
 }
 
+std::vector<int64_t> check_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& weights) {
+  TORCH_CHECK_VALUE(!weights.empty(), "exaone_ext.linear_cat: 'weights' must hold at least one weight, got none");
+  std::vector<int64_t> shape;
+  int64_t total = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    // check_linear's message, saying which weight of the list is wrong; the same exception type
+    const auto named = [&](const c10::Error& e) {
+      std::string msg = e.msg();
+      msg = msg.substr(0, msg.find('\n'));
+      const std::string prefix = "exaone_ext.linear: ";
+      if (msg.rfind(prefix, 0) == 0) msg = msg.substr(prefix.size());
+      return "exaone_ext.linear_cat: weights[" + std::to_string(i) + "]: " + msg;
+    };
+    try {
+      shape = check_linear(x, weights[i]);
+    } catch (const c10::TypeError& e) {
+      TORCH_CHECK_TYPE(false, named(e));
+    } catch (const c10::Error& e) {
+      TORCH_CHECK_VALUE(false, named(e));
+    }
+    total += weights[i].size(0);
+  }
+  shape.back() = total;
+  return shape;
+}
+
 namespace {
 
 // Up to this many rows of x the weight-streaming kernel is used; above it at::matmul. Measured at the
@@ -52,10 +80,13 @@ bool bf16_dot_available() {
 #endif
 }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
-  const std::vector<int64_t> out_shape = check_linear(x, weight);
+// y = x @ cat(weights).T: the weights one after the other in y's columns, in one parallel pass.
+at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                           const std::vector<int64_t>& out_shape) {
   const DType dt = kernel_dtype(x, "linear", "x", true);
-  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t K = weights[0].size(1);
+  int64_t N = 0;
+  for (const at::Tensor& w : weights) N += w.size(0);
   const int64_t M = K ? x.numel() / K : [&] {
     int64_t m = 1;
     for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
@@ -64,42 +95,68 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
   if (M == 0 || N == 0 || K == 0) return at::zeros(out_shape, x.options());
   const bool dot = dt == DType::kBFloat16 && bf16_dot_available();
   const int64_t max_rows = dt == DType::kBFloat16 && !dot ? kStreamMaxRowsBf16Fma : kStreamMaxRows;
-  if (M > max_rows) return at::matmul(x, weight.t()).reshape(out_shape);
+  if (M > max_rows) {
+    if (weights.size() == 1) return at::matmul(x, weights[0].t()).reshape(out_shape);
+    std::vector<at::Tensor> parts;
+    for (const at::Tensor& w : weights) parts.push_back(at::matmul(x, w.t()));
+    return at::cat(parts, -1).reshape(out_shape);
+  }
 
-  const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
   // x is small: converted once to the kernel's input type (float32, float64 as is, bf16 as is for dot)
   const at::ScalarType xt = dot ? at::kBFloat16 : (dt == DType::kFloat64 ? at::kDouble : at::kFloat);
   const at::Tensor xk = x.reshape({M, K}).to(xt).contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
-  const LinearArgs a{dt, M, K, N, xk.const_data_ptr(), K, w.const_data_ptr(), w.stride(0), y.data_ptr(), N};
-
-  // Chunks of whole blocks of output features (~256 KiB of weight each) handed out to the threads
-  // one at a time, so that a thread delayed by the OS (a shared machine) leaves its share to the others.
-  const int64_t blocks = (N + kLinearRowBlock - 1) / kLinearRowBlock;
-  const int64_t block_bytes = kLinearRowBlock * K * int64_t(w.element_size());
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 18) / block_bytes);
-  const int64_t chunks = (blocks + chunk - 1) / chunk;
+  // One LinearArgs per weight, writing its columns of y. Work is cut into chunks of whole blocks of
+  // output features (~256 KiB of weight each, never across two weights) handed out to the threads one
+  // at a time, so that a thread delayed by the OS (a shared machine) leaves its share to the others.
+  struct Chunk { int64_t weight, n0, n1; };
+  std::vector<at::Tensor> ws;
+  std::vector<LinearArgs> args;
+  std::vector<Chunk> chunks;
+  int64_t col = 0;
+  for (const at::Tensor& weight : weights) {
+    const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
+    const int64_t n = w.size(0);
+    args.push_back(LinearArgs{dt, M, K, n, xk.const_data_ptr(), K, w.const_data_ptr(), w.stride(0),
+                              static_cast<char*>(y.data_ptr()) + col * y.element_size(), N});
+    const int64_t blocks = (n + kLinearRowBlock - 1) / kLinearRowBlock;
+    const int64_t block_bytes = kLinearRowBlock * K * int64_t(w.element_size());
+    const int64_t per = std::max<int64_t>(1, (int64_t(1) << 18) / block_bytes) * kLinearRowBlock;
+    for (int64_t n0 = 0; n0 < n; n0 += per) chunks.push_back({int64_t(ws.size()), n0, std::min(n, n0 + per)});
+    ws.push_back(w);
+    col += n;
+  }
   std::atomic<int64_t> next{0};
-  const auto run = [&](int64_t c) {
-    const int64_t n0 = c * chunk * kLinearRowBlock, n1 = std::min(N, (c + 1) * chunk * kLinearRowBlock);
+  const auto run = [&](const Chunk& c) {
+    const LinearArgs& a = args[c.weight];
     if (dt == DType::kFloat64) {
-      cpu::scalar::linear_rows(a, n0, n1);
+      cpu::scalar::linear_rows(a, c.n0, c.n1);
 #if defined(EXAONE_HAVE_AVX512BF16)
     } else if (dot) {
-      cpu::avx512bf16::linear_rows(a, n0, n1);
+      cpu::avx512bf16::linear_rows(a, c.n0, c.n1);
 #endif
     } else {
-      EXAONE_CPU_DISPATCH(linear_rows, a, n0, n1);
+      EXAONE_CPU_DISPATCH(linear_rows, a, c.n0, c.n1);
     }
   };
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  const int64_t n_chunks = int64_t(chunks.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_chunks);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n_chunks;
          c = next.fetch_add(1, std::memory_order_relaxed)) {
-      run(c);
+      run(chunks[c]);
     }
   });
   return y.view(out_shape);
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
+  return linear_cpu_impl(x, {weight}, check_linear(x, weight));
+}
+
+at::Tensor linear_cat_cpu(const at::Tensor& x, at::TensorList weights) {
+  const std::vector<at::Tensor> ws(weights.begin(), weights.end());
+  return linear_cpu_impl(x, ws, check_linear_cat(x, ws));
 }
 
 }  // namespace
@@ -110,8 +167,10 @@ bool set_linear_bf16_dot(bool enabled) { return g_bf16_dot.exchange(enabled); }
 
 TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("linear_cat(Tensor x, Tensor[] weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(exaone_ext, CPU, m) {
   m.impl("linear", &exaone_ext::linear_cpu);
+  m.impl("linear_cat", &exaone_ext::linear_cat_cpu);
 }

@@ -22,7 +22,7 @@ from ..ops.attention import ATTENTION_HEAD_DIMS
 from .config import ExaoneConfig
 from .kv_cache import KVCache
 
-_OP_NAMES = ("linear", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
+_OP_NAMES = ("linear", "linear_cat", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
              "flash_attn_varlen", "flash_attn_with_kvcache")
 
 
@@ -67,9 +67,12 @@ class Attention(nn.Module):
 
     def forward(self, x, ops, cos, sin, position_ids, cu_seqlens, max_seqlen, kv_layer, cache_seqlens):
         b, s, _ = x.shape
-        q = ops.linear(x, self.q_proj.weight).view(b, s, self.num_heads, self.head_dim)     # [b, s, hq, hd]
-        k = ops.linear(x, self.k_proj.weight).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
-        v = ops.linear(x, self.v_proj.weight).view(b, s, self.num_kv_heads, self.head_dim)  # [b, s, hk, hd]
+        # the three projections in one call (one pass over their weights at decode); q, k, v are views
+        nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = ops.linear_cat(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # [b, s, nq + 2 nk]
+        q = qkv[..., :nq].view(b, s, self.num_heads, self.head_dim)                          # [b, s, hq, hd]
+        k = qkv[..., nq:nq + nk].view(b, s, self.num_kv_heads, self.head_dim)                # [b, s, hk, hd]
+        v = qkv[..., nq + nk:].view(b, s, self.num_kv_heads, self.head_dim)                  # [b, s, hk, hd]
         q, k = ops.apply_rope(q, k, cos, sin, position_ids)
         if kv_layer is not None:
             # k, v are written into the cache at each row's offset, then attended with the past
@@ -100,8 +103,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # down
 
     def forward(self, x, ops):
-        return ops.linear(ops.swiglu(ops.linear(x, self.c_fc_0.weight), ops.linear(x, self.c_fc_1.weight)),
-                          self.c_proj.weight)
+        gate_up = ops.linear_cat(x, [self.c_fc_0.weight, self.c_fc_1.weight])  # [..., 2 * intermediate]
+        return ops.linear(ops.swiglu(gate_up), self.c_proj.weight)
 
 
 class Block(nn.Module):

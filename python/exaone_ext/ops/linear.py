@@ -23,6 +23,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _ops.linear(x, weight)
 
 
+def linear_cat(x: torch.Tensor, weights: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x [..., in] @ cat(weights).T -> [..., sum of out_i], without concatenating the weights: e.g.
+    the q, k and v projections (or the gate and up projections) of a layer in one call. For decode
+    on CPU the weights stream in one parallel pass, as one long weight would; the outputs of each
+    weight are the same as linear(x, weight) gives. Differentiable in x and every weight."""
+    check_tensor(x, "x", "linear_cat")
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"exaone_ext.linear_cat: 'weights' must be a list or tuple of tensors, "
+                        f"got {type(weights).__name__}")
+    for i, w in enumerate(weights):
+        check_tensor(w, f"weights[{i}]", "linear_cat")
+    if not has_kernel(x.device):
+        return reference.linear_cat(x, list(weights))
+    return _ops.linear_cat(x, list(weights))
+
+
 @torch.library.register_fake("exaone_ext::linear")
 def _(x, weight):
     torch._check(weight.dim() == 2, lambda: "exaone_ext.linear: 'weight' must be 2-dimensional")
@@ -49,3 +65,33 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("exaone_ext::linear", _backward, setup_context=_setup)
+
+
+@torch.library.register_fake("exaone_ext::linear_cat")
+def _(x, weights):
+    torch._check(len(weights) > 0, lambda: "exaone_ext.linear_cat: 'weights' must hold at least one weight")
+    for w in weights:
+        torch._check(w.dim() == 2, lambda: "exaone_ext.linear_cat: every weight must be 2-dimensional")
+        torch._check(x.shape[-1] == w.shape[1],
+                     lambda: "exaone_ext.linear_cat: the last dimension of 'x' must equal in_features of every weight")
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+def _setup_cat(ctx, inputs, output):
+    x, weights = inputs
+    ctx.sizes = [w.shape[0] for w in weights]
+    ctx.save_for_backward(x, *weights)
+
+
+def _backward_cat(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    grads = grad.split(ctx.sizes, dim=-1)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = sum(torch.matmul(g, w) for g, w in zip(grads, weights))          # [..., out_i] @ [out_i, in]
+    x2 = x.reshape(-1, x.shape[-1])
+    dws = [torch.matmul(g.reshape(-1, g.shape[-1]).t(), x2) for g in grads]  # [out_i, in]
+    return dx, dws
+
+
+torch.library.register_autograd("exaone_ext::linear_cat", _backward_cat, setup_context=_setup_cat)
