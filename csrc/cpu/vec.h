@@ -99,6 +99,8 @@ inline Vec recip(Vec d) {
   __m512 y = _mm512_rcp14_ps(d.v);
   return {_mm512_mul_ps(y, _mm512_fnmadd_ps(d.v, y, _mm512_set1_ps(2.f)))};
 }
+// t = floor(t) + f with f in [0, 1): returns f (exact; vreduceps with round-down)
+inline Vec frac_floor(Vec t) { return {_mm512_reduce_ps(t.v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)}; }
 #define EXAONE_VEC_HAS_SCALEF 1
 
 #elif defined(EXAONE_VEC_AVX2)
@@ -159,6 +161,7 @@ inline float reduce_max(Vec a) {
   return _mm_cvtss_f32(s);
 }
 inline Vec round_nearest(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline Vec round_down(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)}; }
 inline Vec pow2i(Vec n) {
   __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(e, 23))};
@@ -236,6 +239,50 @@ inline Vec vexp(Vec x) {
 inline Vec vsigmoid(Vec x) {
   Vec xc = min(Vec::set1(88.f), max(Vec::set1(-88.f), x));
   return recip(Vec::set1(1.0f) + vexp(Vec::zero() - xc));
+}
+
+// 2^t for results that end up rounded to a 16-bit float (bf16 / f16), for t in [-126, 120]
+// (callers clamp): t = n + f with n = floor(t), f in [0, 1), 2^f by a degree-4 polynomial fitted
+// for relative error (2.7e-6 in float arithmetic). With the rounding of t itself (|t| 2^-24) the
+// result is within 1e-5 relative: under 1% of half a bf16 ulp (2^-9) and 2% of half an f16 ulp.
+inline Vec exp2_lowp(Vec t) {
+#if defined(EXAONE_VEC_SCALAR)
+  return {std::exp2(t.v)};
+#else
+#if defined(EXAONE_VEC_HAS_SCALEF)
+  const Vec f = frac_floor(t);
+#else
+  const Vec n = round_down(t);
+  const Vec f = t - n;
+#endif
+  Vec p = Vec::set1(1.3533973135054111e-2f);
+  p = fmadd(p, f, Vec::set1(5.201134458184242e-2f));
+  p = fmadd(p, f, Vec::set1(2.414432317018509e-1f));
+  p = fmadd(p, f, Vec::set1(6.930036544799805e-1f));
+  p = fmadd(p, f, Vec::set1(1.0000026226043701f));
+#if defined(EXAONE_VEC_HAS_SCALEF)
+  return scale_pow2(p, t);  // p * 2^floor(t)
+#else
+  return p * pow2i(n);
+#endif
+#endif
+}
+
+// sigmoid(x) = 1 / (1 + e) with e = exp(-x) returned too (1 - sigmoid(x) = e * sigmoid(x) without
+// cancellation), for results rounded to bf16 / f16 (see exp2_lowp). -x log2(e) is clamped to
+// [-126, 120]: sigmoid is 1 to float precision below and under 2^-120 above, and 1 + e stays a
+// normal float so that the refined reciprocal estimate replaces a division. NaN propagates.
+inline Vec vsigmoid_lowp(Vec x, Vec& e) {
+  const Vec t = min(Vec::set1(120.f), max(Vec::set1(-126.f), x * Vec::set1(-1.44269504088896341f)));
+  e = exp2_lowp(t);
+  return recip(Vec::set1(1.0f) + e);
+}
+
+// The float32-accurate sigmoid with e = exp(-x) returned too (as vsigmoid_lowp).
+inline Vec vsigmoid(Vec x, Vec& e) {
+  const Vec xc = min(Vec::set1(88.f), max(Vec::set1(-88.f), x));
+  e = vexp(Vec::zero() - xc);
+  return recip(Vec::set1(1.0f) + e);
 }
 
 // Calls F<T>::run(args...) with T the storage type of `t`. float64 exists only in the portable
