@@ -5,6 +5,9 @@
 // with wide instructions can never be linked in place of portable code. Kernels are written once
 // against this interface (cpu/*_impl.h) and instantiated in each ISA file.
 //
+// The AVX-512 code is also compiled with AVX512-BF16 (namespace avx512bf16, see isa.h), where
+// stores to bf16 convert with vcvtneps2bf16.
+//
 //   Vec::size                   lanes (16 for AVX-512, 8 for AVX2, 1 for the portable fallback)
 //   Vec::load(p) / store(p)     float, bf16 or f16 memory; 16-bit types converted in registers
 //   Vec::load(p, n) / store(p, n)  the first n < size lanes (tails)
@@ -16,7 +19,12 @@
 #include "common/dtypes.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if defined(__AVX512BF16__)
+// csrc/cpu/*_avx512bf16.cpp: the AVX-512 code with float -> bf16 conversion by vcvtneps2bf16
+#define EXAONE_ISA avx512bf16
+#else
 #define EXAONE_ISA avx512
+#endif
 #define EXAONE_VEC_AVX512 1
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -66,6 +74,12 @@ struct Vec {
   static __mmask16 mask(int n) { return __mmask16((1u << n) - 1u); }
   // round to nearest even; NaN -> quiet NaN
   __m256i to_bf16_bits() const {
+#if defined(__AVX512BF16__)
+    // vcvtneps2bf16 rounds the same way and quiets NaN the same way (high half | 0x40), but takes
+    // float32 denormals (magnitude below 2^-126) as zero: those become signed zeros here instead
+    // of bf16 denormals (an absolute difference below 1.2e-38).
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
@@ -73,6 +87,7 @@ struct Vec {
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
     return _mm512_cvtepi32_epi16(r);
+#endif
   }
 };
 inline Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }

@@ -132,7 +132,7 @@ void run_forward_cpu(const RmsNormArgs& a) {
     if (a.dtype == DType::kFloat64) {
       cpu::scalar::rms_norm_forward_rows(a, b, e);
     } else {
-      EXAONE_CPU_DISPATCH(rms_norm_forward_rows, a, b, e);
+      EXAONE_CPU_DISPATCH_BF16(rms_norm_forward_rows, a, b, e);
     }
   });
 }
@@ -144,7 +144,7 @@ void run_backward_cpu(const RmsNormBackwardArgs& a) {
       if (f64) {
         cpu::scalar::rms_norm_backward_chunk(a, c);
       } else {
-        EXAONE_CPU_DISPATCH(rms_norm_backward_chunk, a, c);
+        EXAONE_CPU_DISPATCH_BF16(rms_norm_backward_chunk, a, c);
       }
     }
   });
@@ -154,7 +154,7 @@ void run_backward_cpu(const RmsNormBackwardArgs& a) {
     if (f64) {
       cpu::scalar::rms_norm_reduce_dw(a, b, e);
     } else {
-      EXAONE_CPU_DISPATCH(rms_norm_reduce_dw, a, b, e);
+      EXAONE_CPU_DISPATCH_BF16(rms_norm_reduce_dw, a, b, e);
     }
   });
 }

@@ -96,9 +96,9 @@ void run_cpu(const SwigluArgs& a, bool backward) {
     if (a.dtype == DType::kFloat64) {
       backward ? cpu::scalar::swiglu_backward_rows(a, b, e) : cpu::scalar::swiglu_forward_rows(a, b, e);
     } else if (backward) {
-      EXAONE_CPU_DISPATCH(swiglu_backward_rows, a, b, e);
+      EXAONE_CPU_DISPATCH_BF16(swiglu_backward_rows, a, b, e);
     } else {
-      EXAONE_CPU_DISPATCH(swiglu_forward_rows, a, b, e);
+      EXAONE_CPU_DISPATCH_BF16(swiglu_forward_rows, a, b, e);
     }
   });
 }
