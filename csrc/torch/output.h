@@ -1,5 +1,6 @@
-// Allocation of the elementwise ops' outputs (SwiGLU, RMSNorm). On CPU, outputs of 32 MiB and more
-// come from their own mapping backed by transparent huge pages; everything else is at::empty.
+// Allocation of the elementwise ops' outputs (SwiGLU, RMSNorm). On CPU, outputs of 4 MiB and more
+// come from huge-page mappings that are kept for reuse when freed (see output.cpp); everything
+// else is at::empty.
 #pragma once
 #include <ATen/core/Tensor.h>
 
