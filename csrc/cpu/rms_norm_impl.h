@@ -17,6 +17,12 @@ template <typename T>
 inline Vec rounded(Vec v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
+#if defined(EXAONE_VEC_AVX512)
+  } else if constexpr (std::is_same_v<T, bf16>) {  // in registers: the bf16 bits widened back
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v.to_bf16_bits()), 16))};
+  } else if constexpr (std::is_same_v<T, f16>) {
+    return {_mm512_cvtph_ps(_mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))};
+#endif
   } else {
     T tmp[Vec::size];
     v.store(tmp);
