@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import exaone_ext
 from exaone_ext import ops
 from exaone_ext.ops import reference
 from conftest import DEVICES, DTYPES, assert_error_within
@@ -202,6 +203,61 @@ def test_kvcache_split_kv_long_cache(dtype):
     ref64 = reference.flash_attn_with_kvcache(q.double(), k_cache.double(), v_cache.double(), lens)
     ref_lp = reference.flash_attn_with_kvcache(q, k_cache, v_cache, lens)
     assert_error_within(out, ref64, ref_lp, "out")
+
+
+# Few query rows per kv head (seq_new * group <= 8) on bfloat16 take the decode kernel where the CPU
+# has AVX512-BF16 (all kv heads per item, split over key ranges); elsewhere the general kernel.
+@pytest.mark.parametrize("hq,hk,s_new", [(8, 8, 1), (8, 4, 1), (32, 8, 1), (40, 8, 1), (16, 2, 1), (8, 2, 2),
+                                         (4, 2, 3)])
+@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("lens", [[0, 1, 33, 2900], [37], [1500]], ids=["ragged", "short", "split"])
+def test_kvcache_decode_shapes(hq, hk, s_new, d, lens):
+    dtype = torch.bfloat16
+    b, max_seq = len(lens), max(lens) + s_new + 5
+    k_cache = torch.randn(b, max_seq, hk, d).to(dtype)
+    v_cache = torch.randn(b, max_seq, hk, d).to(dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    q, k_new, v_new = _qkv(b, s_new, s_new, hq, hk, d, dtype, "cpu")
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = ops.flash_attn_with_kvcache(q, kc, vc, seqlens, k_new, v_new)
+    kr, vr = k_cache.clone(), v_cache.clone()
+    ref_lp = reference.flash_attn_with_kvcache(q, kr, vr, seqlens, k_new, v_new)
+    ref64 = reference.flash_attn_with_kvcache(q.double(), k_cache.double(), v_cache.double(), seqlens,
+                                              k_new.double(), v_new.double())
+    assert_error_within(out, ref64, ref_lp, "out")
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    # non-causal over the cache only, and the general kernel (AVX2) on the same input
+    out_nc = ops.flash_attn_with_kvcache(q, kc, vc, seqlens, causal=False)
+    ref_nc = reference.flash_attn_with_kvcache(q.double(), kc.double(), vc.double(), seqlens, causal=False)
+    assert_error_within(out_nc, ref_nc, reference.flash_attn_with_kvcache(q, kc, vc, seqlens, causal=False), "out")
+    if "avx2" in exaone_ext.build_info()["cpu_isa_compiled"]:
+        previous = exaone_ext.get_cpu_isa()
+        exaone_ext.set_cpu_isa("avx2")
+        try:
+            other = ops.flash_attn_with_kvcache(q, kc, vc, seqlens, causal=False)
+        finally:
+            exaone_ext.set_cpu_isa(previous)
+        torch.testing.assert_close(out_nc.float(), other.float(), atol=2e-2, rtol=0)
+
+
+def test_kvcache_decode_strided_cache():
+    # caches that are views: heads not adjacent (a [b, seq, 2 * hk, d] buffer, every other head)
+    b, hq, hk, d = 2, 8, 2, 80
+    big_k = torch.randn(b, 700, 2 * hk, d).bfloat16()
+    big_v = torch.randn(b, 700, 2 * hk, d).bfloat16()
+    kc, vc = big_k[:, :, ::2], big_v[:, :, ::2]
+    seqlens = torch.tensor([650, 3], dtype=torch.int32)
+    q = torch.randn(b, 1, hq, d).bfloat16()
+    k_new, v_new = torch.randn(b, 1, hk, d).bfloat16(), torch.randn(b, 1, hk, d).bfloat16()
+    kr, vr = kc.clone(), vc.clone()
+    others = big_k[:, :, 1::2].clone(), big_v[:, :, 1::2].clone()
+    out = ops.flash_attn_with_kvcache(q, kc, vc, seqlens, k_new, v_new)
+    ref_lp = reference.flash_attn_with_kvcache(q, kr, vr, seqlens, k_new, v_new)
+    ref64 = reference.flash_attn_with_kvcache(q.double(), kr.double(), vr.double(), seqlens)
+    assert_error_within(out, ref64, ref_lp, "out")
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    # the heads in between were not written
+    assert torch.equal(big_k[:, :, 1::2], others[0]) and torch.equal(big_v[:, :, 1::2], others[1])
 
 
 def test_chunked_prefill_equals_full_recomputation(device):

@@ -99,6 +99,27 @@ def test_chat_piped(ckpt, api):
     assert "reset" in proc.stderr
 
 
+def test_chat_drops_oldest_turns_beyond_the_context(ckpt, api):
+    # the tiny checkpoint has a 512-token context: long turns push the first ones out
+    model, tok = api
+    from exaone_ext.generation import trim_history
+    long_line = " ".join(["Seoul is the capital of Korea."] * 25)
+    lines = [f"{i} {long_line}" for i in range(4)]
+    proc = run("chat", "--model", str(ckpt), "--max-new-tokens", "8", stdin="\n".join(lines) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "oldest message" in proc.stderr
+    replies = proc.stdout.split("\n")[:-1]
+    assert len(replies) == 4  # every turn answered
+    # the same conversation through the API: trimmed the same way, same replies
+    cfg = GenerationConfig(max_new_tokens=8)
+    history = []
+    for line, reply in zip(lines, replies):
+        history, _ = trim_history(tok, history + [{"role": "user", "content": line}], 512 - 8)
+        assert generate(model, tok, history, cfg).text == reply
+        history.append({"role": "assistant", "content": reply})
+    assert len(history) < 2 * len(lines)
+
+
 def test_convert_round_trip(ckpt, tmp_path):
     llama, back = tmp_path / "llama", tmp_path / "back"
     proc = run("convert", "--from", "exaone", "--to", "llama", str(ckpt), str(llama), "--max-shard-size", "200KB")

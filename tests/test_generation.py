@@ -425,3 +425,33 @@ def test_default_stop_ids_include_model_eos(model, tok):
     assert engine._stop_ids(tok, Other(), cfg) == {tok.eos_token_id, 7, 9}
     assert engine._stop_ids(tok, Other(), GenerationConfig(stop_token_ids=[5])) == {5}
     assert engine._stop_ids(tok, Other(), GenerationConfig(stop_token_ids=[])) == set()
+
+
+# ---------------------------------------------------------------------------- conversation history
+def test_trim_history_drops_oldest_turns(tok):
+    from exaone_ext.generation import trim_history
+    system = [{"role": "system", "content": "Be brief."}]
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question {i} " + ENGLISH}, {"role": "assistant", "content": KOREAN}]
+    last = {"role": "user", "content": "and now?"}
+    messages = system + turns + [last]
+    full = len(tok.apply_chat_template(messages, tokenize=True))
+    same, dropped = trim_history(tok, messages, full)
+    assert same == messages and dropped == 0
+    kept, dropped = trim_history(tok, messages, full - 1)
+    # one whole turn (user + reply) went, the oldest one
+    assert dropped == 2 and kept == system + turns[2:] + [last]
+    limit = len(tok.apply_chat_template(system + [last], tokenize=True)) + 5
+    kept, dropped = trim_history(tok, messages, limit)
+    assert kept == system + [last] and dropped == 12
+    assert len(tok.apply_chat_template(kept, tokenize=True)) <= limit
+    # too long even alone: returned as short as it gets, generation then reports the length
+    kept, _ = trim_history(tok, messages, 3)
+    assert kept == system + [last]
+    # without a system message, and a leading assistant message goes with the first turn
+    lone = [{"role": "assistant", "content": KOREAN}] + turns[:2] + [last]
+    kept, dropped = trim_history(tok, lone, len(tok.apply_chat_template(turns[:2] + [last], tokenize=True)))
+    assert kept == turns[:2] + [last] and dropped == 1
+    with pytest.raises(ValueError, match="max_tokens"):
+        trim_history(tok, messages, 0)

@@ -349,3 +349,25 @@ def test_rope_tables_built_once_as_nonpersistent_buffers():
     i = 7
     freqs = __import__("exaone_ext").ops.reference.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
     assert math.isclose(model.rope_cos[1000, i].item(), math.cos(1000 * freqs[i].item()), abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hugepage_weights_keep_values_and_ties(tied):
+    config = ExaoneConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = ExaoneForCausalLM(config).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 4096, (1, 9))
+    with torch.no_grad():
+        logits = model(ids)
+    moved = model.hugepage_weights(min_bytes=1 << 20)  # the 4 MiB embedding (and head) qualify
+    big = {n for n, p in before.items() if p.nbytes >= 1 << 20}
+    assert big
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    if moved:  # Linux with transparent huge pages available
+        assert moved == sum(before[n].nbytes for n in big if not (tied and n == "lm_head.weight"))
+    with torch.no_grad():
+        assert torch.equal(model(ids), logits)

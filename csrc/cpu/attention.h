@@ -51,7 +51,38 @@ inline int64_t attn_scratch_bytes(int64_t group, int64_t head_dim) {
 // Which head dims the kernels accept (a multiple of 16 keeps every vector full).
 inline bool attn_head_dim_supported(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
 
+// ---- decode on bfloat16 with AVX512-BF16 (cpu/attention_decode_avx512bf16.cpp) ----
+// For forward calls with few query rows per kv head (seq_q * group <= 8: a decode step or a short
+// chunked prefill): one work item is (sequence b, keys [k_begin, k_end)) over ALL kv heads, reading
+// that stretch of K / V once and in order. Output like attn_fwd_block: with part_out == nullptr the
+// final rows go to p.out / p.lse, otherwise float partials normalised by their own sum to
+// part_out [batch, seq_q, q_heads, head_dim] and part_lse [batch, seq_q, q_heads] (rows with no
+// visible key: zeros and -inf). Requires bfloat16, head_dim % 16 == 0, K / V rows of even stride.
+constexpr int64_t kAttnDecodeBlockKeys = 32;
+
+inline bool attn_decode_rows_ok(int64_t seq_q, int64_t group) { return seq_q * group <= 8; }
+
+// Rows per head (seq_q * group) rounded up to 1, 2, 4 or 8.
+inline int attn_decode_padded_rows(const AttnParams& p) {
+  const int64_t r = p.seq_q * p.group();
+  return r <= 1 ? 1 : r <= 2 ? 2 : r <= 4 ? 4 : 8;
+}
+
+inline int64_t attn_decode_scratch_bytes(const AttnParams& p) {
+  const int64_t rp = attn_decode_padded_rows(p), rows = p.seq_q * p.group();
+  const int64_t dq = (p.head_dim + 31) / 32 * 32;
+  const int64_t bytes = p.kv_heads * rp * dq * 2 + p.kv_heads * rows * p.head_dim * 4 + p.kv_heads * 16 * 4 * 2 +
+                        kAttnDecodeBlockKeys * rp * 4 + kAttnDecodeBlockKeys / 2 * rp * 4 + 16 * 4;
+  return bytes + 64 * 8;
+}
+
 }  // namespace exaone_ext::cpu
+
+namespace exaone_ext::cpu::avx512bf16 {
+// Built when EXAONE_HAVE_AVX512BF16 is defined; call only when cpu_has("avx512bf16").
+void attn_decode(const AttnParams& p, int64_t b, int64_t k_begin, int64_t k_end, float* part_out, float* part_lse,
+                 void* scratch);
+}  // namespace exaone_ext::cpu::avx512bf16
 
 EXAONE_DECLARE_ISA_KERNEL(void, attn_fwd_block,
                           (const exaone_ext::AttnParams& p, int64_t b, int64_t kv_head, int64_t q_begin,

@@ -3,6 +3,7 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/arange.h>
+#include <cstring>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
@@ -296,14 +297,42 @@ AttnParams prepare_flash_attn_kvcache(const at::Tensor& q, const at::Tensor& k_c
                       has_k ? " plus the new tokens (" : "", has_k ? std::to_string(s_new) : std::string(),
                       has_k ? ")" : "", " exceeds max_seq = ", max_seq, " of 'k_cache'");
   }
-  if (has_k && s_new > 0 && batch > 0) {
+  if (has_k && s_new > 0 && batch > 0 && q.is_cpu()) {
+    // CPU: row by row (a decode step writes one row per sequence; index_put_ costs more than that)
+    const int64_t es = q.element_size(), hk = k_cache.size(2), d = k_cache.size(3);
+    for (const auto& [cache, fresh] : {std::pair{&k_cache, &*k_new}, std::pair{&v_cache, &*v_new}}) {
+      const at::Tensor& c = *cache;
+      const at::Tensor& f = *fresh;
+      char* cp = static_cast<char*>(c.data_ptr());
+      const char* fp = static_cast<const char*>(f.const_data_ptr());
+      const bool whole = c.stride(3) == 1 && f.stride(3) == 1 && c.stride(2) == d && f.stride(2) == d;
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t t = 0; t < s_new; ++t) {
+          char* dst = cp + (b * c.stride(0) + (l[b] + t) * c.stride(1)) * es;
+          const char* src = fp + (b * f.stride(0) + t * f.stride(1)) * es;
+          if (whole) {
+            std::memcpy(dst, src, hk * d * es);
+          } else {
+            for (int64_t h = 0; h < hk; ++h)
+              for (int64_t x = 0; x < d; ++x)
+                std::memcpy(dst + (h * c.stride(2) + x * c.stride(3)) * es, src + (h * f.stride(2) + x * f.stride(3)) * es, es);
+          }
+        }
+    }
+  } else if (has_k && s_new > 0 && batch > 0) {
     const auto idx_opts = cache_seqlens.options().dtype(at::kLong);
     const at::Tensor pos = cache_seqlens.to(at::kLong).unsqueeze(1) + at::arange(s_new, idx_opts).unsqueeze(0);
     const at::Tensor row = at::arange(batch, idx_opts).unsqueeze(1).expand({batch, s_new});
     k_cache.index_put_(c10::List<std::optional<at::Tensor>>({row, pos}), *k_new);
     v_cache.index_put_(c10::List<std::optional<at::Tensor>>({row, pos}), *v_new);
   }
-  seqlens_after = (cache_seqlens + s_new).to(at::kInt).contiguous();
+  if (q.is_cpu()) {
+    seqlens_after = at::empty({batch}, cache_seqlens.options().dtype(at::kInt));
+    int32_t* la = seqlens_after.data_ptr<int32_t>();
+    for (int64_t b = 0; b < batch; ++b) la[b] = int32_t(l[b] + s_new);
+  } else {
+    seqlens_after = (cache_seqlens + s_new).to(at::kInt).contiguous();
+  }
   out = at::empty(q.sizes(), q.options());
   AttnParams p = fill(q, k_cache, v_cache, out, causal, softmax_scale, op);
   p.cache_seqlens = seqlens_after.const_data_ptr<int32_t>();

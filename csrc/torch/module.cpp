@@ -5,6 +5,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <cstdint>
+
 #include "cpu/isa.h"
 #include "torch/linear.h"
 
@@ -58,6 +64,24 @@ py::dict build_info() {
   return d;
 }
 
+// Asks Linux to back the whole 2 MiB pages inside [addr, addr + nbytes) with transparent huge pages
+// when they are first touched (MADV_HUGEPAGE; memory already touched keeps its pages). A decode step
+// streams every weight once, and with 4 KiB pages that is a TLB miss every 4 KiB. Returns the bytes
+// advised: 0 where the kernel says no (THP disabled or not built in, non-Linux); never fails.
+int64_t advise_hugepages(uintptr_t addr, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (addr + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (addr + uintptr_t(nbytes)) & ~(kHuge - 1);
+  if (nbytes <= 0 || end <= begin) return 0;
+  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0 ? int64_t(end - begin) : 0;
+#else
+  (void)addr;
+  (void)nbytes;
+  return 0;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -70,5 +94,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_cpu_avx512bf16", &exaone_ext::cpu::set_avx512bf16, py::arg("enabled"),
         "Allow (True) or forbid the AVX512-BF16 variant of the elementwise CPU kernels (SwiGLU, RMSNorm) in place of "
         "avx512; returns the previous setting.");
+  m.def("_advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"),
+        "Advise transparent huge pages for the whole 2 MiB pages of a CPU buffer not yet touched; returns the bytes advised.");
   m.def("get_cpu_isa", []() { return std::string(exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa())); });
 }

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <memory>
 #include <vector>
@@ -212,6 +213,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// The bfloat16 decode kernel (cpu/attention.h, attn_decode): AVX512-BF16 present and not lowered
+// away (EXAONE_EXT_CPU_ISA / set_cpu_isa), few query rows per kv head.
+bool decode_path(const AttnParams& p) {
+#if defined(EXAONE_HAVE_AVX512BF16)
+  static const bool has = cpu::cpu_has("avx512bf16");
+  return has && cpu::active_isa() == cpu::Isa::kAvx512 && p.dtype == DType::kBFloat16 &&
+         cpu::attn_decode_rows_ok(p.seq_q, p.group()) && p.head_dim % 16 == 0 && p.k_row_stride % 2 == 0 &&
+         p.v_row_stride % 2 == 0 && p.k_head_stride % 2 == 0 && p.v_head_stride % 2 == 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// Items (sequence, key range), each over all kv heads. Ranges are multiples of the kernel's key
+// block, about 8 per thread over the longest sequence (so a delayed thread's share is small) and at
+// least 256 keys; with more than one range per sequence the partial rows are combined with their LSEs.
+void run_decode(const AttnParams& p, at::Tensor& out) {
+#if defined(EXAONE_HAVE_AVX512BF16)
+  const int64_t batch = p.batch, threads = at::get_num_threads();
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]);
+  constexpr int64_t blk = cpu::kAttnDecodeBlockKeys;
+  const int64_t want = std::max<int64_t>(1, (8 * threads + batch - 1) / batch);
+  int64_t range = std::max<int64_t>(256, (max_len + want - 1) / want);
+  range = (range + blk - 1) / blk * blk;
+  const int64_t nsplit = std::max<int64_t>(1, (max_len + range - 1) / range);
+  const int64_t rows = batch * p.seq_q * p.q_heads, d = p.head_dim;
+  const int64_t scratch = cpu::attn_decode_scratch_bytes(p);
+  if (nsplit == 1) {
+    run_items(batch, scratch, [&](int64_t b, void* s) { cpu::avx512bf16::attn_decode(p, b, 0, max_len, nullptr, nullptr, s); });
+    return;
+  }
+  std::vector<float> part_out(static_cast<size_t>(nsplit * rows * d)), part_lse(static_cast<size_t>(nsplit * rows));
+  // split-major items: concurrent threads read neighbouring stretches of the same sequence
+  run_items(nsplit * batch, scratch, [&](int64_t t, void* s) {
+    const int64_t sp = t / batch, b = t % batch;
+    cpu::avx512bf16::attn_decode(p, b, sp * range, (sp + 1) * range, part_out.data() + sp * rows * d,
+                                 part_lse.data() + sp * rows, s);
+  });
+  // out row = sum_s exp(lse_s - lse) * part_s, lse = log sum_s exp(lse_s)
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();  // out is fresh and contiguous [batch, seq_q, q_heads, d]
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> w(static_cast<size_t>(nsplit)), acc(static_cast<size_t>(d));
+    for (int64_t r = r0; r < r1; ++r) {
+      float mx = -INFINITY;
+      for (int64_t sp = 0; sp < nsplit; ++sp) mx = std::max(mx, part_lse[sp * rows + r]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (mx != -INFINITY) {
+        float sum = 0.f;
+        for (int64_t sp = 0; sp < nsplit; ++sp) sum += w[sp] = std::exp(part_lse[sp * rows + r] - mx);
+        for (int64_t sp = 0; sp < nsplit; ++sp) {
+          const float ws = w[sp] / sum;
+          if (ws == 0.f) continue;
+          const float* src = part_out.data() + (sp * rows + r) * d;
+          for (int64_t x = 0; x < d; ++x) acc[x] += ws * src[x];
+        }
+      }
+      for (int64_t x = 0; x < d; ++x) o[r * d + x] = at::BFloat16(acc[x]);
+    }
+  });
+#else
+  (void)p;
+  (void)out;
+#endif
+}
+
 at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                   const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale) {
@@ -220,6 +288,10 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
                                                   softmax_scale, out, lens);
   const int64_t batch = p.batch;
   if (batch == 0 || p.seq_q == 0) return out;
+  if (decode_path(p)) {
+    run_decode(p, out);
+    return out;
+  }
   // Split-KV ("flash-decoding"): long caches are cut into key ranges of kSplitKeys; every
   // (sequence, kv head, query block, range) is an item, and items of one range run next to each
   // other (heads innermost) so that concurrent threads stream neighbouring cache memory, whatever

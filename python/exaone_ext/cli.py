@@ -227,7 +227,7 @@ def _read_turns(interactive: bool):
 
 
 def cmd_chat(args) -> int:
-    from .generation import stream
+    from .generation import stream, trim_history
 
     model, tokenizer, base = load(args)
     config = generation_config(args, base)
@@ -251,12 +251,18 @@ def cmd_chat(args) -> int:
             print("/reset: forget the conversation (keeps the system prompt); /exit: quit", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
+        # the oldest turns give way so that the prompt leaves room for a full reply
+        context = model.config.max_position_embeddings
+        history, dropped = trim_history(tokenizer, history, max(1, context - config.max_new_tokens))
+        if dropped:
+            print(f"[dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to stay within the "
+                  f"{context}-token context]", file=sys.stderr)
         try:
             s = stream(model, tokenizer, history, config)
             for piece in s:
                 out.write(piece)
                 out.flush()
-        except ValueError as e:  # e.g. the conversation outgrew the context: keep chatting after /reset
+        except ValueError as e:  # e.g. one message longer than the whole context: keep chatting
             history.pop()
             print(f"exaone-ext: {e} (use /reset to start over)", file=sys.stderr)
             continue

@@ -278,6 +278,8 @@ def load_model(cls, path, dtype=None, device=None, progress=False, use_kernels=T
             if not torch.equal(head.to(model.lm_head.weight), model.lm_head.weight.cpu().to(head.device)):
                 raise CheckpointError(f"{e.file}: config ties the embeddings but tensor {e.key!r} differs from "
                                       f"the embedding")
+    if device.type == "cpu":
+        model.hugepage_weights()
     model.init_rope(device)
     gen = os.path.join(path, GENERATION_CONFIG_FILE)
     if os.path.isfile(gen):
