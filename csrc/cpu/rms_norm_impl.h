@@ -112,7 +112,19 @@ void forward_rows(const RmsNormArgs& a, int64_t begin, int64_t end) {
       const float rstd = 1.0f / std::sqrt(ss / float(n) + float(a.eps));
       static_cast<float*>(a.rstd)[r] = rstd;
       const Vec rv = Vec::set1(rstd);
+      // the next row's x (and residual) fetched while this pass works from cache (see backward_rows_vec)
+      const bool more = r + 1 < a.rows;
+      const char* x_next = reinterpret_cast<const char*>(x + a.x_stride);
+      const char* res_next = a.residual ? reinterpret_cast<const char*>(static_cast<const T*>(a.residual) +
+                                                                        (r + 1) * a.residual_stride)
+                                        : nullptr;
       auto step = [&](int64_t i, int rem) {
+#if !defined(EXAONE_VEC_SCALAR)
+        if (more && (i * int64_t(sizeof(T))) % 64 == 0) {  // once per 64-byte line
+          _mm_prefetch(x_next + i * int64_t(sizeof(T)), _MM_HINT_T0);
+          if (res_next) _mm_prefetch(res_next + i * int64_t(sizeof(T)), _MM_HINT_T0);
+        }
+#endif
         Vec nv = rounded<T>(load_n(src + i, rem) * rv);
         store_n(load_n(w + i, rem) * nv, y + i, rem);
       };
