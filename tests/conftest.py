@@ -47,6 +47,25 @@ def cpu_isa(request):
     exaone_ext.set_cpu_isa(before)
 
 
+# The elementwise kernels (SwiGLU, RMSNorm) also have an AVX512-BF16 variant that replaces avx512
+# where the CPU has it; tests of those ops run it as one more variant and avx512 without it.
+HAS_AVX512BF16 = ("avx512" in CPU_ISAS and "avx512bf16" in exaone_ext.build_info()["cpu_extra_kernels"]
+                  and "avx512bf16" in exaone_ext.build_info()["cpu_features"])
+CPU_VARIANTS = (["avx512bf16"] if HAS_AVX512BF16 else []) + CPU_ISAS
+
+
+@pytest.fixture(params=CPU_VARIANTS)
+def cpu_variant(request):
+    """As cpu_isa, plus the AVX512-BF16 variant of the elementwise kernels ("avx512" runs without it)."""
+    from exaone_ext import _C
+    before_isa = exaone_ext.get_cpu_isa()
+    before_bf16 = _C._set_cpu_avx512bf16(request.param == "avx512bf16")
+    exaone_ext.set_cpu_isa("avx512" if request.param == "avx512bf16" else request.param)
+    yield request.param
+    exaone_ext.set_cpu_isa(before_isa)
+    _C._set_cpu_avx512bf16(before_bf16)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

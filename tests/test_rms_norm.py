@@ -52,34 +52,34 @@ def _check_against_reference(x, r, w, eps=1e-5):
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("add", [False, True], ids=["rms_norm", "add_rms_norm"])
-def test_matches_reference(add, dtype, rows, hidden, device, cpu_isa):
+def test_matches_reference(add, dtype, rows, hidden, device, cpu_variant):
     x, r, w = _inputs((rows, hidden), dtype, device, residual=add)
     _check_against_reference(x, r, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("add", [False, True], ids=["rms_norm", "add_rms_norm"])
-def test_float32_weight_with_low_precision_x(add, dtype, device, cpu_isa):
+def test_float32_weight_with_low_precision_x(add, dtype, device, cpu_variant):
     x, r, w = _inputs((2, 9, 80), dtype, device, wdtype=torch.float32, residual=add)
     _check_against_reference(x, r, w)
     y = ops.add_rms_norm(x, r, w)[0] if add else ops.rms_norm(x, w)
     assert y.dtype == dtype
 
 
-def test_bf16_weight_with_float32_x(device, cpu_isa):
+def test_bf16_weight_with_float32_x(device, cpu_variant):
     x, _, w = _inputs((5, 33), torch.float32, device, wdtype=torch.bfloat16)
     _check_against_reference(x, None, w)
 
 
 @pytest.mark.parametrize("eps", [1e-6, 1e-2])
-def test_eps_and_tiny_rows(eps, cpu_isa):
+def test_eps_and_tiny_rows(eps, cpu_variant):
     x = torch.randn(6, 80) * 1e-3
     x[2] = 0  # an all-zero row: rstd = 1/sqrt(eps), y = 0
     _check_against_reference(x, torch.randn(6, 80) * 1e-3, torch.randn(80), eps)
     _check_against_reference(x, None, torch.randn(80), eps)
 
 
-def test_non_contiguous_inputs(device, cpu_isa):
+def test_non_contiguous_inputs(device, cpu_variant):
     base = torch.randn(40, 2, 130, device=device)
     x = base[:, 0, 1:98]                                  # strided rows, offset start
     r = torch.randn(97, 40, device=device).t()            # last dim not contiguous
@@ -109,14 +109,14 @@ def test_non_contiguous_inputs(device, cpu_isa):
     torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_special_values(cpu_isa):
+def test_special_values(cpu_variant):
     x = torch.tensor([[1.0, float("inf"), 2.0], [1.0, float("nan"), 2.0], [3e38, 3e38, 1.0], [0.0, 0.0, 0.0]])
     y = ops.rms_norm(x, torch.ones(3))
     ref = reference.rms_norm(x, torch.ones(3))
     torch.testing.assert_close(y, ref, equal_nan=True)
 
 
-def test_weight_gradient_is_deterministic(cpu_isa):
+def test_weight_gradient_is_deterministic(cpu_variant):
     x, r, w = _inputs((1000, 2560), torch.bfloat16, "cpu", wdtype=torch.float32, residual=True)
     dy, dh = torch.randn_like(x), torch.randn_like(x)
     threads = torch.get_num_threads()

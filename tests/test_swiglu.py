@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,7 +7,7 @@ import torch.nn.functional as F
 import exaone_ext
 from exaone_ext import ops
 from exaone_ext.ops import reference
-from conftest import DEVICES, DTYPES, assert_error_within
+from conftest import DEVICES, DTYPES, HAS_AVX512BF16, assert_error_within
 
 SHAPES = [(1, 7), (3, 17), (17, 80), (1000, 96), (2, 5, 1001)]
 
@@ -17,7 +19,7 @@ def _ref64(g, u):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fused", [False, True])
-def test_forward_backward_matches_reference(shape, dtype, fused, device, cpu_isa):
+def test_forward_backward_matches_reference(shape, dtype, fused, device, cpu_variant):
     g = torch.randn(shape, device=device).mul_(3).to(dtype).requires_grad_()
     u = torch.randn(shape, device=device).to(dtype).requires_grad_()
     dy = torch.randn(shape, device=device).to(dtype)
@@ -41,7 +43,7 @@ def test_forward_backward_matches_reference(shape, dtype, fused, device, cpu_isa
     assert_error_within(du, u64.grad, ul.grad, "dup")
 
 
-def test_non_contiguous_inputs(device, cpu_isa):
+def test_non_contiguous_inputs(device, cpu_variant):
     base = torch.randn(40, 2, 130, device=device)
     g = base[:, 0, 1:98]          # strided rows, offset start
     u = torch.randn(97, 40, device=device).t()  # transposed: last dim not contiguous
@@ -51,13 +53,103 @@ def test_non_contiguous_inputs(device, cpu_isa):
     torch.testing.assert_close(ops.swiglu(gu), reference.swiglu(gu))
 
 
-def test_special_values(cpu_isa):
+def test_special_values(cpu_variant):
     g = torch.tensor([0.0, -0.0, 1e-30, 80.0, -80.0, 100.0, -100.0, float("inf"), float("nan")] * 3)
     u = torch.ones_like(g)
     out = ops.swiglu(g, u)
     ref = F.silu(g.double()).float()
     torch.testing.assert_close(out[:-1 - 8], ref[:-1 - 8], equal_nan=True)
     assert torch.isnan(out[8]) and torch.isnan(out[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_over_the_whole_range(dtype, cpu_variant):
+    """bf16 / f16 results take a cheaper exponential: checked over and beyond the range where sigmoid
+    is neither 0 nor 1, with infinities and NaN, forward and backward."""
+    g = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, float("inf"), float("nan")])])
+    g = g.to(dtype)
+    u = torch.randn(g.shape).to(dtype)
+    dy = torch.randn(g.shape).to(dtype)
+    finite = torch.isfinite(g)
+    gg, uu = g.clone().requires_grad_(), u.clone().requires_grad_()
+    out = ops.swiglu(gg, uu)
+    out.backward(dy)
+    g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+    ref64 = _ref64(g64, u64)
+    ref64.backward(dy.double())
+    gl, ul = g.clone().requires_grad_(), u.clone().requires_grad_()
+    ref_lp = reference.swiglu(gl, ul)
+    ref_lp.backward(dy)
+    assert_error_within(out[finite], ref64[finite], ref_lp[finite], "out")
+    assert_error_within(gg.grad[finite], g64.grad[finite], gl.grad[finite], "dgate")
+    assert_error_within(uu.grad[finite], u64.grad[finite], ul.grad[finite], "dup")
+    assert torch.isnan(out[-1]) and torch.isnan(gg.grad[-1]) and torch.isnan(uu.grad[-1])
+    assert out[-2] == ref64[-2]  # silu(inf) * u = inf * u
+
+
+@pytest.mark.skipif(not HAS_AVX512BF16, reason="no AVX512-BF16 variant on this CPU / build")
+@pytest.mark.parametrize("fused", [False, True])
+def test_avx512bf16_variant_rounds_as_avx512(fused):
+    """vcvtneps2bf16 rounds to nearest even as our own conversion does: the same bits, forward and
+    backward; only float32 denormal results (below 2^-126) become zeros."""
+    from exaone_ext import _C
+    g = (torch.randn(37, 1001) * 4).bfloat16()
+    u = torch.randn(37, 1001).bfloat16()
+    dy = torch.randn(37, 1001).bfloat16()
+    u[0, :8] = 1e-39  # silu(g) * u below 2^-126
+    g[0, :8] = 3.0
+    g[1, 0], u[1, 1] = float("nan"), float("inf")
+
+    def run():
+        if fused:
+            gu = torch.cat([g, u], -1)
+            return ops.swiglu(gu), torch.ops.exaone_ext.swiglu_fused_backward(dy, gu)
+        return ops.swiglu(g, u), torch.cat(torch.ops.exaone_ext.swiglu_backward(dy, g, u), -1)
+
+    before_isa = exaone_ext.get_cpu_isa()
+    exaone_ext.set_cpu_isa("avx512")
+    before = _C._set_cpu_avx512bf16(True)
+    try:
+        assert exaone_ext.build_info()["cpu_avx512bf16_active"]
+        out_bf16, grads_bf16 = run()
+        _C._set_cpu_avx512bf16(False)
+        assert not exaone_ext.build_info()["cpu_avx512bf16_active"]
+        out, grads = run()
+    finally:
+        _C._set_cpu_avx512bf16(before)
+        exaone_ext.set_cpu_isa(before_isa)
+    assert out_bf16[0, :8].eq(0).all() and (out[0, :8].float().abs() > 0).all()
+    assert (out_bf16[0, :8].float() - out[0, :8].float()).abs().max() < 2.0**-126
+    torch.testing.assert_close(out_bf16[1:], out[1:], rtol=0, atol=0, equal_nan=True)
+    assert (grads_bf16[0].float() - grads[0].float()).abs().max() < 2.0**-126
+    torch.testing.assert_close(grads_bf16[1:], grads[1:], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_outputs(dtype):
+    """Outputs of 4 MiB and more come from huge-page mappings kept for reuse on CPU: the values are
+    right, a freed output's block serves the next output of its size, and the storage can be
+    resized like any other."""
+    cols = (32 << 20) // (2048 * torch.empty((), dtype=dtype).element_size())
+    g = torch.randn(2048, cols).to(dtype)
+    u = torch.randn(2048, cols).to(dtype)
+    out = ops.swiglu(g, u)
+    assert out.is_contiguous() and out.shape == g.shape
+    ref = reference.swiglu(g[:64], u[:64])
+    assert_error_within(out[:64], _ref64(g[:64], u[:64]), ref, "out")
+    assert_error_within(out[-64:], _ref64(g[-64:], u[-64:]), reference.swiglu(g[-64:], u[-64:]), "out")
+    dg, du = torch.ops.exaone_ext.swiglu_backward(u, g, u)
+    assert_error_within(du[-64:], u[-64:].double() * F.silu(g[-64:].double()), u[-64:] * F.silu(g[-64:]), "dup")
+    ptr = out.data_ptr()
+    del out
+    out = ops.swiglu(g, u)
+    if "EXAONE_EXT_CPU_OUTPUT_CACHE_MB" not in os.environ:
+        assert out.data_ptr() == ptr  # the freed block, already mapped
+    assert_error_within(out[-64:], _ref64(g[-64:], u[-64:]), reference.swiglu(g[-64:], u[-64:]), "out")
+    kept = out[-3:].clone()
+    out.resize_(2049, cols)  # grows: the data moves into memory from torch's allocator
+    assert torch.equal(out[-4:-1], kept)
+    del out, dg, du
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -17,6 +17,13 @@ void set_isa(const std::string& name);  // "avx512" | "avx2" | "scalar" | "auto"
 std::vector<std::string> cpu_features();  // the relevant features this CPU reports
 bool cpu_has(const char* feature);        // e.g. "avx512bf16", "amx_tile"
 
+// Kernels declared with EXAONE_DECLARE_ISA_KERNEL_BF16 (the elementwise ops) also have a variant
+// compiled with AVX512-BF16 (csrc/cpu/<op>_avx512bf16.cpp: the avx512 code whose bf16 stores use
+// vcvtneps2bf16). It runs in place of the avx512 one when that is active, the build has it and the
+// CPU reports avx512bf16, unless turned off with set_avx512bf16(false) (tests, comparisons).
+bool avx512bf16_active();
+bool set_avx512bf16(bool enabled);  // returns the previous setting
+
 }  // namespace exaone_ext::cpu
 
 // Calls EXAONE_ISA_NS::fn(args...) for the active variant.
@@ -46,3 +53,19 @@ bool cpu_has(const char* feature);        // e.g. "avx512bf16", "amx_tile"
   namespace exaone_ext::cpu::avx512 { ret fn params; }    \
   namespace exaone_ext::cpu::avx2 { ret fn params; }      \
   namespace exaone_ext::cpu::scalar { ret fn params; }
+
+// As EXAONE_DECLARE_ISA_KERNEL, plus the AVX512-BF16 variant.
+#define EXAONE_DECLARE_ISA_KERNEL_BF16(ret, fn, params) \
+  EXAONE_DECLARE_ISA_KERNEL(ret, fn, params)            \
+  namespace exaone_ext::cpu::avx512bf16 { ret fn params; }
+
+// As EXAONE_CPU_DISPATCH for kernels declared with EXAONE_DECLARE_ISA_KERNEL_BF16.
+#if defined(EXAONE_HAVE_AVX512BF16)
+#define EXAONE_CPU_DISPATCH_BF16(fn, ...)                                                         \
+  [&]() {                                                                                        \
+    if (::exaone_ext::cpu::avx512bf16_active()) return ::exaone_ext::cpu::avx512bf16::fn(__VA_ARGS__); \
+    return EXAONE_CPU_DISPATCH(fn, __VA_ARGS__);                                                 \
+  }()
+#else
+#define EXAONE_CPU_DISPATCH_BF16(fn, ...) EXAONE_CPU_DISPATCH(fn, __VA_ARGS__)
+#endif

@@ -6,6 +6,6 @@
 #include "common/rms_norm.h"
 #include "cpu/isa.h"
 
-EXAONE_DECLARE_ISA_KERNEL(void, rms_norm_forward_rows, (const exaone_ext::RmsNormArgs& a, int64_t begin, int64_t end))
-EXAONE_DECLARE_ISA_KERNEL(void, rms_norm_backward_chunk, (const exaone_ext::RmsNormBackwardArgs& a, int64_t chunk))
-EXAONE_DECLARE_ISA_KERNEL(void, rms_norm_reduce_dw, (const exaone_ext::RmsNormBackwardArgs& a, int64_t begin, int64_t end))
+EXAONE_DECLARE_ISA_KERNEL_BF16(void, rms_norm_forward_rows, (const exaone_ext::RmsNormArgs& a, int64_t begin, int64_t end))
+EXAONE_DECLARE_ISA_KERNEL_BF16(void, rms_norm_backward_chunk, (const exaone_ext::RmsNormBackwardArgs& a, int64_t chunk))
+EXAONE_DECLARE_ISA_KERNEL_BF16(void, rms_norm_reduce_dw, (const exaone_ext::RmsNormBackwardArgs& a, int64_t begin, int64_t end))

@@ -4,5 +4,5 @@
 #include "common/activations.h"
 #include "cpu/isa.h"
 
-EXAONE_DECLARE_ISA_KERNEL(void, swiglu_forward_rows, (const exaone_ext::SwigluArgs& a, int64_t begin, int64_t end))
-EXAONE_DECLARE_ISA_KERNEL(void, swiglu_backward_rows, (const exaone_ext::SwigluArgs& a, int64_t begin, int64_t end))
+EXAONE_DECLARE_ISA_KERNEL_BF16(void, swiglu_forward_rows, (const exaone_ext::SwigluArgs& a, int64_t begin, int64_t end))
+EXAONE_DECLARE_ISA_KERNEL_BF16(void, swiglu_backward_rows, (const exaone_ext::SwigluArgs& a, int64_t begin, int64_t end))

@@ -9,6 +9,23 @@
 namespace exaone_ext::cpu::EXAONE_ISA {
 namespace {
 
+// sigmoid(g) and e = exp(-g). Results stored as bf16 / f16 take the cheaper exponential
+// (vec.h: vsigmoid_lowp, 1e-5 relative, far below their rounding); float32 the accurate one.
+template <typename T>
+inline Vec sigmoid_of(Vec g, Vec& e) {
+  if constexpr (std::is_same_v<T, float>) {
+    return vsigmoid(g, e);
+  } else {
+    return vsigmoid_lowp(g, e);
+  }
+}
+
+template <typename T>
+inline Vec silu_of(Vec g) {
+  Vec e;
+  return g * sigmoid_of<T>(g, e);
+}
+
 template <typename T>
 void forward_rows(const SwigluArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.cols;
@@ -21,13 +38,11 @@ void forward_rows(const SwigluArgs& a, int64_t begin, int64_t end) {
     } else {
       int64_t i = 0;
       for (; i + Vec::size <= n; i += Vec::size) {
-        Vec gv = Vec::load(g + i);
-        (gv * vsigmoid(gv) * Vec::load(u + i)).store(y + i);
+        (silu_of<T>(Vec::load(g + i)) * Vec::load(u + i)).store(y + i);
       }
       if (i < n) {
         const int rem = int(n - i);
-        Vec gv = Vec::load(g + i, rem);
-        (gv * vsigmoid(gv) * Vec::load(u + i, rem)).store(y + i, rem);
+        (silu_of<T>(Vec::load(g + i, rem)) * Vec::load(u + i, rem)).store(y + i, rem);
       }
     }
   }
@@ -45,14 +60,16 @@ void backward_rows(const SwigluArgs& a, int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, double>) {
       for (int64_t i = 0; i < n; ++i) swiglu_grads(g[i], u[i], dy[i], dg[i], du[i]);
     } else {
+      // d/dg = u s (1 + g (1 - s)) with 1 - s = e s (no cancellation where s is near 1)
       const Vec one = Vec::set1(1.f);
       auto step = [&](int64_t i, int rem) {
         Vec gv = rem ? Vec::load(g + i, rem) : Vec::load(g + i);
         Vec uv = rem ? Vec::load(u + i, rem) : Vec::load(u + i);
         Vec dyv = rem ? Vec::load(dy + i, rem) : Vec::load(dy + i);
-        Vec s = vsigmoid(gv);
+        Vec e;
+        Vec s = sigmoid_of<T>(gv, e);
         Vec gs = gv * s;
-        Vec dgv = dyv * uv * s * fmadd(gv, one - s, one);
+        Vec dgv = dyv * uv * s * fmadd(gs, e, one);
         Vec duv = dyv * gs;
         if (rem) {
           dgv.store(dg + i, rem);

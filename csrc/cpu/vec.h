@@ -5,6 +5,9 @@
 // with wide instructions can never be linked in place of portable code. Kernels are written once
 // against this interface (cpu/*_impl.h) and instantiated in each ISA file.
 //
+// The AVX-512 code is also compiled with AVX512-BF16 (namespace avx512bf16, see isa.h), where
+// stores to bf16 convert with vcvtneps2bf16.
+//
 //   Vec::size                   lanes (16 for AVX-512, 8 for AVX2, 1 for the portable fallback)
 //   Vec::load(p) / store(p)     float, bf16 or f16 memory; 16-bit types converted in registers
 //   Vec::load(p, n) / store(p, n)  the first n < size lanes (tails)
@@ -16,7 +19,12 @@
 #include "common/dtypes.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if defined(__AVX512BF16__)
+// csrc/cpu/*_avx512bf16.cpp: the AVX-512 code with float -> bf16 conversion by vcvtneps2bf16
+#define EXAONE_ISA avx512bf16
+#else
 #define EXAONE_ISA avx512
+#endif
 #define EXAONE_VEC_AVX512 1
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -66,6 +74,12 @@ struct Vec {
   static __mmask16 mask(int n) { return __mmask16((1u << n) - 1u); }
   // round to nearest even; NaN -> quiet NaN
   __m256i to_bf16_bits() const {
+#if defined(__AVX512BF16__)
+    // vcvtneps2bf16 rounds the same way and quiets NaN the same way (high half | 0x40), but takes
+    // float32 denormals (magnitude below 2^-126) as zero: those become signed zeros here instead
+    // of bf16 denormals (an absolute difference below 1.2e-38).
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
@@ -73,6 +87,7 @@ struct Vec {
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
     return _mm512_cvtepi32_epi16(r);
+#endif
   }
 };
 inline Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -99,6 +114,8 @@ inline Vec recip(Vec d) {
   __m512 y = _mm512_rcp14_ps(d.v);
   return {_mm512_mul_ps(y, _mm512_fnmadd_ps(d.v, y, _mm512_set1_ps(2.f)))};
 }
+// t = floor(t) + f with f in [0, 1): returns f (exact; vreduceps with round-down)
+inline Vec frac_floor(Vec t) { return {_mm512_reduce_ps(t.v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)}; }
 #define EXAONE_VEC_HAS_SCALEF 1
 
 #elif defined(EXAONE_VEC_AVX2)
@@ -159,6 +176,7 @@ inline float reduce_max(Vec a) {
   return _mm_cvtss_f32(s);
 }
 inline Vec round_nearest(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline Vec round_down(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)}; }
 inline Vec pow2i(Vec n) {
   __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(e, 23))};
@@ -236,6 +254,50 @@ inline Vec vexp(Vec x) {
 inline Vec vsigmoid(Vec x) {
   Vec xc = min(Vec::set1(88.f), max(Vec::set1(-88.f), x));
   return recip(Vec::set1(1.0f) + vexp(Vec::zero() - xc));
+}
+
+// 2^t for results that end up rounded to a 16-bit float (bf16 / f16), for t in [-126, 120]
+// (callers clamp): t = n + f with n = floor(t), f in [0, 1), 2^f by a degree-4 polynomial fitted
+// for relative error (2.7e-6 in float arithmetic). With the rounding of t itself (|t| 2^-24) the
+// result is within 1e-5 relative: under 1% of half a bf16 ulp (2^-9) and 2% of half an f16 ulp.
+inline Vec exp2_lowp(Vec t) {
+#if defined(EXAONE_VEC_SCALAR)
+  return {std::exp2(t.v)};
+#else
+#if defined(EXAONE_VEC_HAS_SCALEF)
+  const Vec f = frac_floor(t);
+#else
+  const Vec n = round_down(t);
+  const Vec f = t - n;
+#endif
+  Vec p = Vec::set1(1.3533973135054111e-2f);
+  p = fmadd(p, f, Vec::set1(5.201134458184242e-2f));
+  p = fmadd(p, f, Vec::set1(2.414432317018509e-1f));
+  p = fmadd(p, f, Vec::set1(6.930036544799805e-1f));
+  p = fmadd(p, f, Vec::set1(1.0000026226043701f));
+#if defined(EXAONE_VEC_HAS_SCALEF)
+  return scale_pow2(p, t);  // p * 2^floor(t)
+#else
+  return p * pow2i(n);
+#endif
+#endif
+}
+
+// sigmoid(x) = 1 / (1 + e) with e = exp(-x) returned too (1 - sigmoid(x) = e * sigmoid(x) without
+// cancellation), for results rounded to bf16 / f16 (see exp2_lowp). -x log2(e) is clamped to
+// [-126, 120]: sigmoid is 1 to float precision below and under 2^-120 above, and 1 + e stays a
+// normal float so that the refined reciprocal estimate replaces a division. NaN propagates.
+inline Vec vsigmoid_lowp(Vec x, Vec& e) {
+  const Vec t = min(Vec::set1(120.f), max(Vec::set1(-126.f), x * Vec::set1(-1.44269504088896341f)));
+  e = exp2_lowp(t);
+  return recip(Vec::set1(1.0f) + e);
+}
+
+// The float32-accurate sigmoid with e = exp(-x) returned too (as vsigmoid_lowp).
+inline Vec vsigmoid(Vec x, Vec& e) {
+  const Vec xc = min(Vec::set1(88.f), max(Vec::set1(-88.f), x));
+  e = vexp(Vec::zero() - xc);
+  return recip(Vec::set1(1.0f) + e);
 }
 
 // Calls F<T>::run(args...) with T the storage type of `t`. float64 exists only in the portable

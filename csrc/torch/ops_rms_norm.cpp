@@ -8,6 +8,7 @@
 
 #include "cpu/rms_norm.h"
 #include "torch/common.h"
+#include "torch/output.h"
 #include "torch/rms_norm.h"
 
 namespace exaone_ext {
@@ -50,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_impl(const at::Tensor& x, const at::
                                                  const RmsNormRunner& run) {
   const DType dt = check_x_weight(x, weight, "rms_norm");
   check_eps(eps, "rms_norm");
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options());
   at::Tensor rstd = at::empty(row_shape(x), x.options().dtype(acc_dtype(dt)));
   if (x.numel() == 0) return {y, rstd};
   Rows xr = as_rows(x);
@@ -70,8 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_impl(const at::Tenso
   check_same_dtype(residual, x, op, "residual", "x");
   check_same_shape(residual, x, op, "residual", "x");
   check_eps(eps, op);
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor h = at::empty(x.sizes(), x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor h = empty_output(x.sizes(), x.options());
   at::Tensor rstd = at::empty(row_shape(x), x.options().dtype(acc_dtype(dt)));
   if (x.numel() == 0) return {y, h, rstd};
   Rows xr = as_rows(x), rr = as_rows(residual);
@@ -103,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_impl(const at::Tensor& dy, 
     check_same_dtype(*dh, x, op, "dh", "x");
     check_same_shape(*dh, x, op, "dh", "x");
   }
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return {dx, at::zeros(weight.sizes(), weight.options())};
   Rows dyr = as_rows(dy), xr = as_rows(x);
   Rows dhr = has_dh ? as_rows(*dh) : Rows{};
@@ -131,7 +132,7 @@ void run_forward_cpu(const RmsNormArgs& a) {
     if (a.dtype == DType::kFloat64) {
       cpu::scalar::rms_norm_forward_rows(a, b, e);
     } else {
-      EXAONE_CPU_DISPATCH(rms_norm_forward_rows, a, b, e);
+      EXAONE_CPU_DISPATCH_BF16(rms_norm_forward_rows, a, b, e);
     }
   });
 }
@@ -143,7 +144,7 @@ void run_backward_cpu(const RmsNormBackwardArgs& a) {
       if (f64) {
         cpu::scalar::rms_norm_backward_chunk(a, c);
       } else {
-        EXAONE_CPU_DISPATCH(rms_norm_backward_chunk, a, c);
+        EXAONE_CPU_DISPATCH_BF16(rms_norm_backward_chunk, a, c);
       }
     }
   });
@@ -153,7 +154,7 @@ void run_backward_cpu(const RmsNormBackwardArgs& a) {
     if (f64) {
       cpu::scalar::rms_norm_reduce_dw(a, b, e);
     } else {
-      EXAONE_CPU_DISPATCH(rms_norm_reduce_dw, a, b, e);
+      EXAONE_CPU_DISPATCH_BF16(rms_norm_reduce_dw, a, b, e);
     }
   });
 }

@@ -4,6 +4,7 @@
 
 #include "cpu/swiglu.h"
 #include "torch/common.h"
+#include "torch/output.h"
 #include "torch/swiglu.h"
 
 namespace exaone_ext {
@@ -39,7 +40,7 @@ const void* offset(const void* p, int64_t elems, size_t elem_size) {
 at::Tensor swiglu_impl(const at::Tensor& gate, const at::Tensor& up, const SwigluRunner& run) {
   const DType dt = check_pair(gate, up, "swiglu");
   Rows g = as_rows(gate), u = as_rows(up);
-  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  at::Tensor out = empty_output(gate.sizes(), gate.options());
   run(SwigluArgs{dt, g.rows, g.cols, g.data(), g.stride, u.data(), u.stride, nullptr, 0,
                  out.data_ptr(), g.cols, nullptr, 0});
   return out;
@@ -52,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_impl(const at::Tensor& grad, 
   check_same_dtype(grad, gate, "swiglu_backward", "grad", "gate");
   check_same_shape(grad, gate, "swiglu_backward", "grad", "gate");
   Rows g = as_rows(gate), u = as_rows(up), dy = as_rows(grad);
-  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
-  at::Tensor dup = at::empty(gate.sizes(), gate.options());
+  at::Tensor dgate = empty_output(gate.sizes(), gate.options());
+  at::Tensor dup = empty_output(gate.sizes(), gate.options());
   run(SwigluArgs{dt, g.rows, g.cols, g.data(), g.stride, u.data(), u.stride, dy.data(), dy.stride,
                  dgate.data_ptr(), g.cols, dup.data_ptr(), g.cols});
   return {dgate, dup};
@@ -65,7 +66,7 @@ at::Tensor swiglu_fused_impl(const at::Tensor& gate_up, const SwigluRunner& run)
   const int64_t half = gu.cols / 2;
   std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
   shape.back() = half;
-  at::Tensor out = at::empty(shape, gate_up.options());
+  at::Tensor out = empty_output(shape, gate_up.options());
   run(SwigluArgs{dt, gu.rows, half, gu.data(), gu.stride, offset(gu.data(), half, gate_up.element_size()),
                  gu.stride, nullptr, 0, out.data_ptr(), half, nullptr, 0});
   return out;
@@ -81,7 +82,7 @@ at::Tensor swiglu_fused_backward_impl(const at::Tensor& grad, const at::Tensor& 
                     shape_str(expect), " ('gate_up' with its last dimension halved), got ", shape_str(grad.sizes()));
   Rows gu = as_rows(gate_up), dy = as_rows(grad);
   const int64_t half = gu.cols / 2;
-  at::Tensor dgu = at::empty(gate_up.sizes(), gate_up.options());
+  at::Tensor dgu = empty_output(gate_up.sizes(), gate_up.options());
   const size_t es = gate_up.element_size();
   run(SwigluArgs{dt, gu.rows, half, gu.data(), gu.stride, offset(gu.data(), half, es), gu.stride, dy.data(),
                  dy.stride, dgu.data_ptr(), gu.cols, const_cast<void*>(offset(dgu.data_ptr(), half, es)), gu.cols});
@@ -95,9 +96,9 @@ void run_cpu(const SwigluArgs& a, bool backward) {
     if (a.dtype == DType::kFloat64) {
       backward ? cpu::scalar::swiglu_backward_rows(a, b, e) : cpu::scalar::swiglu_forward_rows(a, b, e);
     } else if (backward) {
-      EXAONE_CPU_DISPATCH(swiglu_backward_rows, a, b, e);
+      EXAONE_CPU_DISPATCH_BF16(swiglu_backward_rows, a, b, e);
     } else {
-      EXAONE_CPU_DISPATCH(swiglu_forward_rows, a, b, e);
+      EXAONE_CPU_DISPATCH_BF16(swiglu_forward_rows, a, b, e);
     }
   });
 }
