@@ -109,19 +109,28 @@ void rotate_token_half(const RopeArgs& a, const Token& tok) {
   const T* k = static_cast<const T*>(tok.k);
   T* qo = static_cast<T*>(tok.q_out);
   T* ko = static_cast<T*>(tok.k_out);
-  for (int64_t i = 0; i < half; i += Vec::size) {
-    const int n = int(std::min<int64_t>(Vec::size, half - i));
-    const Vec c = load_n(tok.cos + i, n);
-    Vec s = load_n(tok.sin + i, n);
-    if (a.inverse) s = Vec::zero() - s;
-    auto rotate = [&](const T* x, T* y) {
-      const Vec x1 = load_n(x + i, n), x2 = load_n(x + half + i, n);
-      store_n(x1 * c - x2 * s, y + i, n);
-      store_n(x2 * c + x1 * s, y + half + i, n);
-    };
-    for (int64_t h = 0; h < a.q_heads; ++h) rotate(q + h * a.q_sh, qo + h * a.head_dim);
-    for (int64_t h = 0; h < a.k_heads; ++h) rotate(k + h * a.k_sh, ko + h * a.head_dim);
+  // the token's angles once (head_dim <= 256: at most 128 / Vec::size chunks), then head by head so
+  // that each head's input and output are read and written front to back
+  constexpr int kMaxChunks = 128 / Vec::size;
+  Vec cv[kMaxChunks], sv[kMaxChunks];
+  const int nch = int((half + Vec::size - 1) / Vec::size);
+  for (int j = 0; j < nch; ++j) {
+    const int n = int(std::min<int64_t>(Vec::size, half - j * Vec::size));
+    cv[j] = load_n(tok.cos + j * Vec::size, n);
+    sv[j] = load_n(tok.sin + j * Vec::size, n);
+    if (a.inverse) sv[j] = Vec::zero() - sv[j];
   }
+  auto rotate = [&](const T* x, T* y) {
+    for (int j = 0; j < nch; ++j) {
+      const int64_t i = int64_t(j) * Vec::size;
+      const int n = int(std::min<int64_t>(Vec::size, half - i));
+      const Vec x1 = load_n(x + i, n), x2 = load_n(x + half + i, n);
+      store_n(x1 * cv[j] - x2 * sv[j], y + i, n);
+      store_n(x2 * cv[j] + x1 * sv[j], y + half + i, n);
+    }
+  };
+  for (int64_t h = 0; h < a.q_heads; ++h) rotate(q + h * a.q_sh, qo + h * a.head_dim);
+  for (int64_t h = 0; h < a.k_heads; ++h) rotate(k + h * a.k_sh, ko + h * a.head_dim);
 }
 
 // Interleaved layout: y = x * [c0 c0 c1 c1 ..] + swap_pairs(x) * [-s0 s0 -s1 s1 ..].

@@ -6,6 +6,7 @@
 
 #include "cpu/rope.h"
 #include "torch/common.h"
+#include "torch/output.h"
 #include "torch/rope.h"
 
 namespace exaone_ext {
@@ -63,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_impl(const at::Tensor& q_in, const
                     "exaone_ext.", op, ": 'position_ids' must have shape [batch, seq] = [", batch, ", ", seq,
                     "] (or [1, seq] shared by the batch), got ", shape_str(position_ids.sizes()));
 
-  at::Tensor q_out = at::empty(q_in.sizes(), q_in.options());
-  at::Tensor k_out = at::empty(k_in.sizes(), k_in.options());
+  at::Tensor q_out = empty_output(q_in.sizes(), q_in.options());
+  at::Tensor k_out = empty_output(k_in.sizes(), k_in.options());
   const int64_t q_heads = q_in.size(2), k_heads = k_in.size(2);
   if (batch * seq == 0 || q_heads + k_heads == 0 || head_dim == 0) return {q_out, k_out};
 

@@ -1,4 +1,4 @@
-// Allocation of the elementwise ops' outputs (SwiGLU, RMSNorm). On CPU, outputs of 4 MiB and more
+// Allocation of the elementwise ops' outputs (SwiGLU, RMSNorm, RoPE). On CPU, outputs of 4 MiB and more
 // come from huge-page mappings that are kept for reuse when freed (see output.cpp); everything
 // else is at::empty.
 #pragma once
