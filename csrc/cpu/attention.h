@@ -72,8 +72,8 @@ inline int64_t attn_decode_scratch_bytes(const AttnParams& p) {
   const int64_t rp = attn_decode_padded_rows(p), rows = p.seq_q * p.group();
   const int64_t dq = (p.head_dim + 31) / 32 * 32;
   const int64_t bytes = p.kv_heads * rp * dq * 2 + p.kv_heads * rows * p.head_dim * 4 + p.kv_heads * 16 * 4 * 2 +
-                        kAttnDecodeBlockKeys * rp * 4 + kAttnDecodeBlockKeys / 2 * rp * 4 + 16 * 4;
-  return bytes + 64 * 8;
+                        kAttnDecodeBlockKeys * rp * 4 + kAttnDecodeBlockKeys / 2 * rp * 4;
+  return bytes + 64 * 7;
 }
 
 }  // namespace exaone_ext::cpu

@@ -88,7 +88,6 @@ struct Layout {
   float* l;           // [hk][16] per-lane running sums
   float* St;          // [BK * RP] scores of one block, lane order j * RP + r per KJ keys
   uint32_t* Pp;       // [BK / 2][RP] bf16 probability pairs (keys 2q, 2q + 1)
-  int32_t* lim;       // [16] per lane: key index + lim bound (see below)
 };
 
 template <int RP>
@@ -105,7 +104,6 @@ Layout carve(const AttnParams& p, void* scratch) {
   L.l = reinterpret_cast<float*>(take(L.hk * 16 * 4));
   L.St = reinterpret_cast<float*>(take(BK * RP * 4));
   L.Pp = reinterpret_cast<uint32_t*>(take(BK / 2 * RP * 4));
-  L.lim = reinterpret_cast<int32_t*>(take(16 * 4));
   return L;
 }
 
@@ -140,11 +138,12 @@ __attribute__((noinline)) void item(const AttnParams& p, int64_t b, int64_t k_be
     kmax = std::max<int64_t>(kmax, e);
   }
   // Key kb + kk + j of lane j * RP + r is visible iff kb + kk < lim[lane] = cend[r] - j.
+  alignas(64) int32_t lims[16];
   for (int lane = 0; lane < 16; ++lane) {
     const int r = lane % RP, j = lane / RP;
-    L.lim[lane] = r < R ? cend[r] - j : INT_MIN;
+    lims[lane] = r < R ? cend[r] - j : INT_MIN;
   }
-  const __m512i lim = _mm512_loadu_si512(L.lim);
+  const __m512i lim = _mm512_load_si512(lims);
 
   for (int64_t h = 0; h < hk; ++h) {
     uint16_t* qh = L.Qb + h * RP * dq;

@@ -127,10 +127,7 @@ void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name, const char* ref_name) {
-  check_defined(t, op, name);
-  check_same_device(t, ref, op, name, ref_name);
-  check_same_dtype(t, ref, op, name, ref_name);
-  check_same_shape(t, ref, op, name, ref_name);
+  check_matches(t, ref, op, name, ref_name);
   TORCH_CHECK_VALUE(t.stride(-1) == 1, "exaone_ext.", op, ": '", name,
                     "' must have a contiguous last dimension (stride 1), got strides ", shape_str(t.strides()));
 }

@@ -59,6 +59,15 @@ inline void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const c
                     ref_arg, "' ", shape_str(ref.sizes()), ", got ", shape_str(t.sizes()));
 }
 
+// t pairs element by element with ref: defined, on ref's device, of ref's dtype and shape.
+inline void check_matches(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
+                          const char* ref_arg) {
+  check_defined(t, op, arg);
+  check_same_device(t, ref, op, arg, ref_arg);
+  check_same_dtype(t, ref, op, arg, ref_arg);
+  check_same_shape(t, ref, op, arg, ref_arg);
+}
+
 inline void check_dim_at_least(const at::Tensor& t, int64_t n, const char* op, const char* arg) {
   TORCH_CHECK_VALUE(t.dim() >= n, "exaone_ext.", op, ": '", arg, "' must have at least ", n,
                     " dimension(s), got shape ", shape_str(t.sizes()));

@@ -1,8 +1,8 @@
 // exaone_ext flash-attention ops: schemas and the CPU implementations. The checks, allocations and
 // parameter filling live in torch/attention.cpp (shared with the CUDA registration); here the work
 // is cut into items and spread over ATen's threads, then the ISA-dispatched kernels run.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -213,6 +213,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// Split-KV combine (both kv-cache paths): out row r = sum_s exp(lse_s - lse) * part_s[r] with
+// lse = log sum_s exp(lse_s), from float partials part_out [nsplit][rows][d] (each normalised by its
+// own sum) and part_lse [nsplit][rows]; a row no split saw a key for is zero. out is fresh and
+// contiguous [batch, seq_q, q_heads, d] = [rows, d].
+void combine_splits(const float* part_out, const float* part_lse, int64_t nsplit, int64_t rows, int64_t d,
+                    at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "combine_splits", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<float> w(static_cast<size_t>(nsplit)), acc(static_cast<size_t>(d));
+      for (int64_t r = r0; r < r1; ++r) {
+        float mx = -INFINITY;
+        for (int64_t sp = 0; sp < nsplit; ++sp) mx = std::max(mx, part_lse[sp * rows + r]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        if (mx != -INFINITY) {
+          float sum = 0.f;
+          for (int64_t sp = 0; sp < nsplit; ++sp) sum += w[sp] = std::exp(part_lse[sp * rows + r] - mx);
+          for (int64_t sp = 0; sp < nsplit; ++sp) {
+            const float ws = w[sp] / sum;
+            if (ws == 0.f) continue;
+            const float* src = part_out + (sp * rows + r) * d;
+            for (int64_t x = 0; x < d; ++x) acc[x] += ws * src[x];
+          }
+        }
+        for (int64_t x = 0; x < d; ++x) o[r * d + x] = static_cast<scalar_t>(acc[x]);
+      }
+    });
+  });
+}
+
 // The bfloat16 decode kernel (cpu/attention.h, attn_decode): AVX512-BF16 present and not lowered
 // away (EXAONE_EXT_CPU_ISA / set_cpu_isa), few query rows per kv head.
 bool decode_path(const AttnParams& p) {
@@ -253,27 +283,7 @@ void run_decode(const AttnParams& p, at::Tensor& out) {
     cpu::avx512bf16::attn_decode(p, b, sp * range, (sp + 1) * range, part_out.data() + sp * rows * d,
                                  part_lse.data() + sp * rows, s);
   });
-  // out row = sum_s exp(lse_s - lse) * part_s, lse = log sum_s exp(lse_s)
-  at::BFloat16* o = out.data_ptr<at::BFloat16>();  // out is fresh and contiguous [batch, seq_q, q_heads, d]
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> w(static_cast<size_t>(nsplit)), acc(static_cast<size_t>(d));
-    for (int64_t r = r0; r < r1; ++r) {
-      float mx = -INFINITY;
-      for (int64_t sp = 0; sp < nsplit; ++sp) mx = std::max(mx, part_lse[sp * rows + r]);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      if (mx != -INFINITY) {
-        float sum = 0.f;
-        for (int64_t sp = 0; sp < nsplit; ++sp) sum += w[sp] = std::exp(part_lse[sp * rows + r] - mx);
-        for (int64_t sp = 0; sp < nsplit; ++sp) {
-          const float ws = w[sp] / sum;
-          if (ws == 0.f) continue;
-          const float* src = part_out.data() + (sp * rows + r) * d;
-          for (int64_t x = 0; x < d; ++x) acc[x] += ws * src[x];
-        }
-      }
-      for (int64_t x = 0; x < d; ++x) o[r * d + x] = at::BFloat16(acc[x]);
-    }
-  });
+  combine_splits(part_out.data(), part_lse.data(), nsplit, rows, d, out);
 #else
   (void)p;
   (void)out;
@@ -314,11 +324,9 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
   const auto fopts = q.options().dtype(at::kFloat);
   at::Tensor part_out = at::empty({nsplit, batch, p.seq_q, p.q_heads, p.head_dim}, fopts);
   at::Tensor part_lse = at::empty({nsplit, batch, p.seq_q, p.q_heads}, fopts);
-  run_fwd(p, batch, nsplit, split_keys, part_out.data_ptr<float>(), part_lse.data_ptr<float>(),
-          batch * p.seq_q * p.q_heads);
-  const at::Tensor lse = part_lse.logsumexp(0);
-  const at::Tensor w = (part_lse - lse.unsqueeze(0)).exp().nan_to_num(0.0);
-  out.copy_((w.unsqueeze(-1) * part_out).sum(0));
+  const int64_t rows = batch * p.seq_q * p.q_heads;
+  run_fwd(p, batch, nsplit, split_keys, part_out.data_ptr<float>(), part_lse.data_ptr<float>(), rows);
+  combine_splits(part_out.data_ptr<float>(), part_lse.data_ptr<float>(), nsplit, rows, p.head_dim, out);
   return out;
 }
 

@@ -66,10 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_impl(const at::Tenso
                                                                  const RmsNormRunner& run) {
   const char* op = "add_rms_norm";
   const DType dt = check_x_weight(x, weight, op);
-  check_defined(residual, op, "residual");
-  check_same_device(residual, x, op, "residual", "x");
-  check_same_dtype(residual, x, op, "residual", "x");
-  check_same_shape(residual, x, op, "residual", "x");
+  check_matches(residual, x, op, "residual", "x");
   check_eps(eps, op);
   at::Tensor y = empty_output(x.sizes(), x.options());
   at::Tensor h = empty_output(x.sizes(), x.options());
@@ -88,10 +85,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_impl(const at::Tensor& dy, 
                                                           const RmsNormBackwardRunner& run) {
   const char* op = "rms_norm_backward";
   const DType dt = check_x_weight(x, weight, op);
-  check_defined(dy, op, "dy");
-  check_same_device(dy, x, op, "dy", "x");
-  check_same_dtype(dy, x, op, "dy", "x");
-  check_same_shape(dy, x, op, "dy", "x");
+  check_matches(dy, x, op, "dy", "x");
   check_defined(rstd, op, "rstd");
   check_same_device(rstd, x, op, "rstd", "x");
   TORCH_CHECK_TYPE(rstd.scalar_type() == acc_dtype(dt), "exaone_ext.", op, ": 'rstd' must be ", dt == DType::kFloat64 ? "float64" : "float32",
@@ -99,11 +93,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_impl(const at::Tensor& dy, 
   TORCH_CHECK_VALUE(rstd.sizes() == at::IntArrayRef(row_shape(x)), "exaone_ext.", op, ": 'rstd' must have shape ",
                     shape_str(row_shape(x)), " ('x' without its last dimension), got ", shape_str(rstd.sizes()));
   const bool has_dh = dh.has_value() && dh->defined();
-  if (has_dh) {
-    check_same_device(*dh, x, op, "dh", "x");
-    check_same_dtype(*dh, x, op, "dh", "x");
-    check_same_shape(*dh, x, op, "dh", "x");
-  }
+  if (has_dh) check_matches(*dh, x, op, "dh", "x");
   at::Tensor dx = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return {dx, at::zeros(weight.sizes(), weight.options())};
   Rows dyr = as_rows(dy), xr = as_rows(x);

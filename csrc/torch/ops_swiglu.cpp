@@ -49,9 +49,7 @@ at::Tensor swiglu_impl(const at::Tensor& gate, const at::Tensor& up, const Swigl
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_impl(const at::Tensor& grad, const at::Tensor& gate,
                                                         const at::Tensor& up, const SwigluRunner& run) {
   const DType dt = check_pair(gate, up, "swiglu_backward");
-  check_same_device(grad, gate, "swiglu_backward", "grad", "gate");
-  check_same_dtype(grad, gate, "swiglu_backward", "grad", "gate");
-  check_same_shape(grad, gate, "swiglu_backward", "grad", "gate");
+  check_matches(grad, gate, "swiglu_backward", "grad", "gate");
   Rows g = as_rows(gate), u = as_rows(up), dy = as_rows(grad);
   at::Tensor dgate = empty_output(gate.sizes(), gate.options());
   at::Tensor dup = empty_output(gate.sizes(), gate.options());
