@@ -90,7 +90,9 @@ def _backward_cat(ctx, grad):
     if ctx.needs_input_grad[0]:
         dx = sum(torch.matmul(g, w) for g, w in zip(grads, weights))          # [..., out_i] @ [out_i, in]
     x2 = x.reshape(-1, x.shape[-1])
-    dws = [torch.matmul(g.reshape(-1, g.shape[-1]).t(), x2) for g in grads]  # [out_i, in]
+    needs_w = ctx.needs_input_grad[1]  # one flag per weight: frozen weights get no gradient computed
+    dws = [torch.matmul(g.reshape(-1, g.shape[-1]).t(), x2) if need else None    # [out_i, in]
+           for g, need in zip(grads, needs_w)]
     return dx, dws
 
 
