@@ -14,7 +14,7 @@ HAS_BF16_DOT = ("avx512bf16" in exaone_ext.build_info()["cpu_extra_kernels"]
 BF16_DOT = [True, False] if HAS_BF16_DOT else [False]
 
 ROWS = [1, 2, 3, 7, 16, 17, 64, 300]
-SIZES = [(80, 80), (257, 131), (2560, 1000), (33, 257)]  # (in, out)
+SIZES = [(80, 80), (257, 131), (2560, 1000), (33, 257), (255, 9)]  # (in, out)
 
 
 @pytest.fixture(params=BF16_DOT, ids=lambda d: "bf16dot" if d else "fma")
@@ -78,6 +78,19 @@ def test_non_contiguous_inputs(device, cpu_isa):
     torch.testing.assert_close(ops.linear(xt, w), F.linear(xt, w), rtol=1e-5, atol=1e-4)
     wpad = torch.randn(50, 300, device=device)[:, :257]  # weight rows with padding
     torch.testing.assert_close(ops.linear(x, wpad), F.linear(x, wpad), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_padded_weight_rows_bf16(m, device, cpu_isa, bf16_dot):
+    """Weight rows further apart than in_features (a slice of a wider matrix): the kernels walk them
+    by stride, and the sequential one-row kernel must not read the padding into its sums."""
+    wide = (torch.randn(70, 300, device=device) / 16).to(torch.bfloat16)
+    wide[:, 255:] = float("nan")  # any use of the padding shows
+    w = wide[:, :255]
+    x = torch.randn(m, 255, device=device).to(torch.bfloat16)
+    out = ops.linear(x, w)
+    assert torch.isfinite(out).all()
+    assert_error_within(out, F.linear(x.double(), w.double()), F.linear(x, w), "out")
 
 
 def test_special_values(cpu_isa):
