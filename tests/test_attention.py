@@ -185,6 +185,11 @@ def test_kvcache_matches_reference(dtype, s_new, device):
     assert_error_within(out, ref64, ref_lp, "out")
     assert torch.equal(kc, kr) and torch.equal(vc, vr), "the new keys / values were not written at the offsets"
     assert lens.tolist() == [0, 130, 291], "cache_seqlens must not be modified"
+    # with the caller's bound on the lengths (on CUDA: no read-back of the lengths): the same result
+    for bound in (291, max_seq - s_new):
+        kb, vb = k_cache.clone(), v_cache.clone()
+        out_b = ops.flash_attn_with_kvcache(q, kb, vb, lens, k_new, v_new, cache_seqlens_max=bound)
+        assert torch.equal(out_b, out) and torch.equal(kb, kc) and torch.equal(vb, vc)
     # without new tokens: attends to the first cache_seqlens keys only
     out2 = ops.flash_attn_with_kvcache(q, kc, vc, lens, causal=False)
     torch.testing.assert_close(out2.float(), reference.flash_attn_with_kvcache(q, kc, vc, lens, causal=False).float(),
@@ -301,6 +306,7 @@ def test_opcheck_all_ops(device):
     qn, kn, vn = _qkv(2, 2, 2, 4, 2, 64, torch.float32, device)
     torch.library.opcheck(_ops.flash_attn_kvcache.default, (qn, kc, vc, lens, kn, vn, True, 0.125))
     torch.library.opcheck(_ops.flash_attn_kvcache.default, (qn, kc, vc, lens, None, None, False, 0.125))
+    torch.library.opcheck(_ops.flash_attn_kvcache.default, (qn, kc, vc, lens, kn, vn, True, 0.125, 9))
 
 
 def test_gradcheck_float64():
@@ -417,4 +423,31 @@ def test_bad_kvcache_inputs():
         ops.flash_attn_with_kvcache(q, kc, vc, lens, kn, None)
     with pytest.raises(ValueError, match="'k_cache' must have a contiguous last dimension"):
         ops.flash_attn_with_kvcache(q, kc.transpose(-1, -2).contiguous().transpose(-1, -2), vc, lens)
+    # the caller's bound: checked against max_seq, and (on the CPU) against the lengths themselves
+    with pytest.raises(ValueError, match=r"'cache_seqlens'\[1\] = 9 is above 'cache_seqlens_max' = 5"):
+        ops.flash_attn_with_kvcache(q, kc, vc, lens, kn, vn, cache_seqlens_max=5)
+    with pytest.raises(ValueError, match=r"'cache_seqlens_max' = 10 plus the new tokens \(1\) exceeds max_seq = 10"):
+        ops.flash_attn_with_kvcache(q, kc, vc, lens, kn, vn, cache_seqlens_max=10)
+    with pytest.raises(ValueError, match=r"'cache_seqlens_max' must be >= 0, got -1"):
+        ops.flash_attn_with_kvcache(q, kc, vc, lens, cache_seqlens_max=-1)
+    with pytest.raises(TypeError, match="'cache_seqlens_max' must be an int or None, got float"):
+        ops.flash_attn_with_kvcache(q, kc, vc, lens, cache_seqlens_max=9.0)
+    with pytest.raises(ValueError, match="exceed cache_seqlens_max"):
+        reference.flash_attn_with_kvcache(q, kc, vc, lens, cache_seqlens_max=5)
     assert lens.tolist() == [3, 9]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kvcache_unchecked_lengths_stay_inside_the_caches_cuda():
+    """On CUDA a bound below the true lengths is not detected (that would take a device read), but
+    the writes and the kernels clamp every position to the cache: no fault, the other rows exact."""
+    b, max_seq, hq, hk, d = 2, 16, 4, 2, 64
+    kc = torch.randn(b, max_seq, hk, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    lens = torch.tensor([3, 40], dtype=torch.int32, device="cuda")  # row 1 is past max_seq
+    q, kn, vn = _qkv(b, 1, 1, hq, hk, d, torch.bfloat16, "cuda")
+    out = ops.flash_attn_with_kvcache(q, kc, vc, lens, kn, vn, cache_seqlens_max=3)
+    torch.cuda.synchronize()  # a fault in the kernels would surface here
+    kr, vr = kc.clone(), vc.clone()
+    ref = reference.flash_attn_with_kvcache(q[:1], kr[:1], vr[:1], lens[:1], kn[:1], vn[:1])
+    torch.testing.assert_close(out[:1].float(), ref.float(), atol=2e-2, rtol=0)

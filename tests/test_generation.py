@@ -237,6 +237,31 @@ def test_batched_equals_one_by_one(model, tok):
     assert len({len(tok.encode(p)) for p in PROMPTS}) == len(PROMPTS)  # the batch really is ragged
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 9, 14])
+def test_packed_prefill_equals_one_by_one(model, tok, monkeypatch, chunk):
+    """Neighbouring prompts share a packed forward (up to `chunk` tokens a pack); a prompt too long
+    for a pack goes alone in chunks. Every grouping gives the one-by-one tokens."""
+    prompts = PROMPTS + [PROMPTS[0], PROMPTS[1] + " " + PROMPTS[3]]
+    lengths = [len(tok.encode(p)) for p in prompts]
+    assert min(lengths) < 9 < max(lengths)  # chunk 9: some prompts pack, the longest is chunked alone
+    packs = []
+    real = type(model).forward
+
+    def spy(self, input_ids, *args, cu_seqlens=None, **kw):
+        packs.append(0 if cu_seqlens is None else cu_seqlens.numel() - 1)
+        return real(self, input_ids, *args, cu_seqlens=cu_seqlens, **kw)
+
+    cfg = GenerationConfig(max_new_tokens=5, stop_token_ids=[], repetition_penalty=1.3)
+    singles = [generate(model, tok, p, cfg).tokens for p in prompts]
+    monkeypatch.setattr(type(model), "forward", spy)
+    batched = generate(model, tok, prompts, cfg, prefill_chunk_size=chunk)
+    assert [r.tokens for r in batched] == singles
+    if chunk != 1:
+        assert max(packs) >= 2  # some forward really was packed
+    else:
+        assert max(packs) == 0
+
+
 @pytest.mark.parametrize("sync_every", [1, 4])
 def test_rows_stopping_at_different_times(model, tok, monkeypatch, sync_every):
     # Rows that stop are dropped from the batch (their cache rows moved); the others must be unaffected.

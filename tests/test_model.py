@@ -178,6 +178,55 @@ def test_kv_cache_layout_views_and_errors():
         model(torch.randint(0, 100, (2, 1)), kv_cache=cache)
 
 
+@torch.no_grad()
+def test_kv_cache_host_lengths_follow_the_device_lengths():
+    """A GPU cache keeps its lengths twice (device for the kernels, host for the bounds); on the CPU
+    they are one tensor. Here the host copy is made separate, as on a GPU, and every way the
+    lengths change must keep the two equal, through row views and keep_rows too."""
+    model = make_model("hd80_tied", use_kernels=True)
+    V = model.config.vocab_size
+    cache = KVCache(model.config, 3, 32, torch.float32)
+    assert cache.host_seqlens is cache.seqlens  # CPU: one tensor
+    cache.host_seqlens = cache.seqlens.clone()
+    same = lambda c: c.seqlens.tolist() == c.host_seqlens.tolist()
+    seqs = [torch.randint(0, V, (n,)) for n in (4, 9, 6)]
+    for b, seq in enumerate(seqs):
+        model(seq[None], kv_cache=cache.row(b))
+    assert cache.seqlens.tolist() == [4, 9, 6] and same(cache) and cache.longest() == 9
+    model(torch.randint(0, V, (3, 1)), kv_cache=cache)
+    assert cache.seqlens.tolist() == [5, 10, 7] and same(cache)
+    k_before = [k.clone() for k, _ in cache.layers]
+    kept = cache.keep_rows([2, 0])  # row 1 finished: rows 2 and 0 move to the front
+    assert kept.batch_size == 2 and kept.seqlens.tolist() == [7, 5] and same(kept) and kept.longest() == 7
+    for (k, _), kb in zip(kept.layers, k_before):
+        assert torch.equal(k[0, :7], kb[2, :7]) and torch.equal(k[1, :5], kb[0, :5])
+    model(torch.randint(0, V, (2, 1)), kv_cache=kept)
+    assert kept.seqlens.tolist() == [8, 6] and same(kept) and same(cache)
+    with pytest.raises(ValueError, match="distinct rows"):
+        cache.keep_rows([0, 0])
+    cache.reset()
+    assert cache.seqlens.tolist() == [0, 0, 0] and same(cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_decode_step_never_synchronises_cuda():
+    """A decode step queues its work and returns: no read of device memory by the host (the cache
+    lengths are checked against their host copy), so the CPU launches ahead of the GPU."""
+    model = make_model("hd128_untied", dtype=torch.bfloat16, use_kernels=True).cuda()
+    cache = KVCache(model.config, 2, 64, torch.bfloat16, "cuda")
+    model(torch.randint(0, 100, (2, 7), device="cuda"), kv_cache=cache)
+    tok = torch.randint(0, 100, (2, 1), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            tok = model(tok, kv_cache=cache, num_logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cache.seqlens.tolist() == cache.host_seqlens.tolist() == [10, 10]
+
+
 # ---- packed documents ----
 @torch.no_grad()
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -193,6 +242,37 @@ def test_packed_cu_seqlens_equals_separate_forwards(name):
     torch.testing.assert_close(out_1d, out, rtol=0, atol=0)
     for doc, s, e in zip(docs, cu[:-1].tolist(), cu[1:].tolist()):
         assert rel_err(out[:, s:e], model(doc[None])) < 1e-5
+    # num_logits_to_keep counts per document: each one's last positions
+    keep = model(packed, cu_seqlens=cu, num_logits_to_keep=1)
+    assert rel_err(keep, torch.stack([out[0, e - 1:e] for e in cu[1:].tolist()])) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_packed_prefill_into_cache_equals_row_by_row(use_kernels):
+    """Packed documents with a kv_cache: document i fills row i; the cache contents, lengths, the
+    per-document last logits and the decode steps after it equal prefilling row by row."""
+    model = make_model("hd128_untied", use_kernels=use_kernels)
+    V = model.config.vocab_size
+    lengths = [7, 1, 12, 4]
+    docs = [torch.randint(0, V, (n,)) for n in lengths]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    packed_cache = KVCache(model.config, 4, 20, torch.float32)
+    last = model(torch.cat(docs), cu_seqlens=cu, kv_cache=packed_cache, num_logits_to_keep=1)  # [4, 1, V]
+    assert last.shape == (4, 1, V) and packed_cache.seqlens.tolist() == lengths
+    full = model(torch.cat(docs)[None], cu_seqlens=cu)                                        # [1, total, V]
+    ends = cu[1:].tolist()
+    assert rel_err(last, torch.stack([full[0, e - 1:e] for e in ends])) < 1e-5  # (lm_head on 4 rows or 24)
+    rows_cache = KVCache(model.config, 4, 20, torch.float32)
+    for b, doc in enumerate(docs):
+        one = model(doc[None], kv_cache=rows_cache.row(b), num_logits_to_keep=1)
+        assert rel_err(last[b, -1], one[0, -1]) < 1e-5
+    for (kp, vp), (kr, vr) in zip(packed_cache.layers, rows_cache.layers):
+        for b, n in enumerate(lengths):
+            assert rel_err(kp[b, :n], kr[b, :n]) < 1e-5 and rel_err(vp[b, :n], vr[b, :n]) < 1e-5
+    step = torch.randint(0, V, (4, 1))
+    assert rel_err(model(step, kv_cache=packed_cache), model(step, kv_cache=rows_cache)) < 1e-5
+    assert packed_cache.seqlens.tolist() == [n + 1 for n in lengths]
 
 
 def test_packed_input_errors():
@@ -206,9 +286,18 @@ def test_packed_input_errors():
         model(ids, cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"\[1, total\]"):
         model(torch.randint(0, 100, (2, 5)), cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
-    with pytest.raises(ValueError, match="cannot be combined"):
-        model(ids, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32),
-              kv_cache=KVCache(model.config, 1, 16, torch.float32))
+    cu2 = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv_cache has batch_size 1, cu_seqlens holds 2 documents"):
+        model(ids, cu_seqlens=cu2, kv_cache=KVCache(model.config, 1, 16, torch.float32))
+    used = KVCache(model.config, 2, 16, torch.float32)
+    used.row(1).advance(3)
+    with pytest.raises(ValueError, match=r"fills empty rows only; the rows hold \[0, 3\] tokens"):
+        model(ids, cu_seqlens=cu2, kv_cache=used)
+    with pytest.raises(ValueError, match="exceed max_seq_len 5"):
+        model(ids, cu_seqlens=cu2, kv_cache=KVCache(model.config, 2, 5, torch.float32))
+    with pytest.raises(ValueError, match=r"num_logits_to_keep = 5 needs every packed document to hold as many "
+                                         r"tokens, got lengths \[4, 6\]"):
+        model(ids, cu_seqlens=cu2, num_logits_to_keep=5)
     with pytest.raises(ValueError, match="position_ids must be"):
         model(ids, position_ids=torch.arange(9)[None])
     with pytest.raises(TypeError, match="input_ids must be int64"):

@@ -66,7 +66,10 @@ EXAONE_HD SeqRange seq_range(const AttnParams& p, int64_t b) {
     r.len_k = p.cu_seqlens_k[b + 1] - r.k_start;
   } else {
     r.q_start = 0; r.len_q = p.seq_q; r.k_start = 0; r.len_k = p.seq_k;
-    if (p.cache_seqlens) r.len_k = p.cache_seqlens[b];
+    if (p.cache_seqlens) {  // clamped: on CUDA the lengths may reach the kernels unchecked
+      const int64_t l = p.cache_seqlens[b];
+      r.len_k = l < 0 ? 0 : (l > p.seq_k ? p.seq_k : l);
+    }
   }
   return r;
 }

@@ -255,7 +255,8 @@ AttnBwdParams prepare_flash_attn_varlen_bwd(const at::Tensor& dout, const at::Te
 AttnParams prepare_flash_attn_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                       const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale,
-                                      at::Tensor& out, at::Tensor& seqlens_after) {
+                                      std::optional<int64_t> cache_seqlens_max, at::Tensor& out,
+                                      at::Tensor& seqlens_after) {
   const char* op = "flash_attn_kvcache";
   check_qkv(q, k_cache, v_cache, op, 4, "k_cache", "v_cache");
   check_scale(softmax_scale, op);
@@ -285,14 +286,30 @@ AttnParams prepare_flash_attn_kvcache(const at::Tensor& q, const at::Tensor& k_c
                       shape_str(kn.sizes()));
     s_new = kn.size(1);
   }
-  // Lengths are read on the host (a device-to-host copy for CUDA tensors).
-  const at::Tensor lens = cache_seqlens.to(at::kCPU).contiguous();
-  const int32_t* l = lens.const_data_ptr<int32_t>();
-  for (int64_t b = 0; b < batch; ++b) {
+  const auto plus_new = [&] {
+    return has_k ? " plus the new tokens (" + std::to_string(s_new) + ")" : std::string();
+  };
+  if (cache_seqlens_max) {
+    const int64_t m = *cache_seqlens_max;
+    TORCH_CHECK_VALUE(m >= 0, "exaone_ext.", op, ": 'cache_seqlens_max' must be >= 0, got ", m);
+    TORCH_CHECK_VALUE(m + s_new <= max_seq, "exaone_ext.", op, ": 'cache_seqlens_max' = ", m, plus_new(),
+                      " exceeds max_seq = ", max_seq, " of 'k_cache'");
+  }
+  // Lengths are read on the host (a device-to-host copy for CUDA tensors) unless CUDA has the
+  // caller's bound; then only the kernels read them, clamped to [0, max_seq] (common/attention.h).
+  const bool on_host = q.is_cpu() || !cache_seqlens_max;
+  at::Tensor lens;
+  const int32_t* l = nullptr;
+  if (on_host) {
+    lens = cache_seqlens.to(at::kCPU).contiguous();
+    l = lens.const_data_ptr<int32_t>();
+  }
+  for (int64_t b = 0; on_host && b < batch; ++b) {
     TORCH_CHECK_VALUE(l[b] >= 0, "exaone_ext.", op, ": 'cache_seqlens'[", b, "] = ", l[b], " is negative");
     TORCH_CHECK_VALUE(int64_t(l[b]) + s_new <= max_seq, "exaone_ext.", op, ": 'cache_seqlens'[", b, "] = ", l[b],
-                      has_k ? " plus the new tokens (" : "", has_k ? std::to_string(s_new) : std::string(),
-                      has_k ? ")" : "", " exceeds max_seq = ", max_seq, " of 'k_cache'");
+                      plus_new(), " exceeds max_seq = ", max_seq, " of 'k_cache'");
+    TORCH_CHECK_VALUE(!cache_seqlens_max || l[b] <= *cache_seqlens_max, "exaone_ext.", op, ": 'cache_seqlens'[", b,
+                      "] = ", l[b], " is above 'cache_seqlens_max' = ", cache_seqlens_max.value_or(0));
   }
   if (has_k && s_new > 0 && batch > 0 && q.is_cpu()) {
     // CPU: row by row (a decode step writes one row per sequence; index_put_ costs more than that)
@@ -318,7 +335,8 @@ AttnParams prepare_flash_attn_kvcache(const at::Tensor& q, const at::Tensor& k_c
     }
   } else if (has_k && s_new > 0 && batch > 0) {
     const auto idx_opts = cache_seqlens.options().dtype(at::kLong);
-    const at::Tensor pos = cache_seqlens.to(at::kLong).unsqueeze(1) + at::arange(s_new, idx_opts).unsqueeze(0);
+    at::Tensor pos = cache_seqlens.to(at::kLong).unsqueeze(1) + at::arange(s_new, idx_opts).unsqueeze(0);
+    if (!on_host) pos.clamp_(0, max_seq - 1);  // unchecked lengths: never a write outside the caches
     const at::Tensor row = at::arange(batch, idx_opts).unsqueeze(1).expand({batch, s_new});
     k_cache.index_put_(c10::List<std::optional<at::Tensor>>({row, pos}), *k_new);
     v_cache.index_put_(c10::List<std::optional<at::Tensor>>({row, pos}), *v_new);

@@ -24,6 +24,10 @@
 // the caches. seqlens_after is a new int32 tensor (on the caches' device) holding cache_seqlens +
 // seq_new (or a copy of cache_seqlens without new tokens); the returned params point at it, so the
 // caller keeps seqlens_after alive while the kernel runs. cache_seqlens itself is never modified.
+// cache_seqlens_max, when given, is the caller's bound on cache_seqlens (checked against max_seq on
+// the host): on CUDA the lengths are then not read back from the device (a synchronisation per
+// call, which would stall the queue of launches every layer); on the CPU they are read anyway and
+// must not exceed it. Without it the lengths are read and checked one by one on every device.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -54,6 +58,7 @@ AttnBwdParams prepare_flash_attn_varlen_bwd(const at::Tensor& dout, const at::Te
 AttnParams prepare_flash_attn_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                       const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale,
-                                      at::Tensor& out, at::Tensor& seqlens_after);
+                                      std::optional<int64_t> cache_seqlens_max, at::Tensor& out,
+                                      at::Tensor& seqlens_after);
 
 }  // namespace exaone_ext

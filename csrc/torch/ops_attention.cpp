@@ -292,10 +292,11 @@ void run_decode(const AttnParams& p, at::Tensor& out) {
 
 at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                                  const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale) {
+                                  const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale,
+                                  std::optional<int64_t> cache_seqlens_max) {
   at::Tensor out, lens;
   const AttnParams p = prepare_flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                                  softmax_scale, out, lens);
+                                                  softmax_scale, cache_seqlens_max, out, lens);
   const int64_t batch = p.batch;
   if (batch == 0 || p.seq_q == 0) return out;
   if (decode_path(p)) {
@@ -347,7 +348,7 @@ TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {
       "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
-      "Tensor? k_new, Tensor? v_new, bool causal, float softmax_scale) -> Tensor");
+      "Tensor? k_new, Tensor? v_new, bool causal, float softmax_scale, int? cache_seqlens_max=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(exaone_ext, CPU, m) {

@@ -97,10 +97,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cuda(
 
 at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                                   const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale) {
+                                   const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale,
+                                   std::optional<int64_t> cache_seqlens_max) {
   at::Tensor out, seqlens_after;  // seqlens_after backs p.cache_seqlens: alive until the launches are queued
   const AttnParams p = prepare_flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                                  softmax_scale, out, seqlens_after);
+                                                  softmax_scale, cache_seqlens_max, out, seqlens_after);
   c10::cuda::CUDAGuard guard(q.device());  // after the checks: q is a CUDA tensor
   run_forward(p, q, /*allow_split=*/true);
   return out;

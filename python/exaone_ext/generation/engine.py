@@ -6,7 +6,8 @@
         print(piece, end="", flush=True)
 
 How a batch runs: every prompt is prefilled into its own row of one KVCache (ragged lengths,
-no padding), then all rows decode together, one token per row per step, each row attending to
+no padding; neighbouring prompts packed into one forward, documents attended separately, up to
+_PACK_TOKENS tokens or prefill_chunk_size a pack), then all rows decode together, one token per row per step, each row attending to
 its own cache length. A row that stops is dropped from the batch at the next check, its cache row
 moved out of the way, so finished sequences cost nothing. Token ids stay on the device between
 checks; the host reads them when streaming or stop strings need the text, when a row reaches its
@@ -14,7 +15,6 @@ length limit, or every few steps on a GPU.
 """
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +28,9 @@ from .sampling import select_next_tokens
 __all__ = ["GenerationResult", "GenerationStats", "TextStream", "generate", "stream", "prepare_prompts"]
 
 STOP_TOKEN, STOP_STRING, LENGTH = "stop_token", "stop_string", "length"
+# Most prompt tokens prefilled in one packed forward when no prefill_chunk_size is given (a longer
+# single prompt still goes whole): bounds the activations of a pack.
+_PACK_TOKENS = 8192
 # Decode steps between host reads when nothing needs each token at once. On a CPU the read is
 # free and lets finished rows drop out immediately; on a GPU it would stall the queue.
 _SYNC_EVERY = {"cpu": 1, "cuda": 8}
@@ -204,23 +207,6 @@ def _stop_ids(tokenizer: ExaoneTokenizer, model, config: GenerationConfig) -> fr
     return frozenset(ids)
 
 
-def _keep_rows(cache, keep: list[int]):
-    """A cache view holding only rows `keep` (in that order) of `cache`, moved to the front."""
-    n = len(keep)
-    if keep != list(range(n)):
-        idx = torch.tensor(keep, device=cache.seqlens.device)
-        longest = int(cache.seqlens[idx].max())
-        for k, v in cache.layers:
-            k[:n, :longest] = k[idx, :longest]                                    # [n, longest, kv_heads, hd]
-            v[:n, :longest] = v[idx, :longest]
-        cache.seqlens[:n] = cache.seqlens[idx]
-    view = copy.copy(cache)
-    view.layers = [(k[:n], v[:n]) for k, v in cache.layers]
-    view.seqlens = cache.seqlens[:n]
-    view.batch_size = n
-    return view
-
-
 @torch.inference_mode()
 def _generate_iter(model, tokenizer: ExaoneTokenizer, prompt_ids: list[list[int]], config: GenerationConfig,
                    prefill_chunk_size: int | None, stream_text: bool) -> Iterator[tuple[int, str]]:
@@ -254,21 +240,41 @@ def _generate_iter(model, tokenizer: ExaoneTokenizer, prompt_ids: list[list[int]
         generator = torch.Generator(device=device).manual_seed(config.seed)
     chunk = prefill_chunk_size or max(len(ids) for ids in prompt_ids)
 
-    # ---- prefill: each prompt into its own cache row, exact lengths
+    # ---- prefill: each prompt into its own cache row, exact lengths. Neighbouring prompts that fit
+    # one pack together go through one forward (packed, cu_seqlens): one pass over the weights
+    # for all of them; a prompt alone in its pack goes in chunks of `chunk` tokens.
     _sync(device)
     t0 = time.perf_counter()
     last_logits = torch.empty(batch, vocab, dtype=torch.float32, device=device)
     seen = None
     if config.repetition_penalty != 1.0:
         seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)          # [b, V]
-    for b, ids in enumerate(prompt_ids):
-        row_cache = cache.row(b)
-        x = torch.tensor(ids, dtype=torch.long, device=device)[None]              # [1, s]
-        for start in range(0, x.shape[1], chunk):
-            out = model(x[:, start:start + chunk], kv_cache=row_cache, num_logits_to_keep=1)
-        last_logits[b] = out[0, -1]
+    pack = prefill_chunk_size or max(_PACK_TOKENS, chunk)
+    first = 0
+    while first < batch:
+        stop, total = first + 1, len(prompt_ids[first])
+        while stop < batch and total + len(prompt_ids[stop]) <= pack:
+            total += len(prompt_ids[stop])
+            stop += 1
+        if stop - first == 1:
+            row_cache = cache.row(first)
+            x = torch.tensor(prompt_ids[first], dtype=torch.long, device=device)[None]  # [1, s]
+            for start in range(0, x.shape[1], chunk):
+                out = model(x[:, start:start + chunk], kv_cache=row_cache, num_logits_to_keep=1)
+            last_logits[first] = out[0, -1]
+        else:
+            group = prompt_ids[first:stop]
+            x = torch.tensor([t for ids in group for t in ids], dtype=torch.long, device=device)  # [total]
+            bounds = [0]
+            for ids in group:
+                bounds.append(bounds[-1] + len(ids))
+            cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+            out = model(x, cu_seqlens=cu, kv_cache=cache.rows(first, stop), num_logits_to_keep=1)  # [n, 1, V]
+            last_logits[first:stop] = out[:, -1]
         if seen is not None:
-            seen[b, x[0]] = True
+            for b in range(first, stop):
+                seen[b, torch.tensor(prompt_ids[b], device=device)] = True
+        first = stop
     next_tokens = select_next_tokens(last_logits, config, seen, generator)       # [b]
     _sync(device)
     t1 = time.perf_counter()
@@ -307,7 +313,7 @@ def _generate_iter(model, tokenizer: ExaoneTokenizer, prompt_ids: list[list[int]
                 idx = torch.tensor(keep, device=device)
                 next_tokens = next_tokens[idx]
                 seen = seen[idx] if seen is not None else None
-                cache = _keep_rows(cache, keep)
+                cache = cache.keep_rows(keep)
                 active = [active[p] for p in keep]
         logits = model(next_tokens[:, None], kv_cache=cache, num_logits_to_keep=1)  # [n, 1, V]
         next_tokens = select_next_tokens(logits[:, -1], config, seen, generator)
@@ -342,7 +348,9 @@ def generate(model, tokenizer: ExaoneTokenizer, prompts, config: GenerationConfi
     formatted with EXAONE's chat template), or a list mixing these. Returns one GenerationResult
     for a single prompt, else a list in the same order.
     callback(row, text_piece): called as each row's text grows (UTF-8-safe pieces).
-    prefill_chunk_size: prefill long prompts this many tokens at a time (bounds activation memory).
+    prefill_chunk_size: prefill long prompts this many tokens at a time, and pack short prompts of a
+    batch into forwards of at most this many tokens (bounds activation memory; default: whole
+    prompts, packs of up to 8192 tokens).
     """
     config = _check_args(model, tokenizer, config)
     prompt_ids, single = prepare_prompts(tokenizer, prompts)

@@ -10,6 +10,9 @@ from .config import ExaoneConfig
 class KVCache:
     """layers[i] = (k, v), each [batch_size, max_seq_len, num_key_value_heads, head_dim];
     seqlens int32 [batch_size]: tokens already cached in each row (the model advances it after a forward).
+    host_seqlens: the same lengths in CPU memory (the very same tensor for a CPU cache), so that
+    bounds are checked without reading GPU memory back; change lengths through advance() and
+    reset(), which keep the two together.
 
         cache = KVCache(config, batch_size=1, max_seq_len=4096, dtype=torch.bfloat16, device="cpu")
         logits = model(prompt_ids, kv_cache=cache)      # prefill
@@ -30,13 +33,14 @@ class KVCache:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_layers)]
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.host_seqlens = self.seqlens if self.seqlens.is_cpu else torch.zeros(batch_size, dtype=torch.int32)
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
 
     @classmethod
-    def _view(cls, layers, seqlens, max_seq_len) -> "KVCache":
+    def _view(cls, layers, seqlens, host_seqlens, max_seq_len) -> "KVCache":
         cache = cls.__new__(cls)
-        cache.layers, cache.seqlens = layers, seqlens
+        cache.layers, cache.seqlens, cache.host_seqlens = layers, seqlens, host_seqlens
         cache.max_seq_len, cache.batch_size = max_seq_len, seqlens.shape[0]
         return cache
 
@@ -46,23 +50,67 @@ class KVCache:
         if not -self.batch_size <= b < self.batch_size:
             raise IndexError(f"KVCache.row: row {b} out of range for batch_size {self.batch_size}")
         b = b % self.batch_size
-        return KVCache._view([(k[b:b + 1], v[b:b + 1]) for k, v in self.layers], self.seqlens[b:b + 1],
+        return self.rows(b, b + 1)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache of rows start..stop-1 sharing storage with this one."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise IndexError(f"KVCache.rows: rows {start}..{stop - 1} out of range for batch_size {self.batch_size}")
+        lens = self.seqlens[start:stop]
+        host = lens if self.host_seqlens is self.seqlens else self.host_seqlens[start:stop]
+        return KVCache._view([(k[start:stop], v[start:stop]) for k, v in self.layers], lens, host,
                              self.max_seq_len)
+
+    def keep_rows(self, keep: list[int]) -> "KVCache":
+        """A cache holding only rows `keep` (in that order) of this one, moved to the front of the
+        same storage (this cache's other rows are overwritten)."""
+        n = len(keep)
+        if any(not 0 <= r < self.batch_size for r in keep) or len(set(keep)) != n:
+            raise ValueError(f"KVCache.keep_rows: expected distinct rows in [0, {self.batch_size}), got {keep}")
+        if keep != list(range(n)):
+            longest = max((int(self.host_seqlens[r]) for r in keep), default=0)
+            idx = torch.tensor(keep, device=self.seqlens.device)
+            for k, v in self.layers:
+                k[:n, :longest] = k[idx, :longest]                                 # [n, longest, kv_heads, hd]
+                v[:n, :longest] = v[idx, :longest]
+            self.seqlens[:n] = self.seqlens[idx]
+            if self.host_seqlens is not self.seqlens:
+                self.host_seqlens[:n] = self.host_seqlens[torch.tensor(keep)]
+        lens = self.seqlens[:n]
+        host = lens if self.host_seqlens is self.seqlens else self.host_seqlens[:n]
+        return KVCache._view([(k[:n], v[:n]) for k, v in self.layers], lens, host, self.max_seq_len)
 
     def reset(self) -> None:
         """Forget every cached token (the storage is kept and overwritten by later writes)."""
         self.seqlens.zero_()
+        if self.host_seqlens is not self.seqlens:
+            self.host_seqlens.zero_()
+
+    def longest(self) -> int:
+        """Tokens in the fullest row (from host memory: no device synchronisation)."""
+        return int(self.host_seqlens.max()) if self.batch_size else 0
 
     def check_room(self, new_tokens: int) -> None:
         """Raise ValueError if appending `new_tokens` to any row would pass max_seq_len."""
-        longest = int(self.seqlens.max()) if self.batch_size else 0
+        longest = self.longest()
         if longest + new_tokens > self.max_seq_len:
             raise ValueError(f"KVCache: appending {new_tokens} token(s) to a row holding {longest} would exceed "
                              f"max_seq_len {self.max_seq_len}")
 
-    def advance(self, new_tokens: int) -> None:
-        """Record that `new_tokens` were appended to every row."""
-        self.seqlens += new_tokens
+    def advance(self, new_tokens) -> None:
+        """Record that `new_tokens` were appended to every row (an int), or new_tokens[b] to row b
+        (a list of ints)."""
+        if isinstance(new_tokens, int):
+            self.seqlens += new_tokens
+            if self.host_seqlens is not self.seqlens:
+                self.host_seqlens += new_tokens
+            return
+        host = torch.tensor(new_tokens, dtype=torch.int32)
+        if host.shape != (self.batch_size,):
+            raise ValueError(f"KVCache.advance: expected {self.batch_size} lengths, got {list(new_tokens)}")
+        self.seqlens += host.to(self.seqlens.device)
+        if self.host_seqlens is not self.seqlens:
+            self.host_seqlens += host
 
     @property
     def dtype(self) -> torch.dtype:

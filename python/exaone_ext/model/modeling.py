@@ -65,7 +65,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
         self.out_proj = nn.Linear(self.num_heads * hd, d, bias=False)
 
-    def forward(self, x, ops, cos, sin, position_ids, cu_seqlens, max_seqlen, kv_layer, cache_seqlens):
+    def forward(self, x, ops, cos, sin, position_ids, cu_seqlens, max_seqlen, kv_layer, cache_seqlens,
+                cache_max=None):
         b, s, _ = x.shape
         # the three projections in one call (one pass over their weights at decode); q, k, v are views
         nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -74,9 +75,18 @@ class Attention(nn.Module):
         k = qkv[..., nq:nq + nk].view(b, s, self.num_kv_heads, self.head_dim)                # [b, s, hk, hd]
         v = qkv[..., nq + nk:].view(b, s, self.num_kv_heads, self.head_dim)                  # [b, s, hk, hd]
         q, k = ops.apply_rope(q, k, cos, sin, position_ids)
-        if kv_layer is not None:
+        if kv_layer is not None and cu_seqlens is not None:
+            # packed prefill into empty cache rows: document i attends to itself only, and its keys
+            # and values land in row i at positions 0..len_i - 1 (kv_layer[2]: (rows, positions))
+            out = ops.flash_attn_varlen(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                        causal=True)[None]               # [1, total, hq, hd]
+            rows, pos = kv_layer[2]
+            kv_layer[0].index_put_((rows, pos), k[0])
+            kv_layer[1].index_put_((rows, pos), v[0])
+        elif kv_layer is not None:
             # k, v are written into the cache at each row's offset, then attended with the past
-            out = ops.flash_attn_with_kvcache(q, kv_layer[0], kv_layer[1], cache_seqlens, k, v, causal=True)
+            out = ops.flash_attn_with_kvcache(q, kv_layer[0], kv_layer[1], cache_seqlens, k, v, causal=True,
+                                              cache_seqlens_max=cache_max)
         elif cu_seqlens is not None:
             # packed documents: b == 1, tokens of different documents never see each other
             out = ops.flash_attn_varlen(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
@@ -206,22 +216,38 @@ class ExaoneForCausalLM(nn.Module):
 
         position_ids [b, s]: default 0..s-1, or each row's cache length onward with a kv_cache.
         cu_seqlens int32 [n_docs + 1]: packed documents in input_ids [1, total] (or [total]), attended
-        separately, positions restarting at 0 per document unless given.
+        separately, positions restarting at 0 per document unless given; num_logits_to_keep then
+        counts per document: logits [n_docs, keep, vocab] of each document's last positions.
         kv_cache: the new tokens are appended to each row's cache and attend to everything before
-        them; the cache's seqlens advance by s.
+        them; the cache's seqlens advance by s. With cu_seqlens too (packed prefill), document i
+        goes into row i of a cache whose rows are all empty.
         """
         ops = ops_for(self.use_kernels, self.config.head_dim)
+        doc_lengths = packed_kv = None
         if cu_seqlens is not None:
-            if kv_cache is not None:
-                raise ValueError("ExaoneForCausalLM: cu_seqlens and kv_cache cannot be combined")
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]                               # [total] -> [1, total]
             if input_ids.dim() != 2 or input_ids.shape[0] != 1:
                 raise ValueError(f"ExaoneForCausalLM: with cu_seqlens, input_ids must be [1, total] or [total], "
                                  f"got {tuple(input_ids.shape)}")
-            cu_seqlens, max_seqlen, doc_positions = self._check_cu_seqlens(cu_seqlens, input_ids.shape[1])
+            cu_seqlens, max_seqlen, doc_positions, doc_lengths = self._check_cu_seqlens(cu_seqlens, input_ids.shape[1])
             if position_ids is None:
                 position_ids = doc_positions[None]
+            if num_logits_to_keep > 0 and min(doc_lengths) < num_logits_to_keep:
+                raise ValueError(f"ExaoneForCausalLM: num_logits_to_keep = {num_logits_to_keep} needs every packed "
+                                 f"document to hold as many tokens, got lengths {doc_lengths}")
+            if kv_cache is not None:
+                if kv_cache.batch_size != len(doc_lengths):
+                    raise ValueError(f"ExaoneForCausalLM: kv_cache has batch_size {kv_cache.batch_size}, cu_seqlens "
+                                     f"holds {len(doc_lengths)} documents (one cache row per document)")
+                if kv_cache.longest() != 0:
+                    raise ValueError(f"ExaoneForCausalLM: packed input (cu_seqlens) with a kv_cache fills empty rows "
+                                     f"only; the rows hold {kv_cache.host_seqlens.tolist()} tokens")
+                kv_cache.check_room(max_seqlen)
+                dev = input_ids.device
+                rows = torch.repeat_interleave(torch.arange(len(doc_lengths), device=dev),
+                                               torch.tensor(doc_lengths, device=dev), output_size=input_ids.shape[1])
+                packed_kv = (rows, doc_positions)
         elif input_ids.dim() != 2:
             raise ValueError(f"ExaoneForCausalLM: input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
         else:
@@ -230,8 +256,8 @@ class ExaoneForCausalLM(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ExaoneForCausalLM: input_ids must be int64 or int32, got {input_ids.dtype}")
 
-        cache_seqlens = None
-        if kv_cache is not None:
+        cache_seqlens = cache_max = None
+        if kv_cache is not None and packed_kv is None:
             if kv_cache.batch_size != b:
                 raise ValueError(f"ExaoneForCausalLM: kv_cache has batch_size {kv_cache.batch_size}, "
                                  f"input_ids has {b} rows")
@@ -240,6 +266,7 @@ class ExaoneForCausalLM(nn.Module):
                                  f"the model {self.config.num_layers}")
             kv_cache.check_room(s)
             cache_seqlens = kv_cache.seqlens
+            cache_max = kv_cache.longest()  # from host memory: the attention op need not read the lengths back
             if position_ids is None:
                 position_ids = cache_seqlens[:, None].long() + torch.arange(s, device=input_ids.device)  # [b, s]
         if position_ids is None:
@@ -259,8 +286,10 @@ class ExaoneForCausalLM(nn.Module):
         y = ops.rms_norm(x, blocks[0].ln_1.weight, eps) if len(blocks) else x
         for i, block in enumerate(blocks):
             kv_layer = kv_cache.layers[i] if kv_cache is not None else None
+            if packed_kv is not None:
+                kv_layer = (*kv_layer, packed_kv)
             a = block.attn.attention(y, ops, self.rope_cos, self.rope_sin, position_ids, cu_seqlens, max_seqlen,
-                                     kv_layer, cache_seqlens)
+                                     kv_layer, cache_seqlens, cache_max)
             y, h = ops.add_rms_norm(a, h, block.ln_2.weight, eps)
             m = block.mlp(y, ops)
             next_norm = blocks[i + 1].ln_1.weight if i + 1 < len(blocks) else self.transformer.ln_f.weight
@@ -268,8 +297,12 @@ class ExaoneForCausalLM(nn.Module):
         if not len(blocks):
             y = ops.rms_norm(x, self.transformer.ln_f.weight, eps)
         if kv_cache is not None:
-            kv_cache.advance(s)
-        if num_logits_to_keep > 0:
+            kv_cache.advance(doc_lengths if packed_kv is not None else s)
+        if num_logits_to_keep > 0 and doc_lengths is not None:
+            ends = cu_seqlens[1:].long()                                                          # [n_docs]
+            idx = ends[:, None] - torch.arange(num_logits_to_keep, 0, -1, device=ends.device)     # [n_docs, keep]
+            y = y[0][idx]                                                                         # [n_docs, keep, d]
+        elif num_logits_to_keep > 0:
             y = y[:, -num_logits_to_keep:]                                                        # [b, keep, d]
         return ops.linear(y, self.lm_head.weight).float()                                        # [b, s, V]
 
@@ -286,7 +319,7 @@ class ExaoneForCausalLM(nn.Module):
         starts = torch.tensor(host[:-1], device=cu_seqlens.device)
         lens = torch.tensor(lengths, device=cu_seqlens.device)
         positions = torch.arange(total, device=cu_seqlens.device) - starts.repeat_interleave(lens, output_size=total)
-        return cu_seqlens, max(lengths), positions                                               # positions [total]
+        return cu_seqlens, max(lengths), positions, lengths                                      # positions [total]
 
     # ---- checkpoints ----
     @classmethod

@@ -61,12 +61,19 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, causal: bool = True,
-                            softmax_scale: float | None = None):
+                            softmax_scale: float | None = None, cache_seqlens_max: int | None = None):
     """Decode / chunked prefill against a preallocated cache. q [b, s_new, hq, d]; caches
     [b, max_seq, hk, d] (last dim contiguous; modified in place); cache_seqlens int32 [b]: tokens
     already in each row. k_new / v_new [b, s_new, hk, d], when given, are written into the caches at
     each row's offset first; each query then attends to the first cache_seqlens[b] (+ s_new) keys.
-    cache_seqlens is not modified: the caller advances it. Not differentiable."""
+    cache_seqlens is not modified: the caller advances it. Not differentiable.
+
+    cache_seqlens_max: a bound on cache_seqlens the caller already knows on the host (KVCache keeps
+    one). It is checked against max_seq; on CUDA the op then does not read the lengths back from the
+    device, which would otherwise synchronise with the GPU on every call. On CUDA a bound below the
+    true lengths is not detected (detecting it is the synchronisation): the kernels clamp every
+    length to [0, max_seq], so nothing outside the caches is touched, but the rows concerned are
+    wrong. On the CPU the lengths are checked against it."""
     for x, name in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache"), (cache_seqlens, "cache_seqlens")):
         check_tensor(x, name, "flash_attn_with_kvcache")
     if (k_new is None) != (v_new is None):
@@ -74,13 +81,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
     if k_new is not None:
         check_tensor(k_new, "k_new", "flash_attn_with_kvcache")
         check_tensor(v_new, "v_new", "flash_attn_with_kvcache")
+    if cache_seqlens_max is not None and (isinstance(cache_seqlens_max, bool)
+                                          or not isinstance(cache_seqlens_max, int)):
+        raise TypeError(f"exaone_ext.flash_attn_with_kvcache: 'cache_seqlens_max' must be an int or None, "
+                        f"got {type(cache_seqlens_max).__name__}")
     if not has_kernel(q.device):
         return reference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                                 softmax_scale)
+                                                 softmax_scale, cache_seqlens_max)
     if k_new is not None:
         k_new, v_new = _last_contiguous(k_new), _last_contiguous(v_new)
     return _ops.flash_attn_kvcache(_last_contiguous(q), k_cache, v_cache, cache_seqlens, k_new, v_new, bool(causal),
-                                   _scale(q, softmax_scale))
+                                   _scale(q, softmax_scale), cache_seqlens_max)
 
 
 # ---- fake (meta) kernels: shapes only, for torch.compile and opcheck ---------------------------------
@@ -114,7 +125,7 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 @torch.library.register_fake("exaone_ext::flash_attn_kvcache")
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale):
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, cache_seqlens_max=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

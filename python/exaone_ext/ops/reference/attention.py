@@ -60,13 +60,16 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,
-                            causal: bool = True, softmax_scale: float | None = None):
+                            causal: bool = True, softmax_scale: float | None = None,
+                            cache_seqlens_max: int | None = None):
     """q [b, s_new, hq, d]; caches [b, max_seq, hk, d]; cache_seqlens int32 [b]: tokens already in
     each row's cache. k_new/v_new [b, s_new, hk, d], when given, are written into the caches at
     each row's offset first (the caches are modified in place). Each query row attends to the
     first cache_seqlens[b] (+ s_new when new keys are given) keys, causal bottom-right."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lens = cache_seqlens.tolist()
+    if cache_seqlens_max is not None and any(n > cache_seqlens_max for n in lens):
+        raise ValueError(f"flash_attn_with_kvcache: cache_seqlens {lens} exceed cache_seqlens_max = {cache_seqlens_max}")
     outs = []
     for b in range(q.shape[0]):
         n = lens[b]
