@@ -178,6 +178,26 @@ def main():
             dtb, _ = ours_decode(True, args.batch)
             out["batched_decode"] = {"batch": args.batch, "tok_s": args.batch * args.decode / dtb,
                                      "speedup_vs_batch1": (args.batch * args.decode / dtb) / rows["ours (kernels)"]["decode_tok_s"]}
+            # prefill of `batch` prompts (lengths around --prompt) into their cache rows: one packed
+            # forward (what generate() does) against one forward per prompt
+            model.use_kernels = True
+            docs = [torch.randint(0, V, (args.prompt + i,), device=device) for i in range(args.batch)]
+            cu = torch.tensor([0] + [sum(len(d) for d in docs[:i + 1]) for i in range(args.batch)],
+                              dtype=torch.int32, device=device)
+
+            def prefill_rows():
+                c = KVCache(config, args.batch, max_len + args.batch, dtype, device)
+                for b, d in enumerate(docs):
+                    model(d[None], kv_cache=c.row(b), num_logits_to_keep=1)
+
+            def prefill_packed():
+                c = KVCache(config, args.batch, max_len + args.batch, dtype, device)
+                model(torch.cat(docs), cu_seqlens=cu, kv_cache=c, num_logits_to_keep=1)
+
+            prefill_rows(), prefill_packed()
+            t_rows, t_packed = best_time(prefill_rows, device, args.repeat), best_time(prefill_packed, device, args.repeat)
+            out["batched_prefill"] = {"batch": args.batch, "tokens": int(cu[-1]), "one_by_one_s": t_rows,
+                                      "packed_s": t_packed, "speedup": t_rows / t_packed}
 
         if not args.no_hf:
             hf = hf_model_sharing(model)
@@ -239,6 +259,10 @@ def main():
     if "batched_decode" in out:
         b = out["batched_decode"]
         print(f"batched decode (batch {b['batch']}): {b['tok_s']:.1f} tok/s, {b['speedup_vs_batch1']:.2f}x batch 1")
+    if "batched_prefill" in out:
+        b = out["batched_prefill"]
+        print(f"batched prefill ({b['batch']} prompts, {b['tokens']} tokens): packed {b['packed_s']:.2f} s, one by one "
+              f"{b['one_by_one_s']:.2f} s: {b['speedup']:.2f}x")
     print(f"memory: weights {weight_bytes / 1e9:.2f} GB, KV cache {kv_bytes / 1e6:.1f} MB; decode peak above the "
           f"start {out['decode_peak_bytes'] / 1e9:.2f} GB = {out['decode_peak_over_weights_plus_kv']:.2f}x "
           f"weights+KV" + (f"; prefill peak {out['prefill_peak_over_weights']:.2f}x weights" if args.prefill else ""))
