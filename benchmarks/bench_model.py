@@ -5,8 +5,10 @@ LlamaForCausalLM running on the very same weight tensors (shared, not copied), i
     python benchmarks/bench_model.py --layers 4 --prefill 512 --decode 16   # a quick look
 
 Reports decode tokens/s and the weight bytes it reads per second as a fraction of the machine's read
-bandwidth (summing a 1 GiB tensor, measured in the same run), prefill tokens/s, batched decode, and
-peak memory against weights + KV cache. A standalone script (not part of the test run)."""
+bandwidth (summing a 1 GiB tensor, sampled before and after every decode run: each run is held
+against the higher of its two samples, and the median over runs is reported), prefill tokens/s,
+batched decode, batched prefill (packed against one forward per prompt), and peak memory against
+weights + KV cache. A standalone script (not part of the test run)."""
 from __future__ import annotations
 
 import argparse
@@ -118,7 +120,28 @@ def main():
 
     out: dict = {"preset": args.preset, "num_layers": config.num_layers, "dtype": "bfloat16",
                  "device": str(device), "threads": torch.get_num_threads()}
-    bw_samples = [read_bandwidth(device)]
+    bw_samples = []
+
+    def bracketed(run):
+        """Runs `run` (returns (seconds, extra)) between two bandwidth samples, --repeat times.
+        Returns the fastest run's (seconds, extra) and, per run, its weight-read rate over the
+        higher of its two samples: this machine's memory rate moves 1.5-2x from one minute to the
+        next, so each run is held against the rate measured around it, never flattered by a slow
+        moment (the higher sample), and the median of the runs is reported."""
+        runs, fractions = [], []
+        before = read_bandwidth(device)
+        bw_samples.append(before)
+        for _ in range(args.repeat):
+            dt, extra = run()
+            after = read_bandwidth(device)
+            bw_samples.append(after)
+            runs.append((dt, extra))
+            fractions.append(args.decode * read_per_token / dt / max(before, after))
+            before = after
+        fractions.sort()
+        mid = len(fractions) // 2
+        median = fractions[mid] if len(fractions) % 2 else (fractions[mid - 1] + fractions[mid]) / 2
+        return min(runs, key=lambda r: r[0]), median, fractions
     print(f"{args.preset} shape, {config.num_layers} layers ({config.num_parameters / 1e9:.3f} B params), bf16, "
           f"{device}, {torch.get_num_threads()} threads")
 
@@ -161,14 +184,15 @@ def main():
     with torch.inference_mode():
         ours_decode(True)  # warm-up
         mem.reset_peak()
-        before_peak = mem.current()
-        dt, cache = min((ours_decode(True) for _ in range(args.repeat)), key=lambda r: r[0])
+        _, cache = ours_decode(True)  # the peak memory of a decode run (the timed runs sample bandwidth in between)
         decode_peak = mem.peak()
-        bw_samples.append(read_bandwidth(device))  # again right after: the rate of a shared machine moves
         kv_bytes = cache.nbytes
-        rows["ours (kernels)"] = {"decode_tok_s": args.decode / dt}
-        dt_ref, _ = min((ours_decode(False) for _ in range(args.repeat)), key=lambda r: r[0])
-        rows["ours (reference ops)"] = {"decode_tok_s": args.decode / dt_ref}
+        (dt, _), frac, fracs = bracketed(lambda: ours_decode(True))
+        rows["ours (kernels)"] = {"decode_tok_s": args.decode / dt, "decode_fraction_of_bandwidth": frac,
+                                  "decode_fraction_per_run": fracs}
+        (dt_ref, _), frac, fracs = bracketed(lambda: ours_decode(False))
+        rows["ours (reference ops)"] = {"decode_tok_s": args.decode / dt_ref, "decode_fraction_of_bandwidth": frac,
+                                        "decode_fraction_per_run": fracs}
         if args.prefill:
             mem.reset_peak()
             rows["ours (kernels)"]["prefill_tok_s"] = args.prefill / ours_prefill(True)
@@ -217,7 +241,9 @@ def main():
                 return time.perf_counter() - t
 
             hf_decode()  # warm-up
-            rows["transformers"] = {"decode_tok_s": args.decode / min(hf_decode() for _ in range(args.repeat))}
+            (dt_hf, _), frac, fracs = bracketed(lambda: (hf_decode(), None))
+            rows["transformers"] = {"decode_tok_s": args.decode / dt_hf, "decode_fraction_of_bandwidth": frac,
+                                    "decode_fraction_per_run": fracs}
             gen = lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False, pad_token_id=0)
             t_gen = best_time(lambda: gen(args.decode), device, args.repeat)
@@ -227,15 +253,11 @@ def main():
                 t = best_time(lambda: hf(pids, use_cache=False, logits_to_keep=1), device, args.repeat)
                 rows["transformers"]["prefill_tok_s"] = args.prefill / t
 
-    bw_samples.append(read_bandwidth(device))
-    bw = max(bw_samples)  # the highest of the samples: the fraction below is never flattered by a slow moment
-    out["read_bandwidth_GBps"] = bw / 1e9
     out["read_bandwidth_samples_GBps"] = [b / 1e9 for b in bw_samples]
-    print(f"read bandwidth (sum of 1 GiB, before / after our decode / at the end): "
-          f"{' / '.join(f'{b / 1e9:.1f}' for b in bw_samples)} GB/s; the highest is used")
+    print(f"read bandwidth samples (sum of 1 GiB, around each decode run): "
+          f"{' / '.join(f'{b / 1e9:.1f}' for b in bw_samples)} GB/s")
     for name, r in rows.items():
         r["decode_weight_GBps"] = r["decode_tok_s"] * read_per_token / 1e9
-        r["decode_fraction_of_bandwidth"] = r["decode_tok_s"] * read_per_token / bw
     out["rows"] = rows
     out["weight_bytes"] = weight_bytes
     out["kv_cache_bytes"] = kv_bytes
@@ -248,6 +270,9 @@ def main():
     for name, r in rows.items():
         print(f"{name:24s}{r['decode_tok_s']:14.2f}{r['decode_weight_GBps']:14.2f}"
               f"{r['decode_fraction_of_bandwidth']:14.1%}{r.get('prefill_tok_s', float('nan')):15.1f}")
+    print("of bandwidth: weight bytes read per second over the higher of the two bandwidth samples taken around "
+          "each decode run, median of the runs; per run: "
+          + "; ".join(f"{name} {' '.join(f'{f:.1%}' for f in r['decode_fraction_per_run'])}" for name, r in rows.items()))
     if "transformers" in rows:
         hf_r, ours_r = rows["transformers"], rows["ours (kernels)"]
         print(f"ours / transformers: decode {ours_r['decode_tok_s'] / hf_r['decode_tok_s']:.2f}x"
