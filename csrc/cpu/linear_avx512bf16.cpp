@@ -92,9 +92,9 @@ void block(const LinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
 // row apart, plus their prefetch streams); on the projections of the 2.4B model (13-73 MB each) the
 // single stream read 3-8% faster in this machine's slow memory state and up to ~20% faster in its
 // fast one (both kernels timed alternately over all 30 layers' projections in one process), where
-// it went past the rate of a 1 GiB float32 sum. With more rows of x it
-// is not used: x would be loaded once per row of x per weight vector (load-bound from 2 rows and
-// from L2 for k = 7168), where the blocked kernel reuses each load across its tile.
+// it went past the rate of a 1 GiB float32 sum. With more rows of x it is not used: each weight
+// vector would need one x load per row (load-bound from 2 rows, and x from L2 for k = 7168), where
+// the blocked kernel reuses each load across its tile.
 void single_row(const LinearArgs& a, int64_t begin, int64_t end) {
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   uint16_t* y = static_cast<uint16_t*>(a.y);
