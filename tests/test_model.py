@@ -295,6 +295,11 @@ def test_packed_input_errors():
         model(ids, cu_seqlens=cu2, kv_cache=used)
     with pytest.raises(ValueError, match="exceed max_seq_len 5"):
         model(ids, cu_seqlens=cu2, kv_cache=KVCache(model.config, 2, 5, torch.float32))
+    with pytest.raises(TypeError, match="kv_cache holds torch.bfloat16, the model computes in torch.float32"):
+        model(ids, cu_seqlens=cu2, kv_cache=KVCache(model.config, 2, 16, torch.bfloat16))
+    other = ExaoneConfig(**{**CONFIGS["hd80_tied"], "num_layers": 3})
+    with pytest.raises(ValueError, match="kv_cache has 3 layers, the model 2"):
+        model(ids, cu_seqlens=cu2, kv_cache=KVCache(other, 2, 16, torch.float32))
     with pytest.raises(ValueError, match=r"num_logits_to_keep = 5 needs every packed document to hold as many "
                                          r"tokens, got lengths \[4, 6\]"):
         model(ids, cu_seqlens=cu2, num_logits_to_keep=5)

@@ -224,6 +224,9 @@ class ExaoneForCausalLM(nn.Module):
         """
         ops = ops_for(self.use_kernels, self.config.head_dim)
         doc_lengths = packed_kv = None
+        if kv_cache is not None and len(kv_cache.layers) != self.config.num_layers:
+            raise ValueError(f"ExaoneForCausalLM: kv_cache has {len(kv_cache.layers)} layers, "
+                             f"the model {self.config.num_layers}")
         if cu_seqlens is not None:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]                               # [total] -> [1, total]
@@ -244,6 +247,9 @@ class ExaoneForCausalLM(nn.Module):
                     raise ValueError(f"ExaoneForCausalLM: packed input (cu_seqlens) with a kv_cache fills empty rows "
                                      f"only; the rows hold {kv_cache.host_seqlens.tolist()} tokens")
                 kv_cache.check_room(max_seqlen)
+                if kv_cache.dtype != self.transformer.wte.weight.dtype:
+                    raise TypeError(f"ExaoneForCausalLM: kv_cache holds {kv_cache.dtype}, the model computes in "
+                                    f"{self.transformer.wte.weight.dtype}")
                 dev = input_ids.device
                 rows = torch.repeat_interleave(torch.arange(len(doc_lengths), device=dev),
                                                torch.tensor(doc_lengths, device=dev), output_size=input_ids.shape[1])
@@ -261,9 +267,6 @@ class ExaoneForCausalLM(nn.Module):
             if kv_cache.batch_size != b:
                 raise ValueError(f"ExaoneForCausalLM: kv_cache has batch_size {kv_cache.batch_size}, "
                                  f"input_ids has {b} rows")
-            if len(kv_cache.layers) != self.config.num_layers:
-                raise ValueError(f"ExaoneForCausalLM: kv_cache has {len(kv_cache.layers)} layers, "
-                                 f"the model {self.config.num_layers}")
             kv_cache.check_room(s)
             cache_seqlens = kv_cache.seqlens
             cache_max = kv_cache.longest()  # from host memory: the attention op need not read the lengths back
