@@ -7,8 +7,8 @@
 
 How a batch runs: every prompt is prefilled into its own row of one KVCache (ragged lengths,
 no padding; neighbouring prompts packed into one forward, documents attended separately, up to
-_PACK_TOKENS tokens or prefill_chunk_size a pack), then all rows decode together, one token per row per step, each row attending to
-its own cache length. A row that stops is dropped from the batch at the next check, its cache row
+_PACK_TOKENS tokens or prefill_chunk_size a pack), then all rows decode together, one token per
+row per step, each row attending to its own cache length. A row that stops is dropped from the batch at the next check, its cache row
 moved out of the way, so finished sequences cost nothing. Token ids stay on the device between
 checks; the host reads them when streaming or stop strings need the text, when a row reaches its
 length limit, or every few steps on a GPU.
