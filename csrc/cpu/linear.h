@@ -30,7 +30,7 @@ EXAONE_DECLARE_ISA_KERNEL(void, linear_rows, (const exaone_ext::LinearArgs& a, i
 
 namespace exaone_ext::cpu::avx512bf16 {
 // bfloat16 only, with vdpbf16ps; here x is bfloat16 [m, k] (a.x), pairs along k multiplied and
-// summed in float32. One row of x (a.m == 1) reads the weight rows one after the other. Built when EXAONE_HAVE_AVX512BF16 is defined; call only when
-// cpu_has("avx512bf16").
+// summed in float32. One row of x (a.m == 1) reads the weight rows one after the other. Built when
+// EXAONE_HAVE_AVX512BF16 is defined; call only when cpu_has("avx512bf16").
 void linear_rows(const exaone_ext::LinearArgs& a, int64_t n_begin, int64_t n_end);
 }  // namespace exaone_ext::cpu::avx512bf16

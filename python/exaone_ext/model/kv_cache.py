@@ -65,7 +65,7 @@ class KVCache:
         """A cache holding only rows `keep` (in that order) of this one, moved to the front of the
         same storage (this cache's other rows are overwritten)."""
         n = len(keep)
-        if any(not 0 <= r < self.batch_size for r in keep) or len(set(keep)) != n:
+        if not n or any(not 0 <= r < self.batch_size for r in keep) or len(set(keep)) != n:
             raise ValueError(f"KVCache.keep_rows: expected distinct rows in [0, {self.batch_size}), got {keep}")
         if keep != list(range(n)):
             longest = max((int(self.host_seqlens[r]) for r in keep), default=0)
@@ -76,9 +76,7 @@ class KVCache:
             self.seqlens[:n] = self.seqlens[idx]
             if self.host_seqlens is not self.seqlens:
                 self.host_seqlens[:n] = self.host_seqlens[torch.tensor(keep)]
-        lens = self.seqlens[:n]
-        host = lens if self.host_seqlens is self.seqlens else self.host_seqlens[:n]
-        return KVCache._view([(k[:n], v[:n]) for k, v in self.layers], lens, host, self.max_seq_len)
+        return self.rows(0, n)
 
     def reset(self) -> None:
         """Forget every cached token (the storage is kept and overwritten by later writes)."""
@@ -90,12 +88,14 @@ class KVCache:
         """Tokens in the fullest row (from host memory: no device synchronisation)."""
         return int(self.host_seqlens.max()) if self.batch_size else 0
 
-    def check_room(self, new_tokens: int) -> None:
-        """Raise ValueError if appending `new_tokens` to any row would pass max_seq_len."""
+    def check_room(self, new_tokens: int) -> int:
+        """Raise ValueError if appending `new_tokens` to any row would pass max_seq_len; returns
+        longest() (the tokens in the fullest row before the append)."""
         longest = self.longest()
         if longest + new_tokens > self.max_seq_len:
             raise ValueError(f"KVCache: appending {new_tokens} token(s) to a row holding {longest} would exceed "
                              f"max_seq_len {self.max_seq_len}")
+        return longest
 
     def advance(self, new_tokens) -> None:
         """Record that `new_tokens` were appended to every row (an int), or new_tokens[b] to row b

@@ -233,7 +233,8 @@ class ExaoneForCausalLM(nn.Module):
             if input_ids.dim() != 2 or input_ids.shape[0] != 1:
                 raise ValueError(f"ExaoneForCausalLM: with cu_seqlens, input_ids must be [1, total] or [total], "
                                  f"got {tuple(input_ids.shape)}")
-            cu_seqlens, max_seqlen, doc_positions, doc_lengths = self._check_cu_seqlens(cu_seqlens, input_ids.shape[1])
+            cu_seqlens, max_seqlen, doc_ids, doc_positions, doc_lengths = self._check_cu_seqlens(
+                cu_seqlens, input_ids.shape[1])
             if position_ids is None:
                 position_ids = doc_positions[None]
             if num_logits_to_keep > 0 and min(doc_lengths) < num_logits_to_keep:
@@ -250,10 +251,7 @@ class ExaoneForCausalLM(nn.Module):
                 if kv_cache.dtype != self.transformer.wte.weight.dtype:
                     raise TypeError(f"ExaoneForCausalLM: kv_cache holds {kv_cache.dtype}, the model computes in "
                                     f"{self.transformer.wte.weight.dtype}")
-                dev = input_ids.device
-                rows = torch.repeat_interleave(torch.arange(len(doc_lengths), device=dev),
-                                               torch.tensor(doc_lengths, device=dev), output_size=input_ids.shape[1])
-                packed_kv = (rows, doc_positions)
+                packed_kv = (doc_ids, doc_positions)  # token t goes to row doc_ids[t], position doc_positions[t]
         elif input_ids.dim() != 2:
             raise ValueError(f"ExaoneForCausalLM: input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
         else:
@@ -267,9 +265,9 @@ class ExaoneForCausalLM(nn.Module):
             if kv_cache.batch_size != b:
                 raise ValueError(f"ExaoneForCausalLM: kv_cache has batch_size {kv_cache.batch_size}, "
                                  f"input_ids has {b} rows")
-            kv_cache.check_room(s)
+            # the bound from host memory: the attention op need not read the lengths back
+            cache_max = kv_cache.check_room(s)
             cache_seqlens = kv_cache.seqlens
-            cache_max = kv_cache.longest()  # from host memory: the attention op need not read the lengths back
             if position_ids is None:
                 position_ids = cache_seqlens[:, None].long() + torch.arange(s, device=input_ids.device)  # [b, s]
         if position_ids is None:
@@ -319,10 +317,11 @@ class ExaoneForCausalLM(nn.Module):
         if host[0] != 0 or host[-1] != total or min(lengths) < 0:
             raise ValueError(f"ExaoneForCausalLM: cu_seqlens must rise from 0 to {total} (the token count), "
                              f"got {host}")
-        starts = torch.tensor(host[:-1], device=cu_seqlens.device)
-        lens = torch.tensor(lengths, device=cu_seqlens.device)
-        positions = torch.arange(total, device=cu_seqlens.device) - starts.repeat_interleave(lens, output_size=total)
-        return cu_seqlens, max(lengths), positions, lengths                                      # positions [total]
+        dev = cu_seqlens.device
+        doc_ids = torch.arange(len(lengths), device=dev).repeat_interleave(torch.tensor(lengths, device=dev),
+                                                                           output_size=total)    # [total]
+        positions = torch.arange(total, device=dev) - torch.tensor(host[:-1], device=dev)[doc_ids]  # [total]
+        return cu_seqlens, max(lengths), doc_ids, positions, lengths
 
     # ---- checkpoints ----
     @classmethod
