@@ -357,3 +357,38 @@ def test_meta_device_traces():
     k = torch.empty(2, 3, 2, 64, device="meta")
     q_out, k_out = ops.apply_rope(q, k, cos, sin, torch.zeros(2, 3, dtype=torch.int64, device="meta"))
     assert q_out.shape == q.shape and k_out.shape == k.shape
+
+
+def test_position_bound_from_the_caller(device):
+    """position_ids_max: the same rotation; checked against the table; the backward keeps it."""
+    cos, sin = ops.rope_cos_sin(32, 64, device=device)
+    q = torch.randn(2, 5, 4, 32, device=device, requires_grad=True)
+    k = torch.randn(2, 5, 2, 32, device=device, requires_grad=True)
+    pos = torch.randint(0, 64, (2, 5), device=device)
+    bound = int(pos.max())
+    q1, k1 = ops.apply_rope(q, k, cos, sin, pos, position_ids_max=bound)
+    q2, k2 = ops.apply_rope(q, k, cos, sin, pos)
+    torch.testing.assert_close(q1, q2, rtol=0, atol=0)
+    torch.testing.assert_close(k1, k2, rtol=0, atol=0)
+    (q1.sum() + k1.square().sum()).backward()
+    g = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    (q2.sum() + k2.square().sum()).backward()
+    torch.testing.assert_close(g[0], q.grad, rtol=0, atol=0)
+    torch.testing.assert_close(g[1], k.grad, rtol=0, atol=0)
+    for bad in (64, -1):
+        with pytest.raises(ValueError, match=rf"apply_rope: 'position_ids_max' must lie in the cos/sin table of 64 "
+                                             rf"positions \(0 to 63\), got {bad}"):
+            ops.apply_rope(q, k, cos, sin, pos, position_ids_max=bad)
+    with pytest.raises(TypeError, match="apply_rope: 'position_ids_max' must be an int or None, got float"):
+        ops.apply_rope(q, k, cos, sin, pos, position_ids_max=3.0)
+    torch.library.opcheck(torch.ops.exaone_ext.apply_rope.default, (q.detach(), k.detach(), cos, sin, pos, False, bound))
+
+
+def test_position_bound_does_not_hide_cpu_errors():
+    """On the CPU every position is still checked, whatever the caller's bound says."""
+    cos, sin = ops.rope_cos_sin(32, 64)
+    q, k = torch.randn(1, 3, 2, 32), torch.randn(1, 3, 1, 32)
+    pos = torch.tensor([[0, 5, 70]])
+    with pytest.raises(ValueError, match="'position_ids' holds position 70, outside the cos/sin table of 64"):
+        ops.apply_rope(q, k, cos, sin, pos, position_ids_max=10)

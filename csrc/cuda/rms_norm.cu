@@ -95,7 +95,9 @@ __global__ void rms_norm_fwd_kernel(RmsNormArgs a) {
     }
   }
   ss = row_sum<kBlock>(ss, smem);
-  const float rstd = rsqrtf(ss / float(n) + float(a.eps));
+  // one per row: worth computing correctly rounded (rsqrtf is a 2-ulp approximation, and the
+  // weight gradient sums this error over every row)
+  const float rstd = float(1.0 / sqrt(double(ss) / double(n) + a.eps));
   if (tid == 0) static_cast<float*>(a.rstd)[row] = rstd;
   for (int64_t c = int64_t(tid) * N; c < n; c += int64_t(nthreads) * N) {
     float xv[N], wv[N];
@@ -157,12 +159,13 @@ __global__ void rms_norm_bwd_kernel(RmsNormBackwardArgs a) {
   }
 }
 
-// dw[c] = sum over chunks, in chunk order, of dw_partial[chunk][c]
+// dw[c] = sum over chunks, in chunk order, of dw_partial[chunk][c], added in float64 (up to 512
+// chunks: a float32 running sum would lose more than PyTorch's own reduction does)
 __global__ void rms_norm_dw_reduce_kernel(const float* partial, float* dw, int64_t chunks, int64_t cols) {
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < cols; c += int64_t(gridDim.x) * blockDim.x) {
-    float s = 0.f;
+    double s = 0.0;
     for (int64_t k = 0; k < chunks; ++k) s += partial[k * cols + c];
-    dw[c] = s;
+    dw[c] = float(s);
   }
 }
 

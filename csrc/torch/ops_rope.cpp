@@ -32,7 +32,7 @@ void check_table(const at::Tensor& t, const at::Tensor& q, int64_t half, const c
 std::tuple<at::Tensor, at::Tensor> apply_rope_impl(const at::Tensor& q_in, const at::Tensor& k_in,
                                                    const at::Tensor& cos_in, const at::Tensor& sin_in,
                                                    const at::Tensor& position_ids, bool interleaved, bool inverse,
-                                                   const RopeRunner& run) {
+                                                   std::optional<int64_t> position_ids_max, const RopeRunner& run) {
   const char* op = inverse ? "apply_rope_backward" : "apply_rope";
   const char* qa = inverse ? "grad_q" : "q";
   const char* ka = inverse ? "grad_k" : "k";
@@ -64,6 +64,12 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_impl(const at::Tensor& q_in, const
                     "exaone_ext.", op, ": 'position_ids' must have shape [batch, seq] = [", batch, ", ", seq,
                     "] (or [1, seq] shared by the batch), got ", shape_str(position_ids.sizes()));
 
+  if (position_ids_max) {
+    TORCH_CHECK_VALUE(*position_ids_max >= 0 && *position_ids_max < cos_in.size(0), "exaone_ext.", op,
+                      ": 'position_ids_max' must lie in the cos/sin table of ", cos_in.size(0),
+                      " positions (0 to ", cos_in.size(0) - 1, "), got ", *position_ids_max);
+  }
+
   at::Tensor q_out = empty_output(q_in.sizes(), q_in.options());
   at::Tensor k_out = empty_output(k_in.sizes(), k_in.options());
   const int64_t q_heads = q_in.size(2), k_heads = k_in.size(2);
@@ -78,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_impl(const at::Tensor& q_in, const
              cos.const_data_ptr<float>(), cos.stride(0), sin.const_data_ptr<float>(), sin.stride(0), cos.size(0),
              position_ids.const_data_ptr<int64_t>(), position_ids.size(0) == 1 ? 0 : position_ids.stride(0),
              position_ids.stride(1), interleaved, inverse};
-  if (const std::optional<int64_t> bad = run(a)) {
+  if (const std::optional<int64_t> bad = run(a, !position_ids_max.has_value())) {
     TORCH_CHECK_VALUE(false, "exaone_ext.", op, ": 'position_ids' holds position ", *bad,
                       ", outside the cos/sin table of ", a.table_rows, " positions (valid: 0 to ",
                       a.table_rows - 1, ")");
@@ -120,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor> rope_cos_sin_impl(const at::Tensor& positions
 
 namespace {
 
-std::optional<int64_t> run_cpu(const RopeArgs& a) {
+// The CPU checks every position as it goes (free): a bound from the caller changes nothing here.
+std::optional<int64_t> run_cpu(const RopeArgs& a, bool /*read_back*/) {
   const int64_t tokens = a.batch * a.seq;
   const int64_t per_token = (a.q_heads + a.k_heads) * a.head_dim;
   std::atomic<int64_t> first_bad{-1};
@@ -146,14 +153,15 @@ void run_cpu_tables(const RopeTableArgs& a) {
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                                   const at::Tensor& sin, const at::Tensor& position_ids,
-                                                  bool interleaved) {
-  return apply_rope_impl(q, k, cos, sin, position_ids, interleaved, false, run_cpu);
+                                                  bool interleaved, std::optional<int64_t> position_ids_max) {
+  return apply_rope_impl(q, k, cos, sin, position_ids, interleaved, false, position_ids_max, run_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                            const at::Tensor& cos, const at::Tensor& sin,
-                                                           const at::Tensor& position_ids, bool interleaved) {
-  return apply_rope_impl(grad_q, grad_k, cos, sin, position_ids, interleaved, true, run_cpu);
+                                                           const at::Tensor& position_ids, bool interleaved,
+                                                           std::optional<int64_t> position_ids_max) {
+  return apply_rope_impl(grad_q, grad_k, cos, sin, position_ids, interleaved, true, position_ids_max, run_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cpu(const at::Tensor& positions, int64_t head_dim, double theta,
@@ -169,10 +177,10 @@ std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cpu(const at::Tensor& positions,
 TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {
   m.def("rope_cos_sin(Tensor positions, int head_dim, float theta, bool llama3, float factor, "
         "float low_freq_factor, float high_freq_factor, float original_max_position) -> (Tensor, Tensor)");
-  m.def("apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor position_ids, bool interleaved=False) "
-        "-> (Tensor, Tensor)");
+  m.def("apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor position_ids, bool interleaved=False, "
+        "int? position_ids_max=None) -> (Tensor, Tensor)");
   m.def("apply_rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, Tensor position_ids, "
-        "bool interleaved=False) -> (Tensor, Tensor)");
+        "bool interleaved=False, int? position_ids_max=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(exaone_ext, CPU, m) {

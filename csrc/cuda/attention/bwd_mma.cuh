@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
       for (int c = 0; c < 4; ++c) {
         const int row = nt * 8 + tig * 2 + (c & 1);
         const int64_t j = n0 + warp * 16 + gid + 8 * (c >> 1);
-        st[nt][c] = j < sLimit[row] ? exp2f(fmaf(st[nt][c], scale_log2, -sLse[row] * kLog2e)) : 0.f;
+        st[nt][c] = j < sLimit[row] ? fast_exp2(fmaf(st[nt][c], scale_log2, -sLse[row] * kLog2e)) : 0.f;
       }
     }
     // dV += P^T dO.

@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
       for (int nt = 0; nt < kFwdKeys / 8; ++nt) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const float e = exp2f(fmaf(s[nt][c], kLog2e, -base[c >> 1]));
+          const float e = fast_exp2(fmaf(s[nt][c], kLog2e, -base[c >> 1]));
           s[nt][c] = e;
           rowsum[c >> 1] += e;
         }

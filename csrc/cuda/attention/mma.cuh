@@ -132,10 +132,20 @@ __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
-__device__ __forceinline__ float warp_sum(float x) {
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+}
+
+// 2^x on the special-function unit (ex2.approx, denormal results flushed to zero): the tensor-core
+// kernels' softmax, whose bf16/fp16 probabilities need no more. The build has no --use_fast_math,
+// so plain exp2f/expf elsewhere (the float32 path) stay accurate.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 }  // namespace exaone_ext::cuda::attn

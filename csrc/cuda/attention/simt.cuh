@@ -2,8 +2,13 @@
 // other multiples of 8): one warp per query row (forward, dq) or per key row (dk / dv), the head
 // dim spread over the lanes (lane holds d = lane + 32 t, t < kPer), dot products reduced across the
 // warp, softmax statistics in float32 with the shared OnlineSoftmax. Simple rather than fast.
+// For float32 inputs the sums over keys / queries (outputs and gradients) and the dot products are
+// accumulated in float64: a float32 running sum over ~1000 terms loses several bits, more than a
+// float32 matrix multiply (which sums in blocks) does.
 #pragma once
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "common/attention.h"
 #include "common/attention_layout.h"
@@ -14,6 +19,10 @@
 namespace exaone_ext::cuda::attn {
 
 constexpr int kSimtWarps = 4;  // warps per block
+
+// Accumulator type: float64 for float32 inputs, float32 for bf16 / fp16.
+template <typename T>
+using SimtAcc = std::conditional_t<std::is_same_v<T, float>, double, float>;
 
 template <typename T, int kPer>
 __device__ __forceinline__ void load_row(const T* src, int64_t D, int lane, float (&x)[kPer]) {
@@ -26,13 +35,13 @@ __device__ __forceinline__ void load_row(const T* src, int64_t D, int lane, floa
 
 template <typename T, int kPer>
 __device__ __forceinline__ float dot_row(const float (&x)[kPer], const T* src, int64_t D, int lane) {
-  float acc = 0.f;
+  SimtAcc<T> acc = 0;
 #pragma unroll
   for (int t = 0; t < kPer; ++t) {
     const int64_t d = lane + 32 * t;
-    if (d < D) acc = fmaf(x[t], ld(src + d), acc);
+    if (d < D) acc += SimtAcc<T>(x[t]) * SimtAcc<T>(ld(src + d));
   }
-  return warp_sum(acc);
+  return float(warp_sum(acc));
 }
 
 // Forward: grid (ceil(seq_q / 4), q_heads, batch * num_splits); warp w of a block is query row
@@ -53,7 +62,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) fwd_simt_kernel(const AttnPar
   }
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  float qv[kPer], o[kPer];
+  float qv[kPer];
+  SimtAcc<T> o[kPer];
   load_row<T, kPer>(static_cast<const T*>(p.q) + attn_row_offset(p, r, b, i, h, p.q_batch_stride, p.q_row_stride,
                                                                  p.q_head_stride),
                     D, lane, qv);
@@ -70,7 +80,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) fwd_simt_kernel(const AttnPar
 #pragma unroll
     for (int t = 0; t < kPer; ++t) {
       const int64_t d = lane + 32 * t;
-      o[t] = o[t] * alpha + (d < D ? e * ld(vj + d) : 0.f);
+      o[t] = o[t] * alpha + (d < D ? SimtAcc<T>(e) * SimtAcc<T>(ld(vj + d)) : SimtAcc<T>(0));
     }
   }
   const float inv = sm.inv_l(), lse = sm.lse();
@@ -79,7 +89,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) fwd_simt_kernel(const AttnPar
 #pragma unroll
     for (int t = 0; t < kPer; ++t) {
       const int64_t d = lane + 32 * t;
-      if (d < D) sp.out_partial[row * D + d] = o[t] * inv;
+      if (d < D) sp.out_partial[row * D + d] = float(o[t] * inv);
     }
     if (lane == 0) sp.lse_partial[row] = lse;
   } else {
@@ -87,7 +97,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) fwd_simt_kernel(const AttnPar
 #pragma unroll
     for (int t = 0; t < kPer; ++t) {
       const int64_t d = lane + 32 * t;
-      if (d < D) st(out + d, o[t] * inv);
+      if (d < D) st(out + d, float(o[t] * inv));
     }
     if (lane == 0 && p.lse) p.lse[attn_lse_offset(p, r, b, i, h)] = lse;
   }
@@ -106,7 +116,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) bwd_dq_simt_kernel(const Attn
   const int64_t D = p.head_dim;
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  float qv[kPer], dov[kPer], dq[kPer];
+  float qv[kPer], dov[kPer];
+  SimtAcc<T> dq[kPer];
   load_row<T, kPer>(static_cast<const T*>(p.q) + attn_row_offset(p, r, b, i, h, p.q_batch_stride, p.q_row_stride,
                                                                  p.q_head_stride), D, lane, qv);
   load_row<T, kPer>(static_cast<const T*>(bp.dout) + attn_row_offset(p, r, b, i, h, bp.do_batch_stride,
@@ -126,7 +137,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) bwd_dq_simt_kernel(const Attn
 #pragma unroll
     for (int t = 0; t < kPer; ++t) {
       const int64_t d = lane + 32 * t;
-      if (d < D) dq[t] = fmaf(ds, ld(kj + d), dq[t]);
+      if (d < D) dq[t] += SimtAcc<T>(ds) * SimtAcc<T>(ld(kj + d));
     }
   }
   T* dst = static_cast<T*>(bp.dq) + attn_row_offset(p, r, b, i, h, bp.dq_batch_stride, bp.dq_row_stride,
@@ -134,7 +145,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) bwd_dq_simt_kernel(const Attn
 #pragma unroll
   for (int t = 0; t < kPer; ++t) {
     const int64_t d = lane + 32 * t;
-    if (d < D) st(dst + d, dq[t] * p.scale);
+    if (d < D) st(dst + d, float(dq[t] * p.scale));
   }
 }
 
@@ -151,7 +162,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) bwd_dkdv_simt_kernel(const At
   const int64_t D = p.head_dim;
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(bp.dout);
-  float kv[kPer], vv[kPer], dk[kPer], dv[kPer];
+  float kv[kPer], vv[kPer];
+  SimtAcc<T> dk[kPer], dv[kPer];
   load_row<T, kPer>(static_cast<const T*>(p.k) + attn_key_offset(p, r, b, j, hk, p.k_batch_stride, p.k_row_stride,
                                                                  p.k_head_stride), D, lane, kv);
   load_row<T, kPer>(static_cast<const T*>(p.v) + attn_key_offset(p, r, b, j, hk, p.v_batch_stride, p.v_row_stride,
@@ -172,8 +184,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) bwd_dkdv_simt_kernel(const At
       for (int t = 0; t < kPer; ++t) {
         const int64_t d = lane + 32 * t;
         if (d < D) {
-          dv[t] = fmaf(pr, ld(doi + d), dv[t]);
-          dk[t] = fmaf(ds, ld(qi + d), dk[t]);
+          dv[t] += SimtAcc<T>(pr) * SimtAcc<T>(ld(doi + d));
+          dk[t] += SimtAcc<T>(ds) * SimtAcc<T>(ld(qi + d));
         }
       }
     }
@@ -186,8 +198,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) bwd_dkdv_simt_kernel(const At
   for (int t = 0; t < kPer; ++t) {
     const int64_t d = lane + 32 * t;
     if (d < D) {
-      st(dkp + d, dk[t] * p.scale);
-      st(dvp + d, dv[t]);
+      st(dkp + d, float(dk[t] * p.scale));
+      st(dvp + d, float(dv[t]));
     }
   }
 }

@@ -65,13 +65,20 @@ def rope_cos_sin(head_dim: int, max_position: int, theta: float = 1e6, scaling: 
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               position_ids: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               position_ids: torch.Tensor, interleaved: bool = False,
+               position_ids_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q [batch, seq, q_heads, head_dim] and k [batch, seq, kv_heads, head_dim] by the
     angles of position_ids (int64 [batch, seq], or [1, seq] shared by the batch; any positions
     inside the table) in one fused pass. cos, sin: float32 [max_position, head_dim // 2] from
     rope_cos_sin. Rotate-half layout (pairs (i, i + head_dim / 2), as EXAONE) by default;
     interleaved=True pairs (2i, 2i + 1). Math in float32 (float64 for float64), outputs new
-    contiguous tensors in the input dtype; differentiable in q and k."""
+    contiguous tensors in the input dtype; differentiable in q and k.
+
+    position_ids_max: the largest position, when the caller knows it on the host (a model knows its
+    cache lengths). It is checked against the table; on CUDA the op then does not read the kernel's
+    out-of-table report back, which would synchronise with the GPU on every call: a position outside
+    the table that the bound did not cover gives NaN rows there instead of an error. On the CPU every
+    position is checked either way."""
     for name, value in (("q", q), ("k", k), ("cos", cos), ("sin", sin), ("position_ids", position_ids)):
         check_tensor(value, name, "apply_rope")
     if not isinstance(interleaved, bool):
@@ -80,9 +87,12 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         if value.device != q.device:
             raise ValueError(f"exaone_ext.apply_rope: '{name}' must be on the same device as 'q' ({q.device}), "
                              f"got {value.device}")
+    if position_ids_max is not None and (isinstance(position_ids_max, bool) or not isinstance(position_ids_max, int)):
+        raise TypeError(f"exaone_ext.apply_rope: 'position_ids_max' must be an int or None, "
+                        f"got {type(position_ids_max).__name__}")
     if not has_kernel(q.device):
-        return reference.apply_rope(q, k, cos, sin, position_ids, interleaved)
-    return _ops.apply_rope(q, k, cos, sin, position_ids, interleaved)
+        return reference.apply_rope(q, k, cos, sin, position_ids, interleaved, position_ids_max)
+    return _ops.apply_rope(q, k, cos, sin, position_ids, interleaved, position_ids_max)
 
 
 @torch.library.register_fake("exaone_ext::rope_cos_sin")
@@ -91,7 +101,7 @@ def _(positions, head_dim, theta, llama3, factor, low_freq_factor, high_freq_fac
     return (positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32))
 
 
-def _fake_rotation(q, k, cos, sin, position_ids, interleaved=False):
+def _fake_rotation(q, k, cos, sin, position_ids, interleaved=False, position_ids_max=None):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "exaone_ext.apply_rope: q and k must be 4-dimensional")
     torch._check(k.shape[:2] == q.shape[:2], lambda: "exaone_ext.apply_rope: 'k' must have the batch and seq of 'q'")
     torch._check(k.shape[3] == q.shape[3], lambda: "exaone_ext.apply_rope: 'k' must have the head_dim of 'q'")
@@ -103,16 +113,19 @@ torch.library.register_fake("exaone_ext::apply_rope_backward")(_fake_rotation)
 
 
 def _setup(ctx, inputs, output):
-    _, _, cos, sin, position_ids, interleaved = inputs
+    _, _, cos, sin, position_ids, interleaved, *rest = inputs
     ctx.save_for_backward(cos, sin, position_ids)
     ctx.interleaved = interleaved
+    # The forward checked the positions (or the caller bounded them): the backward need not check
+    # again, so it never synchronises with the GPU.
+    ctx.position_ids_max = cos.shape[0] - 1 if cos.shape[0] > 0 else None
 
 
 def _grads(ctx, grad_q, grad_k, op):
     # The rotation is orthogonal: its gradient is the rotation by the negative angle (and back).
     cos, sin, position_ids = ctx.saved_tensors
-    dq, dk = op(grad_q, grad_k, cos, sin, position_ids, ctx.interleaved)
-    return dq, dk, None, None, None, None
+    dq, dk = op(grad_q, grad_k, cos, sin, position_ids, ctx.interleaved, ctx.position_ids_max)
+    return dq, dk, None, None, None, None, None
 
 
 def _backward(ctx, grad_q, grad_k):

@@ -49,10 +49,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               position_ids: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               position_ids: torch.Tensor, interleaved: bool = False,
+               position_ids_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [b, s, hq, d] and k [b, s, hk, d] by the angles of position_ids [b, s] (int64).
     Rotate-half layout by default (pairs (i, i + d/2)); interleaved=True pairs (2i, 2i + 1).
-    Math in float32 (float64 for float64), output in the input dtype."""
+    Math in float32 (float64 for float64), output in the input dtype. position_ids_max (the
+    caller's bound, which the kernels use to skip a device read-back) changes nothing here."""
     c = cos[position_ids].unsqueeze(2)
     s = sin[position_ids].unsqueeze(2)
     return _rotate(q, c, s, interleaved), _rotate(k, c, s, interleaved)
