@@ -249,3 +249,20 @@ def test_linear_backward_with_empty_operands(shape_x, shape_w):
         for a, b in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy)):
             assert a.shape == b.shape
             torch.testing.assert_close(a, b)
+
+
+# ---- swiglu at infinite gates ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [3, 8, 17, 1000])
+def test_swiglu_infinite_gate_as_pytorch(variant, dtype, n):
+    """silu(-inf) came out -inf or +inf for 16-bit dtypes (and -inf on the scalar variant): the clamped
+    sigmoid stayed a tiny nonzero number. PyTorch gives -inf * 0 = NaN; silu(+inf) = +inf."""
+    gate, up = torch.randn(2, n).to(dtype), torch.randn(2, n).to(dtype)
+    gate[0, -1], gate[1, n // 2] = -math.inf, math.inf
+    out = ops.swiglu(gate, up)
+    ref = torch.nn.functional.silu(gate.float()) * up.float()
+    assert out[0, -1].isnan() and ref[0, -1].isnan()
+    assert out[1, n // 2] == ref[1, n // 2].to(dtype)
+    fused = ops.swiglu(torch.cat([gate, up], -1))
+    assert fused[0, -1].isnan() and fused[1, n // 2] == out[1, n // 2]
