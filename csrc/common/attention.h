@@ -93,8 +93,9 @@ struct OnlineSoftmax {
     l *= alpha;
     return alpha;
   }
-  EXAONE_HD float lse() const { return l > 0.f ? m + logf(l) : -INFINITY; }
-  EXAONE_HD float inv_l() const { return l > 0.f ? 1.f / l : 0.f; }
+  // l == 0: the row saw no key. A NaN score leaves l NaN, and NaN must come out (never "no key").
+  EXAONE_HD float lse() const { return l == 0.f ? -INFINITY : m + logf(l); }
+  EXAONE_HD float inv_l() const { return l == 0.f ? 0.f : 1.f / l; }
 };
 
 // Combine of split-KV partial results (flash-decoding): each split s has (lse_s, out_s) with out_s

@@ -37,8 +37,10 @@ inline char* align64(char* p) { return reinterpret_cast<char*>((reinterpret_cast
 // exp(x) for x <= 0: n = round(x / ln 2), r = x - n ln 2 in two steps, a degree-6 polynomial on
 // |r| <= ln 2 / 2, then 2^n by scalef; exactly 0 below -103 (where exp is under float's smallest
 // normal anyway) and for -inf, so masked keys and rows that have seen no key contribute nothing.
+// NaN stays NaN (max returns its second operand when one is NaN; the mask keeps unordered lanes):
+// a NaN score must reach the output as it does in plain attention.
 inline __m512 exp_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -49,7 +51,7 @@ inline __m512 exp_nonpos(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-103.f), _CMP_GT_OQ), _mm512_scalef_ps(p, n));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-103.f), _CMP_NLE_UQ), _mm512_scalef_ps(p, n));
 }
 
 // Sums of 16 vectors at once: lane i of the result is the sum of the lanes of v[kSlot[i]].
@@ -309,8 +311,9 @@ __attribute__((noinline)) void item(const AttnParams& p, int64_t b, int64_t k_be
     _mm512_store_ps(mt, _mm512_loadu_ps(L.m + h * 16));
     for (int64_t c = 0; c < R; ++c) {
       const int64_t i = c / g, head = h * g + c % g;
-      const float lc = lt[c], inv = lc > 0.f ? 1.f / lc : 0.f;
-      const float lse = lc > 0.f ? mt[c] + std::log(lc) : -INFINITY;
+      // lc == 0: no visible key; a NaN lc (a NaN score) goes on into out and lse
+      const float lc = lt[c], inv = lc == 0.f ? 0.f : 1.f / lc;
+      const float lse = lc == 0.f ? -INFINITY : mt[c] + std::log(lc);
       const float* o = L.O + (h * R + c) * d;
       if (part_out) {
         const int64_t row = (b * p.seq_q + i) * p.q_heads + head;

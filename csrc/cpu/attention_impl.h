@@ -605,8 +605,10 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
 
     for (int64_t c = 0; c < M; ++c) {
       const int64_t i = qs + c / g, head = kvh * g + c % g;
-      const A inv = l[c] > 0 ? A(1) / l[c] : A(0);
-      const float lse = l[c] > 0 ? float(m[c] + std::log(l[c])) : -INFINITY;
+      // l == 0: the row saw no key (zeros, lse -inf). A NaN score makes l NaN, and the NaN must
+      // reach out and lse (a split-KV combine would otherwise drop the whole split as empty).
+      const A inv = l[c] == A(0) ? A(0) : A(1) / l[c];
+      const float lse = l[c] == A(0) ? -INFINITY : float(m[c] + std::log(l[c]));
       if (part_out) {
         const int64_t r = (b * p.seq_q + i) * hq + head;
         store_row(part_out + r * d, O + c * d, d, inv);

@@ -11,13 +11,17 @@ namespace {
 
 // sigmoid(g) and e = exp(-g). Results stored as bf16 / f16 take the cheaper exponential
 // (vec.h: vsigmoid_lowp, 1e-5 relative, far below their rounding); float32 the accurate one.
+// Both clamp g, so sigmoid(-inf) would be a tiny nonzero number and silu(-inf) = -inf; it is made 0
+// exactly, so that silu(-inf) = -inf * 0 = NaN as PyTorch gives, in every variant and dtype.
 template <typename T>
 inline Vec sigmoid_of(Vec g, Vec& e) {
+  Vec s;
   if constexpr (std::is_same_v<T, float>) {
-    return vsigmoid(g, e);
+    s = vsigmoid(g, e);
   } else {
-    return vsigmoid_lowp(g, e);
+    s = vsigmoid_lowp(g, e);
   }
+  return zero_below(g, -3.4028234663852886e38f, s);
 }
 
 template <typename T>

@@ -49,7 +49,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   TORCH_CHECK_VALUE(k.size(-1) == d, "exaone_ext.", op, ": '", k_name, "' must have the head_dim of 'q' (", d,
                     "), got shape ", shape_str(k.sizes()));
   for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, k_name}, std::pair{&v, v_name}}) {
-    TORCH_CHECK_VALUE(t->stride(-1) == 1, "exaone_ext.", op, ": '", name,
+    // an empty tensor has nothing to read: its strides do not matter
+    TORCH_CHECK_VALUE(t->stride(-1) == 1 || t->numel() == 0, "exaone_ext.", op, ": '", name,
                       "' must have a contiguous last dimension (stride 1), got strides ", shape_str(t->strides()));
   }
 }
@@ -128,7 +129,7 @@ void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu
 
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name, const char* ref_name) {
   check_matches(t, ref, op, name, ref_name);
-  TORCH_CHECK_VALUE(t.stride(-1) == 1, "exaone_ext.", op, ": '", name,
+  TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.numel() == 0, "exaone_ext.", op, ": '", name,
                     "' must have a contiguous last dimension (stride 1), got strides ", shape_str(t.strides()));
 }
 
@@ -179,20 +180,25 @@ AttnParams prepare_flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, cons
   return p;
 }
 
-// Packed sequences: batch and maximal lengths from the (already checked) cu_seqlens.
+// Packed sequences: batch and maximal lengths from the (already checked) cu_seqlens. The kernels
+// index the offsets densely, so a strided view (e.g. every other element) is copied first; the
+// copies live in `offsets`, which the caller keeps alive while the kernels run.
 static void set_varlen(AttnParams& p, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                       int64_t max_seqlen_k) {
+                       int64_t max_seqlen_k, VarlenOffsets& offsets) {
+  offsets.cu_q = cu_seqlens_q.contiguous();
+  offsets.cu_k = cu_seqlens_k.contiguous();
   p.batch = cu_seqlens_q.size(0) - 1;
   p.seq_q = max_seqlen_q;
   p.seq_k = max_seqlen_k;
-  p.cu_seqlens_q = cu_seqlens_q.const_data_ptr<int32_t>();
-  p.cu_seqlens_k = cu_seqlens_k.const_data_ptr<int32_t>();
+  p.cu_seqlens_q = offsets.cu_q.const_data_ptr<int32_t>();
+  p.cu_seqlens_k = offsets.cu_k.const_data_ptr<int32_t>();
 }
 
 AttnParams prepare_flash_attn_varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                          int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                         double softmax_scale, at::Tensor& out, at::Tensor& lse) {
+                                         double softmax_scale, at::Tensor& out, at::Tensor& lse,
+                                         VarlenOffsets& offsets) {
   const char* op = "flash_attn_varlen_fwd";
   check_qkv(q, k, v, op, 3);
   check_scale(softmax_scale, op);
@@ -202,7 +208,7 @@ AttnParams prepare_flash_attn_varlen_fwd(const at::Tensor& q, const at::Tensor& 
   out = covers_q ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   lse = covers_q ? at::empty({q.size(1), q.size(0)}, lse_opts) : at::full({q.size(1), q.size(0)}, -INFINITY, lse_opts);
   AttnParams p = fill(q, k, v, out, causal, softmax_scale, op);
-  set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets);
   p.lse = lse.data_ptr<float>();
   p.lse_batch_stride = 0;
   p.lse_head_stride = q.size(0);
@@ -232,7 +238,8 @@ AttnBwdParams prepare_flash_attn_varlen_bwd(const at::Tensor& dout, const at::Te
                                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                             int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                            double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                                            double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                            VarlenOffsets& offsets) {
   const char* op = "flash_attn_varlen_bwd";
   check_qkv(q, k, v, op, 3);
   check_scale(softmax_scale, op);
@@ -245,7 +252,7 @@ AttnBwdParams prepare_flash_attn_varlen_bwd(const at::Tensor& dout, const at::Te
   dk = at::zeros(k.sizes(), k.options());
   dv = at::zeros(v.sizes(), v.options());
   AttnParams p = fill(q, k, v, out, causal, softmax_scale, op);
-  set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets);
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());
   p.lse_batch_stride = 0;
   p.lse_head_stride = q.size(0);

@@ -9,7 +9,7 @@
 //     (float32 / bfloat16 / float16; float64 too on CPU), device, a non-contiguous last dimension
 //     (the Python API makes the last dimension contiguous before calling the ops), a non-finite
 //     softmax_scale;
-//   - reads the sequence offsets / lengths on the host to validate them (int32, 1-D, contiguous,
+//   - reads the sequence offsets / lengths on the host to validate them (int32, 1-D, any strides,
 //     non-decreasing, within the packed tensors, no longer than max_seqlen_*; cache lengths within
 //     max_seq). For CUDA tensors this is one small device-to-host copy per call (a sync), the price
 //     of never letting a bad offset reach a kernel;
@@ -37,13 +37,19 @@
 
 namespace exaone_ext {
 
+// Dense copies of the varlen offsets the params point at (the caller keeps them while the kernels run).
+struct VarlenOffsets {
+  at::Tensor cu_q, cu_k;
+};
+
 AttnParams prepare_flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                   double softmax_scale, at::Tensor& out, at::Tensor& lse);
 
 AttnParams prepare_flash_attn_varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                          int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                         double softmax_scale, at::Tensor& out, at::Tensor& lse);
+                                         double softmax_scale, at::Tensor& out, at::Tensor& lse,
+                                         VarlenOffsets& offsets);
 
 AttnBwdParams prepare_flash_attn_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
@@ -53,7 +59,8 @@ AttnBwdParams prepare_flash_attn_varlen_bwd(const at::Tensor& dout, const at::Te
                                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                             int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                            double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+                                            double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                            VarlenOffsets& offsets);
 
 AttnParams prepare_flash_attn_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,

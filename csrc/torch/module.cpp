@@ -6,10 +6,15 @@
 #include <pybind11/stl.h>
 
 #if defined(__linux__)
+#include <dlfcn.h>
+#include <link.h>
 #include <sys/mman.h>
 #endif
 
 #include <cstdint>
+#include <cstring>
+#include <locale>
+#include <string>
 
 #include "cpu/isa.h"
 #include "torch/linear.h"
@@ -17,6 +22,59 @@
 namespace py = pybind11;
 
 namespace {
+
+#if defined(__linux__)
+// Whether the loaded object `path` lists a NEEDED library whose name contains `lib`.
+bool object_needs(const char* path, const char* lib) {
+  struct Query { const char* path; const char* lib; bool found; } q{path, lib, false};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* data) -> int {
+        auto* q = static_cast<Query*>(data);
+        if (!info->dlpi_name || std::strcmp(info->dlpi_name, q->path) != 0) return 0;
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          if (info->dlpi_phdr[i].p_type != PT_DYNAMIC) continue;
+          const auto* dyn = reinterpret_cast<const ElfW(Dyn)*>(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+          const char* strtab = nullptr;
+          for (const ElfW(Dyn)* e = dyn; e->d_tag != DT_NULL; ++e)
+            if (e->d_tag == DT_STRTAB) strtab = reinterpret_cast<const char*>(e->d_un.d_ptr);
+          for (const ElfW(Dyn)* e = dyn; strtab && e->d_tag != DT_NULL; ++e)
+            if (e->d_tag == DT_NEEDED && std::strstr(strtab + e->d_un.d_val, q->lib)) q->found = true;
+        }
+        return 1;
+      },
+      &q);
+  return q.found;
+}
+#endif
+
+// How this module gets its C++ runtime. A static libstdc++ inside the module (beside the shared one
+// torch loads) breaks number formatting in error messages; the build refuses to produce one
+// (cmake/ExaoneExtCxxRuntime.cmake), and this reports what the loaded module actually uses: the
+// object that defines std::locale::classic, and whether the module lists libstdc++ as NEEDED.
+py::dict cxx_runtime() {
+  py::dict d;
+#if defined(__linux__) && defined(__GLIBCXX__)
+  Dl_info self{}, lib{};
+  const auto classic = static_cast<const std::locale& (*)()>(&std::locale::classic);
+  const bool have_self = dladdr(reinterpret_cast<void*>(&cxx_runtime), &self) != 0 && self.dli_fname;
+  const bool have_lib = dladdr(reinterpret_cast<void*>(classic), &lib) != 0 && lib.dli_fname;
+  const bool needed = have_self && object_needs(self.dli_fname, "libstdc++.so");
+  const bool inside = have_self && have_lib && std::strcmp(self.dli_fname, lib.dli_fname) == 0;
+  d["libstdc++"] = !have_self || !have_lib ? "unknown" : (needed && !inside ? "shared" : "static");
+  d["path"] = have_lib ? py::object(py::str(lib.dli_fname)) : py::object(py::none());
+  d["needed"] = needed;
+#else
+  d["libstdc++"] = "unknown";
+  d["path"] = py::none();
+#endif
+  d["glibcxx"] =
+#if defined(__GLIBCXX__)
+      int64_t(__GLIBCXX__);
+#else
+      py::none();
+#endif
+  return d;
+}
 
 py::dict build_info() {
   py::dict d;
@@ -56,6 +114,7 @@ py::dict build_info() {
   d["cpu_isa"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa());
   d["cpu_features"] = exaone_ext::cpu::cpu_features();
   d["threads"] = at::get_num_threads();
+  d["cxx_runtime"] = cxx_runtime();
 #if defined(__clang__)
   d["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)

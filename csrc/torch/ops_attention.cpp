@@ -185,8 +185,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                              int64_t max_seqlen_k, bool causal, double softmax_scale) {
   at::Tensor out, lse;
+  VarlenOffsets offsets;
   AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                               causal, softmax_scale, out, lse);
+                                               causal, softmax_scale, out, lse, offsets);
   const auto keep = use_heads_major_kv(p, k, v);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
   return {out, lse};
@@ -207,16 +208,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool causal, double softmax_scale) {
   at::Tensor dq, dk, dv;
+  VarlenOffsets offsets;
   const AttnBwdParams bp = prepare_flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                         max_seqlen_q, max_seqlen_k, causal, softmax_scale, dq, dk, dv);
+                                                         max_seqlen_q, max_seqlen_k, causal, softmax_scale, dq, dk, dv,
+                                                         offsets);
   run_bwd(bp, bp.fwd.batch, q, k, v, dout, out, dk, dv);
   return {dq, dk, dv};
 }
 
 // Split-KV combine (both kv-cache paths): out row r = sum_s exp(lse_s - lse) * part_s[r] with
 // lse = log sum_s exp(lse_s), from float partials part_out [nsplit][rows][d] (each normalised by its
-// own sum) and part_lse [nsplit][rows]; a row no split saw a key for is zero. out is fresh and
-// contiguous [batch, seq_q, q_heads, d] = [rows, d].
+// own sum) and part_lse [nsplit][rows]; a row no split saw a key for is zero, and a row with a NaN
+// partial LSE (a NaN score in that split) is NaN, as attention over all its keys would be. out is
+// fresh and contiguous [batch, seq_q, q_heads, d] = [rows, d].
 void combine_splits(const float* part_out, const float* part_lse, int64_t nsplit, int64_t rows, int64_t d,
                     at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "combine_splits", [&] {
@@ -225,14 +229,18 @@ void combine_splits(const float* part_out, const float* part_lse, int64_t nsplit
       std::vector<float> w(static_cast<size_t>(nsplit)), acc(static_cast<size_t>(d));
       for (int64_t r = r0; r < r1; ++r) {
         float mx = -INFINITY;
-        for (int64_t sp = 0; sp < nsplit; ++sp) mx = std::max(mx, part_lse[sp * rows + r]);
-        std::fill(acc.begin(), acc.end(), 0.f);
-        if (mx != -INFINITY) {
+        bool nan = false;
+        for (int64_t sp = 0; sp < nsplit; ++sp) {
+          const float x = part_lse[sp * rows + r];
+          nan |= std::isnan(x);
+          mx = std::max(mx, x);
+        }
+        std::fill(acc.begin(), acc.end(), nan ? NAN : 0.f);
+        if (!nan && mx != -INFINITY) {
           float sum = 0.f;
           for (int64_t sp = 0; sp < nsplit; ++sp) sum += w[sp] = std::exp(part_lse[sp * rows + r] - mx);
           for (int64_t sp = 0; sp < nsplit; ++sp) {
-            const float ws = w[sp] / sum;
-            if (ws == 0.f) continue;
+            const float ws = w[sp] / sum;  // even 0: 0 * NaN keeps a NaN value row visible
             const float* src = part_out + (sp * rows + r) * d;
             for (int64_t x = 0; x < d; ++x) acc[x] += ws * src[x];
           }
@@ -316,7 +324,7 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t max_splits = std::max<int64_t>(1, (int64_t(32) << 20) / 4 / std::max<int64_t>(part_floats, 1));
   int64_t nsplit = std::min((max_len + kSplitKeys - 1) / kSplitKeys, max_splits);
   if (p.dtype == DType::kFloat64) nsplit = 1;  // float64 (tests) stays exact: partials are float
-  if (nsplit == 1) {
+  if (nsplit <= 1) {  // 0 when every row is empty: each query row then sees no key (zeros)
     run_fwd(p, batch, 1, 0, nullptr, nullptr, 0);
     return out;
   }

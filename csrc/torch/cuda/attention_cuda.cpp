@@ -65,8 +65,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cuda(const at::Tensor& 
                                                               int64_t max_seqlen_k, bool causal,
                                                               double softmax_scale) {
   at::Tensor out, lse;
+  VarlenOffsets offsets;
   const AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                     causal, softmax_scale, out, lse);
+                                                     causal, softmax_scale, out, lse, offsets);
   c10::cuda::CUDAGuard guard(q.device());  // after the checks: q is a CUDA tensor
   run_forward(p, q, /*allow_split=*/false);
   return {out, lse};
@@ -88,8 +89,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cuda(
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool causal, double softmax_scale) {
   at::Tensor dq, dk, dv;
+  VarlenOffsets offsets;
   const AttnBwdParams bp = prepare_flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                         max_seqlen_q, max_seqlen_k, causal, softmax_scale, dq, dk, dv);
+                                                         max_seqlen_q, max_seqlen_k, causal, softmax_scale, dq, dk, dv,
+                                                         offsets);
   c10::cuda::CUDAGuard guard(q.device());  // after the checks: q is a CUDA tensor
   run_backward(bp, q, q.size(0));
   return {dq, dk, dv};

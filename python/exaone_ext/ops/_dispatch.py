@@ -1,6 +1,9 @@
 """Where the compiled kernels run, and the fallback to the references elsewhere."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .. import _C
@@ -18,3 +21,21 @@ def has_kernel(device: torch.device | str) -> bool:
 def check_tensor(x, name: str, op: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"exaone_ext.{op}: '{name}' must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_int(value, name: str, op: str) -> int:
+    """An integer argument (not a bool) as a Python int; TypeError naming the op otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"exaone_ext.{op}: '{name}' must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_float(value, name: str, op: str) -> float:
+    """A finite real argument (int or float, not a bool) as a Python float; TypeError / ValueError
+    naming the op otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"exaone_ext.{op}: '{name}' must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"exaone_ext.{op}: '{name}' must be finite, got {value}")
+    return value

@@ -16,7 +16,7 @@ import math
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel
+from ._dispatch import check_float, check_int, check_tensor, has_kernel
 
 _ops = torch.ops.exaone_ext
 
@@ -24,8 +24,10 @@ _ops = torch.ops.exaone_ext
 ATTENTION_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
-def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
-    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+def _scale(q: torch.Tensor, softmax_scale: float | None, op: str) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1]) if q.dim() else 1.0
+    return check_float(softmax_scale, "softmax_scale", op)
 
 
 def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +39,11 @@ def flash_attn(q, k, v, causal: bool = True, softmax_scale: float | None = None,
     Returns out like q, and with return_lse also lse [b, hq, sq] float32."""
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
         check_tensor(x, name, "flash_attn")
+    scale = _scale(q, softmax_scale, "flash_attn")
     if not has_kernel(q.device):
         return reference.flash_attn(q, k, v, causal, softmax_scale, return_lse)
     out, lse = _ops.flash_attn_fwd(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), bool(causal),
-                                   _scale(q, softmax_scale))
+                                   scale)
     return (out, lse) if return_lse else out
 
 
@@ -51,12 +54,15 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     sequence boundary. Returns out like q, and with return_lse also lse [hq, total_q] float32."""
     for x, name in ((q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
         check_tensor(x, name, "flash_attn_varlen")
+    scale = _scale(q, softmax_scale, "flash_attn_varlen")
+    max_seqlen_q = check_int(max_seqlen_q, "max_seqlen_q", "flash_attn_varlen")
+    max_seqlen_k = check_int(max_seqlen_k, "max_seqlen_k", "flash_attn_varlen")
     if not has_kernel(q.device):
         return reference.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            causal, softmax_scale, return_lse)
     out, lse = _ops.flash_attn_varlen_fwd(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v),
-                                          cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                          bool(causal), _scale(q, softmax_scale))
+                                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          bool(causal), scale)
     return (out, lse) if return_lse else out
 
 
@@ -85,13 +91,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
                                           or not isinstance(cache_seqlens_max, int)):
         raise TypeError(f"exaone_ext.flash_attn_with_kvcache: 'cache_seqlens_max' must be an int or None, "
                         f"got {type(cache_seqlens_max).__name__}")
+    scale = _scale(q, softmax_scale, "flash_attn_with_kvcache")
     if not has_kernel(q.device):
         return reference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
                                                  softmax_scale, cache_seqlens_max)
     if k_new is not None:
         k_new, v_new = _last_contiguous(k_new), _last_contiguous(v_new)
     return _ops.flash_attn_kvcache(_last_contiguous(q), k_cache, v_cache, cache_seqlens, k_new, v_new, bool(causal),
-                                   _scale(q, softmax_scale), cache_seqlens_max)
+                                   scale, cache_seqlens_max)
 
 
 # ---- fake (meta) kernels: shapes only, for torch.compile and opcheck ---------------------------------

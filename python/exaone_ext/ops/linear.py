@@ -1,6 +1,8 @@
 """Linear layer without bias, y = x @ weight.T, fast for decode (a few rows against a large weight)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
@@ -48,6 +50,11 @@ def _(x, weight):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., n] -> [rows, n] (reshape(-1, n) cannot infer the rows when n is 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _setup(ctx, inputs, output):
     x, weight = inputs
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
@@ -60,7 +67,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         dx = torch.matmul(grad, weight)                                   # [..., out] @ [out, in]
     if ctx.needs_input_grad[1]:
-        dw = torch.matmul(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]))  # [out, in]
+        dw = torch.matmul(_rows(grad).t(), _rows(x))                       # [out, in]
     return dx, dw
 
 
@@ -89,9 +96,9 @@ def _backward_cat(ctx, grad):
     dx = None
     if ctx.needs_input_grad[0]:
         dx = sum(torch.matmul(g, w) for g, w in zip(grads, weights))          # [..., out_i] @ [out_i, in]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     needs_w = ctx.needs_input_grad[1]  # one flag per weight: frozen weights get no gradient computed
-    dws = [torch.matmul(g.reshape(-1, g.shape[-1]).t(), x2) if need else None    # [out_i, in]
+    dws = [torch.matmul(_rows(g).t(), x2) if need else None                     # [out_i, in]
            for g, need in zip(grads, needs_w)]
     return dx, dws
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel
+from ._dispatch import check_float, check_tensor, has_kernel
 
 _ops = torch.ops.exaone_ext
 
@@ -54,10 +54,15 @@ def rope_cos_sin(head_dim: int, max_position: int, theta: float = 1e6, scaling: 
         raise ValueError(f"exaone_ext.rope_cos_sin: 'head_dim' must be a positive even number, got {head_dim}")
     if max_position < 0:
         raise ValueError(f"exaone_ext.rope_cos_sin: 'max_position' must be >= 0, got {max_position}")
-    if not float(theta) > 0:
+    if not check_float(theta, "theta", "rope_cos_sin") > 0:
         raise ValueError(f"exaone_ext.rope_cos_sin: 'theta' must be positive, got {theta}")
     params = _llama3_params(scaling)
-    device = torch.device("cpu" if device is None else device)
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as e:
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise kind(f"exaone_ext.rope_cos_sin: 'device' must be a torch.device or a device string such as "
+                   f"'cpu' or 'cuda:0', got {device!r}") from None
     if not has_kernel(device):
         return reference.rope_cos_sin(head_dim, max_position, theta, scaling, device)
     positions = torch.arange(max_position, dtype=torch.int64, device=device)

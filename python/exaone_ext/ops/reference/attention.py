@@ -21,7 +21,8 @@ def _attend(q, k, v, causal, scale, return_lse):
         j = torch.arange(sk, device=q.device)[None, :]
         scores = scores.masked_fill(j > i + sk - sq, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [hq, sq]
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows that see no key -> 0
+    # rows that see no key (lse = -inf) -> 0; a NaN score stays NaN, as in softmax
+    probs = torch.exp(scores - lse[..., None]).masked_fill(torch.isneginf(lse)[..., None], 0.0)
     out = torch.einsum("hqk,khd->qhd", probs.to(q.dtype), vv).to(q.dtype)
     return (out, lse.float()) if return_lse else out
 
