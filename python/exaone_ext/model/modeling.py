@@ -58,7 +58,9 @@ class ForwardContext:
     cu_seqlens int32 [n_docs + 1] and max_seqlen (host int): packed documents, or None.
     kv_cache: the cache this forward appends to, or None; cache_seqlens_max: its host bound (tokens
     in the fullest row before this forward). packed_slots: with packed documents and a cache,
-    (rows, positions) int64 [total]: where each token's keys and values go."""
+    (rows, positions) int64 [total]: where each token's keys and values go. position_ids_max: the
+    largest position when the model derived the positions itself (host int; lets apply_rope skip
+    its device read-back on a GPU), None for positions the caller gave."""
 
     ops: SimpleNamespace
     cos: torch.Tensor
@@ -69,6 +71,7 @@ class ForwardContext:
     kv_cache: KVCache | None = None
     cache_seqlens_max: int | None = None
     packed_slots: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_ids_max: int | None = None
 
     def layer_cache(self, layer_idx: int) -> LayerKVCache | None:
         return None if self.kv_cache is None else self.kv_cache.layers[layer_idx]
@@ -117,7 +120,7 @@ class Attention(nn.Module):
         q = qkv[..., :nq].view(b, s, self.num_heads, self.head_dim)                          # [b, s, hq, hd]
         k = qkv[..., nq:nq + nk].view(b, s, self.num_kv_heads, self.head_dim)                # [b, s, hk, hd]
         v = qkv[..., nq + nk:].view(b, s, self.num_kv_heads, self.head_dim)                  # [b, s, hk, hd]
-        q, k = ops.apply_rope(q, k, ctx.cos, ctx.sin, ctx.position_ids)
+        q, k = ops.apply_rope(q, k, ctx.cos, ctx.sin, ctx.position_ids, position_ids_max=ctx.position_ids_max)
         if ctx.cu_seqlens is not None:
             # packed documents (b == 1): tokens of different documents never see each other; with a
             # cache, document i's keys and values land in row i at positions 0..len_i - 1
@@ -300,6 +303,7 @@ class ExaoneForCausalLM(nn.Module):
         if kv_cache is not None and len(kv_cache.layers) != c.num_layers:
             raise ValueError(f"ExaoneForCausalLM: kv_cache has {len(kv_cache.layers)} layers, the model {c.num_layers}")
         doc_lengths = packed_slots = cache_max = None
+        pos_max = None  # the largest position, when derived here (known on the host)
         if cu_seqlens is not None:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]                               # [total] -> [1, total]
@@ -311,6 +315,7 @@ class ExaoneForCausalLM(nn.Module):
                                                                              max_seqlen, need_host)
             if position_ids is None:
                 position_ids = doc_positions[None]
+                pos_max = max_seqlen - 1
             if num_logits_to_keep > 0 and min(doc_lengths) < num_logits_to_keep:
                 raise ValueError(f"ExaoneForCausalLM: num_logits_to_keep = {num_logits_to_keep} needs every packed "
                                  f"document to hold as many tokens, got lengths {doc_lengths}")
@@ -339,14 +344,18 @@ class ExaoneForCausalLM(nn.Module):
             cache_max = kv_cache.check_room(s)
             if position_ids is None:
                 position_ids = kv_cache.seqlens[:, None].long() + torch.arange(s, device=input_ids.device)  # [b, s]
+                pos_max = cache_max + s - 1
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)                        # [b, s]
+            pos_max = s - 1
         position_ids = position_ids.long()
         if tuple(position_ids.shape) != (b, s):
             raise ValueError(f"ExaoneForCausalLM: position_ids must be [{b}, {s}], got {tuple(position_ids.shape)}")
 
+        if pos_max is not None and not 0 <= pos_max < c.max_position_embeddings:
+            pos_max = None  # empty input, or positions past the table: let apply_rope check them and say so
         ctx = ForwardContext(ops, self.rope_cos, self.rope_sin, position_ids, cu_seqlens, max_seqlen, kv_cache,
-                             cache_max, packed_slots)
+                             cache_max, packed_slots, pos_max)
         h = self.transformer.wte(input_ids)                                                            # [b, s, d]
         for block in self.transformer.h:
             h = block(h, ctx)
