@@ -50,13 +50,8 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(CrossEntropyArg
       lse = *lse_p;
     } else {
       float m = -INFINITY;
-      bool nan = false;
-      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-        const float v = ld(x + i);
-        nan |= v != v;
-        m = fmaxf(m, v);
-      }
-      m = block_reduce<true>(nan ? NAN : m, smem);  // fmaxf drops NaN; the sum below carries it
+      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) m = fmaxf(m, ld(x + i));
+      m = block_reduce<true>(m, smem);  // fmaxf drops NaN; the sum below carries it into lse
       float s = 0.f;
       for (int64_t i = threadIdx.x; i < vocab; i += kThreads) s += expf(ld(x + i) - m);
       s = block_reduce<false>(s, smem);
