@@ -1,0 +1,14 @@
+"""Training: the EXAONE 3.5 recipe (two-stage pre-training, SFT, staged DPO / SimPO).
+
+    from exaone_ext.training import Trainer, load_config
+    Trainer(load_config("sft.toml"), objective="sft").train(resume=False)
+
+CLI: exaone-ext train pretrain|sft|dpo|simpo --config FILE [--resume]; many processes with torchrun.
+"""
+from .checkpoint import latest_checkpoint
+from .config import ConfigError, check_config, load_config
+from .objectives import sequence_logps, token_logps
+from .trainer import OBJECTIVES, Trainer, lr_factor
+
+__all__ = ["ConfigError", "OBJECTIVES", "Trainer", "check_config", "latest_checkpoint", "load_config",
+           "lr_factor", "sequence_logps", "token_logps"]
