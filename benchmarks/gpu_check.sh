@@ -23,7 +23,7 @@ echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
 # The CUDA tests first (ids with "cuda"; each file bounded in time, no -x: the whole picture in one
 # run), then everything else once.
 for t in tests/test_attention_cuda.py tests/test_swiglu.py tests/test_rms_norm.py tests/test_rope.py \
-         tests/test_linear.py tests/test_attention.py tests/test_compile.py tests/test_model.py; do
+         tests/test_linear.py tests/test_linear_cross_entropy.py tests/test_attention.py tests/test_compile.py tests/test_model.py; do
   timeout 240 $PY -m pytest -q "$t" -p no:cacheprovider -k cuda > "$OUT/$(basename "$t" .py).log" 2>&1
   echo "$t rc=$? : $(tail -1 "$OUT/$(basename "$t" .py).log")" | tee -a "$OUT/summary.txt"
 done
@@ -36,6 +36,12 @@ EXAONE_BENCH_LONG=${EXAONE_BENCH_LONG:-1} EXAONE_BENCH_JSON="$OUT/bench.json" ti
   --benchmark-min-rounds=10 --benchmark-max-time=0.5 ${1:+-k "$1"} > "$OUT/bench.log" 2>&1
 echo "benchmarks rc=$?" | tee -a "$OUT/summary.txt"
 sed -n '/rates and speed-ups/,/^---/p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+
+# Fused linear + cross-entropy at the training shape: peak memory and time against the unfused loss.
+timeout 240 $PY benchmarks/bench_linear_cross_entropy.py --tokens 8192 --vocab 102400 --hidden 2560 \
+  > "$OUT/bench_linear_cross_entropy.log" 2>&1
+echo "bench_linear_cross_entropy rc=$?" | tee -a "$OUT/summary.txt"
+tail -5 "$OUT/bench_linear_cross_entropy.log" | tee -a "$OUT/summary.txt"
 
 # The whole model on the GPU against transformers on the same weights (decode, prefill 2048, batch 8).
 timeout ${MODEL_TIMEOUT:-240} $PY benchmarks/bench_model.py --device cuda --layers 30 --prompt 128 --decode 64 \
