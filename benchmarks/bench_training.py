@@ -126,7 +126,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--side", side] + [
                 f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds", "bf16")] + (
                 ["--bf16"] if args.bf16 else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{side} side failed:\n{out.stderr[-3000:]}")
             results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = {s: max(r, key=lambda x: x["tokens_per_s"]) for s, r in results.items()}
     peak = {s: min(x["peak_extra_mb"] for x in r) for s, r in results.items()}

@@ -157,6 +157,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, ckpt, monkeypatch)
     assert latest_checkpoint(str(tmp_path / "run")).endswith("checkpoint-0000004")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one(tmp_path, ckpt, mode):
     data = _pretrain_data(tmp_path)
@@ -173,6 +174,17 @@ def test_two_processes_equal_one(tmp_path, ckpt, mode):
     a, b = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_same_result(tmp_path, ckpt):
+    data = _pretrain_data(tmp_path)
+    finals = []
+    for ac in (False, True):
+        cfg = _recipe(tmp_path, ckpt, data, {**BASE, "steps": 2, "out_dir": f"ac{ac}", "activation_checkpointing": ac},
+                      name=f"ac{ac}.toml")
+        finals.append(_weights(Trainer(load_config(cfg), "pretrain").train()))
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    assert _losses(tmp_path / "acFalse") == _losses(tmp_path / "acTrue")
 
 
 # ---------------------------------------------------------------- recipes and bad input

@@ -26,7 +26,8 @@ from ..tokenizer import ExaoneTokenizer
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import ConfigError
 from .monitor import MetricsLog, Progress, plot_loss
-from .objectives import dpo_loss, sequence_logps, simpo_loss, token_logps
+from .losses import dpo_loss, simpo_loss
+from .objectives import document_logps, token_logps
 
 __all__ = ["Trainer", "OBJECTIVES"]
 
@@ -234,7 +235,7 @@ class Trainer:
             batch = collate(preference_rows(m)).to(self.device)
             tokens += batch.num_tokens
             with self._sync(j == len(micro) - 1), self._autocast():
-                logps, counts = sequence_logps(token_logps(self.model, batch), batch)
+                logps, counts = document_logps(token_logps(self.model, batch), batch)
                 pc, pr = logps[0::2], logps[1::2]
                 if self.objective == "dpo":
                     ref = self.ref_logps[torch.tensor([i for i, _ in m])].to(self.device)
@@ -266,7 +267,7 @@ class Trainer:
         for m in self._micro([(i, self.data.examples[i]) for i in mine]):
             batch = collate(preference_rows(m)).to(self.device)
             with self._autocast():
-                logps, _ = sequence_logps(token_logps(self.model, batch), batch)
+                logps, _ = document_logps(token_logps(self.model, batch), batch)
             out[torch.tensor([i for i, _ in m])] = logps.view(-1, 2).double().cpu()
         if self.world > 1:
             dist.all_reduce(out)
