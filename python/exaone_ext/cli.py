@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print the full summary as JSON")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
+
+    p = sub.add_parser("train", help="pre-train, SFT, DPO or SimPO from a TOML recipe",
+                       description="Train with a recipe (see README, Train). Many processes: "
+                                   "torchrun --nproc-per-node N -m exaone_ext.cli train ...")
+    p.add_argument("objective", choices=["pretrain", "sft", "dpo", "simpo"])
+    p.add_argument("--config", required=True, metavar="FILE", help="the recipe (TOML)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     return parser
 
 
@@ -333,7 +340,14 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info}
+def cmd_train(args) -> int:
+    from .training import Trainer, load_config
+    final = Trainer(load_config(args.config), args.objective).train(resume=args.resume)
+    print(final)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,35 @@
+"""What the trainer differentiates: per-token log-probabilities of packed batches, summed per document.
+
+The model gives the final normed hidden states and the fused linear + cross-entropy op turns them
+into per-token losses chunk by chunk, so a long row never holds [tokens, vocab] logits.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.packing import IGNORE_INDEX, Batch
+from ..ops import linear_cross_entropy
+from .losses import sequence_logps
+
+__all__ = ["token_logps", "document_logps"]
+
+
+def _base(model):
+    """The ExaoneForCausalLM under a DDP / compile wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def token_logps(model, batch: Batch) -> torch.Tensor:
+    """float32 [total]: log p(label_t | tokens <= t of its document); 0 where the label is ignored."""
+    hidden = model(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
+                   max_seqlen=batch.max_seqlen, return_hidden=True)                      # [1, total, d]
+    loss = linear_cross_entropy(hidden[0], _base(model).lm_head.weight, batch.labels[0], ignore_index=IGNORE_INDEX,
+                                reduction="none")                                           # [total] float32
+    return -loss
+
+
+def document_logps(logps: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per document (cu_seqlens segment): summed log-probabilities [n_docs] and learnt tokens [n_docs]."""
+    return sequence_logps(logps, batch.labels[0] != IGNORE_INDEX, cu_seqlens=batch.cu_seqlens, return_lengths=True)

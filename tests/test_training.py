@@ -1,0 +1,212 @@
+"""exaone_ext.training: overfitting, exact resume, atomic checkpoints, multi-process equality, recipes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exaone_ext.training import ConfigError, Trainer, latest_checkpoint, load_config
+from exaone_ext.testing import write_tiny_checkpoint
+
+PRETRAIN_DOCS = ["The capital of Korea is Seoul.", "한국의 수도는 서울입니다.", "The quick brown fox jumps over the lazy dog."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models gain nothing from threads, and on a busy machine their hand-offs dominate
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def _recipe(tmp_path, ckpt, data: dict, train: dict, preference: dict | None = None, name="recipe.toml") -> str:
+    def table(d):
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
+    text = f"[model]\npath = {json.dumps(str(ckpt))}\n\n[data]\n{table(data)}\n[train]\n{table(train)}"
+    if preference:
+        text += f"\n[preference]\n{table(preference)}"
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _pretrain_data(tmp_path):
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in PRETRAIN_DOCS), encoding="utf-8")
+    return {"files": [str(f)], "seq_len": 32}
+
+
+def _losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+BASE = {"micro_batch": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "progress": False, "plot": False,
+        "grad_clip": 1.0}
+
+
+def test_overfit_pretrain(tmp_path, ckpt):
+    cfg = _recipe(tmp_path, ckpt, _pretrain_data(tmp_path), {**BASE, "out_dir": "run", "steps": 40, "plot": True})
+    final = Trainer(load_config(cfg), "pretrain").train()
+    losses = _losses(tmp_path / "run")
+    assert losses[0] > 4.0 and losses[-1] < 0.3, losses
+    assert os.path.isfile(os.path.join(final, "model.safetensors")) and os.path.isfile(tmp_path / "run" / "loss.png")
+    assert os.path.isfile(os.path.join(final, "tokenizer.json"))
+
+
+def test_overfit_sft(tmp_path, ckpt):
+    f = tmp_path / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Capital of Korea?"}, {"role": "assistant", "content": "Seoul."}]},
+            {"prompt": "안녕?", "response": "안녕하세요!"}]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cfg = _recipe(tmp_path, ckpt, {"files": [str(f)], "seq_len": 48}, {**BASE, "out_dir": "run", "steps": 30})
+    Trainer(load_config(cfg), "sft").train()
+    losses = _losses(tmp_path / "run")
+    assert losses[0] > 3.0 and losses[-1] < 0.1, losses
+
+
+def _pref_file(tmp_path):
+    f = tmp_path / "pref.jsonl"
+    rows = [{"prompt": "Capital of Korea?", "chosen": "Seoul.", "rejected": "Tokyo is the capital."},
+            {"prompt": "안녕?", "chosen": "안녕하세요!", "rejected": "몰라요."}]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(f)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_overfit_preference_staged(tmp_path, ckpt, objective):
+    cfg = _recipe(tmp_path, ckpt, {"files": [_pref_file(tmp_path)]},
+                  {**BASE, "batch_size": 2, "micro_batch": 1, "out_dir": "run", "steps": 12, "lr": 5e-3},
+                  {"beta": 0.5, "stages": 2})
+    Trainer(load_config(cfg), objective).train()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[0]["loss"] > 0.3 and rows[-1]["loss"] < 0.05, [r["loss"] for r in rows]
+    assert rows[-1]["rewards/accuracies"] == 1.0 and rows[-1]["rewards/margins"] > 0
+    if objective == "dpo":
+        # stage 2 starts from stage 1's policy as its reference: its first loss is log 2 again
+        assert abs(rows[12]["loss"] - 0.6931) < 1e-3
+    assert os.path.isdir(tmp_path / "run" / "stage-1") and os.path.isdir(tmp_path / "run" / "stage-2")
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("objective", ["pretrain", "dpo"])
+def test_resume_is_bit_exact(tmp_path, ckpt, objective, monkeypatch):
+    data = _pretrain_data(tmp_path) if objective == "pretrain" else {"files": [_pref_file(tmp_path)]}
+    train = {**BASE, "steps": 7, "save_every": 3, "batch_size": 2, "micro_batch": 1}
+    ref = Trainer(load_config(_recipe(tmp_path, ckpt, data, {**train, "out_dir": "a"}, name="a.toml")), objective)
+    final_a = ref.train()
+    cfg = load_config(_recipe(tmp_path, ckpt, data, {**train, "out_dir": "b"}, name="b.toml"))
+    step = Trainer._step
+    calls = {"n": 0}
+
+    def dying_step(self):
+        calls["n"] += 1
+        if calls["n"] == 5:   # after checkpoint-3 and one more step: that step's work is lost
+            raise _Killed
+        return step(self)
+    monkeypatch.setattr(Trainer, "_step", dying_step)
+    with pytest.raises(_Killed):
+        Trainer(cfg, objective).train()
+    monkeypatch.setattr(Trainer, "_step", step)
+    assert latest_checkpoint(str(tmp_path / "b")).endswith("checkpoint-0000003")
+    final_b = Trainer(cfg, objective).train(resume=True)
+    a, b = _weights(final_a), _weights(final_b)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, ckpt, monkeypatch):
+    cfg = load_config(_recipe(tmp_path, ckpt, _pretrain_data(tmp_path),
+                              {**BASE, "out_dir": "run", "steps": 4, "save_every": 2}))
+    import exaone_ext.training.checkpoint as ck
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:   # the second checkpoint dies after its weights, before its state
+            raise _Killed
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(ck.torch, "save", dying_save)
+    with pytest.raises(_Killed):
+        Trainer(cfg, "pretrain").train()
+    monkeypatch.setattr(ck.torch, "save", real_save)
+    latest = latest_checkpoint(str(tmp_path / "run"))
+    assert latest.endswith("checkpoint-0000002")
+    assert sorted(d for d in os.listdir(tmp_path / "run") if d.startswith("checkpoint-")) == ["checkpoint-0000002"]
+    assert _weights(latest)  # complete and loadable
+    Trainer(cfg, "pretrain").train(resume=True)
+    assert latest_checkpoint(str(tmp_path / "run")).endswith("checkpoint-0000004")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path, ckpt, mode):
+    data = _pretrain_data(tmp_path)
+    train = {**BASE, "steps": 4, "batch_size": 4, "micro_batch": 1, "distributed": mode}
+    one = _recipe(tmp_path, ckpt, data, {**train, "out_dir": "one"}, name="one.toml")
+    two = _recipe(tmp_path, ckpt, data, {**train, "out_dir": "two"}, name="two.toml")
+    Trainer(load_config(one), "pretrain").train()
+    env = dict(os.environ, OMP_NUM_THREADS="1", EXAONE_EXT_DEBUG="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "exaone_ext.cli", "train", "pretrain", "--config", two]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+    a, b = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_same_result(tmp_path, ckpt):
+    data = _pretrain_data(tmp_path)
+    finals = []
+    for ac in (False, True):
+        cfg = _recipe(tmp_path, ckpt, data, {**BASE, "steps": 2, "out_dir": f"ac{ac}", "activation_checkpointing": ac},
+                      name=f"ac{ac}.toml")
+        finals.append(_weights(Trainer(load_config(cfg), "pretrain").train()))
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    assert _losses(tmp_path / "acFalse") == _losses(tmp_path / "acTrue")
+
+
+# ---------------------------------------------------------------- recipes and bad input
+def test_config_errors_name_key_and_file(tmp_path, ckpt):
+    cfg = _recipe(tmp_path, ckpt, {"files": ["x.jsonl"]}, {"out_dir": "r", "steps": 1, "learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match=r"recipe.toml: unknown key 'learning_rate' in \[train\]"):
+        load_config(cfg)
+    (tmp_path / "s.toml").write_text("[modle]\npath = 'x'\n")
+    with pytest.raises(ConfigError, match=r"s.toml: unknown section \[modle\]"):
+        load_config(tmp_path / "s.toml")
+    cfg = _recipe(tmp_path, ckpt, {"files": ["x.jsonl"]}, {"out_dir": "r", "steps": "ten"})
+    with pytest.raises(ConfigError, match=r"\[train\] steps must be an integer"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_cli_reports_bad_recipe(tmp_path, ckpt):
+    from exaone_ext.cli import main
+    cfg = _recipe(tmp_path, ckpt, {"files": ["missing.jsonl"]}, {"out_dir": "r", "steps": 1, "progress": False})
+    assert main(["train", "pretrain", "--config", cfg]) != 0
+    cfg = _recipe(tmp_path, ckpt, {"files": [_pretrain_data(tmp_path)["files"][0]], "seq_len": 4096},
+                  {"out_dir": "r", "steps": 1})
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        Trainer(load_config(cfg), "pretrain").train()
