@@ -6,9 +6,11 @@ from ._dispatch import has_kernel
 from .attention import flash_attn, flash_attn_varlen, flash_attn_with_kvcache
 from .linear import linear, linear_cat
 from .linear_cross_entropy import linear_cross_entropy
+from .quant import linear_int4, linear_int8
 from .rms_norm import add_rms_norm, rms_norm
 from .rope import apply_rope, rope_cos_sin
 from .swiglu import swiglu
 
 __all__ = ["reference", "has_kernel", "add_rms_norm", "apply_rope", "flash_attn", "flash_attn_varlen",
-           "flash_attn_with_kvcache", "linear", "linear_cat", "linear_cross_entropy", "rms_norm", "rope_cos_sin", "swiglu"]
+           "flash_attn_with_kvcache", "linear", "linear_cat", "linear_cross_entropy", "linear_int4", "linear_int8",
+           "rms_norm", "rope_cos_sin", "swiglu"]

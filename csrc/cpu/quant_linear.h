@@ -1,0 +1,51 @@
+// Linear layers with quantized weights: y[m, n] = sum_k x[m, k] * w[n, k], where w is stored as
+//
+//   int8 (bits 8): q int8 [n, k], s [n];           w[n, k] = q[n, k] * s[n]
+//   int4 (bits 4): q uint8 [n, k / 2], s and z [n, k / group];
+//                  w[n, k] = (q[n, k] - z[n, k / group]) * s[n, k / group]
+//     Packing of int4: k in blocks of 32; byte j (0..15) of a block holds element j in its low
+//     nibble and element 16 + j in its high nibble, so that one 16-byte load unpacks into the
+//     elements in order with one mask and one shift (no shuffle of x). z is uint8 in 0..15.
+//     k must be a multiple of the group, the group a multiple of 32.
+//
+// Decode (few rows of x): quant_linear_rows streams each weight row once, dequantising in
+// registers, with float32 accumulation. Prefill: quant_dequant_rows expands rows of the weight into
+// a float32/bf16/f16 tile for a library matrix multiply.
+#pragma once
+#include <cstdint>
+#include "common/dtypes.h"
+#include "cpu/isa.h"
+
+namespace exaone_ext {
+
+struct QuantLinearArgs {
+  int bits;               // 8 or 4
+  DType y_dtype;          // of y (float32, bfloat16, float16)
+  DType s_dtype;          // of the scales (float32, bfloat16, float16)
+  int64_t m, k, n;        // x [m, k], w [n, k], y [m, n]
+  int64_t group;          // int4: elements per scale and zero point along k; int8: unused
+  const float* x;         // float32 [m, k], rows x_stride apart
+  int64_t x_stride;
+  const void* q;          // packed weight rows, q_stride bytes apart
+  int64_t q_stride;
+  const void* scales;     // int8: [n]; int4: [n, k / group] contiguous
+  const uint8_t* zeros;   // int4: [n, k / group] contiguous; int8: null
+  void* y;                // y_dtype [m, n], rows y_stride apart
+  int64_t y_stride;
+};
+
+// Output features handled together; chunk boundaries given to quant_linear_rows should be
+// multiples of it.
+inline constexpr int64_t kQuantRowBlock = 4;
+// int4 packing block (elements of k per 16 bytes).
+inline constexpr int64_t kInt4Block = 32;
+
+}  // namespace exaone_ext
+
+// y's columns [n_begin, n_end), for all m rows (m up to any size; meant for up to ~16).
+EXAONE_DECLARE_ISA_KERNEL(void, quant_linear_rows, (const exaone_ext::QuantLinearArgs& a, int64_t n_begin, int64_t n_end))
+// Dequantised weight rows [n_begin, n_end) into out (out_dtype [n_end - n_begin, k], contiguous).
+// a.x and a.y are not used.
+EXAONE_DECLARE_ISA_KERNEL(void, quant_dequant_rows,
+                          (const exaone_ext::QuantLinearArgs& a, int64_t n_begin, int64_t n_end, void* out,
+                           exaone_ext::DType out_dtype))

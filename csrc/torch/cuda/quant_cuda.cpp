@@ -1,0 +1,79 @@
+// CUDA registration of exaone_ext::linear_int8 / linear_int4: the shared checks (torch/quant.h), a
+// device guard, then the GEMV of csrc/cuda/quant_linear.cu for up to 16 rows of x, or tiles of the
+// weight dequantised on the device and multiplied by cuBLAS (quant_linear_tiled) above.
+#include <ATen/Functions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/quant_linear.h"
+#include "torch/common.h"
+#include "torch/quant.h"
+
+namespace exaone_ext {
+namespace {
+
+at::Tensor quant_linear_cuda(const at::Tensor& x, cuda::QuantGemvArgs a, const std::vector<int64_t>& out_shape) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  if (M == 0 || a.n == 0 || a.k == 0) return at::zeros(out_shape, x.options());
+  a.m = M;
+  const at::Tensor x2 = x.reshape({M, a.k}).contiguous();
+  if (M > cuda::kQuantGemvMaxRows) {
+    return quant_linear_tiled(x2, a.n, [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
+      cuda::quant_dequant(a, n0, n1, tile.data_ptr(), stream);
+    }).view(out_shape);
+  }
+  at::Tensor y = at::empty({M, a.n}, x.options());
+  a.x = x2.const_data_ptr();
+  a.x_stride = a.k;
+  a.y = y.data_ptr();
+  a.y_stride = a.n;
+  cuda::quant_gemv(a, stream);
+  return y.view(out_shape);
+}
+
+at::Tensor rows_of(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous(); }
+
+at::Tensor linear_int8_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  const std::vector<int64_t> shape = check_linear_int8(x, qweight, scales);
+  const at::Tensor q = rows_of(qweight), s = scales.contiguous();
+  cuda::QuantGemvArgs a{};
+  a.bits = 8;
+  a.dtype = kernel_dtype(x, "linear_int8", "x", false);
+  a.s_dtype = kernel_dtype(s, "linear_int8", "scales", false);
+  a.k = q.size(1);
+  a.n = q.size(0);
+  a.q = q.const_data_ptr();
+  a.q_stride = q.size(0) > 1 ? q.stride(0) : q.size(1);
+  a.scales = s.const_data_ptr();
+  return quant_linear_cuda(x, a, shape);
+}
+
+at::Tensor linear_int4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t group_size) {
+  const std::vector<int64_t> shape = check_linear_int4(x, qweight, scales, zeros, group_size);
+  const at::Tensor q = rows_of(qweight), s = scales.contiguous(), z = zeros.contiguous();
+  cuda::QuantGemvArgs a{};
+  a.bits = 4;
+  a.dtype = kernel_dtype(x, "linear_int4", "x", false);
+  a.s_dtype = kernel_dtype(s, "linear_int4", "scales", false);
+  a.k = x.size(-1);
+  a.n = q.size(0);
+  a.group = group_size;
+  a.q = q.const_data_ptr();
+  a.q_stride = q.size(0) > 1 ? q.stride(0) : q.size(1);
+  a.scales = s.const_data_ptr();
+  a.zeros = z.const_data_ptr<uint8_t>();
+  return quant_linear_cuda(x, a, shape);
+}
+
+}  // namespace
+}  // namespace exaone_ext
+
+TORCH_LIBRARY_IMPL(exaone_ext, CUDA, m) {
+  m.impl("linear_int8", &exaone_ext::linear_int8_cuda);
+  m.impl("linear_int4", &exaone_ext::linear_int4_cuda);
+}

@@ -1,0 +1,211 @@
+// exaone_ext::linear_int8 and linear_int4: y = x @ dequantise(weight).T with the weight kept
+// quantized (layouts in cpu/quant_linear.h). Schemas, checks and the CPU implementation.
+//
+// Few rows (decode) are bound by reading the weight: the kernels of cpu/quant_linear.h stream the
+// quantized bytes once, split over threads by output features, as linear does for 16-bit weights.
+// Many rows (prefill) are bound by arithmetic: tiles of the weight are dequantised into x's dtype
+// and multiplied by at::mm, so no dequantised copy of the whole weight is ever made.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "cpu/quant_linear.h"
+#include "torch/common.h"
+#include "torch/quant.h"
+
+namespace exaone_ext {
+namespace {
+
+void check_x(const at::Tensor& x, const char* op) {
+  check_defined(x, op, "x");
+  check_dim_at_least(x, 1, op, "x");
+  kernel_dtype(x, op, "x", false);
+}
+
+void check_scales_dtype(const at::Tensor& s, const at::Tensor& x, const char* op) {
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat || s.scalar_type() == x.scalar_type(), "exaone_ext.", op,
+                   ": 'scales' must be float32 or x's dtype (", x.scalar_type(), "), got ", s.scalar_type());
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* op, const char* arg, const char* layout) {
+  TORCH_CHECK_VALUE(t.sizes() == want, "exaone_ext.", op, ": '", arg, "' must have shape ", layout, " = ",
+                    shape_str(want), ", got ", shape_str(t.sizes()));
+}
+
+}  // namespace
+
+std::vector<int64_t> check_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  constexpr const char* op = "linear_int8";
+  check_x(x, op);
+  check_defined(qweight, op, "qweight");
+  check_defined(scales, op, "scales");
+  check_dim(qweight, 2, op, "qweight", "[out_features, in_features]");
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar, "exaone_ext.linear_int8: 'qweight' must be int8, got ",
+                   qweight.scalar_type());
+  check_same_device(qweight, x, op, "qweight", "x");
+  check_same_device(scales, x, op, "scales", "x");
+  check_scales_dtype(scales, x, op);
+  TORCH_CHECK_VALUE(x.size(-1) == qweight.size(1), "exaone_ext.linear_int8: the last dimension of 'x' (shape ",
+                    shape_str(x.sizes()), ") must equal in_features of 'qweight' (shape ",
+                    shape_str(qweight.sizes()), "), got ", x.size(-1), " != ", qweight.size(1));
+  check_shape(scales, {qweight.size(0)}, op, "scales", "[out_features]");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = qweight.size(0);
+  return shape;
+}
+
+std::vector<int64_t> check_linear_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                       const at::Tensor& zeros, int64_t group_size) {
+  constexpr const char* op = "linear_int4";
+  check_x(x, op);
+  check_defined(qweight, op, "qweight");
+  check_defined(scales, op, "scales");
+  check_defined(zeros, op, "zeros");
+  check_dim(qweight, 2, op, "qweight", "[out_features, in_features / 2]");
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte,
+                   "exaone_ext.linear_int4: 'qweight' must be uint8 (two 4-bit values a byte), got ",
+                   qweight.scalar_type());
+  TORCH_CHECK_TYPE(zeros.scalar_type() == at::kByte, "exaone_ext.linear_int4: 'zeros' must be uint8, got ",
+                   zeros.scalar_type());
+  check_same_device(qweight, x, op, "qweight", "x");
+  check_same_device(scales, x, op, "scales", "x");
+  check_same_device(zeros, x, op, "zeros", "x");
+  check_scales_dtype(scales, x, op);
+  const int64_t in = x.size(-1);
+  TORCH_CHECK_VALUE(group_size > 0 && group_size % 32 == 0,
+                    "exaone_ext.linear_int4: 'group_size' must be a positive multiple of 32, got ", group_size);
+  TORCH_CHECK_VALUE(in % group_size == 0, "exaone_ext.linear_int4: in_features (the last dimension of 'x', ", in,
+                    ") must be a multiple of group_size (", group_size, ")");
+  TORCH_CHECK_VALUE(2 * qweight.size(1) == in, "exaone_ext.linear_int4: 'qweight' must have in_features / 2 = ",
+                    in / 2, " columns (shape [out_features, in_features / 2]), got shape ",
+                    shape_str(qweight.sizes()), " for x of shape ", shape_str(x.sizes()));
+  const int64_t out = qweight.size(0), groups = in / group_size;
+  check_shape(scales, {out, groups}, op, "scales", "[out_features, in_features / group_size]");
+  check_shape(zeros, {out, groups}, op, "zeros", "[out_features, in_features / group_size]");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out;
+  return shape;
+}
+
+at::Tensor quant_linear_tiled(const at::Tensor& x2, int64_t n,
+                              const std::function<void(int64_t, int64_t, const at::Tensor&)>& dequant) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  at::Tensor y = at::empty({M, n}, x2.options());
+  // ~8 MiB tiles (a multiple of 64 rows): large enough for the matmul to reach its rate, small
+  // beside the weight.
+  const int64_t tile_rows = std::min(n, std::max<int64_t>(64, ((int64_t(8) << 20) / std::max<int64_t>(1, K * x2.element_size())) / 64 * 64));
+  at::Tensor tile = at::empty({tile_rows, K}, x2.options());
+  for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
+    const int64_t n1 = std::min(n, n0 + tile_rows);
+    dequant(n0, n1, tile);
+    at::Tensor out = y.narrow(1, n0, n1 - n0);
+    at::mm_out(out, x2, tile.narrow(0, 0, n1 - n0).t());
+  }
+  return y;
+}
+
+namespace {
+
+// y = x @ W.T for the weight described by base (pointers to q, scales, zeros filled in).
+at::Tensor quant_linear_cpu(const at::Tensor& x, QuantLinearArgs base, const std::vector<int64_t>& out_shape) {
+  const int64_t K = base.k, N = base.n;
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  if (M == 0 || N == 0 || K == 0) return at::zeros(out_shape, x.options());
+  base.m = M;
+  base.y_dtype = kernel_dtype(x, base.bits == 8 ? "linear_int8" : "linear_int4", "x", false);
+  const int64_t row_bytes = base.q_stride;
+
+  if (M > kQuantStreamMaxRows) {
+    const DType tile_dtype = base.y_dtype;
+    const at::Tensor x2 = x.reshape({M, K});
+    return quant_linear_tiled(x2, N, [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
+      char* out = static_cast<char*>(tile.data_ptr());
+      const int64_t es = tile.element_size();
+      at::parallel_for(n0, n1, std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(1, row_bytes)),
+                       [&](int64_t b, int64_t e) {
+                         EXAONE_CPU_DISPATCH(quant_dequant_rows, base, b, e, out + (b - n0) * K * es, tile_dtype);
+                       });
+    }).view(out_shape);
+  }
+
+  const at::Tensor xk = x.reshape({M, K}).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  QuantLinearArgs a = base;
+  a.x = xk.const_data_ptr<float>();
+  a.x_stride = K;
+  a.y = y.data_ptr();
+  a.y_stride = N;
+  // Chunks of whole blocks handed out one at a time, shrinking as the work runs out (as in
+  // ops_linear.cpp: large first for fewer stream restarts, small last so the threads finish together).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block_bytes = kQuantRowBlock * row_bytes;
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  int64_t remaining = N * row_bytes;
+  for (int64_t n0 = 0; n0 < N;) {
+    const int64_t bytes = std::clamp<int64_t>(remaining / (4 * threads), int64_t(128) << 10, int64_t(8) << 20);
+    const int64_t n1 = std::min(N, n0 + std::max<int64_t>(1, bytes / block_bytes) * kQuantRowBlock);
+    chunks.emplace_back(n0, n1);
+    remaining -= (n1 - n0) * row_bytes;
+    n0 = n1;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t n_chunks = int64_t(chunks.size());
+  at::parallel_for(0, std::min(threads, n_chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n_chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      EXAONE_CPU_DISPATCH(quant_linear_rows, a, chunks[c].first, chunks[c].second);
+    }
+  });
+  return y.view(out_shape);
+}
+
+// The weight's rows with a unit last stride (a copy otherwise); scales and zeros contiguous.
+at::Tensor rows_of(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous(); }
+
+at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  const std::vector<int64_t> shape = check_linear_int8(x, qweight, scales);
+  const at::Tensor q = rows_of(qweight), s = scales.contiguous();
+  QuantLinearArgs a{};
+  a.bits = 8;
+  a.s_dtype = kernel_dtype(s, "linear_int8", "scales", false);
+  a.k = q.size(1);
+  a.n = q.size(0);
+  a.q = q.const_data_ptr();
+  a.q_stride = q.size(0) > 1 ? q.stride(0) : q.size(1);
+  a.scales = s.const_data_ptr();
+  return quant_linear_cpu(x, a, shape);
+}
+
+at::Tensor linear_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t group_size) {
+  const std::vector<int64_t> shape = check_linear_int4(x, qweight, scales, zeros, group_size);
+  const at::Tensor q = rows_of(qweight), s = scales.contiguous(), z = zeros.contiguous();
+  QuantLinearArgs a{};
+  a.bits = 4;
+  a.s_dtype = kernel_dtype(s, "linear_int4", "scales", false);
+  a.k = x.size(-1);
+  a.n = q.size(0);
+  a.group = group_size;
+  a.q = q.const_data_ptr();
+  a.q_stride = q.size(0) > 1 ? q.stride(0) : q.size(1);
+  a.scales = s.const_data_ptr();
+  a.zeros = z.const_data_ptr<uint8_t>();
+  return quant_linear_cpu(x, a, shape);
+}
+
+}  // namespace
+}  // namespace exaone_ext
+
+TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {
+  m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size=128) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(exaone_ext, CPU, m) {
+  m.impl("linear_int8", &exaone_ext::linear_int8_cpu);
+  m.impl("linear_int4", &exaone_ext::linear_int4_cpu);
+}

@@ -1,0 +1,30 @@
+// The device-independent half of exaone_ext::linear_int8 / linear_int4 (quantized weights, layouts
+// in cpu/quant_linear.h): argument checks, the output shape, and the prefill path that expands the
+// weight a tile at a time into x's dtype for the library matrix multiply.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <vector>
+
+namespace exaone_ext {
+
+// Checks x [..., in], qweight int8 [out, in], scales [out] (float32 or x's dtype); returns x's shape
+// with the last dimension replaced by out.
+std::vector<int64_t> check_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+
+// Checks x [..., in], qweight uint8 [out, in / 2], scales [out, in / group_size] (float32 or x's
+// dtype), zeros uint8 [out, in / group_size], group_size a positive multiple of 32 dividing in.
+std::vector<int64_t> check_linear_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                       const at::Tensor& zeros, int64_t group_size);
+
+// Up to this many rows of x the weight-streaming kernels run; above, quant_linear_tiled.
+inline constexpr int64_t kQuantStreamMaxRows = 16;
+
+// x2 [M, K] @ W.T -> [M, n] in x2's dtype, W never held whole: dequant(n0, n1, tile) writes W's
+// rows [n0, n1) into the first n1 - n0 rows of tile ([rows, K], x2's dtype, contiguous), and each
+// tile goes through at::mm into its columns of the result.
+at::Tensor quant_linear_tiled(const at::Tensor& x2, int64_t n,
+                              const std::function<void(int64_t, int64_t, const at::Tensor&)>& dequant);
+
+}  // namespace exaone_ext

@@ -1,0 +1,204 @@
+"""linear_int8 / linear_int4 against dequantise-then-matmul, on every CPU kernel variant; the
+quantisers; the AWQ conversion against an unpacking written here from the format's description."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from exaone_ext import ops
+from exaone_ext.model.awq import awq_to_int4
+from exaone_ext.ops import reference
+from conftest import DEVICES, DTYPES, assert_error_within
+
+ROWS = [1, 2, 7, 16, 17]                  # 17: the tiled prefill path
+
+
+def _int8(n_out, n_in, device, scale_dtype=torch.float32):
+    w = torch.randn(n_out, n_in, device=device) / n_in**0.5
+    q, s = reference.quantize_int8(w)
+    return q, s.to(scale_dtype)
+
+
+def _int4(n_out, n_in, device, group=128, scale_dtype=torch.float32):
+    w = torch.randn(n_out, n_in, device=device) / n_in**0.5
+    q, s, z = reference.quantize_int4(w, group)
+    return q, s.to(scale_dtype), z
+
+
+def _check(out, x, w64, ref_lp):
+    """Kernel vs float64 (x and the dequantised weight exactly), within 2x of the reference's error."""
+    ref64 = F.linear(x.double(), w64)
+    assert out.dtype == x.dtype and out.is_contiguous()
+    assert_error_within(out, ref64, ref_lp, "out")
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("k,n", [(80, 7), (257, 33), (2560, 67)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_matches_reference(m, k, n, dtype, device, cpu_isa):
+    q, s = _int8(n, k, device, dtype if k == 257 else torch.float32)  # scales in x's dtype too
+    x = torch.randn(m, k, device=device).to(dtype)
+    out = ops.linear_int8(x, q, s)
+    _check(out, x, q.double() * s.double()[:, None], reference.linear_int8(x, q, s))
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("k,n,group", [(128, 7, 128), (384, 33, 128), (2560, 65, 128), (96, 9, 32)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_matches_reference(m, k, n, group, dtype, device, cpu_isa):
+    q, s, z = _int4(n, k, device, group, dtype if k == 384 else torch.float32)
+    x = torch.randn(m, k, device=device).to(dtype)
+    out = ops.linear_int4(x, q, s, z, group)
+    w64 = reference.dequantize_int4(q, s.double(), z, group, torch.float64)
+    _check(out, x, w64, reference.linear_int4(x, q, s, z, group))
+
+
+def test_any_rank_strided_and_empty(device, cpu_isa):
+    q8, s8 = _int8(40, 256, device)
+    q4, s4, z4 = _int4(40, 256, device)
+    base = torch.randn(3, 2, 300, device=device)
+    x = base[:, 1, 7:263]                                  # strided rows with an offset
+    torch.testing.assert_close(ops.linear_int8(x, q8, s8), reference.linear_int8(x, q8, s8), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.linear_int4(x, q4, s4, z4), reference.linear_int4(x, q4, s4, z4),
+                               rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, 3, 256, device=device)
+    assert ops.linear_int8(x3, q8, s8).shape == (2, 3, 40)
+    assert ops.linear_int4(x3, q4, s4, z4).shape == (2, 3, 40)
+    assert ops.linear_int8(torch.randn(0, 256, device=device), q8, s8).shape == (0, 40)
+    qpad = torch.randint(-127, 128, (40, 300), dtype=torch.int8, device=device)[:, :256]  # padded weight rows
+    torch.testing.assert_close(ops.linear_int8(x, qpad, s8), reference.linear_int8(x, qpad, s8),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gradient_in_x(fmt, device):
+    x = torch.randn(3, 256, device=device, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    if fmt == "int8":
+        q, s = _int8(24, 256, device)
+        y, yr = ops.linear_int8(x, q, s), reference.linear_int8(xr, q, s)
+    else:
+        q, s, z = _int4(24, 256, device)
+        y, yr = ops.linear_int4(x, q, s, z), reference.linear_int4(xr, q, s, z)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr.backward(dy)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    q8, s8 = _int8(12, 128, "cpu")
+    q4, s4, z4 = _int4(12, 128, "cpu")
+    quick = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for m in (1, 20):                        # the streaming kernel and the tiled prefill path
+        x = torch.randn(m, 128, dtype=torch.bfloat16)
+        torch.library.opcheck(torch.ops.exaone_ext.linear_int8, (x, q8, s8), test_utils=quick)
+        torch.library.opcheck(torch.ops.exaone_ext.linear_int4, (x, q4, s4, z4, 128), test_utils=quick)
+
+
+@pytest.mark.slow
+def test_opcheck_all_utils():
+    q4, s4, z4 = _int4(12, 128, "cpu")
+    x = torch.randn(2, 128, requires_grad=True)
+    torch.library.opcheck(torch.ops.exaone_ext.linear_int4, (x, q4, s4, z4, 128))   # all checks, with autograd
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(2, 256)
+    q8, s8 = _int8(12, 256, "cpu")
+    q4, s4, z4 = _int4(12, 256, "cpu")
+    with pytest.raises(TypeError, match=r"linear_int8: 'qweight' must be int8, got Float"):
+        ops.linear_int8(x, q8.float(), s8)
+    with pytest.raises(ValueError, match=r"linear_int8: the last dimension of 'x'.*in_features of 'qweight'"):
+        ops.linear_int8(torch.randn(2, 255), q8, s8)
+    with pytest.raises(ValueError, match=r"linear_int8: 'scales' must have shape \[out_features\]"):
+        ops.linear_int8(x, q8, s8[:5])
+    with pytest.raises(TypeError, match=r"linear_int8: 'scales' must be float32 or x's dtype"):
+        ops.linear_int8(x, q8, s8.half())
+    with pytest.raises(TypeError, match=r"linear_int8: 'x' must be float32, bfloat16 or float16"):
+        ops.linear_int8(x.double(), q8, s8)
+    with pytest.raises(TypeError, match=r"linear_int8: 'scales' must be a torch.Tensor"):
+        ops.linear_int8(x, q8, [1.0])
+    with pytest.raises(TypeError, match=r"linear_int4: 'qweight' must be uint8"):
+        ops.linear_int4(x, q4.to(torch.int8), s4, z4)
+    with pytest.raises(TypeError, match=r"linear_int4: 'zeros' must be uint8"):
+        ops.linear_int4(x, q4, s4, z4.float())
+    with pytest.raises(ValueError, match=r"linear_int4: in_features \(the last dimension of 'x', 200\) must be "
+                                         r"a multiple of group_size \(128\)"):
+        ops.linear_int4(torch.randn(2, 200), torch.zeros(12, 100, dtype=torch.uint8), s4, z4)
+    with pytest.raises(ValueError, match=r"linear_int4: 'group_size' must be a positive multiple of 32, got 100"):
+        ops.linear_int4(x, q4, s4, z4, 100)
+    with pytest.raises(ValueError, match=r"linear_int4: 'qweight' must have in_features / 2 = 128 columns"):
+        ops.linear_int4(x, q4[:, :64], s4, z4)
+    with pytest.raises(ValueError, match=r"linear_int4: 'scales' must have shape \[out_features, in_features / "
+                                         r"group_size\] = \[12, 4\]"):
+        ops.linear_int4(x, q4, s4, z4, 64)
+    with pytest.raises(TypeError, match=r"linear_int4: 'group_size' must be an int"):
+        ops.linear_int4(x, q4, s4, z4, 128.0)
+
+
+def test_quantizers_round_to_nearest():
+    w = torch.randn(33, 256)
+    q, s = reference.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (33,)
+    err = (reference.dequantize_int8(q, s) - w).abs()
+    assert (err <= s[:, None] / 2 + 1e-7).all()
+    assert (q.abs().amax(dim=1) == 127).all()
+    q4, s4, z4 = reference.quantize_int4(w, 64)
+    assert q4.shape == (33, 128) and s4.shape == (33, 4) and z4.dtype == torch.uint8
+    deq = reference.dequantize_int4(q4, s4, z4, 64)
+    groups = w.reshape(33, 4, 64)
+    bound = (s4[..., None] / 2 + (groups.amin(-1, keepdim=True) - (-z4.float() * s4)[..., None]).abs())
+    assert ((deq.reshape(33, 4, 64) - groups).abs() <= bound + 1e-6).all()
+    vals = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    assert torch.equal(reference.unpack_int4(reference.pack_int4(vals)), vals)
+    packed = reference.pack_int4(vals)        # byte j of a 32-block: element j low, element 16 + j high
+    assert int(packed[0, 3]) == int(vals[0, 3]) | (int(vals[0, 19]) << 4)
+    assert int(packed[1, 16 + 2]) == int(vals[1, 32 + 2]) | (int(vals[1, 48 + 2]) << 4)
+
+
+def _awq_pack(values):
+    """uint8 [rows, cols] of 4-bit values -> int32 [rows, cols / 8], written from the format's
+    description: nibble j of word c holds column 8c + (0, 2, 4, 6, 1, 3, 5, 7)[j]."""
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    rows, cols = values.shape
+    out = torch.zeros(rows, cols // 8, dtype=torch.int64)
+    for c in range(cols // 8):
+        for j in range(8):
+            out[:, c] |= values[:, 8 * c + order[j]].long() << (4 * j)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)   # the 32 bits as a signed word
+
+
+def _awq_unpack_by_loops(words):
+    """int32 [rows, cols / 8] -> [[value]] by plain loops over words and nibbles."""
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    rows, n = words.shape
+    out = [[0] * (8 * n) for _ in range(rows)]
+    for r in range(rows):
+        for c in range(n):
+            word = int(words[r, c]) & 0xFFFFFFFF
+            for j in range(8):
+                out[r][8 * c + order[j]] = (word >> (4 * j)) & 15
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_awq_conversion_matches_the_format():
+    n_in, n_out, group = 256, 24, 128
+    qv = torch.randint(0, 16, (n_in, n_out), dtype=torch.uint8)        # AWQ: transposed, [in, out]
+    zv = torch.randint(0, 16, (n_in // group, n_out), dtype=torch.uint8)
+    scales = (torch.rand(n_in // group, n_out) / 10 + 0.01).half()
+    qweight, qzeros = _awq_pack(qv), _awq_pack(zv)
+    assert qweight.dtype == torch.int32 and (qweight < 0).any()        # top nibbles set the sign bit
+    # independent dequantisation from the description
+    q_loop, z_loop = _awq_unpack_by_loops(qweight), _awq_unpack_by_loops(qzeros)
+    assert torch.equal(q_loop, qv.double())
+    g = torch.arange(n_in) // group
+    w_ref = ((q_loop - z_loop[g]) * scales.double()[g]).t()             # [out, in]
+    q, s, z = awq_to_int4(qweight, qzeros, scales, group)
+    assert q.shape == (n_out, n_in // 2) and s.shape == (n_out, n_in // group) and z.shape == s.shape
+    torch.testing.assert_close(reference.dequantize_int4(q, s.double(), z, group, torch.float64), w_ref,
+                               rtol=0, atol=0)
+    x = torch.randn(3, n_in)
+    torch.testing.assert_close(ops.linear_int4(x, q, s, z, group), F.linear(x.double(), w_ref).float(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scales must be"):
+        awq_to_int4(qweight, qzeros, scales[:1], group)
