@@ -135,7 +135,10 @@ class Scheduler:
             self.metrics.admitted(stream.prompt_tokens)
             stream.put(ACCEPTED)
         elif stream.request is not None and self._streams.pop(stream.request.id, None) is not None:
-            self.engine.cancel(stream.request)
+            try:
+                self.engine.cancel(stream.request)
+            except (ValueError, TypeError):  # already gone from the engine: nothing to free
+                log.exception("cancel refused")
             self._release(stream)
 
     def _fail_all(self, error: BaseException) -> None:
@@ -172,11 +175,12 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 (answer the clients, keep serving)
                     self._fail_all(e)
                     continue
-                advanced, tokens = set(), 0
+                # rows decoded in this step: those still running plus those that stopped in it
+                batch, tokens = engine.num_active, 0
                 for event in events:
                     tokens += len(event.token_ids)
-                    if event.token_ids:
-                        advanced.add(event.request.id)
+                    if event.finished and event.request.stop_reason != "cancelled":
+                        batch += 1
                     stream = self._streams.get(event.request.id)
                     if stream is None:  # cancelled: the client is gone
                         continue
@@ -185,7 +189,7 @@ class Scheduler:
                         stream.finished = True
                         self._release(stream)
                     stream.put(event)
-                self.metrics.step(len(advanced), tokens, engine.num_active, engine.num_waiting)
+                self.metrics.step(batch, tokens, engine.num_active, engine.num_waiting)
         except BaseException as e:  # noqa: BLE001 (recorded for /health; requests answered below)
             self.error = e
             log.exception("engine thread died")
