@@ -4,6 +4,7 @@
     exaone-ext chat --model DIR [--system "You are ..."]           (/reset, /exit; works with piped input)
     exaone-ext convert --from exaone --to llama SRC DST
     exaone-ext info DIR [--json] [--tensors]
+    exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY]
 
 Each subcommand is a thin layer over exaone_ext.model, exaone_ext.tokenizer and
 exaone_ext.generation. A user error prints one line on stderr and exits with status 1
@@ -105,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("objective", choices=["pretrain", "sft", "dpo", "simpo"])
     p.add_argument("--config", required=True, metavar="FILE", help="the recipe (TOML)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve the model over HTTP: /v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health, /metrics (needs the 'serve' extra: fastapi, uvicorn).")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="weight dtype (default auto: as stored on CPU, bfloat16 on GPU)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N", help="sequences decoded together (default 8)")
+    p.add_argument("--max-waiting", type=int, default=None, metavar="N",
+                   help="requests queued beyond the batch before 503 (default 4 x --max-batch)")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="KV-cache length per row (default: the model's context)")
+    p.add_argument("--api-key", default=os.environ.get("EXAONE_EXT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $EXAONE_EXT_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: DIR's name)")
     return parser
 
 
@@ -347,7 +366,32 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info, "train": cmd_train}
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as e:
+        raise UserError(f"serve: needs the 'serve' extra ({e.name} is missing): pip install 'exaone-ext[serve]'") from None
+    for flag, value in (("--max-batch", args.max_batch), ("--port", args.port)):
+        if value < 1:
+            raise UserError(f"{flag}: expected a positive integer, got {value}")
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise UserError(f"--max-waiting: expected an integer >= 0, got {args.max_waiting}")
+    if not os.path.isdir(args.model):
+        raise UserError(f"--model: {args.model!r} is not a directory")
+    device = _resolve_device(args.device)
+    app = create_app(args.model, model_name=args.served_model_name, api_key=args.api_key or None,
+                     max_batch=args.max_batch, max_waiting=args.max_waiting, device=device,
+                     dtype=_resolve_dtype(args.dtype, device), max_seq_len=args.max_seq_len)
+    print(f"serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1 "
+          f"({args.max_batch} rows{', API key required' if args.api_key else ''})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info,
+            "train": cmd_train, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

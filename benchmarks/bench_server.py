@@ -1,0 +1,192 @@
+"""Throughput and time to first token of `exaone-ext serve` at 1, 8 and 32 concurrent clients.
+
+    python benchmarks/bench_server.py --layers 4 --levels 1,8,32 --max-tokens 32
+
+The model has EXAONE 3.5 2.4B's shape (hidden 2560, 32 heads / 8 kv heads, MLP 7168, vocabulary
+102400) with random weights; --layers cuts the depth (30 in the real model) so that a run fits a
+small CPU. The tokenizer is a word-level one covering the whole vocabulary, so that every
+generated id has text and arrives as its own SSE chunk. The server is uvicorn on 127.0.0.1 in a
+thread of this process; the clients are httpx streams in the same process.
+
+At each level N clients each send --requests streaming completions back to back (a prompt of
+--prompt-tokens random ids, --max-tokens generated, ignore_eos). Client i starts i/N of one
+request's duration after the first, so that arrivals are spread out as they are in steady
+serving rather than all landing in the same step. Reported: generated tokens/s over the level's
+wall time, and the median / 90th-percentile time to first token (request sent -> first token
+received). Targets: tokens/s at 8 clients >= 4x that at 1; median TTFT at 8 <= 2x that at 1.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+
+
+def build_model(layers: int, dtype, device):
+    import torch
+
+    from exaone_ext import ExaoneConfig, ExaoneForCausalLM
+
+    # eos at 3, where the benchmark's tokenizer puts [|endofturn|]
+    config = ExaoneConfig.preset("2.4b", num_layers=layers, bos_token_id=1, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = ExaoneForCausalLM(config)
+    model = model.to(dtype).to_empty(device=device)  # storage allocated once, in the final dtype
+    if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie the head again
+        model.lm_head.weight = model.transformer.wte.weight
+    model.reset_parameters(0.02)
+    if device.type == "cpu":
+        model.hugepage_weights()  # as from_pretrained does for CPU models
+    model.init_rope(device)
+    return model.eval()
+
+
+def build_tokenizer(vocab_size: int):
+    """Word-level: id i is the word "w<i>", the specials at 0-3; decodes as words joined by spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from exaone_ext import ExaoneTokenizer
+
+    specials = ["[PAD]", "[BOS]", "[UNK]", "[|endofturn|]"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(specials)
+    return ExaoneTokenizer(tok)
+
+
+class ServerThread:
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+async def one_request(http, prompt, max_tokens) -> tuple[float, int]:
+    """(time to first token, tokens generated) of one streamed completion."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"status {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return ttft, tokens
+
+
+async def level(url, clients, requests, prompt_tokens, max_tokens, request_s, rng):
+    import httpx
+
+    ttfts, total = [], 0
+
+    async def client(i):
+        nonlocal total
+        await asyncio.sleep(i * request_s / clients)
+        for _ in range(requests):
+            prompt = [rng.randrange(4, 1000) for _ in range(prompt_tokens)]
+            ttft, n = await one_request(http, prompt, max_tokens)
+            ttfts.append(ttft)
+            total += n
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        wall = time.perf_counter() - start
+    ttfts.sort()
+    return {"clients": clients, "requests": clients * requests, "tokens": total, "seconds": wall,
+            "tokens_per_s": total / wall, "ttft_median_s": statistics.median(ttfts),
+            "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=30, help="decoder layers (2.4B has 30)")
+    p.add_argument("--levels", default="1,8,32", help="concurrent clients, comma-separated")
+    p.add_argument("--requests", type=int, default=3, help="requests per client at each level")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=None, help="engine rows (default: the largest level)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from exaone_ext.generation.engine import Engine
+    from exaone_ext.serve import create_app
+
+    levels = [int(x) for x in args.levels.split(",")]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    model = build_model(args.layers, getattr(torch, args.dtype), device)
+    tokenizer = build_tokenizer(model.config.vocab_size)
+    max_batch = args.max_batch or max(levels)
+    max_seq = args.prompt_tokens + args.max_tokens + 8
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq)
+    server = ServerThread(create_app(engine, model_name="bench", max_waiting=4 * max(levels)))
+    print(f"2.4B shape, {args.layers} of 30 layers, {args.dtype} on {device}, {torch.get_num_threads()} threads, "
+          f"max_batch {max_batch}; prompt {args.prompt_tokens} tokens, {args.max_tokens} generated per request "
+          f"(set-up {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    rng = random.Random(0)
+    try:
+        # warm-up, and the length of one request alone (spaces the clients' starts)
+        start = time.perf_counter()
+        asyncio.run(level(server.url, 1, 1, args.prompt_tokens, args.max_tokens, 0.0, rng))
+        request_s = time.perf_counter() - start
+        results = [asyncio.run(level(server.url, n, args.requests, args.prompt_tokens, args.max_tokens,
+                                     request_s, rng)) for n in levels]
+    finally:
+        server.stop()
+    base = results[0]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'x1':>6} "
+          f"{'TTFT med':>9} {'TTFT p90':>9} {'TTFT x1':>8}")
+    for r in results:
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.2f} "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:>6.2f} {r['ttft_median_s'] * 1e3:>7.0f}ms "
+              f"{r['ttft_p90_s'] * 1e3:>7.0f}ms {r['ttft_median_s'] / base['ttft_median_s']:>8.2f}")
+    by = {r["clients"]: r for r in results}
+    if 1 in by and 8 in by:
+        tput = by[8]["tokens_per_s"] / by[1]["tokens_per_s"]
+        ttft = by[8]["ttft_median_s"] / by[1]["ttft_median_s"]
+        print(f"8 clients: {tput:.2f}x the tokens/s of one (target >= 4x: {'met' if tput >= 4 else 'NOT met'}); "
+              f"median TTFT {ttft:.2f}x (target <= 2x: {'met' if ttft <= 2 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
