@@ -85,14 +85,14 @@ def _planted_generate(calls):
 
 def test_grid_end_to_end_with_tiny_model(tiny, tmp_path):
     _, model, tok = tiny
-    config = NiahConfig(lengths=[384, 768], depths=[0, 100], languages=["en", "ko"], max_new_tokens=8,
+    config = NiahConfig(lengths=[320, 384], depths=[0, 100], languages=["en", "ko"], max_new_tokens=4,
                         prefill_chunk_size=160)  # several chunks per prompt
     cells = run_niah(model, tok, config, tmp_path, model_name="tiny")
     assert len(cells) == 8
     assert {(c["language"], c["length"], c["depth"]) for c in cells} == {
-        (lang, n, d) for lang in ("en", "ko") for n in (384, 768) for d in (0, 100)}
+        (lang, n, d) for lang in ("en", "ko") for n in (320, 384) for d in (0, 100)}
     for c in cells:
-        assert c["prompt_tokens"] + 8 == c["length"]
+        assert c["prompt_tokens"] + 4 == c["length"]
         assert c["correct"] == score_answer(c["answer"], c["key"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["cells"] == cells
@@ -139,11 +139,11 @@ def test_bad_config(tiny):
 
 def test_cli_niah(tiny, tmp_path, capsys):
     path, _, _ = tiny
-    rc = cli_main(["niah", "--model", str(path), "--out", str(tmp_path), "--lengths", "384,768",
+    rc = cli_main(["niah", "--model", str(path), "--out", str(tmp_path), "--lengths", "320,384",
                    "--depths", "0,100", "--languages", "ko", "--max-new-tokens", "4", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["lang", "384", "768", "all"]
+    assert out.splitlines()[0].split() == ["lang", "320", "384", "all"]
     assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 4
     assert cli_main(["niah", "--model", str(path), "--out", str(tmp_path), "--lengths", "1k,x"]) == 1
     assert "--lengths" in capsys.readouterr().err
