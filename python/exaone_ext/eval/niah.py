@@ -235,9 +235,10 @@ def draw_heatmap(cells: list[dict], path: str, title: str = "") -> None:
     languages = sorted({c["language"] for c in cells}, key=lambda x: LANGUAGES.index(x))
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
-    fig, axes = plt.subplots(1, len(languages), figsize=(1.2 + 0.9 * len(lengths) * len(languages) + 1,
-                                                         1.5 + 0.38 * len(depths)), squeeze=False)
-    for ax, lang in zip(axes[0], languages):
+    fig, axes = plt.subplots(1, len(languages), figsize=(2.0 + (1.0 + 0.6 * len(lengths)) * len(languages),
+                                                         1.8 + 0.32 * len(depths)),
+                             squeeze=False, constrained_layout=True)
+    for k, (ax, lang) in enumerate(zip(axes[0], languages)):
         grid = [[float("nan")] * len(lengths) for _ in depths]
         for c in cells:
             if c["language"] == lang:
@@ -246,7 +247,8 @@ def draw_heatmap(cells: list[dict], path: str, title: str = "") -> None:
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
+        if k == 0:
+            ax.set_ylabel("needle depth")
         ax.set_title({"en": "English", "ko": "Korean"}[lang])
     fig.colorbar(im, ax=axes[0].tolist(), label="retrieved")
     if title:
