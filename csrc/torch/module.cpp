@@ -18,6 +18,7 @@
 
 #include "cpu/isa.h"
 #include "torch/linear.h"
+#include "torch/text_module.h"
 
 namespace py = pybind11;
 
@@ -155,5 +156,6 @@ PYBIND11_MODULE(_C, m) {
         "avx512; returns the previous setting.");
   m.def("_advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"),
         "Advise transparent huge pages for the whole 2 MiB pages of a CPU buffer not yet touched; returns the bytes advised.");
+  exaone_ext::register_text_bindings(m);
   m.def("get_cpu_isa", []() { return std::string(exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa())); });
 }

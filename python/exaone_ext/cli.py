@@ -5,6 +5,8 @@
     exaone-ext convert --from exaone --to llama SRC DST
     exaone-ext info DIR [--json] [--tensors]
     exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY]
+    exaone-ext decontaminate --train FILE... --test FILE... --test-fields question,answer --out DIR
+    exaone-ext niah --model DIR --out DIR [--lengths 1024,4096] [--depths 0,50,100] [--languages en,ko]
 
 Each subcommand is a thin layer over exaone_ext.model, exaone_ext.tokenizer and
 exaone_ext.generation. A user error prints one line on stderr and exits with status 1
@@ -124,6 +126,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("EXAONE_EXT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $EXAONE_EXT_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: DIR's name)")
+    p = sub.add_parser("decontaminate", help="remove training examples that overlap benchmark test sets",
+                       description="Substring-overlap decontamination: windows of WINDOW alphanumeric characters "
+                                   "(lower-cased, Unicode-aware) of the test examples form a pool; a training "
+                                   "example with a window in it is removed. Writes the clean training files, "
+                                   "removed.jsonl and report.json into --out.")
+    p.add_argument("--train", nargs="+", required=True, metavar="FILE",
+                   help="training files: JSONL (.jsonl/.json/.ndjson) or text")
+    p.add_argument("--train-field", default="text", help="JSONL field holding a training example (default text)")
+    p.add_argument("--train-format", default="auto", choices=["auto", "jsonl", "text"])
+    p.add_argument("--text-unit", default="line", choices=["line", "paragraph"],
+                   help="text files: one example per line (default) or per blank-line separated paragraph")
+    p.add_argument("--test", nargs="+", required=True, metavar="FILE",
+                   help="benchmark test sets, JSONL; NAME=FILE names the benchmark (default: the file stem)")
+    p.add_argument("--test-fields", default="text", metavar="A,B",
+                   help="comma-separated JSONL fields whose text counts, joined per example (default text)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--mode", default="sampled", choices=["sampled", "exhaustive"],
+                   help="check SAMPLES windows per example (default) or every window")
+    p.add_argument("--window", type=int, default=50, help="window length in normalised characters (default 50)")
+    p.add_argument("--samples", type=int, default=10, help="windows per training example in sampled mode (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="default: the CPUs this process may use")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None)
+    bar.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = sub.add_parser("niah", help="needle-in-a-haystack long-context evaluation",
+                       description="Plants a 7-digit code at each depth of haystacks of each context length "
+                                   "(English and Korean filler), asks for it through the chat format and scores "
+                                   "exact matches. Results are saved after every cell (results.csv/json in --out; "
+                                   "a rerun resumes), and drawn to heatmap.png.")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (results, heat map)")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", metavar="N,N",
+                   help="context lengths in tokens: prompt + answer budget (default 1K..32K; 4K or 4k allowed)")
+    p.add_argument("--depths", default="0,10,20,30,40,50,60,70,80,90,100", metavar="P,P",
+                   help="needle depths in percent of the haystack")
+    p.add_argument("--languages", default="en,ko", help="en, ko or both (default en,ko)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer budget (default 32)")
+    p.add_argument("--prefill-chunk-size", type=int, default=2048, help="prefill this many tokens at a time")
+    p.add_argument("--seed", type=int, default=0, help="filler text and needles")
     return parser
 
 
@@ -387,11 +429,60 @@ def cmd_serve(args) -> int:
     print(f"serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"({args.max_batch} rows{', API key required' if args.api_key else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+def _csv_list(text: str, flag: str, convert):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserError(f"{flag}: expected a comma-separated list, got {text!r}")
+    try:
+        return [convert(t) for t in items]
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not a comma-separated list of {convert.__name__} values") from None
+
+
+def cmd_decontaminate(args) -> int:
+    from .data.decontaminate import decontaminate, format_report
+
+    tests = {}
+    for item in args.test:
+        name, _, path = item.rpartition("=") if "=" in item and not os.path.exists(item) else ("", "", item)
+        name = name or os.path.splitext(os.path.basename(path))[0]
+        if name in tests:
+            raise UserError(f"--test: two test sets named {name!r} (use NAME=FILE)")
+        tests[name] = path
+    report = decontaminate(args.train, tests, args.out, test_fields=_csv_list(args.test_fields, "--test-fields", str),
+                           train_field=args.train_field, train_format=args.train_format, text_unit=args.text_unit,
+                           window=args.window, samples=args.samples, mode=args.mode, threads=args.threads,
+                           progress=_progress_enabled(args.progress))
+    print(format_report(report))
+    print(f"wrote {args.out}/ (clean files, removed.jsonl, report.json)", file=sys.stderr)
+    return 0
+
+
+def _tokens(text: str) -> int:
+    t = text.lower()
+    return int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+
+
+_tokens.__name__ = "token count"
+
+
+def cmd_niah(args) -> int:
+    from .eval.niah import NiahConfig, run_niah, summary_table
+
+    config = NiahConfig(lengths=_csv_list(args.lengths, "--lengths", _tokens),
+                        depths=_csv_list(args.depths, "--depths", float),
+                        languages=_csv_list(args.languages, "--languages", str), max_new_tokens=args.max_new_tokens,
+                        prefill_chunk_size=args.prefill_chunk_size, seed=args.seed)
+    model, tokenizer, _ = load(args)
+    cells = run_niah(model, tokenizer, config, args.out, progress=_progress_enabled(args.progress),
+                     model_name=os.path.basename(os.path.normpath(args.model)))
+    print(summary_table(cells))
+    print(f"wrote {args.out}/results.csv, results.json, heatmap.png", file=sys.stderr)
     return 0
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info,
-            "train": cmd_train, "serve": cmd_serve}
+            "train": cmd_train, "serve": cmd_serve, "decontaminate": cmd_decontaminate, "niah": cmd_niah}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,11 @@
+"""Evaluation tools: needle-in-a-haystack long-context retrieval.
+
+    from exaone_ext.eval import run_niah, build_haystack, filler_sentences
+"""
+from __future__ import annotations
+
+from .filler import filler_sentences
+from .niah import Haystack, NiahConfig, build_haystack, make_needle, run_niah, score_answer
+
+__all__ = ["filler_sentences", "Haystack", "NiahConfig", "build_haystack", "make_needle", "run_niah",
+           "score_answer"]

@@ -1,0 +1,149 @@
+"""Needle in a haystack with the tiny checkpoint: the haystack has the requested token length and
+the needle sits at the requested depth on a sentence boundary, scoring is right on planted answers,
+a small grid runs end to end (results, heat map, CLI) and an interrupted grid resumes without
+redoing finished cells."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exaone_ext.cli import main as cli_main
+from exaone_ext.eval import NiahConfig, build_haystack, filler_sentences, run_niah, score_answer
+from exaone_ext.eval import niah as niah_module
+from exaone_ext.generation import GenerationResult, GenerationStats
+from exaone_ext.model import ExaoneForCausalLM
+from exaone_ext.testing import write_tiny_checkpoint
+from exaone_ext.tokenizer import ExaoneTokenizer
+
+CONTEXT = 1024
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("niah") / "tiny", max_position_embeddings=CONTEXT)
+    return path, ExaoneForCausalLM.from_pretrained(path), ExaoneTokenizer.from_pretrained(path)
+
+
+def test_filler_is_varied_reproducible_and_digit_free():
+    for lang in ("en", "ko"):
+        a = [s for _, s in zip(range(300), filler_sentences(lang, seed=1))]
+        assert a == [s for _, s in zip(range(300), filler_sentences(lang, seed=1))]
+        assert a != [s for _, s in zip(range(300), filler_sentences(lang, seed=2))]
+        assert len(set(a)) > 250 and not any(ch.isdigit() for s in a for ch in s)
+        assert all(s.endswith(".") for s in a)
+    ko = next(filler_sentences("ko", 0))
+    assert any("\uac00" <= c <= "\ud7a3" for c in ko)
+    with pytest.raises(ValueError, match="language"):
+        next(filler_sentences("fr"))
+
+
+@pytest.mark.parametrize("lang", ["en", "ko"])
+@pytest.mark.parametrize("length", [300, 517, 1024])
+def test_haystack_length_and_depth(tiny, lang, length):
+    _, _, tok = tiny
+    longest = max(len(tok.encode(" " + s)) for _, s in zip(range(400), filler_sentences(lang, 0)))
+    for depth in (0, 10, 33.3, 50, 90, 100):
+        hay = build_haystack(tok, lang, length, depth, seed=0, max_new_tokens=24)
+        assert len(hay.prompt_ids) + 24 == length
+        text = tok.decode(hay.prompt_ids)
+        needle = tok.decode(hay.prompt_ids[hay.needle_start:hay.needle_end])
+        assert hay.key in needle and text.count(hay.key) == 1
+        # on a sentence boundary: the filler before the needle ends a sentence
+        before = tok.decode(hay.prompt_ids[hay.start:hay.needle_start])
+        assert hay.needle_start == hay.start or before.rstrip().endswith(".")
+        # at the requested depth: the nearest sentence boundary, so within one filler sentence
+        filler = hay.haystack_tokens - (hay.needle_end - hay.needle_start)
+        assert abs(hay.depth - depth) * filler / 100 <= longest, (depth, hay.depth, longest)
+    assert build_haystack(tok, lang, length, 0).needle_start == build_haystack(tok, lang, length, 0).start
+
+
+def test_haystack_too_short_is_refused(tiny):
+    _, _, tok = tiny
+    with pytest.raises(ValueError, match="no room for filler"):
+        build_haystack(tok, "en", 40, 50)
+
+
+def test_scoring_on_planted_answers():
+    assert score_answer("The code is 4831207.", "4831207")
+    assert score_answer("4,831,207", "4831207") and score_answer("비밀 번호는 4 831 207입니다", "4831207")
+    assert not score_answer("48312070", "4831207") and not score_answer("14831207", "4831207")
+    assert not score_answer("4831208", "4831207") and not score_answer("", "4831207")
+    assert not score_answer("I do not know.", "4831207")
+
+
+def _planted_generate(calls):
+    """Stands in for the model: answers with the code found in the prompt (checks the plumbing)."""
+    def fake(model, tokenizer, prompt_ids, config, prefill_chunk_size=None):
+        calls.append(len(prompt_ids))
+        text = tokenizer.decode(prompt_ids)
+        code = next(w for w in text.replace(".", " ").replace("입니다", " ").split() if w.isdigit() and len(w) == 7)
+        return GenerationResult(tokens=[], text=f"The code is {code}.", stop_reason="stop_token",
+                                prompt_tokens=len(prompt_ids), stats=GenerationStats())
+    return fake
+
+
+def test_grid_end_to_end_with_tiny_model(tiny, tmp_path):
+    _, model, tok = tiny
+    config = NiahConfig(lengths=[320, 384], depths=[0, 100], languages=["en", "ko"], max_new_tokens=4,
+                        prefill_chunk_size=160)  # several chunks per prompt
+    cells = run_niah(model, tok, config, tmp_path, model_name="tiny")
+    assert len(cells) == 8
+    assert {(c["language"], c["length"], c["depth"]) for c in cells} == {
+        (lang, n, d) for lang in ("en", "ko") for n in (320, 384) for d in (0, 100)}
+    for c in cells:
+        assert c["prompt_tokens"] + 4 == c["length"]
+        assert c["correct"] == score_answer(c["answer"], c["key"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["cells"] == cells
+    assert (tmp_path / "results.csv").read_text().count("\n") == 9
+    assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_planted_answers_score_full_and_resume(tiny, tmp_path, monkeypatch):
+    _, model, tok = tiny
+    calls = []
+    fake = _planted_generate(calls)
+    monkeypatch.setattr(niah_module, "generate", fake)
+    config = NiahConfig(lengths=[400, 800], depths=[0, 25, 75, 100], languages=["en", "ko"], max_new_tokens=8)
+
+    def interrupt_after_five(*args, **kwargs):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(niah_module, "generate", interrupt_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_niah(model, tok, config, tmp_path)
+    assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 5
+    monkeypatch.setattr(niah_module, "generate", fake)
+    cells = run_niah(model, tok, config, tmp_path)
+    assert len(calls) == 16 and len(cells) == 16  # 5 before the interruption + the 11 left, none twice
+    assert all(c["correct"] for c in cells)
+    run_niah(model, tok, config, tmp_path)
+    assert len(calls) == 16  # everything done: nothing runs
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        run_niah(model, tok, NiahConfig(lengths=[400, 800], depths=[0, 25, 75, 100], max_new_tokens=8, seed=1),
+                 tmp_path)
+
+
+def test_bad_config(tiny):
+    _, model, tok = tiny
+    with pytest.raises(ValueError, match="depths"):
+        NiahConfig(depths=[120])
+    with pytest.raises(ValueError, match="languages"):
+        NiahConfig(languages=["fr"])
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        run_niah(model, tok, NiahConfig(lengths=[4096]), "unused")
+
+
+def test_cli_niah(tiny, tmp_path, capsys):
+    path, _, _ = tiny
+    rc = cli_main(["niah", "--model", str(path), "--out", str(tmp_path), "--lengths", "320,384",
+                   "--depths", "0,100", "--languages", "ko", "--max-new-tokens", "4", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["lang", "320", "384", "all"]
+    assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 4
+    assert cli_main(["niah", "--model", str(path), "--out", str(tmp_path), "--lengths", "1k,x"]) == 1
+    assert "--lengths" in capsys.readouterr().err
