@@ -154,3 +154,20 @@ def test_awq_checkpoint_loads_and_matches(tiny, tmp_path):
             model.get_parameter(name).copy_(w)
     ids = _ids(tiny)
     torch.testing.assert_close(loaded(ids), model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_quantize_and_quant_flag(tiny, tmp_path, capsys):
+    from exaone_ext.cli import main
+    dst = tmp_path / "q4"
+    assert main(["quantize", str(tiny), str(dst), "--bits", "4", "--no-progress"]) == 0
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert (dst / "tokenizer.json").exists()
+    assert main(["quantize", str(tiny), str(dst), "--bits", "8"]) == 1            # DST exists: refused
+    assert "already exists" in capsys.readouterr().err
+    args = ["--prompt", "hello", "--raw", "--max-new-tokens", "4", "--no-progress"]
+    assert main(["generate", "--model", str(dst)] + args) == 0
+    from_file = capsys.readouterr().out
+    assert main(["generate", "--model", str(tiny), "--quant", "int4"] + args) == 0
+    assert capsys.readouterr().out == from_file    # quantized on load == quantized checkpoint
+    assert main(["generate", "--model", str(dst), "--quant", "int8"] + args) == 1
+    assert "already quantized" in capsys.readouterr().err
