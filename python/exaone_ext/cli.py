@@ -41,6 +41,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                      help="show a loading progress bar (default: when stderr is a terminal)")
     bar.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--stats", action="store_true", help="print prefill / decode tokens per second on stderr")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src_naming", required=True, choices=["exaone", "llama"])
     p.add_argument("--to", dest="dst_naming", required=True, choices=["exaone", "llama"])
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 2GiB, 500MB (default 5GB)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None)
+    bar.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+
+    p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (int8 or int4 weights)",
+                       description="Quantize every block projection of a checkpoint (round to nearest: int8 per "
+                                   "output channel, or int4 in groups with zero points) and save it with its "
+                                   "tokenizer; load it like any checkpoint.")
+    p.add_argument("--bits", type=int, required=True, choices=[8, 4])
+    p.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale and zero point (default 128)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None)
     bar.add_argument("--no-progress", dest="progress", action="store_false")
@@ -219,6 +233,11 @@ def load(args):
     if args.stats:
         print(f"[loaded {model.num_parameters:,} parameters ({next(model.parameters()).dtype}) on {device} in "
               f"{time.perf_counter() - start:.2f}s]", file=sys.stderr)
+    if getattr(args, "quant", None):
+        try:
+            model.quantize(args.quant)
+        except ValueError as e:
+            raise UserError(f"--quant: {e}") from None
     base = GenerationConfig.from_pretrained(path, defaults={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS})
     return model, tokenizer, base
 
@@ -358,6 +377,36 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import shutil
+
+    from .model import ExaoneForCausalLM
+    from .model.checkpoint import _is_checkpoint_file
+
+    if not os.path.isdir(args.src):
+        raise UserError(f"quantize: SRC {args.src!r} is not a directory")
+    if os.path.abspath(args.src) == os.path.abspath(args.dst):
+        raise UserError("quantize: SRC and DST must be different directories")
+    if os.path.exists(args.dst):
+        raise UserError(f"quantize: {args.dst!r} already exists (remove it or choose another DST)")
+    model = ExaoneForCausalLM.from_pretrained(args.src, progress=_progress_enabled(args.progress))
+    try:
+        model.quantize("int8" if args.bits == 8 else "int4", group_size=args.group_size)
+    except ValueError as e:
+        raise UserError(f"quantize: {e}") from None
+    # written beside DST with the tokenizer and other files, then renamed: DST appears whole or not at all
+    tmp = os.path.join(os.path.dirname(os.path.abspath(args.dst)), f".{os.path.basename(args.dst)}.quantize-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, progress=_progress_enabled(args.progress))
+    for name in os.listdir(args.src):
+        src = os.path.join(args.src, name)
+        if os.path.isfile(src) and not _is_checkpoint_file(name) and not os.path.exists(os.path.join(tmp, name)):
+            shutil.copy2(src, os.path.join(tmp, name))
+    os.rename(tmp, args.dst)
+    print(f"wrote {args.dst} (int{args.bits})", file=sys.stderr)
+    return 0
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -429,6 +478,9 @@ def cmd_serve(args) -> int:
     print(f"serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"({args.max_batch} rows{', API key required' if args.api_key else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _csv_list(text: str, flag: str, convert):
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -482,7 +534,8 @@ def cmd_niah(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info,
-            "train": cmd_train, "serve": cmd_serve, "decontaminate": cmd_decontaminate, "niah": cmd_niah}
+            "train": cmd_train, "serve": cmd_serve, "decontaminate": cmd_decontaminate, "niah": cmd_niah,
+            "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

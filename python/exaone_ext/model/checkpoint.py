@@ -64,6 +64,9 @@ def exaone_to_llama_name(name: str) -> str:
     m = _EXAONE_LAYER.fullmatch(name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    base, suffix = _quantized_base(name)
+    if base is not None:
+        return exaone_to_llama_name(base).removesuffix(".weight") + suffix
     raise KeyError(f"not an EXAONE tensor name: {name!r}")
 
 
@@ -74,7 +77,22 @@ def llama_to_exaone_name(name: str) -> str:
     m = _LLAMA_LAYER.fullmatch(name)
     if m and m.group(2) in _LAYER_NAMES_REV:
         return f"transformer.h.{m.group(1)}.{_LAYER_NAMES_REV[m.group(2)]}"
+    base, suffix = _quantized_base(name)
+    if base is not None:
+        return llama_to_exaone_name(base).removesuffix(".weight") + suffix
     raise KeyError(f"not a Llama tensor name: {name!r}")
+
+
+# a quantized projection stores these in place of its weight (model/quant.py, AWQ checkpoints)
+_QUANT_SUFFIXES = (".qweight", ".scales", ".qzeros")
+
+
+def _quantized_base(name: str) -> tuple[str | None, str]:
+    """'x.q_proj.qweight' -> ('x.q_proj.weight', '.qweight'); (None, '') for other names."""
+    for suffix in _QUANT_SUFFIXES:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix) + ".weight", suffix
+    return None, ""
 
 
 def detect_naming(names: Iterable[str], default: str = "exaone") -> str:

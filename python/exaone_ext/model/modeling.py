@@ -381,10 +381,21 @@ class ExaoneForCausalLM(nn.Module):
         Tensors keep the dtype stored in the file unless `dtype` is given; `progress` is True for a
         bar on stderr or a callable(done_bytes, total_bytes, tensor_name)."""
         from .checkpoint import load_model, read_config
+        from .quant import finish_checkpoint, prepare_for_checkpoint
         config = read_config(path)
         with torch.device("meta"):
             model = cls(config, use_kernels=use_kernels)
-        return load_model(model, path, dtype=dtype, device=device, progress=progress)
+        prepare_for_checkpoint(model, dtype)   # quantized projections, from config.json's quantization_config
+        model = load_model(model, path, dtype=dtype, device=device, progress=progress)
+        finish_checkpoint(model)
+        return model
+
+    def quantize(self, fmt: str = "int8", group_size: int = 128) -> "ExaoneForCausalLM":
+        """Replaces every block projection by a quantized one, in place: "int8" (per output channel)
+        or "int4" (groups of group_size inputs with zero points). The embedding and head stay as
+        they are. save_pretrained then writes a quantized checkpoint. Returns self."""
+        from .quant import quantize_model
+        return quantize_model(self, fmt, group_size)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         naming: str = "exaone", progress=False) -> None:

@@ -1,0 +1,196 @@
+"""Quantized projections for ExaoneForCausalLM: int8 (per output channel) and int4 (groups of
+128 with zero points), and AWQ checkpoints as published.
+
+    model.quantize("int8")            # every block's projections; the embedding and head stay as they are
+    model.save_pretrained(DIR)        # qweight / scales / qzeros tensors + config.json quantization_config
+    ExaoneForCausalLM.from_pretrained(DIR)   # builds the quantized modules from quantization_config
+
+A QuantLinear has the forward(x) contract of layers.Linear, so the model file does not change.
+Formats: exaone_ext.ops.reference.quant. AWQ checkpoints (quant_method "awq", GEMM layout) load
+through AWQLinear, which holds AWQ's tensors as stored and is converted into QuantLinear (int4)
+once the checkpoint is read."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops as _kernel_ops
+from ..ops import reference as _reference_ops
+from .awq import awq_to_int4
+from .layers import Linear
+
+FORMATS = {"int8": 8, "int4": 4}
+QUANT_METHOD = "exaone_ext"
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T with W stored quantized. Buffers: `qweight` (int8 [out, in], or uint8 [out, in / 2]
+    for int4), `scales` ([out], or [out, in / group_size]) in the model's dtype, and for int4
+    `qzeros` (uint8 [out, in / group_size])."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128,
+                 use_kernels: bool = True, device=None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"QuantLinear: bits must be 8 or 4, got {bits!r}")
+        if bits == 4 and (in_features % group_size or group_size % 32):
+            raise ValueError(f"QuantLinear: int4 needs in_features ({in_features}) a multiple of group_size "
+                             f"({group_size}), itself a multiple of 32")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.use_kernels = use_kernels
+        dtype = dtype or torch.get_default_dtype()
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        else:
+            groups = in_features // group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
+                                                        device=device))
+            self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
+            self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: Linear, bits: int, group_size: int = 128) -> "QuantLinear":
+        """Round-to-nearest quantisation of a Linear's weight; scales in the weight's dtype."""
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, bits, group_size, linear.use_kernels, device="meta",
+                dtype=w.dtype)
+        if bits == 8:
+            q, s = _reference_ops.quantize_int8(w)
+            m.qweight, m.scales = q, s.to(w.dtype)
+        else:
+            q, s, z = _reference_ops.quantize_int4(w, group_size)
+            m.qweight, m.scales, m.qzeros = q, s.to(w.dtype), z
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype."""
+        ops = _kernel_ops if self.use_kernels else _reference_ops
+        scales = self.scales if self.scales.dtype in (x.dtype, torch.float32) else self.scales.to(x.dtype)
+        if self.bits == 8:
+            return ops.linear_int8(x, self.qweight, scales)
+        return ops.linear_int4(x, self.qweight, scales, self.qzeros, self.group_size)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W [out, in] in dtype."""
+        if self.bits == 8:
+            return _reference_ops.dequantize_int8(self.qweight, self.scales, dtype)
+        return _reference_ops.dequantize_int4(self.qweight, self.scales, self.qzeros, self.group_size, dtype)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
+
+
+class AWQLinear(nn.Module):
+    """AWQ's tensors of one projection as stored (qweight int32 [in, out / 8], qzeros int32
+    [in / g, out / 8], scales [in / g, out]); to_quant_linear() gives the int4 QuantLinear."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128, device=None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        if out_features % 8 or in_features % group_size:
+            raise ValueError(f"AWQLinear: out_features ({out_features}) must be a multiple of 8 and in_features "
+                             f"({in_features}) of group_size ({group_size})")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(in_features, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(groups, out_features, dtype=dtype or torch.float16, device=device))
+
+    def to_quant_linear(self, dtype: torch.dtype, use_kernels: bool = True) -> QuantLinear:
+        q, s, z = awq_to_int4(self.qweight, self.qzeros, self.scales, self.group_size, scale_dtype=dtype)
+        m = QuantLinear(self.in_features, self.out_features, 4, self.group_size, use_kernels, device="meta",
+                        dtype=dtype)
+        m.qweight, m.scales, m.qzeros = q, s, z
+        return m
+
+    def forward(self, x):
+        raise RuntimeError("AWQLinear holds a checkpoint's tensors while loading; convert it with to_quant_linear()")
+
+
+def projections(model: nn.Module):
+    """(parent module, attribute name, module) of every block projection (not the embedding or head)."""
+    for block in model.transformer.h:
+        attn = block.attn.attention
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            yield attn, name, getattr(attn, name)
+        for name in ("c_fc_0", "c_fc_1", "c_proj"):
+            yield block.mlp, name, getattr(block.mlp, name)
+
+
+def quantize_model(model: nn.Module, fmt: str, group_size: int = 128) -> nn.Module:
+    """Replaces every block projection of `model` by a QuantLinear ('int8' or 'int4'), in place, and
+    records the format in model.config.extra['quantization_config'] (written by save_pretrained)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"quantize: format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    if model.config.extra.get("quantization_config"):
+        raise ValueError(f"quantize: the model is already quantized "
+                         f"({model.config.extra['quantization_config']})")
+    bits = FORMATS[fmt]
+    for parent, name, lin in list(projections(model)):
+        if type(lin) is not Linear:
+            raise TypeError(f"quantize: {name} is a {type(lin).__name__}, expected a Linear")
+        setattr(parent, name, QuantLinear.from_linear(lin, bits, group_size))
+    model.config.extra["quantization_config"] = quantization_config(bits, group_size)
+    hugepage_buffers(model)
+    return model
+
+
+def quantization_config(bits: int, group_size: int = 128) -> dict:
+    cfg = {"quant_method": QUANT_METHOD, "bits": bits}
+    if bits == 4:
+        cfg.update(group_size=group_size, zero_point=True)
+    return cfg
+
+
+def prepare_for_checkpoint(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Before loading: replaces the projections of a model built on the meta device by the modules
+    the checkpoint's quantization_config stores (QuantLinear or AWQLinear); nothing when none."""
+    qc = model.config.extra.get("quantization_config")
+    if not qc:
+        return
+    method, bits = qc.get("quant_method"), qc.get("bits")
+    group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    if method == QUANT_METHOD and bits in (4, 8):
+        make = lambda lin: QuantLinear(lin.in_features, lin.out_features, bits, group, lin.use_kernels,  # noqa: E731
+                                       device="meta", dtype=dtype or torch.bfloat16)
+    elif method == "awq" and bits == 4 and qc.get("version", "gemm").lower() == "gemm" and qc.get("zero_point", True):
+        make = lambda lin: AWQLinear(lin.in_features, lin.out_features, group, device="meta")  # noqa: E731
+    else:
+        raise ValueError(f"from_pretrained: unsupported quantization_config {qc} (supported: quant_method "
+                         f"'{QUANT_METHOD}' with bits 8 or 4, and 'awq' with bits 4, version 'gemm', zero_point)")
+    for parent, name, lin in list(projections(model)):
+        setattr(parent, name, make(lin))
+
+
+def finish_checkpoint(model: nn.Module) -> None:
+    """After loading: AWQ projections converted into int4 QuantLinear modules (scales in the model's
+    float dtype), and the config marked as this package's int4 format so that a save writes it."""
+    converted = False
+    dtype = model.transformer.wte.weight.dtype
+    for parent, name, m in list(projections(model)):
+        if isinstance(m, AWQLinear):
+            setattr(parent, name, m.to_quant_linear(dtype, model.use_kernels))
+            converted = True
+    if converted:
+        group = int(model.config.extra["quantization_config"].get("group_size", 128))
+        model.config.extra["quantization_config"] = quantization_config(4, group)
+    if model.config.extra.get("quantization_config"):
+        hugepage_buffers(model)
+
+
+def hugepage_buffers(model: nn.Module, min_bytes: int = 2 << 20) -> None:
+    """As ExaoneForCausalLM.hugepage_weights, for the quantized weights (buffers, not parameters)."""
+    import os
+
+    from .. import _C
+    if os.environ.get("EXAONE_EXT_HUGEPAGES", "1") == "0":
+        return
+    for _, _, m in projections(model):
+        if not isinstance(m, QuantLinear) or m.qweight.device.type != "cpu" or m.qweight.nbytes < min_bytes:
+            continue
+        buf = torch.empty_like(m.qweight)
+        if _C._advise_hugepages(buf.data_ptr(), buf.nbytes):
+            buf.copy_(m.qweight)
+            m.qweight = buf

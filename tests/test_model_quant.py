@@ -1,0 +1,173 @@
+"""Quantized models: ExaoneForCausalLM.quantize, quantized checkpoints, AWQ checkpoints, quality."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from exaone_ext import ExaoneForCausalLM, ExaoneTokenizer, GenerationConfig, generate
+from exaone_ext.model.checkpoint import exaone_to_llama_name
+from exaone_ext.model.quant import QuantLinear
+from exaone_ext.testing import write_tiny_checkpoint
+
+# hidden 128 / intermediate 256, so that every projection's inputs split into groups of 128
+TINY = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, head_dim=16, intermediate_size=256)
+TEXT = ("The quick brown fox jumps over the lazy dog. 서울은 한국의 수도이다. Language models predict the next "
+        "token from the previous ones, one step at a time, and quantized weights make each step cheaper.")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), **TINY)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny checkpoint after a short training run on TEXT, so that its predictions are confident
+    (as a real model's are) rather than the near-ties of random weights, saved back in place."""
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), init_std=0.02, **TINY)
+    model = ExaoneForCausalLM.from_pretrained(path, use_kernels=False)   # plain PyTorch: fastest at this size
+    ids = _ids(path)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(40):
+            loss = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.save_pretrained(path)
+    return path
+
+
+def _ids(path):
+    tok = ExaoneTokenizer.from_pretrained(path)
+    return torch.tensor([tok.encode(TEXT)])
+
+
+def _perplexity(model, ids):
+    logits = model(ids)[0, :-1]
+    return torch.exp(torch.nn.functional.cross_entropy(logits, ids[0, 1:])).item()
+
+
+def _greedy(model, path, n=32):
+    tok = ExaoneTokenizer.from_pretrained(path)
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, stop_strings=[])
+    out = generate(model, tok, "Language models", cfg)
+    return out.token_ids if hasattr(out, "token_ids") else out.text
+
+
+@pytest.mark.slow
+def test_int8_logits_and_greedy_text_match(trained):
+    tiny = trained
+    ref = ExaoneForCausalLM.from_pretrained(tiny)
+    q = ExaoneForCausalLM.from_pretrained(tiny).quantize("int8")
+    assert isinstance(q.transformer.h[0].mlp.c_proj, QuantLinear)
+    ids = _ids(tiny)
+    lr, lq = ref(ids), q(ids)
+    rel = ((lq - lr).norm() / lr.norm()).item()
+    assert rel < 0.01, rel
+    assert _greedy(q, tiny) == _greedy(ref, tiny)
+
+
+@pytest.mark.slow
+def test_int4_perplexity_within_5_percent(trained):
+    tiny = trained
+    ref = ExaoneForCausalLM.from_pretrained(tiny)
+    q = ExaoneForCausalLM.from_pretrained(tiny).quantize("int4")
+    ids = _ids(tiny)
+    p_ref, p_q = _perplexity(ref, ids), _perplexity(q, ids)
+    assert abs(p_q / p_ref - 1) < 0.05, (p_ref, p_q)
+    q.use_kernels = False   # the reference path computes the same thing
+    torch.testing.assert_close(q(ids), ExaoneForCausalLM.from_pretrained(tiny).quantize("int4")(ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,naming", [("int8", "exaone"), ("int4", "llama")])
+def test_quantized_checkpoint_round_trip(tiny, tmp_path, fmt, naming):
+    model = ExaoneForCausalLM.from_pretrained(tiny).quantize(fmt)
+    model.save_pretrained(tmp_path / "q", naming=naming)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "exaone_ext"
+    assert config["quantization_config"]["bits"] == (8 if fmt == "int8" else 4)
+    back = ExaoneForCausalLM.from_pretrained(tmp_path / "q")
+    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert n1 == n2 and t1.dtype == t2.dtype and torch.equal(t1, t2), n1
+    ids = _ids(tiny)
+    torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already quantized"):
+        back.quantize("int8")
+
+
+def _awq_pack(values):
+    """uint8 [rows, cols] (4-bit) -> int32 [rows, cols / 8]: nibble j of word c holds column
+    8c + (0, 2, 4, 6, 1, 3, 5, 7)[j] (AWQ's GEMM packing)."""
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    words = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
+    for j in range(8):
+        words |= values[:, order[j]::8].long() << (4 * j)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_awq_checkpoint_loads_and_matches(tiny, tmp_path):
+    """An AWQ checkpoint (Llama names, qweight / qzeros / scales) written here from the tiny model's
+    weights loads into int4 QuantLinear modules that compute (q - z) * s exactly."""
+    model = ExaoneForCausalLM.from_pretrained(tiny)
+    group = 128
+    tensors, expected = {}, {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue                                                        # stored once, as the embedding
+        llama = exaone_to_llama_name(name)
+        if not name.startswith("transformer.h.") or "proj" not in name and "c_fc" not in name:
+            tensors[llama] = t.contiguous()
+            continue
+        w = t.float().t()                                                   # AWQ stores [in, out]
+        g = w.reshape(w.shape[0] // group, group, w.shape[1])
+        lo, hi = g.amin(1), g.amax(1)
+        s = ((hi - lo) / 15).clamp(min=1e-5)
+        z = torch.round(-lo / s).clamp(0, 15)
+        q = torch.round(g / s[:, None] + z[:, None]).clamp(0, 15).reshape_as(w).to(torch.uint8)
+        base = llama.removesuffix(".weight")
+        tensors[base + ".qweight"] = _awq_pack(q)
+        tensors[base + ".qzeros"] = _awq_pack(z.to(torch.uint8))
+        tensors[base + ".scales"] = s.half()
+        rows = torch.arange(w.shape[0]) // group
+        expected[name] = ((q.float() - z[rows]) * s.half().float()[rows]).t()   # [out, in]
+    out = tmp_path / "awq"
+    out.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (tiny / f).exists():
+            (out / f).write_bytes((tiny / f).read_bytes())
+    config = json.loads((tiny / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                      "version": "gemm"}
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    loaded = ExaoneForCausalLM.from_pretrained(out)
+    for name, w in expected.items():
+        module = loaded.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(module, QuantLinear) and module.bits == 4
+        torch.testing.assert_close(module.dequantized_weight(), w, rtol=0, atol=0)
+    with torch.no_grad():                      # the float model holding the dequantised weights
+        for name, w in expected.items():
+            model.get_parameter(name).copy_(w)
+    ids = _ids(tiny)
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_quantize_and_quant_flag(tiny, tmp_path, capsys):
+    from exaone_ext.cli import main
+    dst = tmp_path / "q4"
+    assert main(["quantize", str(tiny), str(dst), "--bits", "4", "--no-progress"]) == 0
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert (dst / "tokenizer.json").exists()
+    assert main(["quantize", str(tiny), str(dst), "--bits", "8"]) == 1            # DST exists: refused
+    assert "already exists" in capsys.readouterr().err
+    args = ["--prompt", "hello", "--raw", "--max-new-tokens", "4", "--no-progress"]
+    assert main(["generate", "--model", str(dst)] + args) == 0
+    from_file = capsys.readouterr().out
+    assert main(["generate", "--model", str(tiny), "--quant", "int4"] + args) == 0
+    assert capsys.readouterr().out == from_file    # quantized on load == quantized checkpoint
+    assert main(["generate", "--model", str(dst), "--quant", "int8"] + args) == 1
+    assert "already quantized" in capsys.readouterr().err
