@@ -103,6 +103,24 @@ def test_overfit_preference_staged(tmp_path, ckpt, objective):
     assert os.path.isdir(tmp_path / "run" / "stage-1") and os.path.isdir(tmp_path / "run" / "stage-2")
 
 
+def test_preference_stages_with_generated_candidates(tmp_path, ckpt):
+    """Each stage samples replies from the current policy; the scorer's best / worst become the pairs."""
+    seen = []
+
+    def score(messages, text):
+        seen.append(text)
+        return len(text)
+    cfg = _recipe(tmp_path, ckpt, {"files": [_pref_file(tmp_path)]},
+                  {**BASE, "batch_size": 2, "micro_batch": 2, "out_dir": "run", "steps": 2},
+                  {"stages": 2, "candidates": 3, "max_new_tokens": 8})
+    trainer = Trainer(load_config(cfg), "dpo", scorer=score)
+    trainer.train()
+    assert len(seen) == 2 * 2 * 3   # 2 stages x 2 prompts x 3 candidates
+    for ex in trainer.data.examples:   # the last stage's pairs: generated, chosen scored above rejected
+        chosen, rejected = (trainer.tokenizer.decode(r[:-1], skip_special_tokens=True) for r in (ex.chosen, ex.rejected))
+        assert len(chosen) > len(rejected) and ex.chosen[-1] == trainer.tokenizer.eos_token_id
+
+
 class _Killed(Exception):
     pass
 
