@@ -479,7 +479,7 @@ def test_queue_full_gives_503(model_tok):
     model, tok = model_tok
     srv = Server(create_app(_engine_class()(model, tok, max_batch=1), model_name=MODEL, max_waiting=1))
     try:
-        holders = [Reader(srv.url, "hold the row", 400, stop_after=2), Reader(srv.url, "wait in line", 5)]
+        holders = [Reader(srv.url, "hold the row", 450), Reader(srv.url, "wait in line", 5)]
         holders[0].start()
         wait_for(lambda: holders[0].chunks >= 1, what="the first request to run")
         holders[1].start()
@@ -533,6 +533,7 @@ def test_bounded_load(server):
 
 
 # ---------------------------------------------------------------------------- the command
+@pytest.mark.slow  # a fresh interpreter imports torch and loads the checkpoint
 def test_cli_serve(ckpt):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
