@@ -156,9 +156,9 @@ def test_kv_cache_layout_views_and_errors():
     assert cache.seqlens.dtype == torch.int32 and cache.seqlens.tolist() == [0, 0, 0]
     row = cache.row(1)
     assert row.batch_size == 1 and row.max_seq_len == 16
-    row.layers[0][0].fill_(7)
+    row.layers[0].k.fill_(7)
     row.advance(4)
-    assert cache.seqlens.tolist() == [0, 4, 0] and (cache.layers[0][0][1] == 7).all() and (cache.layers[0][0][0] == 0).all()
+    assert cache.seqlens.tolist() == [0, 4, 0] and (cache.layers[0].k[1] == 7).all() and (cache.layers[0].k[0] == 0).all()
     cache.reset()
     assert cache.seqlens.tolist() == [0, 0, 0]
     with pytest.raises(IndexError, match="row 3"):

@@ -1,21 +1,31 @@
-"""Batched generation with a preallocated KV cache, and streaming.
+"""Generation as a step function over a batch whose rows come and go, and generate / stream on it.
 
-    results = generate(model, tokenizer, ["Hello", [{"role": "user", "content": "안녕?"}]],
-                       GenerationConfig(max_new_tokens=64))
+    engine = Engine(model, tokenizer, max_batch=8)
+    a = engine.add("Hello", GenerationConfig(max_new_tokens=64))
+    b = engine.add([{"role": "user", "content": "안녕?"}], GenerationConfig(do_sample=True, seed=1))
+    while engine.has_work:
+        for event in engine.step():               # new requests may be added between steps
+            print(event.request.id, event.text, end="", flush=True)
+
+    results = generate(model, tokenizer, ["Hello", "안녕?"], GenerationConfig(max_new_tokens=64))
     for piece in stream(model, tokenizer, [{"role": "user", "content": "안녕?"}]):
         print(piece, end="", flush=True)
 
-How a batch runs: every prompt is prefilled into its own row of one KVCache (ragged lengths,
-no padding; neighbouring prompts packed into one forward, documents attended separately, up to
-_PACK_TOKENS tokens or prefill_chunk_size a pack), then all rows decode together, one token per
-row per step, each row attending to its own cache length. A row that stops is dropped from the batch at the next check, its cache row
-moved out of the way, so finished sequences cost nothing. Token ids stay on the device between
-checks; the host reads them when streaming or stop strings need the text, when a row reaches its
-length limit, or every few steps on a GPU.
+How a step runs: waiting requests take free rows of one KVCache (exact lengths, no padding) and
+are prefilled, neighbouring prompts packed into one forward (documents attended separately, up to
+_PACK_TOKENS tokens or prefill_chunk_size a pack; a prompt alone in its pack goes in chunks); then
+every active row decodes one token, each attending to its own cache length. Rows of finished or
+cancelled requests are dropped and the others moved up, so the active rows are always the first
+rows of the cache and a step costs what its active rows cost. Sampling settings are per request;
+rows with the same settings are sampled together. Token ids stay on the device between host
+reads: every step when stop strings need the text, when a row reaches its length limit, or
+every `sync_every` steps (1 on a CPU, where a read is free; 8 on a GPU, where it would stall the queue).
 """
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -25,9 +35,10 @@ from ..tokenizer import ExaoneTokenizer, StreamDecoder
 from .config import GenerationConfig
 from .sampling import select_next_tokens
 
-__all__ = ["GenerationResult", "GenerationStats", "TextStream", "generate", "stream", "prepare_prompts"]
+__all__ = ["Engine", "Event", "Request", "GenerationResult", "GenerationStats", "TextStream", "generate", "stream",
+           "prepare_prompts"]
 
-STOP_TOKEN, STOP_STRING, LENGTH = "stop_token", "stop_string", "length"
+STOP_TOKEN, STOP_STRING, LENGTH, CANCELLED = "stop_token", "stop_string", "length", "cancelled"
 # Most prompt tokens prefilled in one packed forward when no prefill_chunk_size is given (a longer
 # single prompt still goes whole): bounds the activations of a pack.
 _PACK_TOKENS = 8192
@@ -38,8 +49,8 @@ _SYNC_EVERY = {"cpu": 1, "cuda": 8}
 
 @dataclass
 class GenerationStats:
-    """Throughput of one generate() call. Prefill covers every prompt token up to the first
-    sampled token; decode covers the tokens sampled after it."""
+    """Throughput. Prefill covers the prompt tokens up to the first sampled token; decode covers
+    the tokens sampled after it."""
 
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
@@ -64,7 +75,7 @@ class GenerationStats:
 class GenerationResult:
     """One sequence's output. tokens: the generated ids (a stop token is not included; for a stop
     string, up to the token that completed it). text: their decoded text without special tokens,
-    cut before a stop string. stop_reason: 'stop_token', 'stop_string' or 'length'."""
+    cut before a stop string. stop_reason: 'stop_token', 'stop_string', 'length' or 'cancelled'."""
 
     tokens: list[int]
     text: str
@@ -123,17 +134,29 @@ def prepare_prompts(tokenizer: ExaoneTokenizer, prompts) -> tuple[list[list[int]
     return [one(p, f"prompts[{i}]") for i, p in enumerate(prompts)], False
 
 
-# ---------------------------------------------------------------------------- one sequence
-class _Row:
+def _check_prompt_ids(ids: list[int], where: str, model, max_seq_len: int | None = None) -> None:
+    context, vocab = model.config.max_position_embeddings, model.config.vocab_size
+    if not ids:
+        raise ValueError(f"{where}: has no tokens (an empty prompt cannot be continued)")
+    if len(ids) > context:
+        raise ValueError(f"{where}: {len(ids)} tokens is longer than the model's context of {context} tokens "
+                         f"(max_position_embeddings)")
+    if max_seq_len is not None and len(ids) > max_seq_len:
+        raise ValueError(f"{where}: {len(ids)} tokens is longer than the engine's max_seq_len of {max_seq_len}")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"{where}: token id {bad} is outside the model's vocabulary [0, {vocab})")
+
+
+# ---------------------------------------------------------------------------- one sequence's text
+class _Text:
     """Host-side state of one sequence: its tokens, its text and when it stops."""
 
-    def __init__(self, prompt_len: int, budget: int, decoder: StreamDecoder, stop_ids: frozenset[int],
-                 stop_strings: list[str]):
-        self.prompt_len, self.budget = prompt_len, budget
-        self.decoder, self.stop_ids, self.stop_strings = decoder, stop_ids, stop_strings
+    def __init__(self, budget: int, decoder: StreamDecoder, stop_ids: frozenset[int], stop_strings: list[str]):
+        self.budget, self.decoder, self.stop_ids, self.stop_strings = budget, decoder, stop_ids, stop_strings
         self.longest_stop = max((len(s) for s in stop_strings), default=0)
         self.tokens: list[int] = []
-        self.sampled = 0  # tokens drawn for this row, the stop token included
+        self.sampled = 0  # tokens drawn for this sequence, the stop token included
         self.text = ""
         self.emitted = 0  # characters of text already handed out
         self.stop_reason: str | None = None
@@ -185,7 +208,68 @@ class _Row:
         return 0
 
 
-# ---------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------- requests and events
+_request_ids = itertools.count()
+
+
+class Request:
+    """One prompt's generation in an Engine. Read-only for callers: id, prompt_ids, config,
+    tokens (generated so far), text (final so far), stop_reason (None while running: 'stop_token',
+    'stop_string', 'length' or 'cancelled'), done, prompt_tokens, stats (this request's own)."""
+
+    def __init__(self, prompt_ids: list[int], config: GenerationConfig, text: _Text,
+                 generator: torch.Generator | None):
+        self.id = next(_request_ids)
+        self.prompt_ids = prompt_ids
+        self.config = config
+        self.stats = GenerationStats(prefill_tokens=len(prompt_ids))
+        self._text = text
+        self._generator = generator
+        self._drawn = 0           # tokens sampled on the device (some may not be read yet)
+        self._cancelled = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._text.tokens
+
+    @property
+    def text(self) -> str:
+        return self._text.text
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._text.stop_reason
+
+    @property
+    def done(self) -> bool:
+        return self._text.stop_reason is not None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def result(self, stats: GenerationStats | None = None) -> GenerationResult:
+        """The outcome as a GenerationResult (with `stats`, default this request's own)."""
+        return GenerationResult(tokens=list(self.tokens), text=self.text, stop_reason=self.stop_reason,
+                                prompt_tokens=self.prompt_tokens, stats=self.stats if stats is None else stats)
+
+    def __repr__(self) -> str:
+        return (f"Request(id={self.id}, prompt_tokens={self.prompt_tokens}, tokens={len(self.tokens)}, "
+                f"stop_reason={self.stop_reason!r})")
+
+
+@dataclass
+class Event:
+    """What one step did for one request: text (new final text: never a partial UTF-8 character
+    nor part of a stop string), token_ids (tokens appended to request.tokens), finished."""
+
+    request: Request
+    text: str
+    token_ids: list[int]
+    finished: bool
+
+
+# ---------------------------------------------------------------------------- the engine
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -207,131 +291,14 @@ def _stop_ids(tokenizer: ExaoneTokenizer, model, config: GenerationConfig) -> fr
     return frozenset(ids)
 
 
-@torch.inference_mode()
-def _generate_iter(model, tokenizer: ExaoneTokenizer, prompt_ids: list[list[int]], config: GenerationConfig,
-                   prefill_chunk_size: int | None, stream_text: bool) -> Iterator[tuple[int, str]]:
-    """Yields (row, text piece) as text becomes final; returns the list of GenerationResult."""
-    from ..model import KVCache
-
-    mconf = model.config
-    context, vocab = mconf.max_position_embeddings, mconf.vocab_size
-    for i, ids in enumerate(prompt_ids):
-        where = f"prompts[{i}]" if len(prompt_ids) > 1 else "prompt"
-        if not ids:
-            raise ValueError(f"{where}: has no tokens (an empty prompt cannot be continued)")
-        if len(ids) > context:
-            raise ValueError(f"{where}: {len(ids)} tokens is longer than the model's context of {context} tokens "
-                             f"(max_position_embeddings)")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"{where}: token id {bad} is outside the model's vocabulary [0, {vocab})")
-    if prefill_chunk_size is not None and (not _is_int(prefill_chunk_size) or prefill_chunk_size < 1):
-        raise ValueError(f"prefill_chunk_size: expected a positive integer or None, got {prefill_chunk_size!r}")
-
-    dtype, device = _model_dtype_device(model)
-    batch = len(prompt_ids)
-    # The first token comes from the prefill logits; each later one needs its predecessor in the cache.
-    budgets = [min(config.max_new_tokens, context - len(ids) + 1) for ids in prompt_ids]
-    cache = KVCache(mconf, batch, max(len(ids) + b - 1 for ids, b in zip(prompt_ids, budgets)),
-                    dtype=dtype, device=device)
-    stop_ids = _stop_ids(tokenizer, model, config)
-    generator = None
-    if config.seed is not None and not config.greedy:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-    chunk = prefill_chunk_size or max(len(ids) for ids in prompt_ids)
-
-    # ---- prefill: each prompt into its own cache row, exact lengths. Neighbouring prompts that fit
-    # one pack together go through one forward (packed, cu_seqlens): one pass over the weights
-    # for all of them; a prompt alone in its pack goes in chunks of `chunk` tokens.
-    _sync(device)
-    t0 = time.perf_counter()
-    last_logits = torch.empty(batch, vocab, dtype=torch.float32, device=device)
-    seen = None
-    if config.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)          # [b, V]
-    pack = prefill_chunk_size or max(_PACK_TOKENS, chunk)
-    first = 0
-    while first < batch:
-        stop, total = first + 1, len(prompt_ids[first])
-        while stop < batch and total + len(prompt_ids[stop]) <= pack:
-            total += len(prompt_ids[stop])
-            stop += 1
-        if stop - first == 1:
-            row_cache = cache.row(first)
-            x = torch.tensor(prompt_ids[first], dtype=torch.long, device=device)[None]  # [1, s]
-            for start in range(0, x.shape[1], chunk):
-                out = model(x[:, start:start + chunk], kv_cache=row_cache, num_logits_to_keep=1)
-            last_logits[first] = out[0, -1]
-        else:
-            group = prompt_ids[first:stop]
-            x = torch.tensor([t for ids in group for t in ids], dtype=torch.long, device=device)  # [total]
-            bounds = [0]
-            for ids in group:
-                bounds.append(bounds[-1] + len(ids))
-            cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-            out = model(x, cu_seqlens=cu, kv_cache=cache.rows(first, stop), num_logits_to_keep=1)  # [n, 1, V]
-            last_logits[first:stop] = out[:, -1]
-        if seen is not None:
-            for b in range(first, stop):
-                seen[b, torch.tensor(prompt_ids[b], device=device)] = True
-        first = stop
-    next_tokens = select_next_tokens(last_logits, config, seen, generator)       # [b]
-    _sync(device)
-    t1 = time.perf_counter()
-
-    # ---- decode: all unfinished rows together, one token per row per step
-    rows = [_Row(len(ids), budget, tokenizer.stream_decoder(skip_special_tokens=True), stop_ids,
-                 config.stop_strings) for ids, budget in zip(prompt_ids, budgets)]
-    active = list(range(batch))                  # original index of each cache row in use
-    sync_every = 1 if (stream_text or config.stop_strings) else _SYNC_EVERY.get(device.type, 1)
-    pending: list[torch.Tensor] = []
-    step, paused = 0, 0.0
-    while True:
-        pending.append(next_tokens)
-        step += 1
-        if seen is not None:
-            seen.scatter_(1, next_tokens[:, None], True)
-        if step % sync_every == 0 or any(rows[r].budget == step for r in active):
-            host = torch.stack(pending, 1).tolist()                                # [n, steps since last read]
-            pending.clear()
-            keep = []
-            for pos, r in enumerate(active):
-                row = rows[r]
-                for token in host[pos]:
-                    if row.stop_reason is not None:
-                        break
-                    piece = row.push(token)
-                    if piece and stream_text:
-                        paused_from = time.perf_counter()
-                        yield r, piece
-                        paused += time.perf_counter() - paused_from  # the consumer's time is not decode time
-                if row.stop_reason is None:
-                    keep.append(pos)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                idx = torch.tensor(keep, device=device)
-                next_tokens = next_tokens[idx]
-                seen = seen[idx] if seen is not None else None
-                cache = cache.keep_rows(keep)
-                active = [active[p] for p in keep]
-        logits = model(next_tokens[:, None], kv_cache=cache, num_logits_to_keep=1)  # [n, 1, V]
-        next_tokens = select_next_tokens(logits[:, -1], config, seen, generator)
-    _sync(device)
-    t2 = time.perf_counter()
-
-    sampled = sum(r.sampled for r in rows)
-    stats = GenerationStats(prefill_tokens=sum(len(p) for p in prompt_ids), prefill_seconds=t1 - t0,
-                            decode_tokens=sampled - batch, decode_seconds=t2 - t1 - paused)
-    return [GenerationResult(tokens=r.tokens, text=r.text, stop_reason=r.stop_reason, prompt_tokens=r.prompt_len,
-                             stats=stats) for r in rows]
-
-
-def _check_args(model, tokenizer, config) -> GenerationConfig:
+def _check_model_tokenizer(model, tokenizer) -> None:
     if not isinstance(tokenizer, ExaoneTokenizer):
         raise TypeError(f"tokenizer: expected ExaoneTokenizer, got {type(tokenizer).__name__}")
     if not hasattr(model, "config") or not hasattr(model.config, "max_position_embeddings"):
         raise TypeError(f"model: expected an ExaoneForCausalLM, got {type(model).__name__}")
+
+
+def _check_config(config) -> GenerationConfig:
     if config is None:
         return GenerationConfig()
     if not isinstance(config, GenerationConfig):
@@ -339,6 +306,297 @@ def _check_args(model, tokenizer, config) -> GenerationConfig:
     return config
 
 
+def _sampling_key(request: Request) -> tuple:
+    """Rows with equal keys are sampled in one call. A seeded request draws from its own generator."""
+    c = request.config
+    if c.greedy:
+        return ("greedy", c.repetition_penalty)
+    return ("sample", c.temperature, c.top_k, c.top_p, c.min_p, c.repetition_penalty,
+            None if request._generator is None else request.id)
+
+
+class Engine:
+    """A batch of generations that requests join (`add`) and leave (finished or `cancel`led)
+    between steps. `step()` admits waiting requests into free rows (prefilled together), decodes
+    one token for every active row and returns the Events of the tokens read back.
+
+    max_batch: rows of the KV cache (requests decoded at once; others wait). max_seq_len: tokens a
+    row holds, prompt and generated (default: the model's context); the cache, max_batch x
+    max_seq_len, is allocated at the first step. prefill_chunk_size: as for `generate`.
+    sync_every (attribute): decode steps between host reads when nothing needs each token at once.
+    Not thread-safe: one caller drives add / cancel / step."""
+
+    def __init__(self, model, tokenizer: ExaoneTokenizer, max_batch: int = 8, max_seq_len: int | None = None,
+                 prefill_chunk_size: int | None = None):
+        _check_model_tokenizer(model, tokenizer)
+        context = model.config.max_position_embeddings
+        if not _is_int(max_batch) or max_batch < 1:
+            raise ValueError(f"Engine: max_batch must be a positive integer, got {max_batch!r}")
+        if max_seq_len is not None and (not _is_int(max_seq_len) or not 1 <= max_seq_len <= context):
+            raise ValueError(f"Engine: max_seq_len must be an integer in [1, {context}] (the model's context) or "
+                             f"None, got {max_seq_len!r}")
+        if prefill_chunk_size is not None and (not _is_int(prefill_chunk_size) or prefill_chunk_size < 1):
+            raise ValueError(f"prefill_chunk_size: expected a positive integer or None, got {prefill_chunk_size!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_seq_len = max_batch, context if max_seq_len is None else max_seq_len
+        self.prefill_chunk_size = prefill_chunk_size
+        self.dtype, self.device = _model_dtype_device(model)
+        self.sync_every = _SYNC_EVERY.get(self.device.type, 1)
+        self.stats = GenerationStats()           # totals over every step
+        self._cache = None                       # KVCache [max_batch, max_seq_len], made at the first admission
+        self._view = None                        # its rows 0..num_active-1
+        self._waiting: deque[Request] = deque()
+        self._active: list[Request] = []         # request of each cache row, in row order
+        self._next: torch.Tensor | None = None   # [num_active] the last sampled token of each row (not yet cached)
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (first row, tokens) sampled, not yet read back
+        self._unread_steps = 0
+        self._seen: torch.Tensor | None = None   # bool [max_batch, V]: tokens in each row (repetition penalty)
+        self._groups: list[tuple[torch.Tensor | None, Request]] | None = None  # rows sampled together
+        self._to_cancel: list[Request] = []
+
+    # ---- the public surface
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active or self._to_cancel)
+
+    def add(self, prompt, config: GenerationConfig | None = None) -> Request:
+        """Queue one prompt (a string, token ids or chat messages); it joins the batch at the next
+        step() with a free row. Checked now: ValueError / TypeError for a prompt the model cannot take."""
+        config = _check_config(config)
+        ids, single = prepare_prompts(self.tokenizer, prompt)
+        if not single:
+            raise TypeError("Engine.add: takes one prompt (a string, token ids or chat messages); add a batch "
+                            "one prompt at a time")
+        ids = ids[0]
+        _check_prompt_ids(ids, "prompt", self.model, self.max_seq_len)
+        context = self.model.config.max_position_embeddings
+        # the first token comes from the prefill logits; each later one needs its predecessor cached
+        budget = min(config.max_new_tokens, context - len(ids) + 1, self.max_seq_len - len(ids) + 1)
+        text = _Text(budget, self.tokenizer.stream_decoder(skip_special_tokens=True),
+                     _stop_ids(self.tokenizer, self.model, config), config.stop_strings)
+        generator = None
+        if config.seed is not None and not config.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        request = Request(ids, config, text, generator)
+        self._waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop `request`; its row is freed at the next step(), which reports it finished
+        (stop_reason 'cancelled'). Nothing happens for a request already done."""
+        if not isinstance(request, Request):
+            raise TypeError(f"Engine.cancel: expected a Request, got {type(request).__name__}")
+        if request.done or request._cancelled:
+            return
+        if request not in self._waiting and request not in self._active:
+            raise ValueError(f"Engine.cancel: request {request.id} is not one of this engine's")
+        request._cancelled = True
+        self._to_cancel.append(request)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests into free rows (prefilled), decode one token for every active row;
+        returns the Events of the tokens read back to the host in this step."""
+        events: list[Event] = []
+        start = time.perf_counter()
+        prefill_seconds = 0.0
+        if self._to_cancel:
+            self._read(events)
+            self._cancel_now(events)
+        if self._waiting and len(self._active) < self.max_batch:
+            self._read(events)
+            prefill_seconds = self._admit()
+        if self._active:
+            if any(r._drawn >= r._text.budget for r in self._active):
+                self._read(events)  # a new row whose first token was its last
+        decoding = list(self._active)
+        if decoding:
+            logits = self.model(self._next[:, None], kv_cache=self._view, num_logits_to_keep=1)  # [n, 1, V]
+            self._push(0, self._sample(logits[:, -1], 0))
+            self._unread_steps += 1
+            if (self._unread_steps >= self.sync_every or any(r.config.stop_strings for r in self._active)
+                    or any(r._drawn >= r._text.budget for r in self._active)):
+                self._read(events)
+        decode_seconds = time.perf_counter() - start - prefill_seconds
+        self.stats.decode_seconds += decode_seconds
+        for r in decoding:
+            r.stats.decode_seconds += decode_seconds
+        return events
+
+    # ---- admission and prefill
+    def _admit(self) -> float:
+        """Prefill waiting requests into the free rows; returns the seconds it took."""
+        from ..model import KVCache
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        if self._cache is None:
+            self._cache = KVCache(self.model.config, self.max_batch, self.max_seq_len, self.dtype, self.device)
+        first_row = len(self._active)
+        admitted = [self._waiting.popleft() for _ in range(min(self.max_batch - first_row, len(self._waiting)))]
+        rows = self._cache.rows(first_row, first_row + len(admitted))
+        rows.reset()
+        logits = self._prefill(rows, [r.prompt_ids for r in admitted])                   # [k, V]
+        if any(r.config.repetition_penalty != 1.0 for r in admitted):
+            if self._seen is None:
+                self._seen = torch.zeros(self.max_batch, self.model.config.vocab_size, dtype=torch.bool,
+                                         device=self.device)
+            for i, r in enumerate(admitted):
+                self._seen[first_row + i].zero_()
+                self._seen[first_row + i, torch.tensor(r.prompt_ids, device=self.device)] = True
+        self._active.extend(admitted)
+        self._rows_changed()
+        self._push(first_row, self._sample(logits, first_row))                          # first tokens [k]
+        _sync(self.device)
+        seconds = time.perf_counter() - t0
+        self.stats.prefill_tokens += sum(r.prompt_tokens for r in admitted)
+        self.stats.prefill_seconds += seconds
+        for r in admitted:
+            r.stats.prefill_seconds = seconds
+        return seconds
+
+    def _prefill(self, cache, prompts: list[list[int]]) -> torch.Tensor:
+        """Each prompt into its own (empty) row of `cache`; returns each one's last logits [n, V].
+        Neighbouring prompts that fit one pack go through one forward (packed, cu_seqlens): one pass
+        over the weights for all of them; a prompt alone in its pack goes in chunks."""
+        n = len(prompts)
+        chunk = self.prefill_chunk_size or max(len(ids) for ids in prompts)
+        pack = self.prefill_chunk_size or max(_PACK_TOKENS, chunk)
+        last = torch.empty(n, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
+        first = 0
+        while first < n:
+            stop, total = first + 1, len(prompts[first])
+            while stop < n and total + len(prompts[stop]) <= pack:
+                total += len(prompts[stop])
+                stop += 1
+            if stop - first == 1:
+                row = cache.row(first)
+                x = torch.tensor(prompts[first], dtype=torch.long, device=self.device)[None]   # [1, s]
+                for start in range(0, x.shape[1], chunk):
+                    out = self.model(x[:, start:start + chunk], kv_cache=row, num_logits_to_keep=1)
+                last[first] = out[0, -1]
+            else:
+                group = prompts[first:stop]
+                x = torch.tensor([t for ids in group for t in ids], dtype=torch.long, device=self.device)  # [total]
+                bounds = list(itertools.accumulate((len(ids) for ids in group), initial=0))
+                cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+                out = self.model(x, cu_seqlens=cu, kv_cache=cache.rows(first, stop), num_logits_to_keep=1)  # [k, 1, V]
+                last[first:stop] = out[:, -1]
+            first = stop
+        return last
+
+    # ---- sampling
+    def _groups_of(self, requests: list[Request]) -> list[tuple[torch.Tensor | None, Request]]:
+        """Rows (positions in `requests`) sampled together: (index tensor, or None for all, a request
+        with their settings)."""
+        groups: dict[tuple, list[int]] = {}
+        for row, r in enumerate(requests):
+            groups.setdefault(_sampling_key(r), []).append(row)
+        if len(groups) == 1:
+            return [(None, requests[0])]
+        return [(torch.tensor(rows, device=self.device), requests[rows[0]]) for rows in groups.values()]
+
+    def _rows_changed(self) -> None:
+        """After rows joined or left: the cache view and the sampling groups of the active rows,
+        made once here rather than in every decode step (an index tensor is a host-to-device copy)."""
+        n = len(self._active)
+        self._view = self._cache.rows(0, n) if n else None
+        self._groups = self._groups_of(self._active) if n else []
+
+    def _sample(self, logits: torch.Tensor, first_row: int) -> torch.Tensor:
+        """Next tokens [k] of rows first_row .. first_row + k - 1 from their logits [k, V]."""
+        k = logits.shape[0]
+        seen = None if self._seen is None else self._seen[first_row:first_row + k]
+        groups = (self._groups if first_row == 0 and k == len(self._active)
+                  else self._groups_of(self._active[first_row:first_row + k]))
+        if len(groups) == 1:
+            return self._select(logits, groups[0][1], seen)
+        out = torch.empty(k, dtype=torch.long, device=self.device)
+        for idx, r in groups:
+            out.scatter_(0, idx, self._select(logits[idx], r, None if seen is None else seen[idx]))
+        return out
+
+    @staticmethod
+    def _select(logits: torch.Tensor, r: Request, seen: torch.Tensor | None) -> torch.Tensor:
+        penalty = r.config.repetition_penalty != 1.0
+        return select_next_tokens(logits, r.config, seen if penalty else None, r._generator)
+
+    def _push(self, first_row: int, tokens: torch.Tensor) -> None:
+        """Record tokens sampled for rows first_row.. (on the device until the next read)."""
+        k = tokens.shape[0]
+        self._pending.append((first_row, tokens))
+        self._next = tokens if first_row == 0 else torch.cat([self._next[:first_row], tokens])
+        for r in self._active[first_row:first_row + k]:
+            r._drawn += 1
+        if self._seen is not None:
+            self._seen[first_row:first_row + k].scatter_(1, tokens[:, None], True)
+
+    # ---- host reads, finishing and freeing rows
+    def _read(self, events: list[Event]) -> None:
+        """Read the pending tokens back (one transfer), turn them into text and Events, and free
+        the rows of finished requests."""
+        if not self._pending:
+            return
+        flat = torch.cat([t for _, t in self._pending]).tolist()
+        per_row: dict[int, list[int]] = {}
+        offset = 0
+        for first_row, t in self._pending:
+            for i in range(t.shape[0]):
+                per_row.setdefault(first_row + i, []).append(flat[offset + i])
+            offset += t.shape[0]
+        self._pending.clear()
+        self._unread_steps = 0
+        keep = []
+        for row, r in enumerate(self._active):
+            text, before = [], len(r.tokens)
+            for token in per_row.get(row, ()):
+                if r.done:
+                    break
+                text.append(r._text.push(token))
+                if r._text.sampled > 1:
+                    self.stats.decode_tokens += 1
+                    r.stats.decode_tokens += 1
+            if per_row.get(row):
+                events.append(Event(r, "".join(text), r.tokens[before:], r.done))
+            if not r.done:
+                keep.append(row)
+        self._keep(keep)
+
+    def _cancel_now(self, events: list[Event]) -> None:
+        cancelled = {id(r) for r in self._to_cancel}
+        for r in self._to_cancel:
+            if not r.done:
+                r._text.stop_reason = CANCELLED
+                events.append(Event(r, "", [], True))
+        self._to_cancel.clear()
+        self._waiting = deque(r for r in self._waiting if id(r) not in cancelled)
+        self._keep([row for row, r in enumerate(self._active) if id(r) not in cancelled])
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only active rows `keep` (in order), moved to the front of the cache."""
+        if len(keep) == len(self._active):
+            return
+        if keep:
+            idx = torch.tensor(keep, device=self.device)
+            self._next = self._next[idx]
+            if self._seen is not None:
+                self._seen[:len(keep)] = self._seen[idx]
+            self._cache.keep_rows(keep)
+        else:
+            self._next = None
+        self._active = [self._active[row] for row in keep]
+        self._rows_changed()
+
+
+# ---------------------------------------------------------------------------- generate / stream
 def generate(model, tokenizer: ExaoneTokenizer, prompts, config: GenerationConfig | None = None, *,
              callback: Callable[[int, str], None] | None = None,
              prefill_chunk_size: int | None = None) -> GenerationResult | list[GenerationResult]:
@@ -346,49 +604,67 @@ def generate(model, tokenizer: ExaoneTokenizer, prompts, config: GenerationConfi
 
     prompts: a string (no chat template), a list of token ids, a chat (list of message dicts,
     formatted with EXAONE's chat template), or a list mixing these. Returns one GenerationResult
-    for a single prompt, else a list in the same order.
+    for a single prompt, else a list in the same order; their stats cover the whole call.
     callback(row, text_piece): called as each row's text grows (UTF-8-safe pieces).
     prefill_chunk_size: prefill long prompts this many tokens at a time, and pack short prompts of a
     batch into forwards of at most this many tokens (bounds activation memory; default: whole
-    prompts, packs of up to 8192 tokens).
+    prompts, packs of up to 8192 tokens). With a seed, row i samples with seed + i.
     """
-    config = _check_args(model, tokenizer, config)
-    prompt_ids, single = prepare_prompts(tokenizer, prompts)
-    it = _generate_iter(model, tokenizer, prompt_ids, config, prefill_chunk_size, stream_text=callback is not None)
-    while True:
-        try:
-            row, piece = next(it)
-        except StopIteration as done:
-            results = done.value
-            break
-        callback(row, piece)
+    engine, requests, single = _start(model, tokenizer, prompts, config, prefill_chunk_size)
+    if callback is not None:
+        engine.sync_every = 1
+    row_of = {r.id: i for i, r in enumerate(requests)}
+    while engine.has_work:
+        for event in engine.step():
+            if callback is not None and event.text:
+                callback(row_of[event.request.id], event.text)
+    results = [r.result(engine.stats) for r in requests]
     return results[0] if single else results
+
+
+def _start(model, tokenizer, prompts, config, prefill_chunk_size):
+    """An Engine holding every prompt (a row for each, a cache just long enough), the requests and
+    whether a single prompt was given."""
+    _check_model_tokenizer(model, tokenizer)
+    config = _check_config(config)
+    prompt_ids, single = prepare_prompts(tokenizer, prompts)
+    for i, ids in enumerate(prompt_ids):
+        _check_prompt_ids(ids, "prompt" if single else f"prompts[{i}]", model)
+    context = model.config.max_position_embeddings
+    longest = max(len(ids) + min(config.max_new_tokens, context - len(ids) + 1) - 1 for ids in prompt_ids)
+    engine = Engine(model, tokenizer, max_batch=len(prompt_ids), max_seq_len=longest,
+                    prefill_chunk_size=prefill_chunk_size)
+    seeded = config.seed is not None and not config.greedy
+    requests = [engine.add(ids, config.replace(seed=config.seed + i) if seeded and i else config)
+                for i, ids in enumerate(prompt_ids)]
+    return engine, requests, single
 
 
 class TextStream:
     """Iterates over text pieces as they are generated; `.result` holds the GenerationResult once
     the iteration has finished."""
 
-    def __init__(self, it: Iterator[tuple[int, str]]):
-        self._it = it
+    def __init__(self, engine: Engine, request: Request):
+        self._engine, self._request = engine, request
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        while True:
-            try:
-                _, piece = next(self._it)
-            except StopIteration as done:
-                self.result = done.value[0]
-                return
-            yield piece
+        while self._engine.has_work:
+            for event in self._engine.step():
+                if event.text:
+                    yield event.text
+        self.result = self._request.result(self._engine.stats)
 
 
 def stream(model, tokenizer: ExaoneTokenizer, prompt, config: GenerationConfig | None = None, *,
            prefill_chunk_size: int | None = None) -> TextStream:
     """Generate for one prompt, yielding text pieces as they are decoded (never a partial UTF-8
     character, never text of a stop string). Arguments as for `generate`."""
-    config = _check_args(model, tokenizer, config)
-    prompt_ids, single = prepare_prompts(tokenizer, prompt)
+    _check_model_tokenizer(model, tokenizer)
+    _check_config(config)
+    _, single = prepare_prompts(tokenizer, prompt)
     if not single:
         raise TypeError("stream: takes one prompt; for a batch use generate(..., callback=fn(row, piece))")
-    return TextStream(_generate_iter(model, tokenizer, prompt_ids, config, prefill_chunk_size, stream_text=True))
+    engine, requests, _ = _start(model, tokenizer, prompt, config, prefill_chunk_size)
+    engine.sync_every = 1
+    return TextStream(engine, requests[0])

@@ -62,19 +62,6 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The logits that the final draw (or argmax) sees: float32 [b, V]."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-    if config.greedy:
-        return logits
-    logits = apply_temperature(logits, config.temperature)
-    logits = apply_top_k(logits, config.top_k)
-    logits = apply_top_p(logits, config.top_p)
-    return apply_min_p(logits, config.min_p)
-
-
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One categorical draw per row of probs [b, n] (rows need not be normalised) -> int64 [b]."""
     if probs.device.type == "cpu":
@@ -100,17 +87,16 @@ def draw_race(probs: torch.Tensor, generator: torch.Generator | None = None) -> 
 _NUCLEUS_PROBE = 256  # candidates tried before a full sort for top_p on a CPU
 
 
-def select_next_tokens(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [b, V] -> next token ids int64 [b] (greedy or sampled per `config`). The same
-    distribution as sampling from softmax(process_logits(...))."""
-    if logits.dim() != 2:
-        raise ValueError(f"select_next_tokens: logits must be [batch, vocab], got {tuple(logits.shape)}")
+def _filtered(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None):
+    """The one pipeline behind process_logits and select_next_tokens: repetition penalty, then
+    (sampling) temperature, top_k, top_p, min_p. Returns (logits [b, n] float32, candidates):
+    candidates int64 [b, n] are the vocabulary ids of the n columns when the work was narrowed to
+    a subset (top_k, or top_p's probe), else None (n = V)."""
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if config.greedy:
-        return logits.argmax(-1)
+        return logits, None
     logits = apply_temperature(logits, config.temperature)
     candidates, log_norm = None, None
     if 0 < config.top_k < logits.shape[-1]:
@@ -123,6 +109,25 @@ def select_next_tokens(logits: torch.Tensor, config: GenerationConfig, seen: tor
         full_norm = logits.logsumexp(-1, keepdim=True)                        # [b, 1]
         if bool(((values - full_norm).exp().sum(-1) >= config.top_p).all()):
             logits, candidates, log_norm = values, index, full_norm
-    logits = apply_min_p(apply_top_p(logits, config.top_p, log_norm), config.min_p)
-    choice = draw(logits.softmax(-1), generator)                              # [b]
+    return apply_min_p(apply_top_p(logits, config.top_p, log_norm), config.min_p), candidates
+
+
+def process_logits(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits that the final draw (or argmax) sees: float32 [b, V] (-inf where filtered out)."""
+    out, candidates = _filtered(logits, config, seen)
+    if candidates is None:
+        return out
+    return torch.full(logits.shape, float("-inf"), device=logits.device).scatter(-1, candidates, out)
+
+
+def select_next_tokens(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [b, V] -> next token ids int64 [b] (greedy or sampled per `config`): a draw from
+    softmax(process_logits(...)), made on the candidates only when top_k narrowed them."""
+    if logits.dim() != 2:
+        raise ValueError(f"select_next_tokens: logits must be [batch, vocab], got {tuple(logits.shape)}")
+    out, candidates = _filtered(logits, config, seen)
+    if config.greedy:
+        return out.argmax(-1)
+    choice = draw(out.softmax(-1), generator)                                 # [b]
     return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)

@@ -4,16 +4,19 @@
     from exaone_ext.model import ExaoneForCausalLM, KVCache
     model = ExaoneForCausalLM.from_pretrained("EXAONE-3.5-2.4B-Instruct", dtype=torch.bfloat16)
     logits = model(input_ids)                       # [b, s, vocab] float32
+    hidden = model(input_ids, return_hidden=True)   # [b, s, hidden] after ln_f, for a fused head + loss
     convert_checkpoint(src, dst, to="llama")        # the same weights under Llama names
     checkpoint_info(path)                           # shapes, parameter count, dtypes, memory needed
 """
 from .checkpoint import (CheckpointError, checkpoint_info, convert_checkpoint, detect_naming,
                          exaone_to_llama_name, llama_to_exaone_name, parse_size)
 from .config import ConfigError, ExaoneConfig
-from .kv_cache import KVCache
-from .modeling import ExaoneForCausalLM
+from .kv_cache import KVCache, LayerKVCache
+from .layers import Linear, linear_group
+from .modeling import Block, ExaoneForCausalLM, ForwardContext, RMSNorm
 
 __all__ = [
-    "CheckpointError", "ConfigError", "ExaoneConfig", "ExaoneForCausalLM", "KVCache", "checkpoint_info",
-    "convert_checkpoint", "detect_naming", "exaone_to_llama_name", "llama_to_exaone_name", "parse_size",
+    "Block", "CheckpointError", "ConfigError", "ExaoneConfig", "ExaoneForCausalLM", "ForwardContext", "KVCache",
+    "LayerKVCache", "Linear", "RMSNorm", "checkpoint_info", "convert_checkpoint", "detect_naming",
+    "exaone_to_llama_name", "linear_group", "llama_to_exaone_name", "parse_size",
 ]

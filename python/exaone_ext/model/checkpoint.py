@@ -183,17 +183,20 @@ def _scan(path: str) -> tuple[ExaoneConfig, str, dict[str, _Entry]]:
     return config, naming, entries
 
 
-def _validate(config: ExaoneConfig, entries: dict[str, _Entry], expected: dict[str, tuple]) -> None:
-    """Every expected tensor present with its shape, nothing else (a tied head may be stored)."""
-    for name, shape in expected.items():
+def _validate(config: ExaoneConfig, entries: dict[str, _Entry], expected: dict[str, tuple[tuple, bool]]) -> None:
+    """Every expected tensor present with its shape, nothing else (a tied head may be stored).
+    expected: {name: (shape, is_float)}; a float tensor must be stored in a float type, a tensor a
+    module declares with another dtype (quantized weights) is taken as stored."""
+    for name, (shape, is_float) in expected.items():
         if name not in entries:
             raise CheckpointError(f"missing tensor {name!r} (expected shape {list(shape)}) in the checkpoint")
         e = entries[name]
         if e.shape != tuple(shape):
             raise CheckpointError(f"{e.file}: tensor {e.key!r} has shape {list(e.shape)}, the config "
                                   f"needs {list(shape)}")
-        if not e.dtype.is_floating_point:
-            raise CheckpointError(f"{e.file}: tensor {e.key!r} has dtype {e.dtype}, expected a float type")
+        if is_float and not e.dtype.is_floating_point:
+            raise CheckpointError(f"{e.file}: tensor {e.key!r} has dtype {e.dtype}, expected a float type "
+                                  f"(the model's {name!r} is a float tensor)")
     for name, e in entries.items():
         if name in expected:
             continue
@@ -206,11 +209,20 @@ def _validate(config: ExaoneConfig, entries: dict[str, _Entry], expected: dict[s
                               f"num_layers={config.num_layers}, tie_word_embeddings={config.tie_word_embeddings})")
 
 
-def _expected_shapes(config: ExaoneConfig) -> dict[str, tuple]:
-    from .modeling import ExaoneForCausalLM
-    with torch.device("meta"):
-        model = ExaoneForCausalLM(config)
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}  # the tied head appears once, as wte
+def _config_shapes(config: ExaoneConfig) -> dict[str, tuple[tuple, bool]]:
+    return {n: (shape, True) for n, shape in config.parameter_shapes().items()}
+
+
+def _declared_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors the model's modules declare (their state-dict entries); a shared tensor (the
+    tied head) under its first name only."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
+    return out
 
 
 class _Progress:
@@ -240,20 +252,30 @@ class _Progress:
             self.fn(self.done, self.total, name)
 
 
-def load_model(cls, path, dtype=None, device=None, progress=False, use_kernels=True):
-    """See ExaoneForCausalLM.from_pretrained."""
+def read_config(path) -> ExaoneConfig:
+    """The ExaoneConfig of a checkpoint directory (EXAONE or Llama config.json)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    return ExaoneConfig.from_pretrained(path, allow_llama=True)
+
+
+def load_model(model: nn.Module, path, dtype=None, device=None, progress=False):
+    """Fill `model` (built by the caller from the checkpoint's config, typically on the meta
+    device) with the checkpoint's tensors: every tensor its modules declare in their state dict,
+    so a module that stores its weight another way (quantized, with scales) receives its own.
+    Float tensors are cast to `dtype` when given; others keep the stored dtype.
+    See ExaoneForCausalLM.from_pretrained."""
     path = os.fspath(path)
     config, naming, entries = _scan(path)
-    with torch.device("meta"):
-        model = cls(config, use_kernels=use_kernels)
-    params = dict(model.named_parameters())
-    _validate(config, entries, {n: tuple(p.shape) for n, p in params.items()})
+    declared = _declared_tensors(model)
+    _validate(config, entries, {n: (tuple(t.shape), t.is_floating_point()) for n, t in declared.items()})
     device = torch.device("cpu" if device is None else device)
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"from_pretrained: dtype must be a floating type, got {dtype}")
-    bar = _Progress(progress, sum(entries[n].nbytes for n in params), f"loading {os.path.basename(path)}")
+    bar = _Progress(progress, sum(entries[n].nbytes for n in declared), f"loading {os.path.basename(path)}")
     by_file: dict[str, list[str]] = {}
-    for name in params:
+    for name in declared:
         by_file.setdefault(entries[name].file, []).append(name)
     open_device = str(device) if device.type in ("cpu", "cuda") else "cpu"
     for file, names in by_file.items():
@@ -264,10 +286,15 @@ def load_model(cls, path, dtype=None, device=None, progress=False, use_kernels=T
                     t = f.get_tensor(e.key)
                 except (SafetensorError, OSError, RuntimeError) as err:
                     raise CheckpointError(f"{file}: cannot read tensor {e.key!r} ({err})") from None
-                t = t.to(device=device, dtype=dtype if dtype is not None else t.dtype)
+                cast = dtype if dtype is not None and declared[name].is_floating_point() else t.dtype
+                t = t.to(device=device, dtype=cast)
                 module_name, _, attr = name.rpartition(".")
                 module = model.get_submodule(module_name)
-                module._parameters[attr] = nn.Parameter(t, requires_grad=params[name].requires_grad)
+                if attr in module._parameters:
+                    grad = declared[name].requires_grad and t.is_floating_point()
+                    module._parameters[attr] = nn.Parameter(t, requires_grad=grad)
+                else:
+                    module._buffers[attr] = t
                 bar.update(e.nbytes, e.key)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
@@ -424,10 +451,10 @@ def save_model(model, path, max_shard_size="5GB", naming="exaone", progress=Fals
     if naming not in _FROM_EXAONE:
         raise ValueError(f"save_pretrained: naming must be 'exaone' or 'llama', got {naming!r}")
     rename = _FROM_EXAONE[naming]
-    params = list(model.named_parameters())  # a tied head is the embedding: stored once, as wte
+    params = list(_declared_tensors(model).items())  # a tied head is the embedding: stored once, as wte
     for name, p in params:
         if p.device.type == "meta":
-            raise ValueError(f"save_pretrained: parameter {name!r} is on the meta device (no data to save)")
+            raise ValueError(f"save_pretrained: tensor {name!r} is on the meta device (no data to save)")
     config = model.config
     config_dict = config.to_llama_dict() if naming == "llama" else config.to_dict()
     dtypes = {p.dtype for _, p in params}
@@ -448,7 +475,7 @@ def convert_checkpoint(src, dst, to: str = "llama", max_shard_size="5GB", progre
     if os.path.abspath(src) == os.path.abspath(os.fspath(dst)):
         raise ValueError("convert_checkpoint: src and dst must be different directories")
     config, naming, entries = _scan(src)
-    _validate(config, entries, _expected_shapes(config))
+    _validate(config, entries, _config_shapes(config))
     rename = _FROM_EXAONE[to]
     handles: dict[str, object] = {}
 
@@ -488,7 +515,7 @@ def checkpoint_info(path) -> dict:
     and of a one-row KV cache at full context (in the weights' main dtype)."""
     path = os.fspath(path)
     config, naming, entries = _scan(path)
-    _validate(config, entries, _expected_shapes(config))
+    _validate(config, entries, _config_shapes(config))
     counted = {n: e for n, e in entries.items() if not (n == "lm_head.weight" and config.tie_word_embeddings)}
     dtypes: dict[str, int] = {}
     for e in counted.values():
@@ -518,5 +545,5 @@ def checkpoint_info(path) -> dict:
 
 __all__ = [
     "CheckpointError", "ConfigError", "checkpoint_info", "convert_checkpoint", "detect_naming",
-    "exaone_to_llama_name", "llama_to_exaone_name", "load_model", "parse_size", "save_model", "write_checkpoint",
+    "exaone_to_llama_name", "llama_to_exaone_name", "load_model", "parse_size", "read_config", "save_model", "write_checkpoint",
 ]

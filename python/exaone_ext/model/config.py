@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..ops.reference.rope import parse_rope_scaling
 
 # config.json key spellings: EXAONE name -> Llama name (the only keys that differ)
 _EXAONE_TO_LLAMA_KEYS = {
@@ -90,10 +93,10 @@ class ExaoneConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.activation_function != "silu":
             raise ConfigError(f"activation_function must be 'silu' (SwiGLU), got {self.activation_function!r}")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in (None, "default", "llama3"):
-                raise ConfigError(f"rope_scaling type must be 'llama3' or 'default', got {kind!r}")
+        try:
+            parse_rope_scaling(self.rope_scaling, "config", "rope_scaling")
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
 
     # ---- derived sizes ----
     @property
@@ -103,11 +106,23 @@ class ExaoneConfig:
     @property
     def num_parameters(self) -> int:
         """Parameter count of the model this config describes (the tied head counted once)."""
+        return sum(math.prod(shape) for shape in self.parameter_shapes().values())
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{EXAONE tensor name: shape} of every parameter (the tied head once, as the embedding)."""
         d, hd, i = self.hidden_size, self.head_dim, self.intermediate_size
-        attn = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        layer = attn + 3 * d * i + 2 * d
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        layer = {"ln_1.weight": (d,), "attn.attention.q_proj.weight": (q, d), "attn.attention.k_proj.weight": (kv, d),
+                 "attn.attention.v_proj.weight": (kv, d), "attn.attention.out_proj.weight": (d, q),
+                 "ln_2.weight": (d,), "mlp.c_fc_0.weight": (i, d), "mlp.c_fc_1.weight": (i, d),
+                 "mlp.c_proj.weight": (d, i)}
+        shapes = {"transformer.wte.weight": (self.vocab_size, d)}
+        for n in range(self.num_layers):
+            shapes.update({f"transformer.h.{n}.{k}": v for k, v in layer.items()})
+        shapes["transformer.ln_f.weight"] = (d,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        return shapes
 
     def kv_cache_bytes(self, batch_size: int = 1, seq_len: int | None = None, element_size: int = 2) -> int:
         """Bytes of a KV cache for `batch_size` rows of `seq_len` tokens (default: the full context)."""

@@ -1,5 +1,5 @@
-"""A preallocated key/value cache: one (k, v) pair per layer, written in place by
-flash_attn_with_kvcache at each row's current length."""
+"""A preallocated key/value cache: one LayerKVCache (k, v) per layer, written in place at each
+row's current length."""
 from __future__ import annotations
 
 import torch
@@ -7,8 +7,34 @@ import torch
 from .config import ExaoneConfig
 
 
+class LayerKVCache:
+    """One layer's keys and values: k, v [batch_size, max_seq_len, num_key_value_heads, head_dim].
+    Unpacks as `k, v = layer`. The lengths live in the KVCache that owns it."""
+
+    __slots__ = ("k", "v")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def __iter__(self):
+        return iter((self.k, self.v))
+
+    def append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor,
+               cache_seqlens_max: int, attend) -> torch.Tensor:
+        """Writes k, v [b, s, hk, hd] after the seqlens[b] tokens of each row and returns the
+        attention of q [b, s, hq, hd] over everything the row then holds (causal):
+        `attend` is flash_attn_with_kvcache (kernel or reference), which does both in one pass.
+        cache_seqlens_max: the host bound on seqlens (no device read). The caller advances the lengths."""
+        return attend(q, self.k, self.v, seqlens, k, v, causal=True, cache_seqlens_max=cache_seqlens_max)
+
+    def write_packed(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Packed tokens k, v [total, hk, hd]: token t goes to row rows[t] at position positions[t]."""
+        self.k.index_put_((rows, positions), k)
+        self.v.index_put_((rows, positions), v)
+
+
 class KVCache:
-    """layers[i] = (k, v), each [batch_size, max_seq_len, num_key_value_heads, head_dim];
+    """layers[i]: LayerKVCache of layer i (k, v [batch_size, max_seq_len, num_key_value_heads, head_dim]);
     seqlens int32 [batch_size]: tokens already cached in each row (the model advances it after a forward).
     host_seqlens: the same lengths in CPU memory (the very same tensor for a CPU cache), so that
     bounds are checked without reading GPU memory back; change lengths through advance() and
@@ -29,8 +55,8 @@ class KVCache:
             raise ValueError(f"KVCache: max_seq_len {max_seq_len} exceeds the model's context "
                              f"(max_position_embeddings {config.max_position_embeddings})")
         shape = (batch_size, max_seq_len, config.num_key_value_heads, config.head_dim)
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.layers: list[LayerKVCache] = [
+            LayerKVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_layers)]
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.host_seqlens = self.seqlens if self.seqlens.is_cpu else torch.zeros(batch_size, dtype=torch.int32)
@@ -58,8 +84,8 @@ class KVCache:
             raise IndexError(f"KVCache.rows: rows {start}..{stop - 1} out of range for batch_size {self.batch_size}")
         lens = self.seqlens[start:stop]
         host = lens if self.host_seqlens is self.seqlens else self.host_seqlens[start:stop]
-        return KVCache._view([(k[start:stop], v[start:stop]) for k, v in self.layers], lens, host,
-                             self.max_seq_len)
+        return KVCache._view([LayerKVCache(layer.k[start:stop], layer.v[start:stop]) for layer in self.layers],
+                             lens, host, self.max_seq_len)
 
     def keep_rows(self, keep: list[int]) -> "KVCache":
         """A cache holding only rows `keep` (in that order) of this one, moved to the front of the
@@ -70,9 +96,9 @@ class KVCache:
         if keep != list(range(n)):
             longest = max((int(self.host_seqlens[r]) for r in keep), default=0)
             idx = torch.tensor(keep, device=self.seqlens.device)
-            for k, v in self.layers:
-                k[:n, :longest] = k[idx, :longest]                                 # [n, longest, kv_heads, hd]
-                v[:n, :longest] = v[idx, :longest]
+            for layer in self.layers:
+                layer.k[:n, :longest] = layer.k[idx, :longest]                    # [n, longest, kv_heads, hd]
+                layer.v[:n, :longest] = layer.v[idx, :longest]
             self.seqlens[:n] = self.seqlens[idx]
             if self.host_seqlens is not self.seqlens:
                 self.host_seqlens[:n] = self.host_seqlens[torch.tensor(keep)]
@@ -90,7 +116,8 @@ class KVCache:
 
     def check_room(self, new_tokens: int) -> int:
         """Raise ValueError if appending `new_tokens` to any row would pass max_seq_len; returns
-        longest() (the tokens in the fullest row before the append)."""
+        longest() (the tokens in the fullest row before the append: the host bound the attention
+        op is given)."""
         longest = self.longest()
         if longest + new_tokens > self.max_seq_len:
             raise ValueError(f"KVCache: appending {new_tokens} token(s) to a row holding {longest} would exceed "
@@ -114,7 +141,7 @@ class KVCache:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0][0].dtype
+        return self.layers[0].k.dtype
 
     @property
     def device(self) -> torch.device:
@@ -122,10 +149,10 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
 
     def __repr__(self) -> str:
-        k = self.layers[0][0] if self.layers else None
+        k = self.layers[0].k if self.layers else None
         return (f"KVCache(layers={len(self.layers)}, batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
                 f"kv_heads={k.shape[2] if k is not None else '?'}, head_dim={k.shape[3] if k is not None else '?'}, "
                 f"dtype={self.dtype if k is not None else '?'}, seqlens={self.seqlens.tolist()})")

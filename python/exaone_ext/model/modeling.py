@@ -7,10 +7,15 @@
 Module names follow EXAONE's checkpoint tensor names (transformer.h.{i}.attn.attention.q_proj, ...), so
 the state dict is the checkpoint. Every hot op goes through `exaone_ext.ops` (compiled kernels) or,
 with `use_kernels=False`, through the same-named plain-PyTorch functions of `exaone_ext.ops.reference`.
+
+Each Block is a self-contained module (`Block.forward(h, ctx) -> h` reads only its own weights), so
+`torch.distributed.fsdp.fully_shard(block)` and per-block activation checkpointing apply as usual;
+what a forward shares between blocks travels in a ForwardContext.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -18,14 +23,13 @@ from torch import nn
 
 from .. import ops as _kernel_ops
 from ..ops import reference as _reference_ops
-from ..ops.attention import ATTENTION_HEAD_DIMS
+from ..ops.attention import attention_head_dim_supported
 from .config import ExaoneConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, LayerKVCache
+from .layers import Linear, linear_group
 
 _OP_NAMES = ("linear", "linear_cat", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
              "flash_attn_varlen", "flash_attn_with_kvcache")
-
-
 _ATTENTION_OPS = ("flash_attn", "flash_attn_varlen", "flash_attn_with_kvcache")
 
 
@@ -41,16 +45,54 @@ _OPS = {(k, a): _resolve_ops(k, a) for k in (False, True) for a in (False, True)
 
 def ops_for(use_kernels: bool, head_dim: int | None = None) -> SimpleNamespace:
     """The op functions the model calls: the kernels (`exaone_ext.ops`) or the references. A head
-    dim the attention kernels are not built for (they cover ATTENTION_HEAD_DIMS) runs the attention
-    references and every other op on its kernel."""
-    return _OPS[(bool(use_kernels), head_dim is None or head_dim in ATTENTION_HEAD_DIMS)]
+    dim the attention kernels are not built for runs the attention references and every other op
+    on its kernel."""
+    return _OPS[(bool(use_kernels), head_dim is None or attention_head_dim_supported(head_dim))]
+
+
+@dataclass
+class ForwardContext:
+    """What one forward shares with every block.
+
+    position_ids int64 [b, s]; cos / sin: the RoPE tables [max_position, head_dim // 2] float32.
+    cu_seqlens int32 [n_docs + 1] and max_seqlen (host int): packed documents, or None.
+    kv_cache: the cache this forward appends to, or None; cache_seqlens_max: its host bound (tokens
+    in the fullest row before this forward). packed_slots: with packed documents and a cache,
+    (rows, positions) int64 [total]: where each token's keys and values go."""
+
+    ops: SimpleNamespace
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    kv_cache: KVCache | None = None
+    cache_seqlens_max: int | None = None
+    packed_slots: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def layer_cache(self, layer_idx: int) -> LayerKVCache | None:
+        return None if self.kv_cache is None else self.kv_cache.layers[layer_idx]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    """EXAONE's RMSNorm over the last dim; `add_norm` fuses the residual add before it."""
+
+    def __init__(self, hidden_size: int, eps: float, use_kernels: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.use_kernels = use_kernels
+
+    def _ops(self):
+        return _kernel_ops if self.use_kernels else _reference_ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., hidden] -> rms_norm(x) * weight, in x's dtype."""
+        return self._ops().rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = x + residual, y = self(h) in one pass. Returns (y, h)."""
+        return self._ops().add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -60,40 +102,35 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
-        self.out_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * hd)
+        self.k_proj = Linear(d, self.num_kv_heads * hd)
+        self.v_proj = Linear(d, self.num_kv_heads * hd)
+        self.out_proj = Linear(self.num_heads * hd, d)
 
-    def forward(self, x, ops, cos, sin, position_ids, cu_seqlens, max_seqlen, kv_layer, cache_seqlens,
-                cache_max=None):
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: LayerKVCache | None) -> torch.Tensor:
+        """x [b, s, d] (normed) -> [b, s, d]."""
+        ops = ctx.ops
         b, s, _ = x.shape
         # the three projections in one call (one pass over their weights at decode); q, k, v are views
         nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = ops.linear_cat(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # [b, s, nq + 2 nk]
+        qkv = linear_group(x, [self.q_proj, self.k_proj, self.v_proj], ops)                    # [b, s, nq + 2 nk]
         q = qkv[..., :nq].view(b, s, self.num_heads, self.head_dim)                          # [b, s, hq, hd]
         k = qkv[..., nq:nq + nk].view(b, s, self.num_kv_heads, self.head_dim)                # [b, s, hk, hd]
         v = qkv[..., nq + nk:].view(b, s, self.num_kv_heads, self.head_dim)                  # [b, s, hk, hd]
-        q, k = ops.apply_rope(q, k, cos, sin, position_ids)
-        if kv_layer is not None and cu_seqlens is not None:
-            # packed prefill into empty cache rows: document i attends to itself only, and its keys
-            # and values land in row i at positions 0..len_i - 1 (kv_layer[2]: (rows, positions))
-            out = ops.flash_attn_varlen(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                        causal=True)[None]               # [1, total, hq, hd]
-            rows, pos = kv_layer[2]
-            kv_layer[0].index_put_((rows, pos), k[0])
-            kv_layer[1].index_put_((rows, pos), v[0])
-        elif kv_layer is not None:
+        q, k = ops.apply_rope(q, k, ctx.cos, ctx.sin, ctx.position_ids)
+        if ctx.cu_seqlens is not None:
+            # packed documents (b == 1): tokens of different documents never see each other; with a
+            # cache, document i's keys and values land in row i at positions 0..len_i - 1
+            out = ops.flash_attn_varlen(q[0], k[0], v[0], ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen,
+                                        ctx.max_seqlen, causal=True)[None]           # [1, total, hq, hd]
+            if cache is not None:
+                cache.write_packed(k[0], v[0], *ctx.packed_slots)
+        elif cache is not None:
             # k, v are written into the cache at each row's offset, then attended with the past
-            out = ops.flash_attn_with_kvcache(q, kv_layer[0], kv_layer[1], cache_seqlens, k, v, causal=True,
-                                              cache_seqlens_max=cache_max)
-        elif cu_seqlens is not None:
-            # packed documents: b == 1, tokens of different documents never see each other
-            out = ops.flash_attn_varlen(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                        causal=True)[None]               # [1, total, hq, hd]
+            out = cache.append(q, k, v, ctx.kv_cache.seqlens, ctx.cache_seqlens_max, ops.flash_attn_with_kvcache)
         else:
-            out = ops.flash_attn(q, k, v, causal=True)                   # [b, s, hq, hd]
-        return ops.linear(out.reshape(b, s, self.num_heads * self.head_dim), self.out_proj.weight)
+            out = ops.flash_attn(q, k, v, causal=True)                                       # [b, s, hq, hd]
+        return self.out_proj(out.reshape(b, s, nq))
 
 
 class AttentionBlock(nn.Module):
@@ -108,29 +145,39 @@ class MLP(nn.Module):
 
     def __init__(self, config: ExaoneConfig):
         super().__init__()
-        self.c_fc_0 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # gate
-        self.c_fc_1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # up
-        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # down
+        self.c_fc_0 = Linear(config.hidden_size, config.intermediate_size)  # gate
+        self.c_fc_1 = Linear(config.hidden_size, config.intermediate_size)  # up
+        self.c_proj = Linear(config.intermediate_size, config.hidden_size)  # down
 
-    def forward(self, x, ops):
-        gate_up = ops.linear_cat(x, [self.c_fc_0.weight, self.c_fc_1.weight])  # [..., 2 * intermediate]
-        return ops.linear(ops.swiglu(gate_up), self.c_proj.weight)
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        gate_up = linear_group(x, [self.c_fc_0, self.c_fc_1], ops)          # [..., 2 * intermediate]
+        return self.c_proj(ops.swiglu(gate_up))
 
 
 class Block(nn.Module):
-    def __init__(self, config: ExaoneConfig):
+    """One decoder layer on the residual stream: h + attn(ln_1(h)), then + mlp(ln_2(.)); the
+    second residual add is fused with ln_2."""
+
+    def __init__(self, config: ExaoneConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.attn = AttentionBlock(config)
         self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """h [b, s, d] residual stream -> the stream after this layer."""
+        a = self.attn.attention(self.ln_1(h), ctx, ctx.layer_cache(self.layer_idx))
+        y, h = self.ln_2.add_norm(a, h)
+        return h + self.mlp(y, ctx.ops)
 
 
 class Transformer(nn.Module):
     def __init__(self, config: ExaoneConfig):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
 
@@ -139,30 +186,50 @@ class ExaoneForCausalLM(nn.Module):
 
     forward(input_ids [b, s]) -> float32 logits [b, s, vocab]. Build with random weights from a config
     (`ExaoneForCausalLM(ExaoneConfig.preset("2.4b"))`, or under `torch.device("meta")` for shapes only)
-    or load a checkpoint with `ExaoneForCausalLM.from_pretrained(path)`. `use_kernels` (an attribute,
-    switchable at any time) chooses the compiled ops or their plain-PyTorch references.
+    or load a checkpoint with `ExaoneForCausalLM.from_pretrained(path)`. `use_kernels` (switchable
+    at any time) chooses the compiled ops or their plain-PyTorch references for every layer.
     """
 
     def __init__(self, config: ExaoneConfig, use_kernels: bool = True):
         super().__init__()
         self.config = config
-        self.use_kernels = use_kernels
         self.generation_config: dict | None = None
         self.transformer = Transformer(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.use_kernels = use_kernels
         self.init_rope()
 
+    @property
+    def use_kernels(self) -> bool:
+        return self._use_kernels
+
+    @use_kernels.setter
+    def use_kernels(self, value: bool) -> None:
+        self._use_kernels = bool(value)
+        for m in self.modules():  # every layer that picks its own op (Linear, RMSNorm, replacements)
+            if m is not self and hasattr(m, "use_kernels"):
+                m.use_kernels = self._use_kernels
+
     def init_rope(self, device: torch.device | str | None = None) -> None:
-        """(Re)build the RoPE tables [max_position_embeddings, head_dim // 2] float32 (angles in float64)."""
+        """(Re)build the RoPE tables [max_position_embeddings, head_dim // 2] float32 (angles in float64)
+        on `device` (default: where the tables are). Done at construction and by every move or
+        cast of the model (.to, .cuda, .to_empty...), never inside forward."""
         c = self.config
-        device = self.transformer.wte.weight.device if device is None else device
+        device = self.rope_cos.device if device is None else device
         cos, sin = ops_for(self.use_kernels).rope_cos_sin(c.head_dim, c.max_position_embeddings, c.rope_theta,
                                                            c.rope_scaling, device)
         self.rope_cos, self.rope_sin = cos, sin
+
+    def _apply(self, fn, recurse: bool = True):
+        # A move or cast (.to(bfloat16), .cuda(), .to_empty()) would turn the float32 tables into
+        # the weights' dtype or uninitialised memory: rebuild them where they now are.
+        super()._apply(fn, recurse)
+        self.init_rope()
+        return self
 
     def reset_parameters(self, std: float | None = None) -> None:
         """Random normal weights (std = config.initializer_range), norms at one."""
@@ -209,32 +276,39 @@ class ExaoneForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                num_logits_to_keep: int = 0) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                kv_cache: KVCache | None = None, num_logits_to_keep: int = 0,
+                return_hidden: bool = False) -> torch.Tensor:
         """input_ids int64 [b, s]. Returns float32 logits [b, s, vocab] ([b, keep, vocab] for the last
-        `num_logits_to_keep` positions when it is > 0).
+        `num_logits_to_keep` positions when it is > 0), or with return_hidden the final normed
+        hidden states [b, s, hidden] (after ln_f, in the model's dtype; same selection) for a
+        caller that applies `lm_head.weight` itself (a fused linear + cross-entropy).
 
         position_ids [b, s]: default 0..s-1, or each row's cache length onward with a kv_cache.
         cu_seqlens int32 [n_docs + 1]: packed documents in input_ids [1, total] (or [total]), attended
-        separately, positions restarting at 0 per document unless given; num_logits_to_keep then
-        counts per document: logits [n_docs, keep, vocab] of each document's last positions.
+        separately, positions restarting at 0 per document unless given (derived on the device);
+        num_logits_to_keep then counts per document: [n_docs, keep, ...] of each document's last
+        positions. max_seqlen: the longest document, if the caller knows it; otherwise cu_seqlens
+        is read back to the host (a synchronisation on a GPU), as it is to check it whenever a
+        cache or num_logits_to_keep needs the lengths, or it lies in CPU memory.
         kv_cache: the new tokens are appended to each row's cache and attend to everything before
         them; the cache's seqlens advance by s. With cu_seqlens too (packed prefill), document i
         goes into row i of a cache whose rows are all empty.
         """
-        ops = ops_for(self.use_kernels, self.config.head_dim)
-        doc_lengths = packed_kv = None
-        if kv_cache is not None and len(kv_cache.layers) != self.config.num_layers:
-            raise ValueError(f"ExaoneForCausalLM: kv_cache has {len(kv_cache.layers)} layers, "
-                             f"the model {self.config.num_layers}")
+        c = self.config
+        ops = ops_for(self.use_kernels, c.head_dim)
+        if kv_cache is not None and len(kv_cache.layers) != c.num_layers:
+            raise ValueError(f"ExaoneForCausalLM: kv_cache has {len(kv_cache.layers)} layers, the model {c.num_layers}")
+        doc_lengths = packed_slots = cache_max = None
         if cu_seqlens is not None:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]                               # [total] -> [1, total]
             if input_ids.dim() != 2 or input_ids.shape[0] != 1:
                 raise ValueError(f"ExaoneForCausalLM: with cu_seqlens, input_ids must be [1, total] or [total], "
                                  f"got {tuple(input_ids.shape)}")
-            cu_seqlens, max_seqlen, doc_ids, doc_positions, doc_lengths = self._check_cu_seqlens(
-                cu_seqlens, input_ids.shape[1])
+            need_host = kv_cache is not None or num_logits_to_keep > 0 or max_seqlen is None
+            max_seqlen, doc_ids, doc_positions, doc_lengths = _packed_layout(cu_seqlens, input_ids.shape[1],
+                                                                             max_seqlen, need_host)
             if position_ids is None:
                 position_ids = doc_positions[None]
             if num_logits_to_keep > 0 and min(doc_lengths) < num_logits_to_keep:
@@ -251,77 +325,43 @@ class ExaoneForCausalLM(nn.Module):
                 if kv_cache.dtype != self.transformer.wte.weight.dtype:
                     raise TypeError(f"ExaoneForCausalLM: kv_cache holds {kv_cache.dtype}, the model computes in "
                                     f"{self.transformer.wte.weight.dtype}")
-                packed_kv = (doc_ids, doc_positions)  # token t goes to row doc_ids[t], position doc_positions[t]
+                packed_slots = (doc_ids, doc_positions)  # token t goes to row doc_ids[t], position doc_positions[t]
         elif input_ids.dim() != 2:
             raise ValueError(f"ExaoneForCausalLM: input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
-        else:
-            max_seqlen = None
         b, s = input_ids.shape
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ExaoneForCausalLM: input_ids must be int64 or int32, got {input_ids.dtype}")
-
-        cache_seqlens = cache_max = None
-        if kv_cache is not None and packed_kv is None:
+        if kv_cache is not None and packed_slots is None:
             if kv_cache.batch_size != b:
                 raise ValueError(f"ExaoneForCausalLM: kv_cache has batch_size {kv_cache.batch_size}, "
                                  f"input_ids has {b} rows")
             # the bound from host memory: the attention op need not read the lengths back
             cache_max = kv_cache.check_room(s)
-            cache_seqlens = kv_cache.seqlens
             if position_ids is None:
-                position_ids = cache_seqlens[:, None].long() + torch.arange(s, device=input_ids.device)  # [b, s]
+                position_ids = kv_cache.seqlens[:, None].long() + torch.arange(s, device=input_ids.device)  # [b, s]
         if position_ids is None:
-            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)                   # [b, s]
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)                        # [b, s]
         position_ids = position_ids.long()
         if tuple(position_ids.shape) != (b, s):
             raise ValueError(f"ExaoneForCausalLM: position_ids must be [{b}, {s}], got {tuple(position_ids.shape)}")
-        if (self.rope_cos.device != input_ids.device or self.rope_cos.dtype != torch.float32  # e.g. after .to(bf16)
-                or self.rope_cos.shape[0] != self.config.max_position_embeddings):
-            self.init_rope(input_ids.device)
 
-        eps = self.config.layer_norm_epsilon
-        blocks = self.transformer.h
-        x = self.transformer.wte(input_ids)                                                       # [b, s, d]
-        # residual stream h; each norm is fused with the add of the branch before it
-        h = x
-        y = ops.rms_norm(x, blocks[0].ln_1.weight, eps) if len(blocks) else x
-        for i, block in enumerate(blocks):
-            kv_layer = kv_cache.layers[i] if kv_cache is not None else None
-            if packed_kv is not None:
-                kv_layer = (*kv_layer, packed_kv)
-            a = block.attn.attention(y, ops, self.rope_cos, self.rope_sin, position_ids, cu_seqlens, max_seqlen,
-                                     kv_layer, cache_seqlens, cache_max)
-            y, h = ops.add_rms_norm(a, h, block.ln_2.weight, eps)
-            m = block.mlp(y, ops)
-            next_norm = blocks[i + 1].ln_1.weight if i + 1 < len(blocks) else self.transformer.ln_f.weight
-            y, h = ops.add_rms_norm(m, h, next_norm, eps)
-        if not len(blocks):
-            y = ops.rms_norm(x, self.transformer.ln_f.weight, eps)
+        ctx = ForwardContext(ops, self.rope_cos, self.rope_sin, position_ids, cu_seqlens, max_seqlen, kv_cache,
+                             cache_max, packed_slots)
+        h = self.transformer.wte(input_ids)                                                            # [b, s, d]
+        for block in self.transformer.h:
+            h = block(h, ctx)
         if kv_cache is not None:
-            kv_cache.advance(doc_lengths if packed_kv is not None else s)
-        if num_logits_to_keep > 0 and doc_lengths is not None:
-            ends = cu_seqlens[1:].long()                                                          # [n_docs]
-            idx = ends[:, None] - torch.arange(num_logits_to_keep, 0, -1, device=ends.device)     # [n_docs, keep]
-            y = y[0][idx]                                                                         # [n_docs, keep, d]
+            kv_cache.advance(doc_lengths if packed_slots is not None else s)
+        if num_logits_to_keep > 0 and cu_seqlens is not None:
+            ends = cu_seqlens[1:].long()                                                               # [n_docs]
+            idx = ends[:, None] - torch.arange(num_logits_to_keep, 0, -1, device=ends.device)          # [n_docs, keep]
+            h = h[0][idx]                                                                              # [n_docs, keep, d]
         elif num_logits_to_keep > 0:
-            y = y[:, -num_logits_to_keep:]                                                        # [b, keep, d]
-        return ops.linear(y, self.lm_head.weight).float()                                        # [b, s, V]
-
-    def _check_cu_seqlens(self, cu_seqlens: torch.Tensor, total: int):
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError("ExaoneForCausalLM: cu_seqlens must be a 1-D int32 tensor [n_docs + 1]")
-        if cu_seqlens.dtype != torch.int32:
-            raise TypeError(f"ExaoneForCausalLM: cu_seqlens must be int32, got {cu_seqlens.dtype}")
-        host = cu_seqlens.tolist()
-        lengths = [e - s for s, e in zip(host, host[1:])]
-        if host[0] != 0 or host[-1] != total or min(lengths) < 0:
-            raise ValueError(f"ExaoneForCausalLM: cu_seqlens must rise from 0 to {total} (the token count), "
-                             f"got {host}")
-        dev = cu_seqlens.device
-        doc_ids = torch.arange(len(lengths), device=dev).repeat_interleave(torch.tensor(lengths, device=dev),
-                                                                           output_size=total)    # [total]
-        positions = torch.arange(total, device=dev) - torch.tensor(host[:-1], device=dev)[doc_ids]  # [total]
-        return cu_seqlens, max(lengths), doc_ids, positions, lengths
+            h = h[:, -num_logits_to_keep:]                                                             # [b, keep, d]
+        y = self.transformer.ln_f(h)
+        if return_hidden:
+            return y
+        return self.lm_head(y).float()                                                                 # [b, s, V]
 
     # ---- checkpoints ----
     @classmethod
@@ -331,8 +371,11 @@ class ExaoneForCausalLM(nn.Module):
         """Load a Hugging Face-layout checkpoint directory (EXAONE or Llama tensor names, detected).
         Tensors keep the dtype stored in the file unless `dtype` is given; `progress` is True for a
         bar on stderr or a callable(done_bytes, total_bytes, tensor_name)."""
-        from .checkpoint import load_model
-        return load_model(cls, path, dtype=dtype, device=device, progress=progress, use_kernels=use_kernels)
+        from .checkpoint import load_model, read_config
+        config = read_config(path)
+        with torch.device("meta"):
+            model = cls(config, use_kernels=use_kernels)
+        return load_model(model, path, dtype=dtype, device=device, progress=progress)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         naming: str = "exaone", progress=False) -> None:
@@ -340,3 +383,32 @@ class ExaoneForCausalLM(nn.Module):
         atomically: the directory appears complete or not at all."""
         from .checkpoint import save_model
         save_model(self, path, max_shard_size=max_shard_size, naming=naming, progress=progress)
+
+
+def _packed_layout(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None, need_host: bool):
+    """Checks cu_seqlens and derives each token's document and position within it, on the device.
+    Returns (max_seqlen, doc_ids [total], positions [total], host lengths or None). The lengths are
+    read back (and everything checked) only when `need_host` or cu_seqlens is in CPU memory."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("ExaoneForCausalLM: cu_seqlens must be a 1-D int32 tensor [n_docs + 1]")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"ExaoneForCausalLM: cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise TypeError(f"ExaoneForCausalLM: max_seqlen must be a non-negative int or None, got {max_seqlen!r}")
+    lengths = None
+    if need_host or cu_seqlens.is_cpu:
+        host = cu_seqlens.tolist()
+        lengths = [e - s for s, e in zip(host, host[1:])]
+        if host[0] != 0 or host[-1] != total or min(lengths) < 0:
+            raise ValueError(f"ExaoneForCausalLM: cu_seqlens must rise from 0 to {total} (the token count), "
+                             f"got {host}")
+        if max_seqlen is None:
+            max_seqlen = max(lengths)
+        elif max_seqlen < max(lengths):
+            raise ValueError(f"ExaoneForCausalLM: max_seqlen = {max_seqlen} is below the longest document "
+                             f"({max(lengths)} tokens)")
+    dev = cu_seqlens.device
+    token = torch.arange(total, dtype=torch.int32, device=dev)                                     # [total]
+    doc_ids = torch.searchsorted(cu_seqlens[1:], token, right=True)                                # [total] int64
+    positions = (token - cu_seqlens[doc_ids]).long()                                               # [total]
+    return max_seqlen, doc_ids, positions, lengths

@@ -24,6 +24,11 @@ _ops = torch.ops.exaone_ext
 ATTENTION_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
+def attention_head_dim_supported(head_dim: int) -> bool:
+    """Whether the attention kernels take this head dim (elsewhere the model runs the references)."""
+    return head_dim in ATTENTION_HEAD_DIMS
+
+
 def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
     return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 

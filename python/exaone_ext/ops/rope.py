@@ -9,36 +9,10 @@ from ._dispatch import check_tensor, has_kernel
 
 _ops = torch.ops.exaone_ext
 
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
 def _llama3_params(scaling: dict | None) -> tuple[bool, float, float, float, float]:
-    """(llama3, factor, low_freq_factor, high_freq_factor, original) from a config.json rope_scaling."""
-    if scaling is None:
-        return False, 1.0, 1.0, 1.0, 1.0
-    if not isinstance(scaling, dict):
-        raise TypeError(f"exaone_ext.rope_cos_sin: 'scaling' must be a dict or None, got {type(scaling).__name__}")
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return False, 1.0, 1.0, 1.0, 1.0
-    if kind != "llama3":
-        raise ValueError(f"exaone_ext.rope_cos_sin: scaling rope_type must be 'llama3' or 'default', got {kind!r}")
-    missing = [key for key in _LLAMA3_KEYS if key not in scaling]
-    if missing:
-        raise ValueError(f"exaone_ext.rope_cos_sin: llama3 scaling is missing {', '.join(map(repr, missing))}")
-    try:
-        factor, low, high, original = (float(scaling[key]) for key in _LLAMA3_KEYS)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"exaone_ext.rope_cos_sin: llama3 scaling values must be numbers: {e}") from None
-    if not factor > 0:
-        raise ValueError(f"exaone_ext.rope_cos_sin: llama3 scaling 'factor' must be positive, got {factor}")
-    if not 0 < low < high:
-        raise ValueError("exaone_ext.rope_cos_sin: llama3 scaling needs 0 < 'low_freq_factor' < 'high_freq_factor', "
-                         f"got {low} and {high}")
-    if not original > 0:
-        raise ValueError("exaone_ext.rope_cos_sin: llama3 scaling 'original_max_position_embeddings' must be "
-                         f"positive, got {original}")
-    return True, factor, low, high, original
+    """(llama3, factor, low_freq_factor, high_freq_factor, original) for the kernel."""
+    params = reference.parse_rope_scaling(scaling, "exaone_ext.rope_cos_sin")
+    return (False, 1.0, 1.0, 1.0, 1.0) if params is None else (True, *params)
 
 
 def rope_cos_sin(head_dim: int, max_position: int, theta: float = 1e6, scaling: dict | None = None,

@@ -4,10 +4,10 @@ way the Hugging Face EXAONE model does."""
 from .attention import flash_attn, flash_attn_varlen, flash_attn_with_kvcache
 from .linear import linear, linear_cat
 from .rms_norm import add_rms_norm, rms_norm
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .rope import apply_rope, parse_rope_scaling, rope_cos_sin, rope_inv_freq
 from .swiglu import swiglu
 
 __all__ = [
     "add_rms_norm", "apply_rope", "flash_attn", "flash_attn_varlen", "flash_attn_with_kvcache",
-    "linear", "linear_cat", "rms_norm", "rope_cos_sin", "rope_inv_freq", "swiglu",
+    "linear", "linear_cat", "parse_rope_scaling", "rms_norm", "rope_cos_sin", "rope_inv_freq", "swiglu",
 ]

@@ -5,22 +5,49 @@ import math
 import torch
 
 
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def parse_rope_scaling(scaling, where: str, name: str = "scaling") -> tuple[float, float, float, float] | None:
+    """The one reading of a config.json rope_scaling: None (no scaling: None, 'default') or the
+    llama3 (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    TypeError / ValueError naming `where` and `name` otherwise."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise TypeError(f"{where}: '{name}' must be a dict or None, got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"{where}: unsupported {name} type: rope_type must be 'llama3' or 'default', got {kind!r}")
+    missing = [key for key in _LLAMA3_KEYS if key not in scaling]
+    if missing:
+        raise ValueError(f"{where}: llama3 {name} is missing {', '.join(map(repr, missing))}")
+    try:
+        factor, low, high, original = (float(scaling[key]) for key in _LLAMA3_KEYS)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{where}: llama3 {name} values must be numbers: {e}") from None
+    if not factor > 0:
+        raise ValueError(f"{where}: llama3 {name} 'factor' must be positive, got {factor}")
+    if not 0 < low < high:
+        raise ValueError(f"{where}: llama3 {name} needs 0 < 'low_freq_factor' < 'high_freq_factor', "
+                         f"got {low} and {high}")
+    if not original > 0:
+        raise ValueError(f"{where}: llama3 {name} 'original_max_position_embeddings' must be positive, "
+                         f"got {original}")
+    return factor, low, high, original
+
+
 def rope_inv_freq(head_dim: int, theta: float = 1e6, scaling: dict | None = None) -> torch.Tensor:
     """float64 inverse frequencies [head_dim // 2], with the llama3 rule when
     scaling = {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"}."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if scaling is None:
+    params = parse_rope_scaling(scaling, "rope_inv_freq")
+    if params is None:
         return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return inv_freq
-    if kind != "llama3":
-        raise ValueError(f"rope scaling type must be 'llama3' or 'default', got {kind!r}")
-    factor = float(scaling["factor"])
-    low = float(scaling["low_freq_factor"])
-    high = float(scaling["high_freq_factor"])
-    original = float(scaling["original_max_position_embeddings"])
+    factor, low, high, original = params
     wavelen = 2 * math.pi / inv_freq
     smooth = (original / wavelen - low) / (high - low)
     scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)

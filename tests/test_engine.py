@@ -1,0 +1,179 @@
+"""The step-function Engine with the real tiny model and tokenizer: requests join and leave a
+running decode loop (each result equal to its solo generate run), cancellation frees the row,
+per-request sampling settings in one batch, events that reassemble the text, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exaone_ext.generation import Engine, Event, GenerationConfig, Request, generate
+from exaone_ext.model import ExaoneForCausalLM
+from exaone_ext.testing import write_tiny_checkpoint
+from exaone_ext.tokenizer import ExaoneTokenizer
+
+PROMPTS = ["Hello", "The capital of Korea is", "안녕하세요. 저는", "Large language models predict the next token",
+           "Seoul is"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return ExaoneTokenizer.from_pretrained(ckpt)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return ExaoneForCausalLM.from_pretrained(ckpt)
+
+
+def greedy(n: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, stop_token_ids=[])
+
+
+def run(engine: Engine, events: list[Event] | None = None, max_steps: int = 1000) -> None:
+    for _ in range(max_steps):
+        if not engine.has_work:
+            return
+        got = engine.step()
+        if events is not None:
+            events.extend(got)
+    raise AssertionError("the engine did not finish")
+
+
+def decode_batches(model, monkeypatch) -> list[int]:
+    """Records the batch size of every decode forward (one token per row) the model runs."""
+    sizes = []
+    real = type(model).forward
+
+    def spy(self, input_ids, *args, **kw):
+        if kw.get("cu_seqlens") is None and input_ids.dim() == 2 and input_ids.shape[1] == 1:
+            sizes.append(input_ids.shape[0])
+        return real(self, input_ids, *args, **kw)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    return sizes
+
+
+def test_requests_join_and_leave_a_running_loop(model, tok, monkeypatch):
+    budgets = [5, 12, 6, 9, 4]
+    solo = [generate(model, tok, p, greedy(n)) for p, n in zip(PROMPTS, budgets)]
+    sizes = decode_batches(model, monkeypatch)
+    engine = Engine(model, tok, max_batch=3)
+    reqs = [engine.add(PROMPTS[0], greedy(budgets[0])), engine.add(PROMPTS[1], greedy(budgets[1]))]
+    engine.step()
+    engine.step()
+    assert engine.num_active == 2 and len(reqs[1].tokens) == 3
+    # three more arrive while the first two are decoding: one takes the free row, two wait
+    reqs += [engine.add(p, greedy(n)) for p, n in zip(PROMPTS[2:], budgets[2:])]
+    assert engine.num_waiting == 3
+    engine.step()
+    assert engine.num_active == 3 and engine.num_waiting == 2
+    waited = False
+    while engine.has_work:
+        waited |= engine.num_waiting > 0 and engine.num_active == 3
+        engine.step()
+    assert waited
+    for r, s in zip(reqs, solo):
+        assert r.done and r.stop_reason == "length"
+        assert r.tokens == s.tokens and r.text == s.text
+    # the decode batch grew and shrank with the active rows, never past max_batch
+    assert max(sizes) == 3 and 1 in sizes and sizes != sorted(sizes)
+
+
+def test_cancel_frees_the_row(model, tok):
+    engine = Engine(model, tok, max_batch=1)
+    a = engine.add(PROMPTS[3], greedy(50))
+    b = engine.add(PROMPTS[1], greedy(5))
+    c = engine.add(PROMPTS[2], greedy(5))
+    engine.step()
+    engine.step()
+    assert engine.num_active == 1 and engine.num_waiting == 2 and len(a.tokens) == 3
+    engine.cancel(a)
+    engine.cancel(c)          # still waiting: never admitted
+    events = engine.step()
+    finished = {e.request.id: e for e in events if e.finished}
+    assert a.stop_reason == "cancelled" and a.done and a.id in finished
+    assert c.stop_reason == "cancelled" and c.tokens == [] and c.id in finished
+    assert engine.num_active == 1 and engine.num_waiting == 0 and len(b.tokens) >= 1  # b took a's row
+    run(engine)
+    assert b.tokens == generate(model, tok, PROMPTS[1], greedy(5)).tokens
+    engine.cancel(b)          # done already: nothing happens
+    assert b.stop_reason == "length" and not engine.has_work
+    with pytest.raises(ValueError, match="not one of this engine's"):
+        engine.cancel(Engine(model, tok).add("x"))
+
+
+def test_per_request_sampling_settings(model, tok):
+    configs = [
+        greedy(8),
+        GenerationConfig(max_new_tokens=8, stop_token_ids=[], do_sample=True, temperature=1.5, seed=5),
+        GenerationConfig(max_new_tokens=8, stop_token_ids=[], do_sample=True, top_k=1, temperature=0.7),
+        GenerationConfig(max_new_tokens=8, stop_token_ids=[], repetition_penalty=1e6),
+        GenerationConfig(max_new_tokens=8, stop_token_ids=[], do_sample=True, top_p=0.9, min_p=0.05, seed=9),
+    ]
+    engine = Engine(model, tok, max_batch=5)
+    reqs = [engine.add(PROMPTS[0], c) for c in configs]
+    run(engine)
+    solo = [generate(model, tok, PROMPTS[0], c).tokens for c in configs]
+    assert [r.tokens for r in reqs] == solo          # each row as if alone (seeded rows too)
+    assert reqs[0].tokens == reqs[2].tokens          # top_k = 1 is greedy
+    assert len(set(reqs[3].tokens)) == 8 and not set(reqs[3].tokens) & set(tok.encode(PROMPTS[0]))
+    assert reqs[1].tokens != reqs[0].tokens          # the hot sampled row really sampled
+    again = Engine(model, tok, max_batch=2)
+    r1 = again.add(PROMPTS[0], configs[1])
+    run(again)
+    assert r1.tokens == reqs[1].tokens               # a seeded request reproduces in another batch
+
+
+def test_events_reassemble_each_request(model, tok):
+    engine = Engine(model, tok, max_batch=2)
+    engine.sync_every = 3  # tokens read back every third step: events then carry several tokens
+    reqs = [engine.add(p, greedy(7)) for p in PROMPTS[:3]]
+    events: list[Event] = []
+    run(engine, events)
+    for r in reqs:
+        mine = [e for e in events if e.request is r]
+        assert "".join(e.text for e in mine) == r.text == tok.decode(r.tokens, skip_special_tokens=True)
+        assert [t for e in mine for t in e.token_ids] == r.tokens
+        assert [e.finished for e in mine] == [False] * (len(mine) - 1) + [True]
+        assert r.stats.prefill_tokens == r.prompt_tokens and r.stats.decode_tokens == 6
+    assert any(len(e.token_ids) > 1 for e in events)
+    assert engine.stats.prefill_tokens == sum(r.prompt_tokens for r in reqs)
+
+
+def test_stop_token_and_result_objects(model, tok):
+    free = generate(model, tok, PROMPTS[1], greedy(10))
+    stop = free.tokens[4]
+    engine = Engine(model, tok)
+    r = engine.add(tok.encode(PROMPTS[1]), GenerationConfig(max_new_tokens=10, stop_token_ids=[stop]))
+    assert isinstance(r, Request) and r.stop_reason is None and not r.done and r.prompt_tokens > 0
+    run(engine)
+    res = r.result()
+    assert res.stop_reason == "stop_token" and res.tokens == free.tokens[:free.tokens.index(stop)]
+
+
+def test_add_checks_its_input(model, tok):
+    engine = Engine(model, tok, max_batch=2, max_seq_len=16)
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.add("")
+    with pytest.raises(ValueError, match="longer than the engine's max_seq_len of 16"):
+        engine.add([5] * 17)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        engine.add([5, model.config.vocab_size])
+    with pytest.raises(TypeError, match="one prompt"):
+        engine.add(["a", "b"])
+    with pytest.raises(TypeError, match="config"):
+        engine.add("a", {"max_new_tokens": 3})
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(model, tok, max_batch=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Engine(model, tok, max_seq_len=model.config.max_position_embeddings + 1)
+    assert not engine.has_work and engine.step() == []
+    # a row's budget is bounded by max_seq_len: prompt 14 + 3 new tokens fill the 16 cached
+    r = engine.add([5] * 14, greedy(10))
+    run(engine)
+    assert r.stop_reason == "length" and len(r.tokens) == 3
