@@ -165,20 +165,24 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         asyncio.run(level(server.url, 1, 1, args.prompt_tokens, args.max_tokens, 0.0, rng))
         request_s = time.perf_counter() - start
-        results = [asyncio.run(level(server.url, n, args.requests, args.prompt_tokens, args.max_tokens,
-                                     request_s, rng)) for n in levels]
+        if not args.json:
+            print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'x1':>6} "
+                  f"{'TTFT med':>9} {'TTFT p90':>9} {'TTFT x1':>8}", flush=True)
+        results = []
+        for n in levels:  # each level printed as it finishes
+            r = asyncio.run(level(server.url, n, args.requests, args.prompt_tokens, args.max_tokens, request_s, rng))
+            results.append(r)
+            base = results[0]
+            if not args.json:
+                print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['seconds']:>8.2f} "
+                      f"{r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / base['tokens_per_s']:>6.2f} "
+                      f"{r['ttft_median_s'] * 1e3:>7.0f}ms {r['ttft_p90_s'] * 1e3:>7.0f}ms "
+                      f"{r['ttft_median_s'] / base['ttft_median_s']:>8.2f}", flush=True)
     finally:
         server.stop()
-    base = results[0]
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'x1':>6} "
-          f"{'TTFT med':>9} {'TTFT p90':>9} {'TTFT x1':>8}")
-    for r in results:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.2f} "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:>6.2f} {r['ttft_median_s'] * 1e3:>7.0f}ms "
-              f"{r['ttft_p90_s'] * 1e3:>7.0f}ms {r['ttft_median_s'] / base['ttft_median_s']:>8.2f}")
     by = {r["clients"]: r for r in results}
     if 1 in by and 8 in by:
         tput = by[8]["tokens_per_s"] / by[1]["tokens_per_s"]

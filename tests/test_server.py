@@ -20,85 +20,13 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from exaone_ext import ExaoneForCausalLM, ExaoneTokenizer, GenerationConfig, generate  # noqa: E402
+from exaone_ext.generation.engine import Engine  # noqa: E402
 from exaone_ext.serve import create_app  # noqa: E402
 from exaone_ext.testing import write_tiny_checkpoint  # noqa: E402
 
 KEY = "test-key"
 MODEL = "tiny-exaone"
 CONTEXT = 512  # the tiny checkpoint's max_position_embeddings
-
-
-def _engine_class():
-    from exaone_ext.generation import engine
-    return getattr(engine, "Engine", None) or _PendingEngine
-
-
-class _PendingEngine:
-    """TEMPORARY stand-in with the Engine interface until the step engine is merged: each admitted
-    request is generated alone by `generate`, then handed out one token per step."""
-
-    class Request:
-        _next = 0
-
-        def __init__(self, ids, config):
-            _PendingEngine.Request._next += 1
-            self.id, self.prompt_ids, self.config = _PendingEngine.Request._next, ids, config
-            self.tokens, self.text, self.stop_reason, self.done, self.prompt_tokens = [], "", None, False, len(ids)
-
-    class Event:
-        def __init__(self, request, text, token_ids, finished):
-            self.request, self.text, self.token_ids, self.finished = request, text, token_ids, finished
-
-    def __init__(self, model, tokenizer, max_batch=8, max_seq_len=None, prefill_chunk_size=None):
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.waiting, self.active = [], {}
-
-    def add(self, prompt, config=None):
-        ids = list(prompt)
-        if len(ids) > self.model.config.max_position_embeddings:
-            raise ValueError("prompt: longer than the context")
-        r = self.Request(ids, config or GenerationConfig())
-        self.waiting.append(r)
-        return r
-
-    def cancel(self, request):
-        self.active.pop(request.id, None)
-        if request in self.waiting:
-            self.waiting.remove(request)
-
-    @property
-    def num_active(self):
-        return len(self.active)
-
-    @property
-    def num_waiting(self):
-        return len(self.waiting)
-
-    @property
-    def has_work(self):
-        return bool(self.active or self.waiting)
-
-    def step(self):
-        while self.waiting and len(self.active) < self.max_batch:
-            r = self.waiting.pop(0)
-            r.result = generate(self.model, self.tokenizer, r.prompt_ids, r.config)
-            r.decoder, r.decoded, r.emitted = self.tokenizer.stream_decoder(), "", 0
-            self.active[r.id] = r
-        time.sleep(0.002)
-        events = []
-        for r in list(self.active.values()):
-            i = len(r.tokens)
-            last = i + 1 >= max(len(r.result.tokens), 1)
-            if i < len(r.result.tokens):
-                r.tokens.append(r.result.tokens[i])
-                r.decoded += r.decoder.add(r.result.tokens[i])
-            end = len(r.result.text) if last else min(len(r.decoded), len(r.result.text))
-            text, r.emitted = r.result.text[r.emitted:end], max(r.emitted, end)
-            if last:
-                r.text, r.stop_reason, r.done = r.result.text, r.result.stop_reason, True
-                del self.active[r.id]
-            events.append(self.Event(r, text, r.tokens[-1:], last))
-        return events
 
 
 # ---------------------------------------------------------------------------- a server in a thread
@@ -141,7 +69,7 @@ def model_tok(ckpt):
 @pytest.fixture(scope="module")
 def server(model_tok):
     model, tok = model_tok
-    engine = _engine_class()(model, tok, max_batch=8)
+    engine = Engine(model, tok, max_batch=8)
     srv = Server(create_app(engine, model_name=MODEL, api_key=KEY, max_waiting=64, max_body_bytes=64 * 1024))
     yield srv
     srv.stop()
@@ -477,9 +405,9 @@ def test_unknown_route_and_method(server):
 
 def test_queue_full_gives_503(model_tok):
     model, tok = model_tok
-    srv = Server(create_app(_engine_class()(model, tok, max_batch=1), model_name=MODEL, max_waiting=1))
+    srv = Server(create_app(Engine(model, tok, max_batch=1), model_name=MODEL, max_waiting=1))
     try:
-        holders = [Reader(srv.url, "hold the row", 400, stop_after=2), Reader(srv.url, "wait in line", 5)]
+        holders = [Reader(srv.url, "hold the row", 450), Reader(srv.url, "wait in line", 5)]
         holders[0].start()
         wait_for(lambda: holders[0].chunks >= 1, what="the first request to run")
         holders[1].start()
@@ -533,6 +461,7 @@ def test_bounded_load(server):
 
 
 # ---------------------------------------------------------------------------- the command
+@pytest.mark.slow  # a fresh interpreter imports torch and loads the checkpoint
 def test_cli_serve(ckpt):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
