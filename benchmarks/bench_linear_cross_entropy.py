@@ -51,7 +51,7 @@ def _inputs(n, v, d, dtype, device=DEVICE):
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("n,v,d", [(2048, 32000, 512), (2048, 102400, 512)], ids=lambda x: str(x))
+@pytest.mark.parametrize("n,v,d", [(512, 32000, 256), (2048, 32000, 512), (2048, 102400, 512)], ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_linear_cross_entropy_fwd_bwd(measure, impl, n, v, d, dtype):
     h, w, t = _inputs(n, v, d, dtype)
