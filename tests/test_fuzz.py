@@ -202,8 +202,8 @@ class Example:
             idx = [slice(None)] * t.dim()
             idx[d] = slice(None, None, 2)
             return torch.empty(shape, dtype=t.dtype)[tuple(idx)].copy_(t)
-        if kind == "transpose":
-            e = (d + 1) % t.dim()
+        if kind == "transpose":  # with d and the next dim (never the last one when it must stay last)
+            e = (d + 1) % (t.dim() if allow_last_step else t.dim() - 1)
             return t.transpose(d, e).contiguous().transpose(d, e) if d != e else t
         return t.narrow(d, 0, min(1, t.shape[d])).expand(t.shape) if t.shape[d] else t  # expand
 

@@ -266,3 +266,23 @@ def test_swiglu_infinite_gate_as_pytorch(variant, dtype, n):
     assert out[1, n // 2] == ref[1, n // 2].to(dtype)
     fused = ops.swiglu(torch.cat([gate, up], -1))
     assert fused[0, -1].isnan() and fused[1, n // 2] == out[1, n // 2]
+
+
+# ---- float64 attention is float64 throughout --------------------------------------------------------
+
+@pytest.mark.parametrize("d", [80, 96])
+def test_float64_attention_keeps_the_scale_exact(d):
+    """The softmax scale went through a float (1/sqrt(80) rounded): float64 results 1e-8 off."""
+    q = torch.randn(1, 1, 1, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 1, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 1, d, dtype=torch.float64, requires_grad=True)
+    out = ops.flash_attn(q, k, v, causal=False)
+    ref = reference.flash_attn(q, k, v, causal=False)
+    torch.testing.assert_close(out, ref, atol=1e-13, rtol=1e-12)
+    g = torch.randn_like(out)
+    # the backward recomputes P from the saved LSE, which is float32 for every dtype: ~1e-7 relative
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-6)
+    lens = torch.tensor([2], dtype=torch.int32)
+    kv = ops.flash_attn_with_kvcache(q.detach(), k.detach(), v.detach(), lens, causal=False)
+    torch.testing.assert_close(kv, ref.detach(), atol=1e-13, rtol=1e-12)

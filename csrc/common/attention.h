@@ -26,6 +26,7 @@ struct AttnParams {
   int64_t q_heads = 0, kv_heads = 0, head_dim = 0;
   bool causal = true;
   float scale = 1.f;  // softmax scale (default 1/sqrt(head_dim))
+  double scale_f64 = 1.0;  // the same, not rounded to float: float64 kernels (CPU) use it
 
   const void* q = nullptr; const void* k = nullptr; const void* v = nullptr;
   void* out = nullptr;

@@ -492,7 +492,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
                    kvh * p.k_head_stride;
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_batch_stride + sr.k_start * p.v_row_stride +
                    kvh * p.v_head_stride;
-  const A scale = A(p.scale);
+  const A scale = std::is_same_v<A, double> ? A(p.scale_f64) : A(p.scale);
 
   for (int64_t qs = q_begin; qs < q_end; qs += bq) {
     const int64_t qe = std::min(qs + bq, q_end), M = (qe - qs) * g, Mp = round_up(M, lanes<A>());
@@ -672,7 +672,7 @@ void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_batch_stride + sr.k_start * p.v_row_stride +
                    kvh * p.v_head_stride;
   const float* lse = p.lse + b * p.lse_batch_stride + sr.q_start;
-  const A scale = A(p.scale);
+  const A scale = std::is_same_v<A, double> ? A(p.scale_f64) : A(p.scale);
   const int64_t nqb = (len_q + bq - 1) / bq;
   // bfloat16 with AVX512-BF16: all five tile products on bf16 pairs (K / V rows read in pairs in
   // place, so their row strides must be even)

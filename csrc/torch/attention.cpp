@@ -73,6 +73,7 @@ AttnParams fill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   p.head_dim = q.size(-1);
   p.causal = causal;
   p.scale = float(scale);
+  p.scale_f64 = scale;
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
   p.v = v.const_data_ptr();

@@ -167,7 +167,7 @@ void run_bwd(AttnBwdParams bp, int64_t batch, const at::Tensor& q, const at::Ten
       view.copy_(total);
     }
   };
-  finish(dk_acc, dk, double(p.scale));
+  finish(dk_acc, dk, dbl ? p.scale_f64 : double(p.scale));
   finish(dv_acc, dv, 1.0);
 }
 
