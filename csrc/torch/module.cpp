@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "common/attention.h"
 #include "cpu/isa.h"
 #include "torch/linear.h"
 
@@ -35,6 +36,9 @@ py::dict build_info() {
   }
 #endif
   d["cuda_archs"] = archs;
+  py::list head_dims;
+  for (int64_t h : exaone_ext::kAttnHeadDims) head_dims.append(h);
+  d["attention_head_dims"] = head_dims;
   py::list compiled;
   compiled.append("scalar");
 #if defined(EXAONE_HAVE_AVX2)
