@@ -20,6 +20,18 @@
 
 namespace exaone_ext {
 
+// The head dims the attention kernels are built for (a multiple of 16 keeps every CPU vector
+// full): the one rule, used by the CPU and CUDA kernels and the argument checks, whose message
+// quotes kAttnHeadDimsText, and read by Python through build_info()["attention_head_dims"].
+inline constexpr int64_t kAttnHeadDims[] = {64, 80, 96, 128, 256};
+inline constexpr const char kAttnHeadDimsText[] = "64, 80, 96, 128, 256";
+
+inline bool attn_head_dim_supported(int64_t d) {
+  for (int64_t h : kAttnHeadDims)
+    if (d == h) return true;
+  return false;
+}
+
 struct AttnParams {
   DType dtype = DType::kFloat32;
   int64_t batch = 0, seq_q = 0, seq_k = 0;  // dense sizes; for varlen seq_* are the max lengths

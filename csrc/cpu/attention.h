@@ -48,8 +48,7 @@ inline int64_t attn_scratch_bytes(int64_t group, int64_t head_dim) {
   return elems * 8 + 64 * 32;
 }
 
-// Which head dims the kernels accept (a multiple of 16 keeps every vector full).
-inline bool attn_head_dim_supported(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
+using exaone_ext::attn_head_dim_supported;  // the head dims the kernels accept: common/attention.h
 
 // ---- decode on bfloat16 with AVX512-BF16 (cpu/attention_decode_avx512bf16.cpp) ----
 // For forward calls with few query rows per kv head (seq_q * group <= 8: a decode step or a short

@@ -43,8 +43,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   const int64_t hq = q.size(-2), hk = k.size(-2), d = q.size(-1);
   TORCH_CHECK_VALUE(hk > 0 && hq % hk == 0, "exaone_ext.", op, ": the q heads (", hq,
                     ") must be a multiple of the kv heads (", hk, ") of '", k_name, "'");
-  TORCH_CHECK_VALUE(cpu::attn_head_dim_supported(d), "exaone_ext.", op,
-                    ": head_dim must be one of 64, 80, 96, 128, 256, got ", d, " ('q' shape ",
+  TORCH_CHECK_VALUE(attn_head_dim_supported(d), "exaone_ext.", op,
+                    ": head_dim must be one of ", kAttnHeadDimsText, ", got ", d, " ('q' shape ",
                     shape_str(q.sizes()), ")");
   TORCH_CHECK_VALUE(k.size(-1) == d, "exaone_ext.", op, ": '", k_name, "' must have the head_dim of 'q' (", d,
                     "), got shape ", shape_str(k.sizes()));

@@ -5,7 +5,7 @@
 //
 // Every prepare_* function
 //   - raises ValueError / TypeError naming the op and the argument for any bad input: rank and
-//     shape, q_heads not a multiple of kv_heads, head dim not in {64, 80, 96, 128, 256}, dtype
+//     shape, q_heads not a multiple of kv_heads, head dim not in kAttnHeadDims, dtype
 //     (float32 / bfloat16 / float16; float64 too on CPU), device, a non-contiguous last dimension
 //     (the Python API makes the last dimension contiguous before calling the ops), a non-finite
 //     softmax_scale;

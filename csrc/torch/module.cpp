@@ -16,6 +16,7 @@
 #include <locale>
 #include <string>
 
+#include "common/attention.h"
 #include "cpu/isa.h"
 #include "torch/linear.h"
 #include "torch/text_module.h"
@@ -94,6 +95,9 @@ py::dict build_info() {
   }
 #endif
   d["cuda_archs"] = archs;
+  py::list head_dims;
+  for (int64_t h : exaone_ext::kAttnHeadDims) head_dims.append(h);
+  d["attention_head_dims"] = head_dims;
   py::list compiled;
   compiled.append("scalar");
 #if defined(EXAONE_HAVE_AVX2)

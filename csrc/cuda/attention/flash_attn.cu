@@ -40,7 +40,7 @@ bool uses_mma(DType dt, int64_t d) {
 
 void check_head_dim(int64_t d) {
   if (!flash_attn_head_dim_supported(d))
-    throw std::invalid_argument("exaone_ext: CUDA attention takes head dims that are multiples of 8 up to 256, got " +
+    throw std::invalid_argument(std::string("exaone_ext: head_dim must be one of ") + kAttnHeadDimsText + ", got " +
                                 std::to_string(d));
 }
 

@@ -55,7 +55,7 @@ bool flash_attn_bwd_needs_dq_accum(const AttnBwdParams& p);
 // probabilities from the saved LSE. Every element of dq, dk and dv is written.
 void flash_attn_backward(const AttnBwdParams& p, const BwdScratch& scratch, cudaStream_t stream);
 
-// Head dims the CUDA kernels accept (tensor cores for 64, 80, 96, 128 in 16-bit types).
-inline bool flash_attn_head_dim_supported(int64_t d) { return d > 0 && d <= 256 && d % 8 == 0; }
+// Head dims the CUDA kernels accept: the common rule (tensor cores for 64, 80, 96, 128 in 16-bit types).
+inline bool flash_attn_head_dim_supported(int64_t d) { return attn_head_dim_supported(d); }
 
 }  // namespace exaone_ext::cuda

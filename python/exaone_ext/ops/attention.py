@@ -15,13 +15,14 @@ import math
 
 import torch
 
+from .. import _C
 from . import reference
 from ._dispatch import check_float, check_int, check_tensor, has_kernel
 
 _ops = torch.ops.exaone_ext
 
-# The head dims the attention kernels are compiled for (checked again in C++).
-ATTENTION_HEAD_DIMS = (64, 80, 96, 128, 256)
+# The head dims the attention kernels are compiled for: the C++ rule (common/attention.h), read back.
+ATTENTION_HEAD_DIMS = tuple(_C.build_info()["attention_head_dims"])
 
 
 def attention_head_dim_supported(head_dim: int) -> bool:
