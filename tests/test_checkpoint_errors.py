@@ -51,7 +51,7 @@ def test_from_pretrained_device_and_dtype(saved):
     model = ExaoneForCausalLM.from_pretrained(saved / "single", device="cpu", dtype=torch.bfloat16)
     assert {p.device.type for p in model.parameters()} == {"cpu"} and model.rope_cos.device.type == "cpu"
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    ref = make_model(True).to(torch.bfloat16)
+    ref = ExaoneForCausalLM.from_pretrained(saved / "single", dtype=torch.float32).to(torch.bfloat16)
     assert same_weights(model, ref)
     meta = ExaoneForCausalLM.from_pretrained(saved / "single", device=torch.device("meta"))
     assert all(p.is_meta for p in meta.parameters())
@@ -65,8 +65,8 @@ def test_error_mixed_namings(saved):
         ExaoneForCausalLM.from_pretrained(saved / "single")
 
 
-@pytest.mark.parametrize("index_text", ["{not json", '{"metadata": {}}', '{"weight_map": 3}'],
-                         ids=["json", "no_weight_map", "weight_map_not_a_dict"])
+@pytest.mark.parametrize("index_text", ["{not json", '{"metadata": {}}', '{"weight_map": 3}', '{"weight_map": {"a": 1}}'],
+                         ids=["json", "no_weight_map", "weight_map_not_a_dict", "file_not_a_string"])
 def test_error_malformed_index(saved, index_text):
     (saved / "sharded" / "model.safetensors.index.json").write_text(index_text)
     with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a valid safetensors index"):
@@ -82,19 +82,6 @@ def test_error_tensor_in_another_shard_than_the_index_says(saved):
     _rewrite(d / first, lambda t: t.pop(name))
     _rewrite(d / second, lambda t: t.update({name: moved}))
     with pytest.raises(CheckpointError, match=f"{second}: tensor '{name}' is not where .* says \\('{first}'\\)"):
-        ExaoneForCausalLM.from_pretrained(d)
-
-
-def test_error_tensor_in_two_shards(saved):
-    d = saved / "sharded"
-    index = json.loads((d / "model.safetensors.index.json").read_text())
-    first, second = shards(d)[:2]
-    name = next(k for k, f in index["weight_map"].items() if f == first)
-    copy = load_file(d / first)[name]
-    _rewrite(d / second, lambda t: t.update({name: copy}))
-    index["weight_map"].pop(name)  # the index no longer pins it to one file
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=f"tensor '{name}' also stored in"):
         ExaoneForCausalLM.from_pretrained(d)
 
 
