@@ -19,7 +19,7 @@ SHAPES = [
     (1, 128, 128, 4, 4, 64),
     (1, 17, 97, 8, 1, 80),
     (2, 97, 17, 4, 1, 64),
-    (1, 1025, 1025, 4, 1, 80),
+    pytest.param((1, 1025, 1025, 4, 1, 80), marks=pytest.mark.slow),  # the tiling of 128 covers the blocks
 ]
 
 
@@ -64,7 +64,7 @@ def _check_dense(shape, dtype, causal, device, scale=None, backward=True):
         assert_error_within(ours.grad, r64.grad, rlp.grad, name, k=red)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else None)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_backward_matches_reference(shape, dtype, causal, device):

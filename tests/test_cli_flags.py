@@ -50,6 +50,7 @@ def test_info_tensors_lists_every_layer(ckpt, api):
         len(listed) == len(list(model.parameters()))
 
 
+@pytest.mark.slow
 def test_greedy_sample_stop_and_no_progress(ckpt, api):
     model, tok = api
     base = ("--model", str(ckpt), "--prompt", "The capital of Korea is", "--raw", "--max-new-tokens", "16",
@@ -71,6 +72,7 @@ def test_greedy_sample_stop_and_no_progress(ckpt, api):
     assert cut.returncode == 0 and cut.stdout == text[:text.index(stop)] + "\n"
 
 
+@pytest.mark.slow
 def test_dtype_flag(ckpt, api):
     _, tok = api
     proc = _generate("--model", str(ckpt), "--prompt", "Hello", "--raw", "--max-new-tokens", "6", "--dtype", "bf16",
@@ -81,6 +83,7 @@ def test_dtype_flag(ckpt, api):
     assert proc.stdout == generate(model16, tok, "Hello", GenerationConfig(max_new_tokens=6)).text + "\n"
 
 
+@pytest.mark.slow
 def test_defaults_from_generation_config_json(ckpt, api, tmp_path):
     """The checkpoint's generation_config.json sets the defaults (keys this package lacks ignored);
     flags win over it."""
@@ -104,6 +107,7 @@ def test_chat_help_and_quit(ckpt):
     assert len(proc.stdout.splitlines()) == 1  # one reply: to "Hello"; nothing after /quit
 
 
+@pytest.mark.slow
 def test_chat_message_longer_than_the_context(ckpt, api):
     _, tok = api
     long = " ".join(["안녕하세요 EXAONE"] * 400)
