@@ -269,7 +269,10 @@ def test_kvcache_decode_strided_cache():
     others = big_k[:, :, 1::2].clone(), big_v[:, :, 1::2].clone()
     out = ops.flash_attn_with_kvcache(q, kc, vc, seqlens, k_new, v_new)
     ref_lp = reference.flash_attn_with_kvcache(q, kr, vr, seqlens, k_new, v_new)
-    ref64 = reference.flash_attn_with_kvcache(q.double(), kr.double(), vr.double(), seqlens)
+    # the float64 oracle attends to the new token too (it used to leave it out, and was held only
+    # against the bfloat16 reference, which was just as far from it)
+    ref64 = reference.flash_attn_with_kvcache(q.double(), kr.double(), vr.double(), seqlens, k_new.double(),
+                                              v_new.double())
     assert_error_within(out, ref64, ref_lp, "out", k=651, acc_dtype=torch.bfloat16)
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
     # the heads in between were not written
