@@ -1,6 +1,8 @@
 # exaone_ext: the two commands of the README, and the build checks CI runs.
 #   make demo        set up .venv, build and install the package, run the showcase
-#   make test        set up .venv, build and install the package, run the test suite
+#   make test        set up .venv, build and install the package, run the fast complete pass (every
+#                    kernel and path; the tests marked slow left out), then cuda-check
+#   make test-all    make test, then the slow tests (make test-slow): the whole suite
 #   make cuda-check  compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no torch, no GPU)
 #   make cuda-build  build and import the full CUDA extension against torch==2.14.1 (CUDA 13) in .venv-cuda
 #   make bench       run the CPU benchmarks (pytest-benchmark)
@@ -15,7 +17,7 @@ CUDA_VENV ?= .venv-cuda
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 CUDA_ARCHS ?= 80 90
 DEPS := numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26" \
-        pytest pytest-benchmark transformers hypothesis matplotlib fastapi uvicorn openai httpx
+        pytest pytest-benchmark "transformers>=5" hypothesis matplotlib fastapi uvicorn openai httpx
 
 # Imports the CUDA build on a machine without a GPU and checks every op has a CUDA kernel registered.
 define CUDA_IMPORT_CHECK
@@ -30,7 +32,7 @@ print(f"cuda-build: {len(ops)} ops, each with a CUDA kernel")
 endef
 export CUDA_IMPORT_CHECK
 
-.PHONY: demo test venv install cuda-check cuda-build bench clean
+.PHONY: demo test test-slow test-all venv install cuda-check cuda-build bench clean
 
 $(VENV)/.deps:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,9 +49,14 @@ demo: install
 	$(PY) -m exaone_ext.demo
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
 	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then $(MAKE) --no-print-directory -j$$(nproc) cuda-check; \
 	 else echo "nvcc not found: skipping cuda-check"; fi
+
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
+
+test-all: test test-slow
 
 # Each .cu alone through nvcc, once per architecture, in parallel (make -j), rebuilt when it or a
 # header it may include changes.

@@ -46,7 +46,7 @@ def test_info(ckpt, api):
     proc = run("info", str(ckpt))
     assert proc.returncode == 0, proc.stderr
     assert f"parameters   {model.num_parameters:,}" in proc.stdout
-    assert "transformer.h.0.attn.attention.k_proj.weight" in proc.stdout and "[32, 64]" in proc.stdout
+    assert "transformer.h.0.attn.attention.k_proj.weight" in proc.stdout and "[128, 128]" in proc.stdout
     assert "float32" in proc.stdout and "kv cache" in proc.stdout
     info = json.loads(run("info", str(ckpt), "--json").stdout)
     assert info["num_parameters"] == model.num_parameters and info["naming"] == "exaone"

@@ -427,17 +427,29 @@ def test_stream_takes_one_prompt(model, tok):
         stream(model, tok, ["a", "b"])
 
 
-def test_stream_consumer_time_is_not_decode_time(model, tok):
-    import time
+def test_stream_consumer_time_is_not_decode_time(model, tok, monkeypatch):
+    """On a clock of our own (no wall-clock sleeps): each forward takes 1 s, the consumer 100 s per
+    piece; the stats must count the forwards only."""
+    from types import SimpleNamespace
 
+    clock = [0.0]
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    forward = model.forward
+
+    def ticking(*args, **kwargs):
+        clock[0] += 1.0
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", ticking)
     s = stream(model, tok, PROMPTS[0], GenerationConfig(max_new_tokens=4, stop_token_ids=[]))
-    start, slept = time.perf_counter(), 0.0
+    pieces = 0
     for _ in s:
-        time.sleep(0.3)
-        slept += 0.3
-    wall = time.perf_counter() - start
-    assert slept > 0
-    assert s.result.stats.decode_seconds <= wall - slept - s.result.stats.prefill_seconds + 1e-3
+        clock[0] += 100.0
+        pieces += 1
+    assert pieces > 0 and clock[0] >= 100.0 * pieces + 4
+    # one prefill forward; 4 tokens: the first from the prefill logits, then 3 decode forwards
+    assert s.result.stats.prefill_seconds == 1.0
+    assert s.result.stats.decode_seconds == 3.0
 
 
 def test_default_stop_ids_include_model_eos(model, tok):

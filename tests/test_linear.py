@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,51 +7,107 @@ import torch.nn.functional as F
 import exaone_ext
 from exaone_ext import _C, ops
 from exaone_ext.ops import reference
-from conftest import DEVICES, DTYPES, assert_error_within
+from conftest import CPU_ISAS, CUDA, DEVICES, DTYPES, assert_error_within
 
-# the AVX512-BF16 kernel for bfloat16 runs on top of the avx512 variant when the CPU has it; the
-# tests run bfloat16 with it on and off so that both paths are checked
+# The weight-streaming kernels (one per CPU variant) take up to 16 rows of x (8 for bfloat16 through
+# convert + FMA); more rows go to at::matmul, where the CPU variant plays no part. The AVX512-BF16 dot
+# kernel is a variant of its own for bfloat16 ("avx512bf16": avx512 with the dot kernel on; "avx512"
+# then runs bfloat16 through convert + FMA).
 HAS_BF16_DOT = ("avx512bf16" in exaone_ext.build_info()["cpu_extra_kernels"]
                 and "avx512bf16" in exaone_ext.build_info()["cpu_features"])
-BF16_DOT = [True, False] if HAS_BF16_DOT else [False]
-
-ROWS = [1, 2, 3, 7, 16, 17, 64, 300]
+LINEAR_VARIANTS = (["avx512bf16"] if HAS_BF16_DOT else []) + CPU_ISAS
+# (variant, dtype): the dot variant only for bfloat16, where it differs from avx512
+VARIANT_DTYPES = [(v, d) for v in LINEAR_VARIANTS for d in DTYPES if v != "avx512bf16" or d == torch.bfloat16]
+STREAM_MAX_ROWS = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 8}
+MATMUL_ROWS = [17, 300]
 SIZES = [(80, 80), (257, 131), (2560, 1000), (33, 257), (255, 9)]  # (in, out)
 
 
-@pytest.fixture(params=BF16_DOT, ids=lambda d: "bf16dot" if d else "fma")
-def bf16_dot(request):
-    before = _C._set_linear_bf16_dot(request.param)
-    yield request.param
-    _C._set_linear_bf16_dot(before)
+def stream_max_rows(variant: str, dtype: torch.dtype) -> int:
+    return 16 if variant == "avx512bf16" else STREAM_MAX_ROWS[dtype]
+
+
+# rows 1, 2, 3, 7 and the kernel's limit
+VARIANT_DTYPE_ROWS = [pytest.param(v, d, m, id=f"{v}-{str(d)[6:]}-{m}") for v, d in VARIANT_DTYPES
+                      for m in (1, 2, 3, 7, stream_max_rows(v, d))]
+
+
+@contextlib.contextmanager
+def linear_variant(variant: str):
+    """Runs the block on one CPU linear variant (the ISA, and the bf16 dot kernel on or off)."""
+    before_isa = exaone_ext.get_cpu_isa()
+    before_dot = _C._set_linear_bf16_dot(variant == "avx512bf16")
+    exaone_ext.set_cpu_isa("avx512" if variant == "avx512bf16" else variant)
+    try:
+        yield
+    finally:
+        exaone_ext.set_cpu_isa(before_isa)
+        _C._set_linear_bf16_dot(before_dot)
+
+
+@pytest.fixture(params=LINEAR_VARIANTS)
+def variant(request):
+    with linear_variant(request.param):
+        yield request.param
 
 
 def _check(x, w, dy=None):
-    """Forward (and backward with dy) against float64 and against F.linear in the same dtype."""
+    """Forward (and backward with dy) against float64 (the error rule, reduction over in_features for
+    the output and dx's over out_features, dweight's over the rows)."""
     xg, wg = x.clone().requires_grad_(dy is not None), w.clone().requires_grad_(dy is not None)
     out = ops.linear(xg, wg)
     x64, w64 = x.double().requires_grad_(dy is not None), w.double().requires_grad_(dy is not None)
     ref64 = F.linear(x64, w64)
-    xl, wl = x.clone().requires_grad_(dy is not None), w.clone().requires_grad_(dy is not None)
-    ref_lp = reference.linear(xl, wl)
     assert out.is_contiguous()
-    assert_error_within(out, ref64, ref_lp, "out")
+    assert_error_within(out, ref64, name="out", k=w.shape[1])
     if dy is not None:
         out.backward(dy)
         ref64.backward(dy.double())
-        ref_lp.backward(dy)
-        assert_error_within(xg.grad, x64.grad, xl.grad, "dx")
-        assert_error_within(wg.grad, w64.grad, wl.grad, "dweight")
+        assert_error_within(xg.grad, x64.grad, name="dx", k=w.shape[0])
+        assert_error_within(wg.grad, w64.grad, name="dweight", k=max(1, x.numel() // max(1, x.shape[-1])))
 
 
-@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("k,n", SIZES)
+@pytest.mark.parametrize("variant_name,dtype,m", VARIANT_DTYPE_ROWS)
+def test_forward_kernel_matches_reference(m, k, n, variant_name, dtype):
+    """Every streaming kernel (rows up to its limit) on every CPU variant."""
+    x = torch.randn(m, k).to(dtype)
+    w = (torch.randn(n, k) / k**0.5).to(dtype)
+    with linear_variant(variant_name):
+        _check(x, w)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_no_variant_sums_in_one_running_sum(m, cpu_isa):
+    """A large product first, then 2559 products too small to move a float32 sum that holds it (2^-25
+    each, half an ulp of 1): one running sum loses all of them; the kernels keep several partial sums
+    (the vector lanes, or eight of the scalar variant's own) and lose at most a quarter."""
+    k, tiny = 2560, 2.0**-25
+    w = torch.full((8, k), tiny)
+    w[:, 0] = 1.0
+    x = torch.ones(m, k)
+    out = ops.linear(x, w)
+    lost = (1 + (k - 1) * tiny) - out.double()
+    assert (lost.abs() <= k / 4 * tiny).all(), f"lost {lost.abs().max().item():.3g} of {(k - 1) * tiny:.3g}"
+
+
+@pytest.mark.parametrize("m", MATMUL_ROWS)
 @pytest.mark.parametrize("k,n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_matches_reference(m, k, n, dtype, device, cpu_isa, bf16_dot):
-    if bf16_dot and (dtype != torch.bfloat16 or cpu_isa != "avx512"):
-        pytest.skip("the bf16 dot kernel is for bfloat16 on the avx512 variant")
+def test_forward_many_rows_matches_reference(m, k, n, dtype, device):
+    """Above the streaming limit (at::matmul on the CPU): one run, the CPU variant plays no part."""
     x = torch.randn(m, k, device=device).to(dtype)
     w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    _check(x, w)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="CUDA: no device")
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_few_rows_cuda(m, dtype):
+    x = torch.randn(m, 257, device="cuda").to(dtype)
+    w = (torch.randn(131, 257, device="cuda") / 16).to(dtype)
     _check(x, w)
 
 
@@ -81,7 +139,7 @@ def test_non_contiguous_inputs(device, cpu_isa):
 
 
 @pytest.mark.parametrize("m", [1, 2, 5])
-def test_padded_weight_rows_bf16(m, device, cpu_isa, bf16_dot):
+def test_padded_weight_rows_bf16(m, device, variant):
     """Weight rows further apart than in_features (a slice of a wider matrix): the kernels walk them
     by stride, and the sequential one-row kernel must not read the padding into its sums."""
     wide = (torch.randn(70, 300, device=device) / 16).to(torch.bfloat16)
@@ -90,7 +148,7 @@ def test_padded_weight_rows_bf16(m, device, cpu_isa, bf16_dot):
     x = torch.randn(m, 255, device=device).to(torch.bfloat16)
     out = ops.linear(x, w)
     assert torch.isfinite(out).all()
-    assert_error_within(out, F.linear(x.double(), w.double()), F.linear(x, w), "out")
+    assert_error_within(out, F.linear(x.double(), w.double()), name="out", k=255)
 
 
 def test_special_values(cpu_isa):
@@ -114,7 +172,8 @@ def test_empty(dtype, device):
 
 
 @pytest.mark.parametrize("m", [1, 5, 40])
-def test_gradcheck_float64(m, cpu_isa):
+def test_gradcheck_float64(m):
+    # float64 has one kernel (a plain loop, every CPU variant) up to 16 rows, at::matmul above
     x = torch.randn(m, 13, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 13, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ops.linear, (x, w))
@@ -149,20 +208,38 @@ def test_bad_inputs():
         ops.linear(x, [1.0])
     with pytest.raises(TypeError, match="'x' must be a torch.Tensor"):
         ops.linear(None, w)
-    if torch.cuda.is_available():
+    if CUDA:
         with pytest.raises(ValueError, match="'weight' must be on the same device as 'x'"):
             ops.linear(x, w.cuda())
 
 
-def test_reference_used_without_kernel():
-    x, w = torch.empty(3, 5, 8, device="meta"), torch.empty(6, 8, device="meta")
-    assert ops.linear(x, w).shape == (3, 5, 6)
+def test_reference_used_without_kernel(no_kernel):
+    """A device without kernels (here the CPU, with has_kernel made to say so) runs the plain-PyTorch
+    reference: no exaone_ext op is dispatched, and the results are the reference's."""
+    x, w = torch.randn(3, 5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    ws = [torch.randn(4, 8), torch.randn(2, 8)]
+    with no_kernel() as seen:
+        out = ops.linear(x, w)
+        out.sum().backward()
+        cat = ops.linear_cat(x, ws)
+    assert seen == set()
+    assert torch.equal(out, reference.linear(x, w)) and torch.equal(cat, reference.linear_cat(x, ws))
+    assert torch.equal(x.grad, torch.ones(3, 5, 6) @ w)
 
 
 # ---- linear_cat: x @ cat(weights).T without concatenating the weights ----------------------------------
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 300])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_cat_equals_separate_linears(m, dtype, device, cpu_isa, bf16_dot):
+# every variant through the streaming kernels; at::matmul's rows once
+LINEAR_CAT_CASES = ([pytest.param(v, d, m, id=f"{v}-{str(d)[6:]}-{m}") for v, d in VARIANT_DTYPES for m in (1, 3, 16)]
+                    + [pytest.param(CPU_ISAS[0], d, m, id=f"matmul-{str(d)[6:]}-{m}") for d in DTYPES for m in (17, 300)])
+
+
+@pytest.mark.parametrize("variant_name,dtype,m", LINEAR_CAT_CASES)
+def test_linear_cat_equals_separate_linears(m, variant_name, dtype, device):
+    with linear_variant(variant_name):
+        _linear_cat_equals_separate_linears(m, dtype, device)
+
+
+def _linear_cat_equals_separate_linears(m, dtype, device):
     # output sizes that are not multiples of the kernel's block of 4, and one weight of a single row
     k = 257
     ws = [torch.randn(n, k, device=device).to(dtype) for n in (130, 1, 64, 33)]
@@ -172,7 +249,7 @@ def test_linear_cat_equals_separate_linears(m, dtype, device, cpu_isa, bf16_dot)
     # each weight's columns are exactly what linear gives for it alone
     assert torch.equal(out, torch.cat([ops.linear(x, w) for w in ws], -1))
     ref64 = reference.linear_cat(x.double(), [w.double() for w in ws])
-    assert_error_within(out, ref64, reference.linear_cat(x, ws), "out")
+    assert_error_within(out, ref64, name="out", k=k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -184,10 +261,8 @@ def test_linear_cat_gradients(dtype, device):
     ops.linear_cat(leaves[0], leaves[1:]).backward(dy)
     leaves64 = [t.double().requires_grad_() for t in (x, *ws)]
     reference.linear_cat(leaves64[0], leaves64[1:]).backward(dy.double())
-    leaves_lp = [t.clone().requires_grad_() for t in (x, *ws)]
-    reference.linear_cat(leaves_lp[0], leaves_lp[1:]).backward(dy)
-    for name, a, b, c in zip(["dx", "dw0", "dw1"], leaves, leaves64, leaves_lp):
-        assert_error_within(a.grad, b.grad, c.grad, name)
+    for name, a, b, k in zip(["dx", "dw0", "dw1"], leaves, leaves64, [64, 10, 10]):
+        assert_error_within(a.grad, b.grad, name=name, k=k)
 
 
 def test_linear_cat_gradcheck_and_opcheck(device):

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+import transformers  # a test dependency that make test installs: its absence must fail, not skip
 
 from exaone_ext.model import (ConfigError, ExaoneConfig, ExaoneForCausalLM, KVCache, convert_checkpoint)
-
-transformers = pytest.importorskip("transformers")
+from conftest import CUDA
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
@@ -208,7 +208,8 @@ def test_kv_cache_host_lengths_follow_the_device_lengths():
     assert cache.seqlens.tolist() == [0, 0, 0] and same(cache)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="CUDA: no device")
 @torch.no_grad()
 def test_decode_step_never_synchronises_cuda():
     """A decode step queues its work and returns: no read of device memory by the host (the cache

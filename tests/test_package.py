@@ -1,4 +1,5 @@
 import importlib
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ def test_build_info_describes_the_build():
 
 def test_cpu_isa_can_be_lowered_but_not_raised():
     best = exaone_ext.build_info()["cpu_isa_best"]
+    before = exaone_ext.get_cpu_isa()  # EXAONE_EXT_CPU_ISA may have lowered it for the whole run
     try:
         exaone_ext.set_cpu_isa("scalar")
         assert exaone_ext.get_cpu_isa() == "scalar"
@@ -34,14 +36,18 @@ def test_cpu_isa_can_be_lowered_but_not_raised():
             with pytest.raises(ValueError, match="not available"):
                 exaone_ext.set_cpu_isa("avx512")
     finally:
-        exaone_ext.set_cpu_isa("auto")
+        exaone_ext.set_cpu_isa(before)
+    assert exaone_ext.get_cpu_isa() == before
 
 
 def test_environment_variable_lowers_the_variant():
     code = "import exaone_ext; print(exaone_ext.get_cpu_isa())"
-    out = subprocess.run([sys.executable, "-c", code], env={"EXAONE_EXT_CPU_ISA": "scalar", "PATH": ""},
-                         capture_output=True, text=True, check=True)
+    env = {**os.environ, "EXAONE_EXT_CPU_ISA": "scalar"}  # the rest as the user has it (HOME, LD_LIBRARY_PATH, ...)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "scalar"
+    env["EXAONE_EXT_CPU_ISA"] = "sse9"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0, "an unknown EXAONE_EXT_CPU_ISA must fail loudly"
 
 
 def test_torch_version_mismatch_is_a_clear_import_error(monkeypatch):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import exaone_ext
 from exaone_ext import ops
 from exaone_ext.ops import reference
-from conftest import DEVICES, DTYPES, HAS_AVX512BF16, assert_error_within
+from conftest import CUDA, DEVICES, DTYPES, HAS_AVX512BF16, assert_error_within
 
 SHAPES = [(1, 7), (3, 17), (17, 80), (1000, 96), (2, 5, 1001)]
 
@@ -192,13 +192,28 @@ def test_bad_inputs():
         ops.swiglu(g, [1.0])
     with pytest.raises(ValueError, match="at least 1 dimension"):
         ops.swiglu(torch.tensor(1.0), torch.tensor(2.0))
-    if torch.cuda.is_available():
+    if CUDA:
         with pytest.raises(ValueError, match="same device"):
             ops.swiglu(g, g.cuda())
 
 
-def test_reference_used_without_kernel():
-    # the meta device has no compiled kernel, only shapes: the op must still trace
+def test_reference_used_without_kernel(no_kernel):
+    """A device without kernels runs the reference: no exaone_ext op dispatched, the reference's
+    results and gradients."""
+    g, u = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8)
+    with no_kernel() as seen:
+        out = ops.swiglu(g, u)
+        out.sum().backward()
+        gu = torch.cat([g.detach(), u], -1)
+        fused = ops.swiglu(gu)
+    assert seen == set()
+    assert torch.equal(out, reference.swiglu(g, u)) and torch.equal(fused, reference.swiglu(gu))
+    g2 = g.detach().clone().requires_grad_()
+    reference.swiglu(g2, u).sum().backward()
+    assert torch.equal(g.grad, g2.grad)
+
+
+def test_meta_device_traces():
     g = torch.empty(3, 8, device="meta")
     assert ops.swiglu(g, g).shape == (3, 8)
     assert ops.swiglu(torch.empty(3, 16, device="meta")).shape == (3, 8)

@@ -30,29 +30,45 @@ constexpr int kPassRows = 16;
 // from memory by the first tile and from L1 by the others.
 constexpr int64_t kChunk = 512;
 
-// k in [k0, k1) for output features n0..n0+R-1 and rows m0..m0+MT-1, accumulators in acc[j * R + r].
+// Independent partial sums per output: the SIMD variants have Vec::size lanes; the one-lane scalar
+// build keeps kAccs of its own, so that no variant adds a long row of products into one running sum
+// (a single float sum over k = 2560 products loses about sqrt(k) times more than eight interleaved ones).
+constexpr int kAccs = Vec::size == 1 ? 8 : 1;
+
+// k in [k0, k1) for output features n0..n0+R-1 and rows m0..m1, accumulators in acc[(j * R + r) * kAccs + u].
 template <typename T, int R, int MT>
 void tile(const LinearArgs& a, int64_t n0, int64_t m0, int64_t k0, int64_t k1, Vec* accbuf) {
   const T* w[R];
   for (int r = 0; r < R; ++r) w[r] = static_cast<const T*>(a.w) + (n0 + r) * a.w_stride;
   const float* x[MT];
   for (int j = 0; j < MT; ++j) x[j] = static_cast<const float*>(a.x) + (m0 + j) * a.x_stride;
-  Vec acc[MT][R];
+  Vec acc[MT][R][kAccs];
   for (int j = 0; j < MT; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = accbuf[j * R + r];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < kAccs; ++u) acc[j][r][u] = accbuf[(j * R + r) * kAccs + u];
   const int64_t next = R * a.w_stride;
-  // two vectors per step: a 64-byte line of bf16/f16 weights per row
   int64_t i = k0;
-  for (; i + 2 * Vec::size <= k1; i += 2 * Vec::size) {
-    Vec w0[R], w1[R];
-    for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(w[r] + i + next, 0, 2);
-      w0[r] = Vec::load(w[r] + i);
-      w1[r] = Vec::load(w[r] + i + Vec::size);
-    }
-    for (int j = 0; j < MT; ++j) {
-      const Vec x0 = Vec::load(x[j] + i), x1 = Vec::load(x[j] + i + Vec::size);
-      for (int r = 0; r < R; ++r) acc[j][r] = fmadd(x1, w1[r], fmadd(x0, w0[r], acc[j][r]));
+  if constexpr (kAccs > 1) {
+    // one lane: kAccs consecutive products go to kAccs different sums
+    for (; i + kAccs <= k1; i += kAccs)
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < kAccs; ++u) {
+          const Vec wv = Vec::load(w[r] + i + u);
+          for (int j = 0; j < MT; ++j) acc[j][r][u] = fmadd(Vec::load(x[j] + i + u), wv, acc[j][r][u]);
+        }
+  } else {
+    // two vectors per step: a 64-byte line of bf16/f16 weights per row
+    for (; i + 2 * Vec::size <= k1; i += 2 * Vec::size) {
+      Vec w0[R], w1[R];
+      for (int r = 0; r < R; ++r) {
+        __builtin_prefetch(w[r] + i + next, 0, 2);
+        w0[r] = Vec::load(w[r] + i);
+        w1[r] = Vec::load(w[r] + i + Vec::size);
+      }
+      for (int j = 0; j < MT; ++j) {
+        const Vec x0 = Vec::load(x[j] + i), x1 = Vec::load(x[j] + i + Vec::size);
+        for (int r = 0; r < R; ++r) acc[j][r][0] = fmadd(x1, w1[r], fmadd(x0, w0[r], acc[j][r][0]));
+      }
     }
   }
   for (; i < k1; i += Vec::size) {
@@ -61,23 +77,37 @@ void tile(const LinearArgs& a, int64_t n0, int64_t m0, int64_t k0, int64_t k1, V
     for (int r = 0; r < R; ++r) wv[r] = rem ? Vec::load(w[r] + i, rem) : Vec::load(w[r] + i);
     for (int j = 0; j < MT; ++j) {
       const Vec xv = rem ? Vec::load(x[j] + i, rem) : Vec::load(x[j] + i);
-      for (int r = 0; r < R; ++r) acc[j][r] = fmadd(xv, wv[r], acc[j][r]);
+      for (int r = 0; r < R; ++r) acc[j][r][0] = fmadd(xv, wv[r], acc[j][r][0]);
     }
   }
   for (int j = 0; j < MT; ++j)
-    for (int r = 0; r < R; ++r) accbuf[j * R + r] = acc[j][r];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < kAccs; ++u) accbuf[(j * R + r) * kAccs + u] = acc[j][r][u];
+}
+
+// The sum of one output's kAccs partial sums, pairwise.
+inline float reduce_accs(const Vec* acc) {
+  if constexpr (kAccs == 1) {
+    return reduce_add(acc[0]);
+  } else {
+    float s[kAccs];
+    for (int u = 0; u < kAccs; ++u) s[u] = reduce_add(acc[u]);
+    for (int width = kAccs / 2; width > 0; width /= 2)
+      for (int u = 0; u < width; ++u) s[u] += s[u + width];
+    return s[0];
+  }
 }
 
 // Output features n0..n0+R-1 for rows m0..m1 (m1 - m0 <= kPassRows), the weight rows read once.
 template <typename T, int R>
 void block(const LinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
-  Vec accbuf[kPassRows * R];
+  Vec accbuf[kPassRows * R * kAccs];
   for (auto& v : accbuf) v = Vec::zero();
   for (int64_t k0 = 0; k0 < a.k; k0 += kChunk) {
     const int64_t k1 = std::min(a.k, k0 + kChunk);
     int64_t m = m0;
-    for (; m + kTile <= m1; m += kTile) tile<T, R, kTile>(a, n0, m, k0, k1, accbuf + (m - m0) * R);
-    Vec* rest = accbuf + (m - m0) * R;
+    for (; m + kTile <= m1; m += kTile) tile<T, R, kTile>(a, n0, m, k0, k1, accbuf + (m - m0) * R * kAccs);
+    Vec* rest = accbuf + (m - m0) * R * kAccs;
     switch (m1 - m) {
       case 1: tile<T, R, 1>(a, n0, m, k0, k1, rest); break;
       case 2: if constexpr (kTile > 2) tile<T, R, 2>(a, n0, m, k0, k1, rest); break;
@@ -87,7 +117,7 @@ void block(const LinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
   }
   for (int64_t m = m0; m < m1; ++m) {
     T* y = static_cast<T*>(a.y) + m * a.y_stride + n0;
-    for (int r = 0; r < R; ++r) y[r] = from_float<T>(reduce_add(accbuf[(m - m0) * R + r]));
+    for (int r = 0; r < R; ++r) y[r] = from_float<T>(reduce_accs(accbuf + ((m - m0) * R + r) * kAccs));
   }
 }
 

@@ -82,11 +82,12 @@ def write_tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 1024,
 
 
 def tiny_config_dict(vocab_size: int, eos_token_id: int, bos_token_id: int, pad_token_id: int, **overrides) -> dict:
-    """config.json contents of a tiny EXAONE model (2 layers, hidden 64, GQA 4:2, head dim 16)."""
+    """config.json contents of a tiny EXAONE model (2 layers, hidden 128, GQA 4:2, head dim 64: a head
+    dim the attention kernels are built for, so that everything run on it runs the kernels)."""
     config = {
         "architectures": ["ExaoneForCausalLM"], "model_type": "exaone", "vocab_size": vocab_size,
-        "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "intermediate_size": 128, "activation_function": "silu", "layer_norm_epsilon": 1e-5,
+        "hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "intermediate_size": 256, "activation_function": "silu", "layer_norm_epsilon": 1e-5,
         "max_position_embeddings": 512, "rope_theta": 1000000.0,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 128},

@@ -145,6 +145,8 @@ def _weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError(f"'weight_map' must map tensor names to file names, got {weight_map!r:.80}")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
         files = sorted(set(weight_map.values()))
