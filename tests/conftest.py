@@ -97,6 +97,29 @@ def assert_error_within(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: 
                          f"budget {budget:.3g} (k={k}) + {floor:.1g}{theirs}")
 
 
+def assert_error_within_pytorch(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.Tensor,
+                                name: str = "output", factor: float = 2.0, floor: float | None = None) -> None:
+    """The error rule with PyTorch's own error in the same dtype as the yardstick, for the two places
+    where the float64-only budget does not model the op's definition:
+    - linear_cross_entropy is defined as cross-entropy of the library matmul's logits in the input
+      dtype (`F.linear` in bf16 rounds every logit to bf16): its error follows that matmul's, and the
+      yardstick must be the same computation;
+    - the property tests (test_fuzz.py) draw values (huge, NaN neighbours, hidden size 1, mixed weight
+      dtypes) where the definition rounds on the way in ways error_budget's `roundings` / `acc_dtype`
+      do not describe case by case.
+    Elsewhere use assert_error_within."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == ref_same_dtype.dtype, f"{name}: dtype {out.dtype} != {ref_same_dtype.dtype}"
+    ours = (out.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
+    theirs = (ref_same_dtype.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
+    if floor is None:
+        floor = {torch.float64: 1e-12, torch.float32: 1e-6}.get(out.dtype, 1e-4)
+    floor = floor * max(1.0, ref64.abs().max().item() if ref64.numel() else 1.0)
+    assert ours <= factor * theirs + floor, (
+        f"{name}: max error {ours:.3g} vs float64 reference exceeds {factor}x PyTorch's own "
+        f"{out.dtype} error {theirs:.3g} (+{floor:.1g})")
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

@@ -2,7 +2,7 @@
 expanded and zero-size tensors), values (NaN, inf, huge) and every CPU kernel variant.
 
   valid input   -> the op equals its plain-PyTorch reference: forward and gradients within the error
-                   rule of conftest.assert_error_within; a NaN the float64 reference has is NaN here too
+                   rule of conftest.assert_error_within_pytorch; a NaN the float64 reference has is NaN here too
   invalid input -> TypeError / ValueError whose message names the op
 
 The examples run in a child process (one for all the ops selected, started again after a crash), so
@@ -221,7 +221,7 @@ def finite(*ts) -> bool:
 def check_close(name, out, ref64, ref_same):
     """out vs the float64 reference, within conftest's rule on the elements where both references
     are finite; NaN wherever the float64 reference is NaN; matching infinities."""
-    from conftest import assert_error_within
+    from conftest import assert_error_within_pytorch
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert out.dtype == ref_same.dtype, f"{name}: dtype {out.dtype} != {ref_same.dtype}"
     o, r, s = out.double(), ref64.double(), ref_same.double()
@@ -235,7 +235,7 @@ def check_close(name, out, ref64, ref_same):
     if both.any():
         # rounding to a 16-bit dtype that PyTorch happens to get exactly right is not held against us
         floor = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
-        assert_error_within(out[both], r[both], ref_same[both], name=name, floor=floor[out.dtype])
+        assert_error_within_pytorch(out[both], r[both], ref_same[both], name=name, floor=floor[out.dtype])
 
 
 def expect_error(fn, *names):
