@@ -174,7 +174,8 @@ def _field_text(value, where: str) -> str:
     raise ValueError(f"{where}: expected a string, a number or a list of them, got {type(value).__name__}")
 
 
-def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+def _jsonl_records(path: str, with_raw: bool = False) -> Iterator[tuple]:
+    """(line number, object) for every non-blank line of a JSONL file (plus the raw bytes with_raw)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -185,7 +186,7 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
                 raise ValueError(f"{path}:{lineno}: malformed JSON line ({e})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+            yield (lineno, record, raw) if with_raw else (lineno, record)
 
 
 def read_test_set(path: str | os.PathLike, fields: Sequence[str]) -> list[str]:
@@ -258,24 +259,15 @@ def _text_examples(path: str, unit: str) -> Iterator[list[_Example]]:
 
 def _jsonl_examples(path: str, field: str) -> Iterator[list[_Example]]:
     chunk, size = [], 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            if field not in record:
-                raise ValueError(f"{path}:{lineno}: missing field {field!r} (the line has {sorted(record)})")
-            text = _field_text(record[field], f"{path}:{lineno}: field {field!r}")
-            chunk.append(_Example(lineno, raw.rstrip(b"\r\n"), text))
-            size += len(raw)
-            if size >= _CHUNK_BYTES:
-                yield chunk
-                chunk, size = [], 0
+    for lineno, record, raw in _jsonl_records(path, with_raw=True):
+        if field not in record:
+            raise ValueError(f"{path}:{lineno}: missing field {field!r} (the line has {sorted(record)})")
+        text = _field_text(record[field], f"{path}:{lineno}: field {field!r}")
+        chunk.append(_Example(lineno, raw.rstrip(b"\r\n"), text))
+        size += len(raw)
+        if size >= _CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
     if chunk:
         yield chunk
 

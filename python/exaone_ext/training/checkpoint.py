@@ -14,17 +14,11 @@ import shutil
 
 import torch
 
+from ..model.checkpoint import _fsync_file as _fsync_dir  # opens and syncs a file or a directory
+
 __all__ = ["TOKENIZER_FILES", "save_checkpoint", "latest_checkpoint", "load_trainer_state"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: str, data: bytes) -> None:
