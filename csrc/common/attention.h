@@ -111,13 +111,34 @@ struct OnlineSoftmax {
   EXAONE_HD float inv_l() const { return l == 0.f ? 0.f : 1.f / l; }
 };
 
-// Combine of split-KV partial results (flash-decoding): each split s has (lse_s, out_s) with out_s
-// already normalised by its own sum; the total is sum_s exp(lse_s - lse) * out_s, with
-// lse = log(sum_s exp(lse_s)).
-EXAONE_HD float lse_combine_max(const float* lse, int n) {
-  float m = -INFINITY;
-  for (int s = 0; s < n; ++s) m = lse[s] > m ? lse[s] : m;
-  return m;
-}
+// Combine of split-KV partial results (flash-decoding), the one rule of the CPU and CUDA kernels:
+// split s of a query row has (lse_s, out_s) with out_s already normalised by its own sum; the row is
+// out = sum_s weight(lse_s) * out_s with weight(lse_s) = exp(lse_s - lse), lse = log sum_s exp(lse_s).
+// A row no split saw a key for is zero with lse -inf; a NaN partial LSE (a NaN score in that split)
+// makes the row NaN, as attention over all the keys would be, instead of being dropped as empty.
+struct SplitLse {
+  float max = -INFINITY;
+  float sum = 0.f;
+  bool nan = false;
+  // Reads the n partial LSEs lse[0], lse[stride], ... of one row.
+  EXAONE_HD static SplitLse of(const float* lse, int n, int64_t stride) {
+    SplitLse c;
+    for (int s = 0; s < n; ++s) {
+      const float x = lse[s * stride];
+      c.nan |= x != x;
+      c.max = x > c.max ? x : c.max;  // a NaN never wins: it is counted above
+    }
+    if (!c.nan && c.max != -INFINITY)
+      for (int s = 0; s < n; ++s) c.sum += expf(lse[s * stride] - c.max);
+    return c;
+  }
+  // Whether any split contributes (otherwise every output element is init()).
+  EXAONE_HD bool any() const { return !nan && sum > 0.f; }
+  // The value every output element starts from: 0, or NaN for a NaN row.
+  EXAONE_HD float init() const { return nan ? NAN : 0.f; }
+  // The weight of a split (only when any()); even 0 is applied, so 0 * NaN keeps a NaN value visible.
+  EXAONE_HD float weight(float lse_s) const { return expf(lse_s - max) / sum; }
+  EXAONE_HD float lse() const { return nan ? NAN : (sum > 0.f ? max + logf(sum) : -INFINITY); }
+};
 
 }  // namespace exaone_ext

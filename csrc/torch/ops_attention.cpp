@@ -216,35 +216,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   return {dq, dk, dv};
 }
 
-// Split-KV combine (both kv-cache paths): out row r = sum_s exp(lse_s - lse) * part_s[r] with
-// lse = log sum_s exp(lse_s), from float partials part_out [nsplit][rows][d] (each normalised by its
-// own sum) and part_lse [nsplit][rows]; a row no split saw a key for is zero, and a row with a NaN
-// partial LSE (a NaN score in that split) is NaN, as attention over all its keys would be. out is
-// fresh and contiguous [batch, seq_q, q_heads, d] = [rows, d].
+// Split-KV combine (both kv-cache paths) by SplitLse (common/attention.h), from float partials
+// part_out [nsplit][rows][d] and part_lse [nsplit][rows]. out is fresh and contiguous
+// [batch, seq_q, q_heads, d] = [rows, d].
 void combine_splits(const float* part_out, const float* part_lse, int64_t nsplit, int64_t rows, int64_t d,
                     at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "combine_splits", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      std::vector<float> w(static_cast<size_t>(nsplit)), acc(static_cast<size_t>(d));
+      std::vector<float> acc(static_cast<size_t>(d));
       for (int64_t r = r0; r < r1; ++r) {
-        float mx = -INFINITY;
-        bool nan = false;
-        for (int64_t sp = 0; sp < nsplit; ++sp) {
-          const float x = part_lse[sp * rows + r];
-          nan |= std::isnan(x);
-          mx = std::max(mx, x);
-        }
-        std::fill(acc.begin(), acc.end(), nan ? NAN : 0.f);
-        if (!nan && mx != -INFINITY) {
-          float sum = 0.f;
-          for (int64_t sp = 0; sp < nsplit; ++sp) sum += w[sp] = std::exp(part_lse[sp * rows + r] - mx);
+        const SplitLse c = SplitLse::of(part_lse + r, static_cast<int>(nsplit), rows);
+        std::fill(acc.begin(), acc.end(), c.init());
+        if (c.any())
           for (int64_t sp = 0; sp < nsplit; ++sp) {
-            const float ws = w[sp] / sum;  // even 0: 0 * NaN keeps a NaN value row visible
+            const float w = c.weight(part_lse[sp * rows + r]);
             const float* src = part_out + (sp * rows + r) * d;
-            for (int64_t x = 0; x < d; ++x) acc[x] += ws * src[x];
+            for (int64_t x = 0; x < d; ++x) acc[x] += w * src[x];
           }
-        }
         for (int64_t x = 0; x < d; ++x) o[r * d + x] = static_cast<scalar_t>(acc[x]);
       }
     });

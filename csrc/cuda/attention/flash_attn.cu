@@ -90,8 +90,8 @@ void bwd_by_dim(const AttnBwdParams& bp, const BwdScratch& sc, cudaStream_t stre
   return launch_bwd_simt<T, 8>(bp, sc, stream);
 }
 
-// Merges the split-KV partials: out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s - max lse).
-// One warp per (b, h, i) row; the partial row of split s is s * rows + row.
+// Merges the split-KV partials by SplitLse (common/attention.h). One warp per (b, h, i) row; the
+// partial row of split s is s * rows + row.
 template <typename T>
 __global__ void combine_kernel(const AttnParams p, const FwdSplit sp) {
   const int lane = threadIdx.x % 32;
@@ -99,31 +99,17 @@ __global__ void combine_kernel(const AttnParams p, const FwdSplit sp) {
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
   for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < rows; row += warps) {
     const int64_t i = row % p.seq_q, h = (row / p.seq_q) % p.q_heads, b = row / (p.seq_q * p.q_heads);
-    // fmaxf skips NaN: a split with a NaN score (NaN partial LSE) is looked for on its own, and makes
-    // the row NaN as attention over all the keys would be, instead of being dropped as empty.
-    float m = -INFINITY;
-    bool nan = false;
-    for (int s = 0; s < sp.num_splits; ++s) {
-      const float x = sp.lse_partial[s * rows + row];
-      nan |= isnan(x);
-      m = fmaxf(m, x);
-    }
-    float sum = nan ? NAN : 0.f;
-    if (!nan && m != -INFINITY)
-      for (int s = 0; s < sp.num_splits; ++s) sum += expf(sp.lse_partial[s * rows + row] - m);
-    const float inv = sum > 0.f ? 1.f / sum : (nan ? NAN : 0.f);
+    const SplitLse c = SplitLse::of(sp.lse_partial + row, sp.num_splits, rows);
     const SeqRange r = seq_range(p, b);
     T* out = static_cast<T*>(p.out) + attn_row_offset(p, r, b, i, h, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
     for (int64_t d = lane; d < D; d += 32) {
-      float acc = nan ? NAN : 0.f;
-      if (sum > 0.f)
-        for (int s = 0; s < sp.num_splits; ++s) {
-          const float w = expf(sp.lse_partial[s * rows + row] - m);
-          acc = fmaf(w, sp.out_partial[(s * rows + row) * D + d], acc);
-        }
-      st(out + d, acc * inv);
+      float acc = c.init();
+      if (c.any())
+        for (int s = 0; s < sp.num_splits; ++s)
+          acc = fmaf(c.weight(sp.lse_partial[s * rows + row]), sp.out_partial[(s * rows + row) * D + d], acc);
+      st(out + d, acc);
     }
-    if (lane == 0 && p.lse) p.lse[attn_lse_offset(p, r, b, i, h)] = nan ? NAN : (sum > 0.f ? m + logf(sum) : -INFINITY);
+    if (lane == 0 && p.lse) p.lse[attn_lse_offset(p, r, b, i, h)] = c.lse();
   }
 }
 
