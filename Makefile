@@ -1,5 +1,7 @@
 # exaone_ext: the two commands of the README, and the build checks CI runs.
 #   make demo        set up .venv, build and install the package, run the showcase
+#   make train-demo  run the demo model's training recipe (about 15 minutes on 2 cores) and replace
+#                    the shipped weights in python/exaone_ext/demo_model/weights
 #   make test        set up .venv, build and install the package, run the fast complete pass (every
 #                    kernel and path; the tests marked slow left out), then cuda-check
 #   make test-all    make test, then the slow tests (make test-slow): the whole suite
@@ -32,7 +34,7 @@ print(f"cuda-build: {len(ops)} ops, each with a CUDA kernel")
 endef
 export CUDA_IMPORT_CHECK
 
-.PHONY: demo test test-slow test-all venv install cuda-check cuda-build bench clean
+.PHONY: demo train-demo test test-slow test-all venv install cuda-check cuda-build bench clean
 
 $(VENV)/.deps:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +49,9 @@ install: venv
 
 demo: install
 	$(PY) -m exaone_ext.demo
+
+train-demo: install
+	$(PY) -m exaone_ext.demo_model.recipe --out python/exaone_ext/demo_model/weights
 
 test: install
 	$(PY) -m pytest -q -m "not slow" tests

@@ -145,9 +145,10 @@ def test_broken_pipe_is_quiet(ckpt):
 
 
 @pytest.mark.slow
-def test_demo_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "exaone_ext.demo", "--tokens", "64", "--repeats", "1",
-                           "--keep", str(tmp_path / "tiny")], capture_output=True, text=True, timeout=900)
+def test_demo_runs():
+    proc = subprocess.run([sys.executable, "-m", "exaone_ext.demo", "--tokens", "64", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("exaone_ext ") and "KV-cache decode vs full recomputation" in proc.stdout
-    assert "assistant:" in proc.stdout and (tmp_path / "tiny" / "config.json").is_file()
+    assert "assistant:" in proc.stdout and "retrieval_long" in proc.stdout
+    assert "\ufffd" not in proc.stdout

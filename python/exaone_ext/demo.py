@@ -2,20 +2,19 @@
 
 1. What this build contains (CUDA kernels, CPU variant and features).
 2. Each fused op beside PyTorch eager at EXAONE 3.5 2.4B shapes: error against float64, speed.
-3. A tiny EXAONE 3.5 checkpoint written in the Hugging Face layout (real byte-level BPE tokenizer
-   trained on English and Korean, EXAONE chat template, random weights), loaded back with
-   from_pretrained, checked for KV-cache decode == full recomputation, and chatted with in
-   Korean and English through the streaming generator (the weights are random, so the replies are
-   noise; the pipeline is the real one that runs a downloaded EXAONE checkpoint).
+3. The demo model (exaone_ext.demo_model): a tiny bilingual EXAONE 3.5 that the package trained with
+   its own recipe (two-stage pre-training, SFT, DPO) on a synthetic world of forty people. Shipped
+   as a Hugging Face-layout checkpoint, loaded with from_pretrained; the recipe's numbers per stage,
+   KV-cache decode == full recomputation, a live batch of fact questions, and Korean and English
+   chat turns streamed through the generator.
 
-    python -m exaone_ext.demo [--tokens 2048] [--repeats 10] [--keep DIR]
+    python -m exaone_ext.demo [--tokens 2048] [--repeats 10] [--model DIR] [--skip-ops]
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-import tempfile
 import time
 
 import torch
@@ -86,20 +85,26 @@ def show_ops(tokens: int, repeats: int) -> None:
               f"{err_ours:>11.2e}{err_eager:>11.2e}")
 
 
-def show_model(directory: str) -> None:
-    from exaone_ext import ExaoneForCausalLM, ExaoneTokenizer, GenerationConfig, KVCache, stream
+def show_model(path: str | None) -> None:
+    from exaone_ext import GenerationConfig, KVCache, stream
+    from exaone_ext.demo_model import WEIGHTS, load, recipe_results
+    from exaone_ext.demo_model.evaluate import fact_answers, table
+    from exaone_ext.demo_model.world import World, is_korean, question
     from exaone_ext.model import checkpoint_info
-    from exaone_ext.testing import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(directory, seed=0, num_layers=4, hidden_size=256, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=64, intermediate_size=704)
+    path = path or str(WEIGHTS)
     info = checkpoint_info(path)
-    print(f"\n[model] tiny EXAONE 3.5 checkpoint in {path}: {info['num_parameters']:,} parameters, "
-          f"{len(info['files'])} files, dtypes {info['dtypes']}")
-    model = ExaoneForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tok = ExaoneTokenizer.from_pretrained(path)
+    t = time.perf_counter()
+    model, tok = load(path)
+    print(f"\n[model] the demo model, a tiny bilingual EXAONE 3.5 ({info['num_parameters']:,} parameters, "
+          f"{info['dtypes']} on disk) trained by the package's own recipe (`make train-demo`); loaded from "
+          f"{path} in {time.perf_counter() - t:.2f} s")
+    results = recipe_results(path)
+    print(f"  what the recipe measured after each stage ({results['seconds']['total']:.0f} s of training on "
+          f"{results.get('machine', 'a 2-core CPU')}):")
+    print("    " + table(results).replace("\n", "\n    "))
 
-    ids = torch.tensor([tok.encode("EXAONE 모델은 한국어와 영어를 모두 잘 합니다.")])
+    ids = torch.tensor([tok.encode("미나는 부산에 살아요. Mina lives in Busan.")])
     with torch.no_grad():
         full = model(ids)
         cache = KVCache(model.config, 1, ids.shape[1], torch.float32, "cpu")
@@ -109,36 +114,51 @@ def show_model(directory: str) -> None:
     if not math.isfinite(err) or err > 1e-3:
         raise SystemExit("demo: KV-cache decode disagrees with the full forward")
 
-    config = GenerationConfig(max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.95, seed=0)
-    for question in ("한국의 수도는 어디인가요?", "What does a key-value cache do?"):
-        messages = [{"role": "system", "content": "You are EXAONE model from LG AI Research, a helpful assistant."},
-                    {"role": "user", "content": question}]
+    world = World(0)
+    questions = world.fact_questions(world.sft_people[:4] + world.heldout_people[:2])
+    t = time.perf_counter()
+    replies = fact_answers(model, tok, questions)
+    right = sum(q["value"] in r for q, r in zip(questions, replies))
+    same_lang = sum(is_korean(r) == (q["lang"] == "ko") for q, r in zip(questions, replies))
+    print(f"  live check, {len(questions)} fact questions in one batch ({time.perf_counter() - t:.2f} s): "
+          f"{right} answered with the right word in the language asked, {same_lang} in the language asked")
+
+    config = GenerationConfig(max_new_tokens=48, do_sample=False)
+    p, q = world.sft_people[0], world.heldout_people[0]
+    print(f"  chat (greedy). {p.en} is asked about in the SFT data; {q.en} is held out: known only from "
+          "pre-training biographies, where the model is right about a third of the time")
+    chats = [question(p, "city", "ko"), question(p, "job", "en"), question(p, "pet", "ko"), question(q, "city", "en"),
+             question(q, "job", "ko")]
+    broken = 0
+    for question in chats:
         print(f"  user: {question}\n  assistant: ", end="", flush=True)
-        s = stream(model, tok, messages, config)
+        s = stream(model, tok, [{"role": "user", "content": question}], config)
+        text = ""
         for piece in s:
+            text += piece
             print(piece, end="", flush=True)
+        broken += text.count("\ufffd")
         r = s.result
-        print(f"\n    ({len(r.tokens)} tokens, stopped by {r.stop_reason}, prefill {r.prefill_tokens_per_s:.0f} tok/s,"
-              f" decode {r.decode_tokens_per_s:.0f} tok/s)")
+        print(f"\n    ({len(r.tokens)} tokens, stopped by {r.stop_reason}, decode {r.decode_tokens_per_s:.0f} tok/s)")
+    if broken:
+        raise SystemExit(f"demo: {broken} broken characters (U+FFFD) in the replies")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048, help="tokens per op in the ops table")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--keep", metavar="DIR", help="write the tiny checkpoint here and keep it")
+    p.add_argument("--model", metavar="DIR", help="a demo-model checkpoint (default: the shipped weights)")
+    p.add_argument("--skip-ops", action="store_true", help="leave out the ops table")
     args = p.parse_args(argv)
 
     info = exaone_ext.build_info()
     print(f"exaone_ext {info['version']} | torch {info['torch_version']} | CUDA kernels: "
           f"{'sm ' + ','.join(info['cuda_archs']) if info['cuda'] else 'not built'} | CPU kernels: "
           f"{info['cpu_isa']} ({', '.join(info['cpu_features']) or 'no vector extensions'}) | threads {info['threads']}")
-    show_ops(args.tokens, args.repeats)
-    if args.keep:
-        show_model(args.keep)
-    else:
-        with tempfile.TemporaryDirectory(prefix="exaone-demo-") as d:
-            show_model(d)
+    if not args.skip_ops:
+        show_ops(args.tokens, args.repeats)
+    show_model(args.model)
     return 0
 
 

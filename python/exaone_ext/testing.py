@@ -46,8 +46,9 @@ TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None):
-    """A byte-level BPE `tokenizers.Tokenizer` trained on `corpus` (default TINY_CORPUS)."""
+def build_tiny_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None, split_digits: bool = False):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `corpus` (default TINY_CORPUS);
+    `split_digits`: every digit its own token (as LLaMA's and many other tokenizers do)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if not isinstance(vocab_size, int) or vocab_size < 256 + len(TINY_SPECIAL_TOKENS):
@@ -55,21 +56,26 @@ def build_tiny_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None
                          f"(the byte alphabet plus special tokens), got {vocab_size!r}")
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   special_tokens=TINY_SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    # Repeat the corpus so that frequent pairs (including within Korean syllables) get merged.
-    tok.train_from_iterator((corpus or TINY_CORPUS) * 8, trainer=trainer)
+    # A small corpus is repeated so that frequent pairs (including within Korean syllables) get merged.
+    corpus = corpus or TINY_CORPUS
+    tok.train_from_iterator(corpus * 8 if len(corpus) < 1000 else corpus, trainer=trainer)
     return tok
 
 
 def write_tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 1024,
-                         chat_template: str | None = EXAONE_CHAT_TEMPLATE) -> Path:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `path`."""
+                         chat_template: str | None = EXAONE_CHAT_TEMPLATE, corpus: list[str] | None = None,
+                         split_digits: bool = False) -> Path:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `path` (the BPE
+    trained on `corpus`, default TINY_CORPUS)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer(vocab_size)
+    tok = build_tiny_tokenizer(vocab_size, corpus, split_digits)
     tok.save(str(path / "tokenizer.json"))
     special = {"bos_token": "[BOS]", "eos_token": "[|endofturn|]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
     config = {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "clean_up_tokenization_spaces": False,
