@@ -179,6 +179,23 @@ def record_kernel_ops():
         yield recorder.seen
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny EXAONE checkpoint (exaone_ext.testing, seed 0) shared by a test module."""
+    from exaone_ext.testing import write_tiny_checkpoint
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models
+    gain nothing from threads, and on a busy machine their hand-offs dominate."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def no_kernel(monkeypatch):
     """A context manager that makes the CPU a device without kernels (has_kernel False, as for a

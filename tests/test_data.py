@@ -10,23 +10,11 @@ import torch
 from exaone_ext import ExaoneForCausalLM, ExaoneTokenizer
 from exaone_ext.data import (IGNORE_INDEX, DataError, DocumentReader, PreferenceData, PretrainStream, SFTStream,
                              collate, encode_chat, preference_rows, shard)
-from exaone_ext.testing import write_tiny_checkpoint
 
 WORDS = "the quick brown fox jumps over lazy dog 서울 한국 모델 날씨 공원 model token cache".split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models gain nothing from threads, and on a busy machine their hand-offs dominate
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

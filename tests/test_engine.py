@@ -8,16 +8,10 @@ import torch
 
 from exaone_ext.generation import Engine, Event, GenerationConfig, Request, generate
 from exaone_ext.model import ExaoneForCausalLM
-from exaone_ext.testing import write_tiny_checkpoint
 from exaone_ext.tokenizer import ExaoneTokenizer
 
 PROMPTS = ["Hello", "The capital of Korea is", "안녕하세요. 저는", "Large language models predict the next token",
            "Seoul is"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seed=0)
 
 
 @pytest.fixture(scope="module")

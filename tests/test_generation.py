@@ -10,7 +10,6 @@ from exaone_ext.generation import GenerationConfig, engine, generate, prepare_pr
 from exaone_ext.generation.sampling import (apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, draw,
                                             draw_inverse_cdf, draw_race, process_logits)
 from exaone_ext.model import ExaoneForCausalLM
-from exaone_ext.testing import write_tiny_checkpoint
 from exaone_ext.tokenizer import ExaoneTokenizer
 
 
@@ -187,11 +186,6 @@ def test_config_conveniences(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the real model
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seed=0)
-
-
 @pytest.fixture(scope="module")
 def tok(ckpt):
     return ExaoneTokenizer.from_pretrained(ckpt)

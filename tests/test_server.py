@@ -22,7 +22,6 @@ openai = pytest.importorskip("openai")
 from exaone_ext import ExaoneForCausalLM, ExaoneTokenizer, GenerationConfig, generate  # noqa: E402
 from exaone_ext.generation.engine import Engine  # noqa: E402
 from exaone_ext.serve import create_app  # noqa: E402
-from exaone_ext.testing import write_tiny_checkpoint  # noqa: E402
 
 KEY = "test-key"
 MODEL = "tiny-exaone"
@@ -54,11 +53,6 @@ class Server:
         self.thread.join(30)
         self.sock.close()
         assert not self.thread.is_alive(), "the server did not stop"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from exaone_ext.training import ConfigError, Trainer, latest_checkpoint, load_config
-from exaone_ext.testing import write_tiny_checkpoint
 
 PRETRAIN_DOCS = ["The capital of Korea is Seoul.", "한국의 수도는 서울입니다.", "The quick brown fox jumps over the lazy dog."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models gain nothing from threads, and on a busy machine their hand-offs dominate
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recipe(tmp_path, ckpt, data: dict, train: dict, preference: dict | None = None, name="recipe.toml") -> str:

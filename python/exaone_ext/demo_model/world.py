@@ -252,9 +252,10 @@ class World:
         return out
 
     def fact_questions(self, people: list[Person]) -> list[dict]:
-        """{"question", "lang", "value"}: the first wording of every fact question, both languages."""
-        return [{"question": question(p, a, lang), "lang": lang, "value": answer_value(p, a, lang)}
-                for p in people for a in ATTRIBUTES for lang in ("en", "ko")]
+        """{"question", "lang", "value", "values"}: the first wording of every fact question, both
+        languages; value is the answer's word in the language asked, values the (English, Korean) pair."""
+        return [{"question": question(p, a, lang), "lang": lang, "value": answer_value(p, a, lang),
+                 "values": getattr(p, a)} for p in people for a in ATTRIBUTES for lang in ("en", "ko")]
 
     def retrieval_cases(self, n: int, seed: int, filler_sentences: int) -> list[dict]:
         """{"prompt", "answer"}: secret-colour documents with the colour at evenly spread depths."""
