@@ -3,16 +3,20 @@ LlamaForCausalLM running on the very same weight tensors (shared, not copied), i
 
     python benchmarks/bench_model.py                       # 2.4B shape, all 30 layers, bf16
     python benchmarks/bench_model.py --layers 4 --prefill 512 --decode 16   # a quick look
+    python benchmarks/bench_model.py --quant int8 int4 --no-hf              # also quantized decode
 
 Reports decode tokens/s and the weight bytes it reads per second as a fraction of the machine's read
 bandwidth (summing a 1 GiB tensor, sampled before and after every decode run: each run is held
 against the higher of its two samples, and the median over runs is reported), prefill tokens/s,
 batched decode, batched prefill (packed against one forward per prompt), and peak memory against
-weights + KV cache. A standalone script (not part of the test run)."""
+weights + KV cache. With --quant, the same bf16 model quantized (a copy per format: every block
+projection; the embedding and tied head stay bf16) decodes too, its bytes read counted as stored
+(quantized weights, scales, zero points, the bf16 head and norms), and prefills. A standalone script (not part of the test run)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import time
 
@@ -109,6 +113,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--quant", nargs="*", default=[], choices=["int8", "int4"],
+                    help="also decode (and prefill) with the block projections quantized to these formats")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -122,7 +128,7 @@ def main():
                  "device": str(device), "threads": torch.get_num_threads()}
     bw_samples = []
 
-    def bracketed(run):
+    def bracketed(run, read_bytes=None):
         """Runs `run` (returns (seconds, extra)) between two bandwidth samples, --repeat times.
         Returns the fastest run's (seconds, extra) and, per run, its weight-read rate over the
         higher of its two samples: this machine's memory rate moves 1.5-2x from one minute to the
@@ -136,7 +142,7 @@ def main():
             after = read_bandwidth(device)
             bw_samples.append(after)
             runs.append((dt, extra))
-            fractions.append(args.decode * read_per_token / dt / max(before, after))
+            fractions.append(args.decode * (read_bytes or read_per_token) / dt / max(before, after))
             before = after
         fractions.sort()
         mid = len(fractions) // 2
@@ -162,7 +168,7 @@ def main():
     prompt = torch.randint(0, V, (1, args.prompt), device=device)
     max_len = args.prompt + args.decode + 1
 
-    def ours_decode(use_kernels, batch=1):
+    def ours_decode(use_kernels, batch=1, model=model):
         model.use_kernels = use_kernels
         cache = KVCache(config, batch, max_len, dtype, device)
         p = prompt.expand(batch, -1)
@@ -175,7 +181,7 @@ def main():
         sync(device)
         return time.perf_counter() - t, cache
 
-    def ours_prefill(use_kernels):
+    def ours_prefill(use_kernels, model=model):
         model.use_kernels = use_kernels
         ids = torch.randint(0, V, (1, args.prefill), device=device)
         return best_time(lambda: model(ids, num_logits_to_keep=1), device, args.repeat)
@@ -223,6 +229,23 @@ def main():
             out["batched_prefill"] = {"batch": args.batch, "tokens": int(cu[-1]), "one_by_one_s": t_rows,
                                       "packed_s": t_packed, "speedup": t_rows / t_packed}
 
+        for fmt in args.quant:
+            qmodel = copy.deepcopy(model).quantize(fmt)
+            qmodel.eval()
+            # what a step reads: parameters (norms, embedding/head) and the quantized buffers, the
+            # embedding only if it is the tied head, not the RoPE tables
+            stored = {id(t): t for t in qmodel.parameters()}
+            stored.update({id(b): b for n, b in qmodel.named_buffers() if not n.rpartition(".")[2].startswith("rope")})
+            embed = qmodel.transformer.wte.weight
+            q_read = sum(t.nbytes for t in stored.values() if config.tie_word_embeddings or t is not embed)
+            ours_decode(True, model=qmodel)  # warm-up
+            (dtq, _), frac, fracs = bracketed(lambda: ours_decode(True, model=qmodel), q_read)
+            rows[f"ours {fmt}"] = {"decode_tok_s": args.decode / dtq, "decode_fraction_of_bandwidth": frac,
+                                   "decode_fraction_per_run": fracs, "read_per_token": q_read}
+            if args.prefill:
+                rows[f"ours {fmt}"]["prefill_tok_s"] = args.prefill / ours_prefill(True, model=qmodel)
+            del qmodel
+
         if not args.no_hf:
             hf = hf_model_sharing(model)
             from transformers import DynamicCache
@@ -257,7 +280,7 @@ def main():
     print(f"read bandwidth samples (sum of 1 GiB, around each decode run): "
           f"{' / '.join(f'{b / 1e9:.1f}' for b in bw_samples)} GB/s")
     for name, r in rows.items():
-        r["decode_weight_GBps"] = r["decode_tok_s"] * read_per_token / 1e9
+        r["decode_weight_GBps"] = r["decode_tok_s"] * r.get("read_per_token", read_per_token) / 1e9
     out["rows"] = rows
     out["weight_bytes"] = weight_bytes
     out["kv_cache_bytes"] = kv_bytes

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from exaone_ext import ops
+from exaone_ext import _C, ops
 from exaone_ext.ops import reference
 
 SHAPES = {"c_fc": (2560, 7168), "c_proj": (7168, 2560), "lm_head": (2560, 102400)}  # (in, out)
@@ -44,13 +44,22 @@ def make_weights(fmt: str, k: int, n: int):
     elif fmt == "int8":
         q, s = reference.quantize_int8(w)
         t = (q, s.to(torch.bfloat16))
-    else:
+    else:  # int4, int4-widened
         q, s, z = reference.quantize_int4(w, 128)
         t = (q, s.to(torch.bfloat16), z)
     return t, sum(a.nbytes for a in t)
 
 
-FNS = {"bf16": ops.linear, "int8": ops.linear_int8, "int4": ops.linear_int4}
+def linear_int4_widened(x, *args):
+    """linear_int4 with the integer path of 16-bit x turned off (weights widened to float32)."""
+    before = _C._set_quant_int_dot(False)
+    try:
+        return ops.linear_int4(x, *args)
+    finally:
+        _C._set_quant_int_dot(before)
+
+
+FNS = {"bf16": ops.linear, "int8": ops.linear_int8, "int4": ops.linear_int4, "int4-widened": linear_int4_widened}
 
 
 def time_calls(fn, x, copies, calls: int) -> float:

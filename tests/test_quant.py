@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exaone_ext import ops
+import exaone_ext
+from exaone_ext import _C, ops
 from exaone_ext.model.awq import awq_to_int4
 from exaone_ext.ops import reference
-from conftest import DEVICES, DTYPES, assert_error_within
+from conftest import CPU_ISAS, DEVICES, DTYPES, assert_error_within
 
 ROWS = [1, 2, 7, 16, 17]                  # 17: the tiled prefill path
 
@@ -50,6 +51,82 @@ def test_int4_matches_reference(m, k, n, group, dtype, device, cpu_isa):
     out = ops.linear_int4(x, q, s, z, group)
     w64 = reference.dequantize_int4(q, s.double(), z, group, torch.float64)
     _check(out, x, w64, reference.linear_int4(x, q, s, z, group))
+
+
+INT_DOT_ISAS = [i for i in ("avx512", "avx2") if i in exaone_ext.build_info()["cpu_isa_compiled"]
+                and i in CPU_ISAS]
+
+
+@pytest.fixture(params=[True, False], ids=["int-dot", "widened"])
+def int_dot(request):
+    """linear_int4 with 16-bit x on both CPU paths: x as 15-bit integers against the nibbles, and
+    the weights widened to float32."""
+    before = _C._set_quant_int_dot(request.param)
+    yield request.param
+    _C._set_quant_int_dot(before)
+
+
+@pytest.mark.parametrize("isa", INT_DOT_ISAS)
+@pytest.mark.parametrize("group,groups", [(32, 3), (64, 2), (96, 2), (128, 3), (256, 1)])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_both_cpu_paths(isa, group, groups, m, dtype, int_dot):
+    """Every unpacking order of the integer path (steps of 128, a 64, a trailing 32), blocks of 8, 4
+    and 1 features (n = 13), 1 to 16 rows, scales in x's dtype and in float32."""
+    exaone_ext.set_cpu_isa(isa)
+    try:
+        k, n = group * groups, 13
+        q, s, z = _int4(n, k, "cpu", group, dtype if groups == 2 else torch.float32)
+        x = torch.randn(m, k).to(dtype)
+        out = ops.linear_int4(x, q, s, z, group)
+        _check(out, x, reference.dequantize_int4(q, s.double(), z, group, torch.float64),
+               reference.linear_int4(x, q, s, z, group))
+    finally:
+        exaone_ext.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("outlier", [100.0, 1000.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_outlier_activations(outlier, dtype, int_dot):
+    """A few input channels hundreds of times larger than the rest (as in real models' activations):
+    the integer path's x, 15 bits per group of 128 scaled to the group's largest value, still meets
+    the error rule."""
+    k, n = 2048, 96
+    q, s, z = _int4(n, k, "cpu")
+    x = torch.randn(4, k)
+    x[:, [5, 700, 1500]] *= outlier
+    x = x.to(dtype)
+    out = ops.linear_int4(x, q, s, z)
+    _check(out, x, reference.dequantize_int4(q, s.double(), z, 128, torch.float64), reference.linear_int4(x, q, s, z))
+
+
+@pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")
+def test_int4_integer_path_runs_and_falls_back():
+    q, s, z = _int4(64, 2560, "cpu")
+    x = torch.randn(16, 2560).to(torch.float16)
+    before = _C._set_quant_int_dot(True)
+    try:
+        fast = ops.linear_int4(x, q, s, z)
+        _C._set_quant_int_dot(False)
+        widened = ops.linear_int4(x, q, s, z)
+        assert not torch.equal(fast, widened), "the integer path did not run (identical to the widened path)"
+        # float32 x never takes it
+        x32 = x.float()
+        _C._set_quant_int_dot(True)
+        a = ops.linear_int4(x32, q, s, z)
+        _C._set_quant_int_dot(False)
+        assert torch.equal(a, ops.linear_int4(x32, q, s, z))
+        # x the integers cannot hold (inf / NaN, a group of values below 1e-30) goes the widened way
+        for bad in (float("inf"), float("nan"), 1e-35):
+            xb = x.to(torch.bfloat16)                # bfloat16 holds 1e-35
+            xb[3, 128:256] = 0                       # the second group of row 3: only the bad value
+            xb[3, 130] = bad
+            _C._set_quant_int_dot(False)
+            want = ops.linear_int4(xb, q, s, z)
+            _C._set_quant_int_dot(True)
+            torch.testing.assert_close(ops.linear_int4(xb, q, s, z), want, rtol=0, atol=0, equal_nan=True)
+    finally:
+        _C._set_quant_int_dot(before)
 
 
 def test_any_rank_strided_and_empty(device, cpu_isa):

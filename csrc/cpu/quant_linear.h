@@ -32,6 +32,13 @@ struct QuantLinearArgs {
   const uint8_t* zeros;   // int4: [n, k / group] contiguous; int8: null
   void* y;                // y_dtype [m, n], rows y_stride apart
   int64_t y_stride;
+  // int4 only, when quant_prepare_x4 has filled them (else null: x is read as float32 above). x as
+  // integers per group: x ~= xs[g] * (128 * hi + lo), hi in -128..127 and lo in 0..127 (15 bits:
+  // well below a bf16/f16 input's rounding), so that the weight's nibbles meet x in integer
+  // multiply-adds (u8 x s8 -> s16 pairs) instead of being widened to float32 one by one.
+  const int8_t* xq = nullptr;   // [m, 2 * k]: per group, its hi parts then its lo parts, in kernel order
+  const float* xs = nullptr;    // [m, k / group]: the group's scale
+  const int32_t* xsum = nullptr;  // [m, k / group]: sum of the group's 128 * hi + lo (for the zero points)
 };
 
 // Output features handled together; chunk boundaries given to quant_linear_rows should be
@@ -44,6 +51,12 @@ inline constexpr int64_t kInt4Block = 32;
 
 // y's columns [n_begin, n_end), for all m rows (m up to any size; meant for up to ~16).
 EXAONE_DECLARE_ISA_KERNEL(void, quant_linear_rows, (const exaone_ext::QuantLinearArgs& a, int64_t n_begin, int64_t n_end))
+// Fills xq, xs and xsum (shapes as in QuantLinearArgs) from a.x for every row; returns false, with
+// nothing to use, where this variant has no integer path (portable code) or where x is not
+// representable that way (a non-finite value, or a group whose largest magnitude is below 1e-30),
+// and then quant_linear_rows reads a.x as floats.
+EXAONE_DECLARE_ISA_KERNEL(bool, quant_prepare_x4,
+                          (const exaone_ext::QuantLinearArgs& a, int8_t* xq, float* xs, int32_t* xsum))
 // Dequantised weight rows [n_begin, n_end) into out (out_dtype [n_end - n_begin, k], contiguous).
 // a.x and a.y are not used.
 EXAONE_DECLARE_ISA_KERNEL(void, quant_dequant_rows,

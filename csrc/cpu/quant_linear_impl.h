@@ -10,6 +10,8 @@
 // once per output at the end; int4 scales once per group, to the group's partial sums.
 #pragma once
 #include <algorithm>
+#include <cmath>
+#include <vector>
 #include "cpu/quant_linear.h"
 #include "cpu/vec.h"
 
@@ -134,6 +136,250 @@ void tile4(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t g, const fl
     }
 }
 
+#if defined(__AVX2__)
+// ---- int4 with integer multiply-adds (x prepared by prepare_x4) ----
+// The kernel order of a group's x parts: in steps of 64 elements, one 32-byte load of the weight
+// gives [low nibbles | high nibbles] of two 32-element blocks A and B as the byte vectors
+// lo = [A0..A15, B0..B15] and hi = [A16..A31, B16..B31], so x is stored as
+// [x0..x15, x32..x47, x16..x31, x48..x63] per 64; a trailing block of 32 (groups of 32, 96, ...)
+// is unpacked with a 16-byte load and kept in order.
+inline int64_t x4_order(int64_t i, int64_t group) {  // position in the group -> position in the order
+  const int64_t c = i & ~int64_t(63), j = i & 63;
+  if (c + 64 > group) return i;                       // the trailing 32
+  const int64_t blk = j >> 5, half = (j >> 4) & 1, e = j & 15;  // A/B, low/high nibble, byte
+  return c + 32 * half + 16 * blk + e;
+}
+
+constexpr float kX4Max = 16383.f;  // |128 * hi + lo| <= 16383
+
+bool prepare_x4_impl(const QuantLinearArgs& a, int8_t* xq, float* xs, int32_t* xsum) {
+  const int64_t G = a.group, groups = a.k / G;
+  if (G > 8192) return false;  // keeps z * (sum of v) and the lane sums within int32
+  const __m256 sign = _mm256_set1_ps(-0.f), vmax = _mm256_set1_ps(kX4Max), vmin = _mm256_set1_ps(-kX4Max);
+  for (int64_t m = 0; m < a.m; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* x = a.x + m * a.x_stride + g * G;
+      __m256 amax8 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      for (int64_t i = 0; i < G; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, v));
+        const __m256 z = _mm256_mul_ps(v, _mm256_setzero_ps());   // NaN where v is infinite or NaN
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
+      }
+      if (_mm256_movemask_ps(bad)) return false;
+      __m128 t = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+      t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+      const float amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+      if (amax > 0.f && amax < 1e-30f) return false;
+      const __m256 inv = _mm256_set1_ps(amax > 0.f ? kX4Max / amax : 0.f);
+      int8_t* hi = xq + m * 2 * a.k + 2 * g * G;
+      int8_t* lo = hi + G;
+      __m256i sum = _mm256_setzero_si256();
+      const __m256i m127 = _mm256_set1_epi32(127);
+      for (int64_t i = 0; i < G; i += 16) {  // 16 in a row keep their order (x4_order moves runs of 16)
+        const __m256i v0 = _mm256_cvtps_epi32(_mm256_min_ps(vmax, _mm256_max_ps(vmin, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv))));
+        const __m256i v1 = _mm256_cvtps_epi32(_mm256_min_ps(vmax, _mm256_max_ps(vmin, _mm256_mul_ps(_mm256_loadu_ps(x + i + 8), inv))));
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(v0, v1));
+        auto bytes = [](__m256i p0, __m256i p1) {  // 16 int32 (each in -128..127) -> 16 int8 in order
+          const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(p0, p1), 0xD8);
+          return _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+        };
+        const int64_t o = x4_order(i, G);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + o), bytes(_mm256_srai_epi32(v0, 7), _mm256_srai_epi32(v1, 7)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + o), bytes(_mm256_and_si256(v0, m127), _mm256_and_si256(v1, m127)));
+      }
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      xs[m * groups + g] = amax / kX4Max;
+      xsum[m * groups + g] = _mm_cvtsi128_si32(s4);
+    }
+  }
+  return true;
+}
+
+// The integer dot products of group g's weight bytes (qg[r], R features) with one row's x parts
+// (xh, xl in kernel order): s32[r] holds 8 partial sums of q * (128 * hi + lo).
+template <int R>
+inline void dots4i(const uint8_t* const* qg, const int8_t* xh, const int8_t* xl, int64_t G, __m256i* s32) {
+  const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), c128 = _mm256_set1_epi16(128);
+  auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  for (int r = 0; r < R; ++r) s32[r] = _mm256_setzero_si256();
+  // 16-bit sums of at most 4 maddubs results (each pair |.| <= 2 * 15 * 128) before widening
+  int64_t i = 0;
+  for (; i + 128 <= G; i += 128) {
+    const __m256i h0 = ld(xh + i), h1 = ld(xh + i + 32), h2 = ld(xh + i + 64), h3 = ld(xh + i + 96);
+    const __m256i l0 = ld(xl + i), l1 = ld(xl + i + 32), l2 = ld(xl + i + 64), l3 = ld(xl + i + 96);
+    for (int r = 0; r < R; ++r) {
+      const __m256i b0 = ld(qg[r] + i / 2), b1 = ld(qg[r] + i / 2 + 32);
+      const __m256i w0 = _mm256_and_si256(b0, nib), w1 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), nib);
+      const __m256i w2 = _mm256_and_si256(b1, nib), w3 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), nib);
+      const __m256i ph = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w0, h0), _mm256_maddubs_epi16(w1, h1)),
+                                          _mm256_add_epi16(_mm256_maddubs_epi16(w2, h2), _mm256_maddubs_epi16(w3, h3)));
+      const __m256i pl = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w0, l0), _mm256_maddubs_epi16(w1, l1)),
+                                          _mm256_add_epi16(_mm256_maddubs_epi16(w2, l2), _mm256_maddubs_epi16(w3, l3)));
+      s32[r] = _mm256_add_epi32(s32[r], _mm256_add_epi32(_mm256_madd_epi16(ph, c128), _mm256_madd_epi16(pl, ones)));
+    }
+  }
+  for (; i < G;) {  // the rest of the group: 64 (one 32-byte load), then 32 (one 16-byte load)
+    const bool two = i + 64 <= G;
+    for (int r = 0; r < R; ++r) {
+      __m256i ph, pl;
+      if (two) {
+        const __m256i b = ld(qg[r] + i / 2);
+        const __m256i w0 = _mm256_and_si256(b, nib), w1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+        ph = _mm256_add_epi16(_mm256_maddubs_epi16(w0, ld(xh + i)), _mm256_maddubs_epi16(w1, ld(xh + i + 32)));
+        pl = _mm256_add_epi16(_mm256_maddubs_epi16(w0, ld(xl + i)), _mm256_maddubs_epi16(w1, ld(xl + i + 32)));
+      } else {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qg[r] + i / 2));
+        const __m128i n16 = _mm_set1_epi8(15);
+        const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), n16), _mm_and_si128(b, n16));
+        ph = _mm256_maddubs_epi16(w, ld(xh + i));
+        pl = _mm256_maddubs_epi16(w, ld(xl + i));
+      }
+      s32[r] = _mm256_add_epi32(s32[r], _mm256_add_epi32(_mm256_madd_epi16(ph, c128), _mm256_madd_epi16(pl, ones)));
+    }
+    i += two ? 64 : 32;
+  }
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// Four consecutive scales as float32.
+inline __m128 load4_scales(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 load4_scales(const bf16* p) {
+  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline __m128 load4_scales(const f16* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+
+// The scales and zero points of features n0..n0+R-1 as [groups][R] tables (four groups of four
+// features transposed at a time).
+template <int R, typename S>
+void tables4i(const QuantLinearArgs& a, const S* scales, int64_t n0, float* sct, int32_t* zt) {
+  const int64_t groups = a.k / a.group;
+  int64_t g = 0;
+  if constexpr (R % 4 == 0) {
+    for (; g + 4 <= groups; g += 4)
+      for (int r0 = 0; r0 < R; r0 += 4) {
+        const S* sr = scales + (n0 + r0) * groups + g;
+        const uint8_t* zr = a.zeros + (n0 + r0) * groups + g;
+        __m128 s0 = load4_scales(sr), s1 = load4_scales(sr + groups);
+        __m128 s2 = load4_scales(sr + 2 * groups), s3 = load4_scales(sr + 3 * groups);
+        _MM_TRANSPOSE4_PS(s0, s1, s2, s3);
+        float* st = sct + g * R + r0;
+        _mm_storeu_ps(st, s0), _mm_storeu_ps(st + R, s1), _mm_storeu_ps(st + 2 * R, s2), _mm_storeu_ps(st + 3 * R, s3);
+        auto z4 = [&](int r) {
+          int32_t w;
+          std::memcpy(&w, zr + r * groups, 4);
+          return _mm_castsi128_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(w)));
+        };
+        __m128 z0 = z4(0), z1 = z4(1), z2 = z4(2), z3 = z4(3);
+        _MM_TRANSPOSE4_PS(z0, z1, z2, z3);
+        auto* zz = reinterpret_cast<float*>(zt + g * R + r0);
+        _mm_storeu_ps(zz, z0), _mm_storeu_ps(zz + R, z1), _mm_storeu_ps(zz + 2 * R, z2), _mm_storeu_ps(zz + 3 * R, z3);
+      }
+  }
+  for (; g < groups; ++g)
+    for (int r = 0; r < R; ++r) {
+      sct[g * R + r] = to_float(scales[(n0 + r) * groups + g]);
+      zt[g * R + r] = a.zeros[(n0 + r) * groups + g];
+    }
+}
+
+// Per row, the running sums of a block's R features (R = 8, 4 or 1).
+struct Acc4i {
+  __m256 v8 = _mm256_setzero_ps();
+  __m128 v4 = _mm_setzero_ps();
+  float v1 = 0.f;
+};
+
+// As block() for int4 with the x of prepare_x4. The group's scales and zero points of the R
+// features are gathered once per block into [groups][R] tables; per group and row, the R integer
+// sums are reduced into one vector, corrected for the zero points in int32 (sum of (q - z) * v =
+// sum of q * v - z * sum of v, exact), converted and scaled once. Rows go one at a time inside the
+// group loop, so the group's weight bytes stay in L1 across the rows.
+template <typename T, int R>
+void block4i(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
+  const int64_t G = a.group, groups = a.k / G;
+  constexpr int64_t kStackGroups = 256;  // tables on the stack up to 256 groups (k = 32768 at 128)
+  float sc_stack[kStackGroups * R];
+  int32_t z_stack[kStackGroups * R];
+  std::vector<float> sc_heap;
+  std::vector<int32_t> z_heap;
+  float* sct = sc_stack;
+  int32_t* zt = z_stack;
+  if (groups > kStackGroups) {
+    sc_heap.resize(size_t(groups * R)), z_heap.resize(size_t(groups * R));
+    sct = sc_heap.data(), zt = z_heap.data();
+  }
+  switch (a.s_dtype) {
+    case DType::kBFloat16: tables4i<R>(a, static_cast<const bf16*>(a.scales), n0, sct, zt); break;
+    case DType::kFloat16: tables4i<R>(a, static_cast<const f16*>(a.scales), n0, sct, zt); break;
+    default: tables4i<R>(a, static_cast<const float*>(a.scales), n0, sct, zt); break;
+  }
+  const uint8_t* q0 = static_cast<const uint8_t*>(a.q) + n0 * a.q_stride;
+  // one group of row m: the R sums reduced, corrected for the zero points, scaled into acc
+  auto group = [&](int64_t g, const uint8_t* const* qg, int64_t m, Acc4i& acc) {
+    const int8_t* xh = a.xq + m * 2 * a.k + 2 * g * G;
+    __m256i s32[R];
+    dots4i<R>(qg, xh, xh + G, G, s32);
+    const float sx = a.xs[m * groups + g];
+    const int32_t vsum = a.xsum[m * groups + g];
+    if constexpr (R == 8) {
+      const __m256i a4 = _mm256_hadd_epi32(_mm256_hadd_epi32(s32[0], s32[1]), _mm256_hadd_epi32(s32[2], s32[3]));
+      const __m256i b4 = _mm256_hadd_epi32(_mm256_hadd_epi32(s32[4], s32[5]), _mm256_hadd_epi32(s32[6], s32[7]));
+      __m256i d = _mm256_add_epi32(_mm256_permute2x128_si256(a4, b4, 0x20), _mm256_permute2x128_si256(a4, b4, 0x31));
+      d = _mm256_sub_epi32(d, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zt + g * R)),
+                                                 _mm256_set1_epi32(vsum)));
+      acc.v8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(_mm256_loadu_ps(sct + g * R), _mm256_set1_ps(sx)),
+                               acc.v8);
+    } else if constexpr (R == 4) {
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s32[0], s32[1]), _mm256_hadd_epi32(s32[2], s32[3]));
+      __m128i d = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      d = _mm_sub_epi32(d, _mm_mullo_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zt + g * R)),
+                                           _mm_set1_epi32(vsum)));
+      acc.v4 = _mm_fmadd_ps(_mm_cvtepi32_ps(d), _mm_mul_ps(_mm_loadu_ps(sct + g * R), _mm_set1_ps(sx)), acc.v4);
+    } else {
+      static_assert(R == 1);
+      acc.v1 += sct[g] * sx * float(hsum_epi32(s32[0]) - zt[g] * vsum);
+    }
+  };
+  auto store = [&](int64_t m, const Acc4i& acc) {
+    T* y = static_cast<T*>(a.y) + m * a.y_stride + n0;
+    alignas(32) float v[8];
+    if constexpr (R == 8) _mm256_store_ps(v, acc.v8);
+    else if constexpr (R == 4) _mm_store_ps(v, acc.v4);
+    else v[0] = acc.v1;
+    for (int r = 0; r < R; ++r) y[r] = from_float<T>(v[r]);
+  };
+  auto weights = [&](int64_t g, const uint8_t** qg) {
+    for (int r = 0; r < R; ++r) {
+      qg[r] = q0 + r * a.q_stride + g * G / 2;
+      __builtin_prefetch(qg[r] + R * a.q_stride, 0, 2);  // the same group of the next block's rows
+    }
+  };
+  // MT rows at a time, their accumulators in registers; the group's weight bytes stay in L1
+  // across the rows
+  auto tile = [&]<int MT>(int64_t m) {
+    Acc4i acc[MT];
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* qg[R];
+      weights(g, qg);
+      for (int j = 0; j < MT; ++j) group(g, qg, m + j, acc[j]);
+    }
+    for (int j = 0; j < MT; ++j) store(m + j, acc[j]);
+  };
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) tile.template operator()<4>(m);
+  if (m + 2 <= m1) tile.template operator()<2>(m), m += 2;
+  if (m < m1) tile.template operator()<1>(m);
+}
+#endif  // __AVX2__
+
 // Rows m0..m1 of x in tiles of kTile (and one shorter tile), calling f.template operator()<MT>(m, acc).
 template <int R, typename F>
 void over_tiles(int64_t m0, int64_t m1, Vec* accbuf, F&& f) {
@@ -151,6 +397,9 @@ void over_tiles(int64_t m0, int64_t m1, Vec* accbuf, F&& f) {
 // Output features n0..n0+R-1 for rows m0..m1 (m1 - m0 <= kPassRows), the weight rows read once.
 template <typename T, int R>
 void block(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
+#if defined(__AVX2__)
+  if (a.bits == 4 && a.xq) return block4i<T, R>(a, n0, m0, m1);
+#endif
   Vec accbuf[kPassRows * R];
   for (auto& v : accbuf) v = Vec::zero();
   if (a.bits == 4) {
@@ -195,6 +444,10 @@ void rows(const QuantLinearArgs& a, int64_t begin, int64_t end) {
   for (int64_t m0 = 0; m0 < a.m; m0 += kPassRows) {
     const int64_t m1 = std::min(a.m, m0 + kPassRows);
     int64_t n = begin;
+#if defined(__AVX2__)
+    if (a.bits == 4 && a.xq)
+      for (; n + 2 * kR <= end; n += 2 * kR) block4i<T, 2 * kR>(a, n, m0, m1);
+#endif
     for (; n + kR <= end; n += kR) block<T, kR>(a, n, m0, m1);
     for (; n < end; ++n) block<T, 1>(a, n, m0, m1);
   }
@@ -238,6 +491,15 @@ void quant_linear_rows(const QuantLinearArgs& a, int64_t begin, int64_t end) {
     case DType::kFloat16: return rows<f16>(a, begin, end);
     default: return rows<float>(a, begin, end);
   }
+}
+
+bool quant_prepare_x4(const QuantLinearArgs& a, int8_t* xq, float* xs, int32_t* xsum) {
+#if defined(__AVX2__)
+  return a.bits == 4 && prepare_x4_impl(a, xq, xs, xsum);
+#else
+  (void)a, (void)xq, (void)xs, (void)xsum;
+  return false;
+#endif
 }
 
 void quant_dequant_rows(const QuantLinearArgs& a, int64_t begin, int64_t end, void* out, DType out_dtype) {

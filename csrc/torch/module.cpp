@@ -19,6 +19,7 @@
 #include "common/attention.h"
 #include "cpu/isa.h"
 #include "torch/linear.h"
+#include "torch/quant.h"
 #include "torch/text_module.h"
 
 namespace py = pybind11;
@@ -155,6 +156,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("name"), "Choose the CPU kernel variant: 'auto', 'avx512', 'avx2' or 'scalar'.");
   m.def("_set_linear_bf16_dot", &exaone_ext::set_linear_bf16_dot, py::arg("enabled"),
         "Allow (True) or forbid bfloat16 linear on CPU to use AVX512-BF16 dot products; returns the previous setting.");
+  m.def("_set_quant_int_dot", &exaone_ext::set_quant_int_dot, py::arg("enabled"),
+        "Allow (True) or forbid linear_int4 on CPU to multiply 16-bit x as integers with the weight's nibbles "
+        "(integer multiply-adds); returns the previous setting.");
   m.def("_set_cpu_avx512bf16", &exaone_ext::cpu::set_avx512bf16, py::arg("enabled"),
         "Allow (True) or forbid the AVX512-BF16 variant of the elementwise CPU kernels (SwiGLU, RMSNorm) in place of "
         "avx512; returns the previous setting.");

@@ -20,6 +20,12 @@ std::vector<int64_t> check_linear_int4(const at::Tensor& x, const at::Tensor& qw
 
 // Up to this many rows of x the weight-streaming kernels run; above, quant_linear_tiled.
 inline constexpr int64_t kQuantStreamMaxRows = 16;
+// int4 with bfloat16/float16 x uses integer multiply-adds (x as 15-bit integers, cpu/quant_linear.h)
+// where the CPU variant has them, for every row count that streams the weight; float32 x widens the
+// weight to float32.
+// Allow (true, the default) or forbid that integer path; returns the previous setting (tests and
+// benchmarks compare the two).
+bool set_quant_int_dot(bool enabled);
 
 // x2 [M, K] @ W.T -> [M, n] in x2's dtype, W never held whole: dequant(n0, n1, tile) writes W's
 // rows [n0, n1) into the first n1 - n0 rows of tile ([rows, K], x2's dtype, contiguous), and each
