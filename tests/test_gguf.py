@@ -429,6 +429,23 @@ def test_mixed_types_save_reload_and_convert(tmp_path, exaone_model, tok_dir, id
     assert main(["convert", "--from", "gguf", "--to", "exaone", str(path), str(dst)]) == 1   # DST holds one
 
 
+def test_llama3_scaling_outside_the_published_values_is_solved(tmp_path, tok_dir, ids):
+    # original 100, high 3: no published combination; the loader solves the bounds from the factors
+    scaling = {"rope_type": "llama3", "factor": 6.0, "low_freq_factor": 1.0, "high_freq_factor": 3.0,
+               "original_max_position_embeddings": 100}
+    source = tiny_model(tok_dir, rope_scaling=scaling, **EXAONE_SHAPE)
+    path = tmp_path / "rope.gguf"
+    write_gguf(path, source, tok_dir)
+    model = ExaoneForCausalLM.from_pretrained(path)
+    got = model.config.rope_scaling
+    assert got["factor"] == 6.0 and got["original_max_position_embeddings"] == pytest.approx(100, rel=1e-4)
+    assert got["high_freq_factor"] / got["low_freq_factor"] == pytest.approx(3.0, rel=1e-4)
+    torch.testing.assert_close(model.rope_cos, source.rope_cos, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.rope_sin, source.rope_sin, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), source(ids), rtol=0, atol=1e-4)
+
+
 # ---- tokenizer ----
 @pytest.mark.parametrize("pre", ["exaone", "gpt2"])
 def test_tokenizer_round_trip(tmp_path, exaone_model, pre):
@@ -494,7 +511,7 @@ def test_serve_app_from_gguf(f32_file):
 
 
 # ---- errors ----
-def test_missing_and_non_gguf_files(tmp_path):
+def test_missing_and_non_gguf_files(tmp_path, capsys):
     from exaone_ext.cli import main
 
     with pytest.raises(FileNotFoundError, match="missing.gguf.*does not exist"):
@@ -508,6 +525,15 @@ def test_missing_and_non_gguf_files(tmp_path):
         ExaoneTokenizer.from_pretrained(fake)
     assert main(["generate", "--model", str(fake), "--prompt", "x"]) == 1
     assert main(["generate", "--model", str(tmp_path / "nothing-here"), "--prompt", "x"]) == 1
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"\0" * 64)
+    assert main(["info", str(other)]) == 1
+    assert main(["generate", "--model", str(other), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("exaone-ext: error:") for line in err), err
+    assert "fake.gguf: not a GGUF file" in err[0] and "is not a directory (a checkpoint) or a GGUF file" in err[1]
+    assert "weights.bin: not a GGUF file (expected the bytes b'GGUF'" in err[2]
+    assert "is a file but not a GGUF file" in err[3]
 
 
 def test_truncated_file(tmp_path, f32_file):

@@ -259,11 +259,16 @@ def load(args):
 
 
 def _check_model_path(path: str) -> None:
-    """A checkpoint directory, or a file (read as GGUF, which says what is wrong with it)."""
-    from .model.gguf import is_gguf_path
+    """A checkpoint directory or a GGUF file (whose reader says what is wrong with a missing or
+    damaged one)."""
+    from .model.gguf import GGUF_MAGIC, is_gguf_path
 
-    if not (os.path.isdir(path) or os.path.isfile(path) or is_gguf_path(path)):
-        raise UserError(f"--model: {path!r} is not a directory (a checkpoint) or a GGUF file")
+    if os.path.isdir(path) or is_gguf_path(path):
+        return
+    if os.path.isfile(path):
+        raise UserError(f"--model: {path!r} is a file but not a GGUF file (it does not start with {GGUF_MAGIC!r}); "
+                        f"expected a checkpoint directory or a GGUF file")
+    raise UserError(f"--model: {path!r} is not a directory (a checkpoint) or a GGUF file")
 
 
 def generation_config(args, base):

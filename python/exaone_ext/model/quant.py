@@ -8,7 +8,8 @@
 A QuantLinear has the forward(x) contract of layers.Linear, so the model file does not change.
 Formats: exaone_ext.ops.reference.quant. AWQ checkpoints (quant_method "awq", GEMM layout) load
 through AWQLinear, which holds AWQ's tensors as stored and is converted into QuantLinear (int4)
-once the checkpoint is read."""
+once the checkpoint is read. GGUF files' Q4_0 projections (model/gguf.py) are this int4 format with
+group_size 32 and zero point 8."""
 from __future__ import annotations
 
 import torch
