@@ -197,8 +197,25 @@ def _shape(t) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(t.shape.tolist()))
 
 
+_LAST_OPENED: dict[tuple, _GGUFFile] = {}
+
+
 def _open(path) -> _GGUFFile:
-    return path if isinstance(path, _GGUFFile) else _GGUFFile(path)
+    """The parsed file, reused while it is unchanged: gguf's reader takes seconds over a 100K-token
+    vocabulary, and loading a model reads the tokenizer, the weights and the generation defaults
+    from the same file. Only the last file opened is kept (its tensor data stays memory-mapped)."""
+    if isinstance(path, _GGUFFile):
+        return path
+    try:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    except (OSError, TypeError, ValueError):
+        return _GGUFFile(path)   # reports the missing file
+    if key not in _LAST_OPENED:
+        f = _GGUFFile(path)
+        _LAST_OPENED.clear()
+        _LAST_OPENED[key] = f
+    return _LAST_OPENED[key]
 
 
 # ---- config ----
