@@ -71,7 +71,6 @@ _PROJECTIONS = ("attn.attention.q_proj", "attn.attention.k_proj", "attn.attentio
                 "attn.attention.out_proj", "mlp.c_fc_0", "mlp.c_fc_1", "mlp.c_proj")
 
 # tokenizer.ggml.pre -> how text is split before BPE (llama.cpp keeps the rules in its code, by name)
-_GPT2_PATTERN = "gpt2"
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_TOKENIZERS = {
