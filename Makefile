@@ -19,7 +19,7 @@ CUDA_VENV ?= .venv-cuda
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 CUDA_ARCHS ?= 80 90
 DEPS := numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26" \
-        pytest pytest-benchmark "transformers>=5" hypothesis matplotlib fastapi uvicorn openai httpx
+        pytest pytest-benchmark "transformers>=5" hypothesis matplotlib fastapi uvicorn openai httpx gguf
 
 # Imports the CUDA build on a machine without a GPU and checks every op has a CUDA kernel registered.
 define CUDA_IMPORT_CHECK

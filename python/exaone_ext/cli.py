@@ -3,7 +3,10 @@
     exaone-ext generate --model DIR --prompt "Explain KV caches." [--stream] [--raw] [sampling flags]
     exaone-ext chat --model DIR [--system "You are ..."]           (/reset, /exit; works with piped input)
     exaone-ext convert --from exaone --to llama SRC DST
+    exaone-ext convert --from gguf --to exaone FILE.gguf DST
     exaone-ext info DIR [--json] [--tensors]
+
+--model (and info's PATH) takes a checkpoint directory or a GGUF file.
     exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY]
     exaone-ext decontaminate --train FILE... --test FILE... --test-fields question,answer --out DIR
     exaone-ext niah --model DIR --out DIR [--lengths 1024,4096] [--depths 0,50,100] [--languages en,ko]
@@ -32,7 +35,8 @@ class UserError(Exception):
 
 # ---------------------------------------------------------------------------- arguments
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="checkpoint directory (Hugging Face layout) or GGUF file")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
                    help="weight dtype (default auto: as stored on CPU, bfloat16 on GPU)")
@@ -86,12 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(p)
 
-    p = sub.add_parser("convert", help="rewrite a checkpoint with EXAONE or Llama tensor names",
+    p = sub.add_parser("convert", help="rewrite a checkpoint with EXAONE or Llama tensor names, or a GGUF file "
+                                       "as a checkpoint",
                        description="Convert a checkpoint between EXAONE and Llama naming (bit-exact tensors; "
-                                   "tokenizer and other files are copied).")
-    p.add_argument("--from", dest="src_naming", required=True, choices=["exaone", "llama"])
+                                   "tokenizer and other files are copied), or a GGUF file (--from gguf) into a "
+                                   "checkpoint directory with its tokenizer (Q4_0 projections as int4, other "
+                                   "tensors dense).")
+    p.add_argument("--from", dest="src_naming", required=True, choices=["exaone", "llama", "gguf"])
     p.add_argument("--to", dest="dst_naming", required=True, choices=["exaone", "llama"])
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 2GiB, 500MB (default 5GB)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="--from gguf: dtype of the dense weights (default auto: the token embedding's type, "
+                        "float32 when it is quantized)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None)
     bar.add_argument("--no-progress", dest="progress", action="store_false")
@@ -111,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST")
 
     p = sub.add_parser("info", help="shapes, parameter count, dtypes and memory of a checkpoint",
-                       description="Summarise a checkpoint from its headers (no weights are read).")
+                       description="Summarise a checkpoint directory or GGUF file from its headers (no weights "
+                                   "are read).")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print the full summary as JSON")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
@@ -126,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
                        description="Serve the model over HTTP: /v1/chat/completions, /v1/completions, "
                                    "/v1/models, /health, /metrics (needs the 'serve' extra: fastapi, uvicorn).")
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="checkpoint directory (Hugging Face layout) or GGUF file")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -204,6 +216,11 @@ def _resolve_device(name: str | None):
     return device
 
 
+def _cpu():
+    import torch
+    return torch.device("cpu")
+
+
 def _resolve_dtype(name: str, device):
     import torch
 
@@ -222,8 +239,7 @@ def load(args):
     from .tokenizer import ExaoneTokenizer
 
     path = args.model
-    if not os.path.isdir(path):
-        raise UserError(f"--model: {path!r} is not a directory")
+    _check_model_path(path)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     tokenizer = ExaoneTokenizer.from_pretrained(path)
@@ -240,6 +256,19 @@ def load(args):
             raise UserError(f"--quant: {e}") from None
     base = GenerationConfig.from_pretrained(path, defaults={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS})
     return model, tokenizer, base
+
+
+def _check_model_path(path: str) -> None:
+    """A checkpoint directory or a GGUF file (whose reader says what is wrong with a missing or
+    damaged one)."""
+    from .model.gguf import GGUF_MAGIC, is_gguf_path
+
+    if os.path.isdir(path) or is_gguf_path(path):
+        return
+    if os.path.isfile(path):
+        raise UserError(f"--model: {path!r} is a file but not a GGUF file (it does not start with {GGUF_MAGIC!r}); "
+                        f"expected a checkpoint directory or a GGUF file")
+    raise UserError(f"--model: {path!r} is not a directory (a checkpoint) or a GGUF file")
 
 
 def generation_config(args, base):
@@ -363,11 +392,21 @@ def cmd_chat(args) -> int:
 
 def cmd_convert(args) -> int:
     from .model import checkpoint_info, convert_checkpoint
+    from .model.gguf import convert_gguf
 
     if os.path.abspath(args.src) == os.path.abspath(args.dst):
         raise UserError("convert: SRC and DST must be different directories")
     if os.path.exists(os.path.join(args.dst, "config.json")):
         raise UserError(f"convert: {args.dst!r} already holds a checkpoint (remove it or choose another DST)")
+    if args.src_naming == "gguf":
+        if os.path.isdir(args.src):
+            raise UserError(f"convert: --from gguf needs a GGUF file as SRC, {args.src!r} is a directory")
+        convert_gguf(args.src, args.dst, naming=args.dst_naming, dtype=_resolve_dtype(args.dtype, _cpu()),
+                     max_shard_size=args.max_shard_size, progress=_progress_enabled(args.progress))
+        print(f"wrote {args.dst} ({args.dst_naming} names, from GGUF)", file=sys.stderr)
+        return 0
+    if args.dtype != "auto":
+        raise UserError("convert: --dtype applies to --from gguf only (a checkpoint is converted bit for bit)")
     naming = checkpoint_info(args.src)["naming"]
     if naming != args.src_naming:
         raise UserError(f"convert: {args.src!r} has {naming} tensor names, not {args.src_naming} (--from)")
@@ -413,8 +452,10 @@ def _gib(n: int) -> str:
 
 def cmd_info(args) -> int:
     from .model import checkpoint_info
+    from .model.gguf import gguf_info
 
-    info = checkpoint_info(args.path)
+    info = gguf_info(args.path) if os.path.isfile(args.path) or args.path.lower().endswith(".gguf") \
+        else checkpoint_info(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -469,8 +510,7 @@ def cmd_serve(args) -> int:
             raise UserError(f"{flag}: expected a positive integer, got {value}")
     if args.max_waiting is not None and args.max_waiting < 0:
         raise UserError(f"--max-waiting: expected an integer >= 0, got {args.max_waiting}")
-    if not os.path.isdir(args.model):
-        raise UserError(f"--model: {args.model!r} is not a directory")
+    _check_model_path(args.model)
     device = _resolve_device(args.device)
     app = create_app(args.model, model_name=args.served_model_name, api_key=args.api_key or None,
                      max_batch=args.max_batch, max_waiting=args.max_waiting, device=device,

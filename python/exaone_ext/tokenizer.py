@@ -151,7 +151,11 @@ class ExaoneTokenizer:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ExaoneTokenizer":
         """Load from a checkpoint directory holding tokenizer.json and, optionally,
-        tokenizer_config.json / special_tokens_map.json / config.json (for token names and ids)."""
+        tokenizer_config.json / special_tokens_map.json / config.json (for token names and ids),
+        or from a GGUF file (see from_gguf)."""
+        from .model.gguf import is_gguf_path
+        if is_gguf_path(path):
+            return cls.from_gguf(path)
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer path {str(path)!r} is not a directory")
@@ -185,6 +189,31 @@ class ExaoneTokenizer:
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         return cls(tokenizer, chat_template=template, eos_token_id=eos_id if isinstance(eos_id, int) else None,
                    **names)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "ExaoneTokenizer":
+        """The tokenizer a GGUF file carries in its tokenizer.* metadata (byte-level BPE: tokens,
+        merges, token types, special token ids, chat template); see exaone_ext.model.gguf."""
+        from .model.gguf import gguf_tokenizer
+        return gguf_tokenizer(path)
+
+    def save_pretrained(self, path: str | os.PathLike) -> list[str]:
+        """Write tokenizer.json, tokenizer_config.json (special tokens, chat template) and
+        special_tokens_map.json into the directory `path`, which from_pretrained reads back.
+        Returns the paths written."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        special = {f"{kind}_token": getattr(self, f"{kind}_token") for kind in ("bos", "eos", "pad", "unk")}
+        special = {k: v for k, v in special.items() if v is not None}
+        config = {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "clean_up_tokenization_spaces": False,
+                  **special}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        files = [path / "tokenizer.json", path / "tokenizer_config.json", path / "special_tokens_map.json"]
+        self._tok.save(str(files[0]))
+        files[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        files[2].write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return [str(f) for f in files]
 
     # ---------------------------------------------------------------- basics
     @property

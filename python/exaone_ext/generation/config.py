@@ -96,10 +96,16 @@ class GenerationConfig:
     def from_pretrained(cls, path: str | os.PathLike, defaults: dict | None = None,
                         **overrides) -> "GenerationConfig":
         """`defaults`, then what a checkpoint's generation_config.json sets (Hugging Face keys; the
-        ones this class does not have are ignored), then `overrides`."""
+        ones this class does not have are ignored; for a GGUF file, its general.sampling.* keys),
+        then `overrides`."""
+        from ..model.gguf import gguf_generation_config, is_gguf_path
+
         file = Path(path) / "generation_config.json" if Path(path).is_dir() else Path(path)
         values: dict = dict(defaults or {})
-        if file.is_file():
+        if is_gguf_path(path):
+            known = {f for f in cls.__dataclass_fields__}
+            values.update({k: v for k, v in gguf_generation_config(path).items() if k in known})
+        elif file.is_file():
             try:
                 data = json.loads(file.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as e:

@@ -280,6 +280,16 @@ def read_config(path) -> ExaoneConfig:
     return ExaoneConfig.from_pretrained(path, allow_llama=True)
 
 
+def _set_tensor(model: nn.Module, name: str, t: torch.Tensor, requires_grad: bool) -> None:
+    """Put `t` in place of the parameter or buffer `name` of `model` (built on the meta device)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(t, requires_grad=requires_grad)
+    else:
+        module._buffers[attr] = t
+
+
 def load_model(model: nn.Module, path, dtype=None, device=None, progress=False):
     """Fill `model` (built by the caller from the checkpoint's config, typically on the meta
     device) with the checkpoint's tensors: every tensor its modules declare in their state dict,
@@ -308,13 +318,7 @@ def load_model(model: nn.Module, path, dtype=None, device=None, progress=False):
                     raise CheckpointError(f"{file}: cannot read tensor {e.key!r} ({err})") from None
                 cast = dtype if dtype is not None and declared[name].is_floating_point() else t.dtype
                 t = t.to(device=device, dtype=cast)
-                module_name, _, attr = name.rpartition(".")
-                module = model.get_submodule(module_name)
-                if attr in module._parameters:
-                    grad = declared[name].requires_grad and t.is_floating_point()
-                    module._parameters[attr] = nn.Parameter(t, requires_grad=grad)
-                else:
-                    module._buffers[attr] = t
+                _set_tensor(model, name, t, declared[name].requires_grad and t.is_floating_point())
                 bar.update(e.nbytes, e.key)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
@@ -466,8 +470,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def save_model(model, path, max_shard_size="5GB", naming="exaone", progress=False) -> None:
-    """See ExaoneForCausalLM.save_pretrained."""
+def save_model(model, path, max_shard_size="5GB", naming="exaone", progress=False,
+               extra_files: Iterable[str] = ()) -> None:
+    """See ExaoneForCausalLM.save_pretrained. `extra_files` (tokenizer files...) are copied in with
+    the weights, inside the same atomic write."""
     if naming not in _FROM_EXAONE:
         raise ValueError(f"save_pretrained: naming must be 'exaone' or 'llama', got {naming!r}")
     rename = _FROM_EXAONE[naming]
@@ -482,7 +488,7 @@ def save_model(model, path, max_shard_size="5GB", naming="exaone", progress=Fals
         config_dict["torch_dtype"] = _dtype_name(dtypes.pop())
     tensors = [(rename(n), p.numel() * p.element_size(), (lambda p=p: p)) for n, p in params]
     write_checkpoint(path, config_dict, _generation_config(config, model.generation_config), tensors,
-                     max_shard_size=max_shard_size, progress=progress)
+                     max_shard_size=max_shard_size, extra_files=extra_files, progress=progress)
 
 
 def convert_checkpoint(src, dst, to: str = "llama", max_shard_size="5GB", progress=False) -> str:

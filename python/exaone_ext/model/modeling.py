@@ -377,11 +377,14 @@ class ExaoneForCausalLM(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, progress=False,
                         use_kernels: bool = True) -> "ExaoneForCausalLM":
-        """Load a Hugging Face-layout checkpoint directory (EXAONE or Llama tensor names, detected).
-        Tensors keep the dtype stored in the file unless `dtype` is given; `progress` is True for a
-        bar on stderr or a callable(done_bytes, total_bytes, tensor_name)."""
+        """Load a Hugging Face-layout checkpoint directory (EXAONE or Llama tensor names, detected),
+        or a GGUF file (see from_gguf). Tensors keep the dtype stored in the file unless `dtype` is
+        given; `progress` is True for a bar on stderr or a callable(done_bytes, total_bytes, tensor_name)."""
         from .checkpoint import load_model, read_config
+        from .gguf import is_gguf_path
         from .quant import finish_checkpoint, prepare_for_checkpoint
+        if is_gguf_path(path):
+            return cls.from_gguf(path, dtype=dtype, device=device, progress=progress, use_kernels=use_kernels)
         config = read_config(path)
         with torch.device("meta"):
             model = cls(config, use_kernels=use_kernels)
@@ -389,6 +392,17 @@ class ExaoneForCausalLM(nn.Module):
         model = load_model(model, path, dtype=dtype, device=device, progress=progress)
         finish_checkpoint(model)
         return model
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None, progress=False,
+                  use_kernels: bool = True) -> "ExaoneForCausalLM":
+        """Load a GGUF file of llama.cpp's "exaone" or "llama" architecture. F32 / F16 / BF16 and Q8_0
+        tensors become dense weights in `dtype` (default: the token embedding's type, float32 when it
+        is quantized); Q4_0 block projections become int4 QuantLinear modules (group_size 32, zero
+        point 8), bit for bit. See exaone_ext.model.gguf."""
+        from .gguf import load_gguf
+        return load_gguf(path, dtype=dtype, device=device, progress=progress, use_kernels=use_kernels)
 
     def quantize(self, fmt: str = "int8", group_size: int = 128) -> "ExaoneForCausalLM":
         """Replaces every block projection by a quantized one, in place: "int8" (per output channel)

@@ -8,7 +8,8 @@
 A QuantLinear has the forward(x) contract of layers.Linear, so the model file does not change.
 Formats: exaone_ext.ops.reference.quant. AWQ checkpoints (quant_method "awq", GEMM layout) load
 through AWQLinear, which holds AWQ's tensors as stored and is converted into QuantLinear (int4)
-once the checkpoint is read."""
+once the checkpoint is read. GGUF files' Q4_0 projections (model/gguf.py) are this int4 format with
+group_size 32 and zero point 8."""
 from __future__ import annotations
 
 import torch
@@ -146,7 +147,8 @@ def quantization_config(bits: int, group_size: int = 128) -> dict:
 
 def prepare_for_checkpoint(model: nn.Module, dtype: torch.dtype | None) -> None:
     """Before loading: replaces the projections of a model built on the meta device by the modules
-    the checkpoint's quantization_config stores (QuantLinear or AWQLinear); nothing when none."""
+    the checkpoint's quantization_config stores (QuantLinear or AWQLinear); nothing when none.
+    Projections named in its modules_to_not_convert (full module names) stay Linear."""
     qc = model.config.extra.get("quantization_config")
     if not qc:
         return
@@ -160,8 +162,12 @@ def prepare_for_checkpoint(model: nn.Module, dtype: torch.dtype | None) -> None:
     else:
         raise ValueError(f"from_pretrained: unsupported quantization_config {qc} (supported: quant_method "
                          f"'{QUANT_METHOD}' with bits 8 or 4, and 'awq' with bits 4, version 'gemm', zero_point)")
+    # modules stored unquantized (a GGUF file with some projections in other types)
+    keep = set(qc.get("modules_to_not_convert") or ()) if method == QUANT_METHOD else set()
+    names = {id(m): n for n, m in model.named_modules()}
     for parent, name, lin in list(projections(model)):
-        setattr(parent, name, make(lin))
+        if names[id(lin)] not in keep:
+            setattr(parent, name, make(lin))
 
 
 def finish_checkpoint(model: nn.Module) -> None:

@@ -43,8 +43,11 @@ def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int
     from ..model import ExaoneForCausalLM
     from ..tokenizer import ExaoneTokenizer
 
-    if not Path(model_dir).is_dir():
-        raise ValueError(f"create_app: model directory {str(model_dir)!r} does not exist")
+    from ..model.gguf import is_gguf_path
+
+    if not Path(model_dir).is_dir() and not is_gguf_path(model_dir):
+        raise ValueError(f"create_app: model directory {str(model_dir)!r} does not exist (expected a checkpoint "
+                         f"directory or a .gguf file)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -60,8 +63,9 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
     """An OpenAI-compatible app serving one model.
 
     engine_or_model_dir: an Engine (its .model and .tokenizer are used), or a checkpoint
-        directory, loaded on `device` in `dtype` into an Engine with `max_batch` KV-cache rows.
-    model_name: the id clients pass as "model" (default: the directory's name, or "exaone").
+        directory or GGUF file, loaded on `device` in `dtype` into an Engine with `max_batch` KV-cache rows.
+    model_name: the id clients pass as "model" (default: the directory's name, the GGUF file's
+        name without .gguf, or "exaone").
     api_key: when set, /v1/* requires "Authorization: Bearer <api_key>" (401 otherwise).
     max_waiting: requests queued beyond the running batch before new ones get 503
         (default 4 x max_batch).
@@ -72,7 +76,8 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
     if isinstance(engine_or_model_dir, (str, os.PathLike)):
         model_dir = os.fspath(engine_or_model_dir)
         engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len)
-        model_name = model_name or Path(model_dir).resolve().name
+        resolved = Path(model_dir).resolve()
+        model_name = model_name or (resolved.name if resolved.is_dir() else resolved.stem)
         if default_config is None:
             default_config = GenerationConfig.from_pretrained(model_dir,
                                                               defaults={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS})
