@@ -171,3 +171,13 @@ def test_cli_quantize_and_quant_flag(tiny, tmp_path, capsys):
     assert capsys.readouterr().out == from_file    # quantized on load == quantized checkpoint
     assert main(["generate", "--model", str(dst), "--quant", "int8"] + args) == 1
     assert "already quantized" in capsys.readouterr().err
+    # info describes the quantized checkpoint: logical parameter count, the format, every tensor
+    from exaone_ext.model import checkpoint_info
+    info = checkpoint_info(dst)
+    assert info["quantization"]["bits"] == 4 and info["num_parameters"] == checkpoint_info(tiny)["num_parameters"]
+    names = [t["name"] for t in info["tensors"]]
+    assert names.index("transformer.h.0.attn.attention.q_proj.qweight") < names.index("transformer.h.0.ln_2.weight")
+    assert main(["info", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "quantized    int4 block projections, groups of 128 inputs with zero points" in out
+    assert "q_proj.qzeros" in out and "uint8" in out

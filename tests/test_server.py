@@ -454,6 +454,29 @@ def test_bounded_load(server):
     assert answered >= count and elapsed < limit_s
 
 
+def test_quantized_serving(ckpt, model_tok):
+    """create_app(path, quant=...) serves the quantized model: its greedy reply is the one the same
+    model quantized by hand gives."""
+    from exaone_ext.model.quant import QuantLinear
+    app = create_app(str(ckpt), model_name=MODEL, quant="int4", max_batch=2)
+    model = app.state.scheduler.engine.model
+    assert isinstance(model.transformer.h[0].mlp.c_proj, QuantLinear) and model.transformer.h[0].mlp.c_proj.bits == 4
+    srv = Server(app)
+    try:
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 6,
+                                                          "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["text"]
+    finally:
+        srv.stop()
+    _, tok = model_tok
+    assert text == reference((ExaoneForCausalLM.from_pretrained(ckpt).quantize("int4"), tok), "Hello", 6)
+    with pytest.raises(ValueError, match=r"quant: expected 'int8', 'int4' or None, got 'int3'"):
+        create_app(str(ckpt), quant="int3")
+    with pytest.raises(ValueError, match=r"quant applies to a model loaded from a path"):
+        create_app(Engine(*model_tok, max_batch=1), quant="int8")
+
+
 # ---------------------------------------------------------------------------- the command
 @pytest.mark.slow  # a fresh interpreter imports torch and loads the checkpoint
 def test_cli_serve(ckpt):
@@ -462,7 +485,8 @@ def test_cli_serve(ckpt):
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "exaone_ext.cli", "serve", "--model", str(ckpt), "--port",
-                             str(port), "--max-batch", "2", "--api-key", KEY, "--served-model-name", MODEL],
+                             str(port), "--max-batch", "2", "--api-key", KEY, "--served-model-name", MODEL,
+                             "--quant", "int8"],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -482,7 +506,7 @@ def test_cli_serve(ckpt):
     finally:
         proc.terminate()
         proc.wait(30)
-    assert re.search(r"serving 'tiny-exaone' on http://127\.0\.0\.1:\d+/v1", proc.stderr.read())
+    assert re.search(r"serving 'tiny-exaone' \(int8\) on http://127\.0\.0\.1:\d+/v1", proc.stderr.read())
 
 
 def test_cli_serve_bad_arguments(tmp_path):

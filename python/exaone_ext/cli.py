@@ -7,7 +7,7 @@
     exaone-ext info DIR [--json] [--tensors]
 
 --model (and info's PATH) takes a checkpoint directory or a GGUF file.
-    exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY]
+    exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY] [--quant int8|int4]
     exaone-ext decontaminate --train FILE... --test FILE... --test-fields question,answer --out DIR
     exaone-ext niah --model DIR --out DIR [--lengths 1024,4096] [--depths 0,50,100] [--languages en,ko]
 
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("EXAONE_EXT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $EXAONE_EXT_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: DIR's name)")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128)")
     p = sub.add_parser("decontaminate", help="remove training examples that overlap benchmark test sets",
                        description="Substring-overlap decontamination: windows of WINDOW alphanumeric characters "
                                    "(lower-cased, Unicode-aware) of the test examples form a pool; a training "
@@ -450,6 +452,19 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _describe_quant(qc: dict) -> str:
+    """config.json's quantization_config in words."""
+    method, bits, group = qc.get("quant_method"), qc.get("bits"), qc.get("group_size", qc.get("q_group_size"))
+    if method == "awq":
+        what = f"AWQ int4, groups of {group} (GEMM layout; int4 with zero points once loaded)"
+    elif bits == 8:
+        what = "int8 block projections, one scale per output channel"
+    else:
+        what = f"int{bits} block projections, groups of {group} inputs with zero points"
+    kept = qc.get("modules_to_not_convert")
+    return what + (f"; {len(kept)} projection(s) kept unquantized" if kept else "") + "; embedding and head as stored"
+
+
 def cmd_info(args) -> int:
     from .model import checkpoint_info
     from .model.gguf import gguf_info
@@ -469,6 +484,7 @@ def cmd_info(args) -> int:
         f"vocab {c['vocab_size']}, context {c['max_position_embeddings']}, "
         f"{'tied' if info['tied_word_embeddings'] else 'untied'} head",
         f"parameters   {info['num_parameters']:,}",
+        *([f"quantized    {_describe_quant(info['quantization'])}"] if info.get("quantization") else []),
         "dtypes       " + ", ".join(f"{k}: {v:,}" for k, v in info["dtypes"].items()),
         f"weights      {_gib(info['weight_bytes'])} in memory as stored; "
         f"{_gib(info['num_parameters'] * 2)} in bfloat16",
@@ -514,8 +530,8 @@ def cmd_serve(args) -> int:
     device = _resolve_device(args.device)
     app = create_app(args.model, model_name=args.served_model_name, api_key=args.api_key or None,
                      max_batch=args.max_batch, max_waiting=args.max_waiting, device=device,
-                     dtype=_resolve_dtype(args.dtype, device), max_seq_len=args.max_seq_len)
-    print(f"serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1 "
+                     dtype=_resolve_dtype(args.dtype, device), max_seq_len=args.max_seq_len, quant=args.quant)
+    print(f"serving {app.state.model_name!r}{' (' + args.quant + ')' if args.quant else ''} on http://{args.host}:{args.port}/v1 "
           f"({args.max_batch} rows{', API key required' if args.api_key else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

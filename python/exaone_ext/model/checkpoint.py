@@ -529,32 +529,45 @@ def convert_checkpoint(src, dst, to: str = "llama", max_shard_size="5GB", progre
 
 
 def _param_order(name: str) -> tuple:
-    m = _EXAONE_LAYER.fullmatch(name)
+    base, suffix = _quantized_base(name)   # a quantized projection's tensors in its weight's place
+    m = _EXAONE_LAYER.fullmatch(base or name)
     if m:
-        return (1, int(m.group(1)), list(_LAYER_NAMES).index(m.group(2)))
-    return (0 if name == "transformer.wte.weight" else 2, 0, name)
+        return (1, int(m.group(1)), list(_LAYER_NAMES).index(m.group(2)), _QUANT_SUFFIXES.index(suffix) if suffix else 0)
+    return (0 if name == "transformer.wte.weight" else 2, 0, name, 0)
 
 
 def checkpoint_info(path) -> dict:
     """What a checkpoint holds, from its config and safetensors headers (no tensor data read):
-    naming, config, tensors (name, shape, dtype, file), parameter count, dtypes, bytes of the weights
-    and of a one-row KV cache at full context (in the weights' main dtype)."""
+    naming, config, quantization (config.json's quantization_config, or None), tensors (name, shape,
+    dtype, file), parameter count, dtypes, bytes of the weights and of a one-row KV cache at full
+    context (in the weights' main float dtype)."""
+    from .modeling import ExaoneForCausalLM
+    from .quant import prepare_for_checkpoint
     path = os.fspath(path)
     config, naming, entries = _scan(path)
-    _validate(config, entries, _config_shapes(config))
+    # the tensors the model declares for this config, quantized projections included
+    with torch.device("meta"):
+        model = ExaoneForCausalLM(config)
+    prepare_for_checkpoint(model, None)
+    _validate(config, entries, {n: (tuple(t.shape), t.is_floating_point())
+                                for n, t in _declared_tensors(model).items()})
     counted = {n: e for n, e in entries.items() if not (n == "lm_head.weight" and config.tie_word_embeddings)}
     dtypes: dict[str, int] = {}
     for e in counted.values():
         numel = e.nbytes // e.dtype.itemsize
         dtypes[_dtype_name(e.dtype)] = dtypes.get(_dtype_name(e.dtype), 0) + numel
-    main = max(dtypes, key=dtypes.get)
+    floats = {d: n for d, n in dtypes.items() if getattr(torch, d).is_floating_point}
+    main = max(floats or dtypes, key=(floats or dtypes).get)   # of the float tensors (the KV cache's dtype)
     elem = getattr(torch, main).itemsize
+    quant = config.extra.get("quantization_config")
     files, _ = _weight_files(path)
     return {
         "path": os.path.abspath(path),
         "naming": naming,
         "config": config.to_dict(),
-        "num_parameters": sum(e.nbytes // e.dtype.itemsize for e in counted.values()),
+        # logical parameters (a quantized projection counts in x out, not its stored bytes)
+        "num_parameters": config.num_parameters if quant else sum(e.nbytes // e.dtype.itemsize for e in counted.values()),
+        "quantization": quant or None,
         "dtypes": dtypes,
         "files": [os.path.basename(f) for f in files],
         "file_bytes": sum(os.path.getsize(f) for f in files),

@@ -36,7 +36,7 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int | None):
+def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int | None, quant: str | None = None):
     import torch
 
     from ..generation.engine import Engine
@@ -53,13 +53,15 @@ def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int
         dtype = getattr(torch, dtype)
     tokenizer = ExaoneTokenizer.from_pretrained(model_dir)
     model = ExaoneForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
+    if quant is not None:
+        model.quantize(quant)
     return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
 
 
 def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: str | None = None,
                max_batch: int = 8, max_waiting: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                device=None, dtype=None, max_seq_len: int | None = None,
-               default_config: GenerationConfig | None = None) -> FastAPI:
+               default_config: GenerationConfig | None = None, quant: str | None = None) -> FastAPI:
     """An OpenAI-compatible app serving one model.
 
     engine_or_model_dir: an Engine (its .model and .tokenizer are used), or a checkpoint
@@ -72,10 +74,14 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
     max_body_bytes: larger request bodies get 413.
     default_config: decoding defaults a request overrides (default: the checkpoint's
         generation_config.json, else greedy).
+    quant: "int8" or "int4" to quantize the loaded model's block projections (a checkpoint
+        directory or GGUF file only; an Engine is served as it is).
     """
+    if quant is not None and quant not in ("int8", "int4"):
+        raise ValueError(f"create_app: quant: expected 'int8', 'int4' or None, got {quant!r}")
     if isinstance(engine_or_model_dir, (str, os.PathLike)):
         model_dir = os.fspath(engine_or_model_dir)
-        engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len)
+        engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len, quant)
         resolved = Path(model_dir).resolve()
         model_name = model_name or (resolved.name if resolved.is_dir() else resolved.stem)
         if default_config is None:
@@ -83,6 +89,9 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
                                                               defaults={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS})
     else:
         engine = engine_or_model_dir
+        if quant is not None:
+            raise ValueError("create_app: quant applies to a model loaded from a path; quantize the Engine's model "
+                             "(model.quantize) before serving it")
         for attr in ("add", "cancel", "step", "model", "tokenizer"):
             if not hasattr(engine, attr):
                 raise TypeError(f"create_app: engine_or_model_dir: expected an Engine or a checkpoint directory, "
