@@ -186,37 +186,18 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, QuantLinearArgs base, const std
   return y.view(out_shape);
 }
 
-// The weight's rows with a unit last stride (a copy otherwise); scales and zeros contiguous.
-at::Tensor rows_of(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous(); }
-
 at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   const std::vector<int64_t> shape = check_linear_int8(x, qweight, scales);
-  const at::Tensor q = rows_of(qweight), s = scales.contiguous();
   QuantLinearArgs a{};
-  a.bits = 8;
-  a.s_dtype = kernel_dtype(s, "linear_int8", "scales", false);
-  a.k = q.size(1);
-  a.n = q.size(0);
-  a.q = q.const_data_ptr();
-  a.q_stride = q.size(0) > 1 ? q.stride(0) : q.size(1);
-  a.scales = s.const_data_ptr();
+  const QuantWeightTensors keep = fill_quant_weight(a, 8, qweight, scales, at::Tensor(), qweight.size(1), 0, "linear_int8");
   return quant_linear_cpu(x, a, shape);
 }
 
 at::Tensor linear_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t group_size) {
   const std::vector<int64_t> shape = check_linear_int4(x, qweight, scales, zeros, group_size);
-  const at::Tensor q = rows_of(qweight), s = scales.contiguous(), z = zeros.contiguous();
   QuantLinearArgs a{};
-  a.bits = 4;
-  a.s_dtype = kernel_dtype(s, "linear_int4", "scales", false);
-  a.k = x.size(-1);
-  a.n = q.size(0);
-  a.group = group_size;
-  a.q = q.const_data_ptr();
-  a.q_stride = q.size(0) > 1 ? q.stride(0) : q.size(1);
-  a.scales = s.const_data_ptr();
-  a.zeros = z.const_data_ptr<uint8_t>();
+  const QuantWeightTensors keep = fill_quant_weight(a, 4, qweight, scales, zeros, x.size(-1), group_size, "linear_int4");
   return quant_linear_cpu(x, a, shape);
 }
 

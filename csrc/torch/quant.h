@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include "torch/common.h"
+
 #include <functional>
 #include <vector>
 
@@ -27,10 +29,42 @@ inline constexpr int64_t kQuantStreamMaxRows = 16;
 // benchmarks compare the two).
 bool set_quant_int_dot(bool enabled);
 
+// The weight's rows with a unit last stride (a copy otherwise).
+inline at::Tensor quant_rows_of(const at::Tensor& t) {
+  return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous();
+}
+
+// The weight half of a quantized-linear argument struct (the CPU kernels' QuantLinearArgs, the
+// CUDA GEMV's QuantGemvArgs: fields bits, s_dtype, k, n, group, q, q_stride, scales, zeros), from
+// checked tensors; zeros undefined for int8. Returns the tensors the pointers refer to (contiguous
+// copies where needed), which must outlive the call.
+struct QuantWeightTensors {
+  at::Tensor q, s, z;
+};
+template <typename Args>
+QuantWeightTensors fill_quant_weight(Args& a, int bits, const at::Tensor& qweight, const at::Tensor& scales,
+                                     const at::Tensor& zeros, int64_t k, int64_t group, const char* op);
+
 // x2 [M, K] @ W.T -> [M, n] in x2's dtype, W never held whole: dequant(n0, n1, tile) writes W's
 // rows [n0, n1) into the first n1 - n0 rows of tile ([rows, K], x2's dtype, contiguous), and each
 // tile goes through at::mm into its columns of the result.
 at::Tensor quant_linear_tiled(const at::Tensor& x2, int64_t n,
                               const std::function<void(int64_t, int64_t, const at::Tensor&)>& dequant);
+
+template <typename Args>
+QuantWeightTensors fill_quant_weight(Args& a, int bits, const at::Tensor& qweight, const at::Tensor& scales,
+                                     const at::Tensor& zeros, int64_t k, int64_t group, const char* op) {
+  QuantWeightTensors t{quant_rows_of(qweight), scales.contiguous(), zeros.defined() ? zeros.contiguous() : zeros};
+  a.bits = bits;
+  a.s_dtype = kernel_dtype(t.s, op, "scales", false);
+  a.k = k;
+  a.n = t.q.size(0);
+  a.group = group;
+  a.q = t.q.const_data_ptr();
+  a.q_stride = t.q.size(0) > 1 ? t.q.stride(0) : t.q.size(1);
+  a.scales = t.s.const_data_ptr();
+  a.zeros = t.z.defined() ? t.z.template const_data_ptr<uint8_t>() : nullptr;
+  return t;
+}
 
 }  // namespace exaone_ext

@@ -35,38 +35,20 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, cuda::QuantGemvArgs a, const s
   return y.view(out_shape);
 }
 
-at::Tensor rows_of(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous(); }
-
 at::Tensor linear_int8_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   const std::vector<int64_t> shape = check_linear_int8(x, qweight, scales);
-  const at::Tensor q = rows_of(qweight), s = scales.contiguous();
   cuda::QuantGemvArgs a{};
-  a.bits = 8;
+  const QuantWeightTensors keep = fill_quant_weight(a, 8, qweight, scales, at::Tensor(), qweight.size(1), 0, "linear_int8");
   a.dtype = kernel_dtype(x, "linear_int8", "x", false);
-  a.s_dtype = kernel_dtype(s, "linear_int8", "scales", false);
-  a.k = q.size(1);
-  a.n = q.size(0);
-  a.q = q.const_data_ptr();
-  a.q_stride = q.size(0) > 1 ? q.stride(0) : q.size(1);
-  a.scales = s.const_data_ptr();
   return quant_linear_cuda(x, a, shape);
 }
 
 at::Tensor linear_int4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& zeros, int64_t group_size) {
   const std::vector<int64_t> shape = check_linear_int4(x, qweight, scales, zeros, group_size);
-  const at::Tensor q = rows_of(qweight), s = scales.contiguous(), z = zeros.contiguous();
   cuda::QuantGemvArgs a{};
-  a.bits = 4;
+  const QuantWeightTensors keep = fill_quant_weight(a, 4, qweight, scales, zeros, x.size(-1), group_size, "linear_int4");
   a.dtype = kernel_dtype(x, "linear_int4", "x", false);
-  a.s_dtype = kernel_dtype(s, "linear_int4", "scales", false);
-  a.k = x.size(-1);
-  a.n = q.size(0);
-  a.group = group_size;
-  a.q = q.const_data_ptr();
-  a.q_stride = q.size(0) > 1 ? q.stride(0) : q.size(1);
-  a.scales = s.const_data_ptr();
-  a.zeros = z.const_data_ptr<uint8_t>();
   return quant_linear_cuda(x, a, shape);
 }
 
