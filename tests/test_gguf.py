@@ -252,7 +252,9 @@ def quantize_q6_k(w: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     q = (torch.round(x / torch.where(step > 0, step, 1)).clamp(-32, 31) + 32).to(torch.int64).reshape(-1, 256)
     e = torch.arange(256)
     n, k, l = e // 128, e % 128 // 32, e % 32
-    ql = torch.zeros(q.shape[0], 128, dtype=torch.int64).index_add_(1, 64 * n + 32 * (k % 2) + l, (q & 15) << 4 * (k // 2))
+    # the bit fields of a byte do not overlap, so adding them up packs them
+    ql = torch.zeros(q.shape[0], 128, dtype=torch.int64).index_add_(1, 64 * n + 32 * (k % 2) + l,
+                                                                    (q & 15) << 4 * (k // 2))
     qh = torch.zeros(q.shape[0], 64, dtype=torch.int64).index_add_(1, 32 * n + l, (q >> 4) << 2 * k)
     blocks = torch.cat([ql.to(torch.uint8), qh.to(torch.uint8), sc.view(torch.uint8), d.view(torch.uint8)], dim=-1)
     data = blocks.reshape(rows, -1).numpy()

@@ -29,10 +29,10 @@ Tensor types:
                   scale per output channel and cannot hold one per 32 inputs, so Q8_0 tensors are
                   dequantised into the model's dtype (exact in float32). model.quantize("int8")
                   re-quantises per channel afterwards when memory matters more.
-  Q4_1, Q5_0,     the other block types of llama.cpp's quantizer: blocks of 32 with an fp16 scale
-  Q5_1, Q2_K,     (and min), and the K-quants' super-blocks of 256 with 8 or 16 sub-block scales
-  Q3_K, Q4_K,     (and mins) quantized against fp16 super-block scales. Their mins are not integer
-  Q5_K, Q6_K      zero points and their 2/3/5/6-bit values have no package format, so they are
+  Q4_1, Q5_0,     the rest of llama.cpp's legacy and K-quant types: blocks of 32 with an fp16
+  Q5_1, Q2_K,     scale (and min), and super-blocks of 256 with 8 or 16 sub-block scales (and
+  Q3_K, Q4_K,     mins) quantized against fp16 super-block scales. Mins that are not integer zero
+  Q5_K, Q6_K      points and 2/3/5/6-bit values have no package format, so these tensors are
                   dequantised into the model's dtype by the gguf package's dequantiser
                   (gguf.quants; ggml's arithmetic, exact in float32).
 Block types are dequantised a few MiB of rows at a time straight into the weight the model keeps
