@@ -1,7 +1,9 @@
 """GGUF files (llama.cpp's format) into the package: real files written here with the `gguf`
 package's GGUFWriter from a tiny model and tokenizer, laid out as llama.cpp's converter lays them
 out (metadata keys, tensor names, the llama Q/K row permutation, llama3 RoPE as a rope_freqs
-tensor), with Q8_0 / Q4_0 blocks quantised by this file from the format's description."""
+tensor), with Q8_0 / Q4_0 / Q6_K blocks quantised by this file from the format's description, and
+random blocks of every other supported type checked against this file's own dequantisers, written
+from ggml's block layouts (ggml-common.h) without the gguf package's."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +17,7 @@ import torch
 
 from exaone_ext import ExaoneForCausalLM, ExaoneTokenizer, GenerationConfig, generate
 from exaone_ext.model import ExaoneConfig
-from exaone_ext.model.gguf import GGUFError
+from exaone_ext.model.gguf import GGUFError, gguf_info
 from exaone_ext.model.quant import QuantLinear
 from exaone_ext.testing import tiny_config_dict, write_tiny_tokenizer
 
@@ -104,13 +106,175 @@ def quantize_q8_0(w: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     return blocks.reshape(rows, -1).numpy(), (q.float() * d16.float()).reshape(rows, cols)
 
 
+# ---- ggml's other block types, from their layouts ----
+# kind -> (values per block, bytes per block, byte offsets of the block's fp16 fields)
+BLOCKS = {"Q8_0": (32, 34, (0,)), "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)), "Q5_1": (32, 24, (0, 2)),
+          "Q2_K": (256, 84, (80, 82)), "Q3_K": (256, 110, (108,)), "Q4_K": (256, 144, (0, 2)),
+          "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,))}
+
+
+def _half(b: np.ndarray, at: int) -> np.ndarray:
+    """The little-endian fp16 at byte `at` of every block [n, bytes] -> float32 [n, 1]."""
+    return np.ascontiguousarray(b[:, at:at + 2]).view("<f2").astype(np.float32)
+
+
+def _f(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32)
+
+
+def dequant_q8_0(b):    # d, int8 q[32]: q * d
+    return _f(b[:, 2:].view(np.int8)) * _half(b, 0)
+
+
+def dequant_q4_1(b):    # d, m, qs[16] (input j low nibble of byte j, input 16 + j high nibble): q * d + m
+    e = np.arange(32)
+    q = (b[:, 4 + e % 16] >> 4 * (e // 16)) & 15
+    return _f(q) * _half(b, 0) + _half(b, 2)
+
+
+def _q5(b, qh_at, qs_at):   # 4 low bits as in Q4_1, the fifth bit of input e = bit e of the 32-bit qh
+    e = np.arange(32)
+    return ((b[:, qs_at + e % 16] >> 4 * (e // 16)) & 15) | (((b[:, qh_at + e // 8] >> e % 8) & 1) << 4)
+
+
+def dequant_q5_0(b):    # d, qh[4], qs[16]: (q - 16) * d
+    return _f(_q5(b, 2, 6) - 16) * _half(b, 0)
+
+
+def dequant_q5_1(b):    # d, m, qh[4], qs[16]: q * d + m
+    return _f(_q5(b, 4, 8)) * _half(b, 0) + _half(b, 2)
+
+
+def dequant_q2_k(b):
+    """scales[16] (low nibble: scale, high: min, of inputs 16s..16s+15), qs[64], d, dmin. Input e of
+    half n = e // 128, part j = (e % 128) // 32: bits 2j..2j+1 of qs[32n + e % 32].
+    w = d * scale * q - dmin * min."""
+    e = np.arange(256)
+    q = (b[:, 16 + 32 * (e // 128) + e % 32] >> 2 * (e % 128 // 32)) & 3
+    sc = b[:, e // 16]
+    return (_half(b, 80) * _f(sc & 15)) * _f(q) - _half(b, 82) * _f(sc >> 4)
+
+
+def dequant_q3_k(b):
+    """hmask[32], qs[64], scales[12], d. Low 2 bits as in Q2_K; the third bit of input e is bit
+    4n + j of hmask[e % 32], and a clear bit subtracts 4. Scale s (6 bits, minus 32): low 4 bits in
+    byte s % 8 (low nibble for s < 8, high after), high 2 bits at bit 2 (s // 4) of byte 8 + s % 4.
+    w = d * scale * q."""
+    e = np.arange(256)
+    j, r, s = e % 128 // 32, e % 32, e // 16
+    low = (b[:, 32 + 32 * (e // 128) + r] >> 2 * j) & 3
+    high = (b[:, r] >> 4 * (e // 128) + j) & 1
+    q = low.astype(np.int32) - 4 * (1 - high.astype(np.int32))
+    sc = ((b[:, 96 + s % 8] >> 4 * (s // 8)) & 15) | (((b[:, 104 + s % 4] >> 2 * (s // 4)) & 3) << 4)
+    return (_half(b, 108) * (_f(sc) - 32)) * _f(q)
+
+
+def _k_scales(b):
+    """The 8 six-bit scales and mins of Q4_K / Q5_K (12 bytes from byte 4): sub-block s < 4 has its
+    scale in the low 6 bits of byte s and its min in byte s + 4; s >= 4 has the low 4 bits of both in
+    byte s + 4 (scale low nibble, min high nibble) and their top 2 bits in the top bits of bytes s - 4
+    (scale) and s (min). -> (scales, mins) int [n, 8]."""
+    x = b[:, 4:16].astype(np.int32)
+    sc = np.concatenate([x[:, 0:4] & 63, (x[:, 8:12] & 15) | (x[:, 0:4] >> 6 << 4)], axis=1)
+    mn = np.concatenate([x[:, 4:8] & 63, (x[:, 8:12] >> 4) | (x[:, 4:8] >> 6 << 4)], axis=1)
+    return sc, mn
+
+
+def _q4_k_low(b, qs_at):    # input e: nibble (e // 32) % 2 of qs[32 (e // 64) + e % 32]
+    e = np.arange(256)
+    return (b[:, qs_at + 32 * (e // 64) + e % 32] >> 4 * (e // 32 % 2)) & 15
+
+
+def dequant_q4_k(b):
+    """d, dmin, scales[12], qs[128]; 8 sub-blocks of 32: w = d * scale * q - dmin * min."""
+    s = np.arange(256) // 32
+    sc, mn = _k_scales(b)
+    return (_half(b, 0) * _f(sc[:, s])) * _f(_q4_k_low(b, 16)) - _half(b, 2) * _f(mn[:, s])
+
+
+def dequant_q5_k(b):
+    """d, dmin, scales[12], qh[32], qs[128]: Q4_K's 4 bits, the fifth of input e = bit e // 32 of
+    qh[e % 32]."""
+    e = np.arange(256)
+    s = e // 32
+    sc, mn = _k_scales(b)
+    q = _q4_k_low(b, 48) | (((b[:, 16 + e % 32] >> s) & 1) << 4)
+    return (_half(b, 0) * _f(sc[:, s])) * _f(q) - _half(b, 2) * _f(mn[:, s])
+
+
+def dequant_q6_k(b):
+    """ql[128], qh[64], int8 scales[16], d. Input e of half n, part k = (e % 128) // 32, l = e % 32:
+    low 4 bits = nibble k // 2 of ql[64n + 32 (k % 2) + l], high 2 bits = bits 2k..2k+1 of
+    qh[32n + l]; w = d * scale[e // 16] * (q - 32)."""
+    e = np.arange(256)
+    n, k, l = e // 128, e % 128 // 32, e % 32
+    low = (b[:, 64 * n + 32 * (k % 2) + l] >> 4 * (k // 2)) & 15
+    high = (b[:, 128 + 32 * n + l] >> 2 * k) & 3
+    q = (low | high << 4).astype(np.int32) - 32
+    return (_half(b, 208) * _f(b[:, 192 + e // 16].view(np.int8))) * _f(q)
+
+
+DEQUANT = {"Q8_0": dequant_q8_0, "Q4_1": dequant_q4_1, "Q5_0": dequant_q5_0, "Q5_1": dequant_q5_1,
+           "Q2_K": dequant_q2_k, "Q3_K": dequant_q3_k, "Q4_K": dequant_q4_k, "Q5_K": dequant_q5_k,
+           "Q6_K": dequant_q6_k}
+
+
+def dequantize_blocks(kind: str, data: np.ndarray) -> torch.Tensor:
+    """Bytes [rows, bytes per row] of `kind` -> float32 [rows, inputs] (in ggml's float32 arithmetic:
+    the same products in the same order)."""
+    _, size, _ = BLOCKS[kind]
+    return torch.from_numpy(DEQUANT[kind](data.reshape(-1, size)).reshape(data.shape[0], -1))
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Random bytes [rows, bytes per row] of `kind`: every bit pattern is a valid block, except that
+    fp16 fields must be finite, so an all-ones exponent (bits 2..6 of the high byte) loses a bit."""
+    values, size, halves = BLOCKS[kind]
+    b = rng.integers(0, 256, (rows * cols // values, size), dtype=np.uint8)
+    for at in halves:
+        special = (b[:, at + 1] & 0x7C) == 0x7C
+        b[special, at + 1] ^= 0x40
+    return b.reshape(rows, -1)
+
+
+def quantize_q6_k(w: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """A Q6_K quantiser (round to nearest; ggml's searches for better scales): per 16 inputs a scale
+    max |x| / 31, stored as int8 multiples of the super-block's fp16 d = max scale / 127; q =
+    round(x / (d * scale)) in [-32, 31], stored + 32, packed as dequant_q6_k reads it. Returns
+    (bytes, the values dequant_q6_k reads back)."""
+    rows, cols = w.shape
+    x = w.float().reshape(-1, 16, 16)                                   # [blocks, sub-blocks, inputs]
+    scale = x.abs().amax(-1) / 31
+    d = (scale.amax(-1, keepdim=True) / 127).half()
+    df = d.float()
+    sc = torch.round(scale / torch.where(df > 0, df, 1)).clamp(-128, 127).to(torch.int8)
+    step = (df * sc.float())[..., None]
+    q = (torch.round(x / torch.where(step > 0, step, 1)).clamp(-32, 31) + 32).to(torch.int64).reshape(-1, 256)
+    e = torch.arange(256)
+    n, k, l = e // 128, e % 128 // 32, e % 32
+    # the bit fields of a byte do not overlap, so adding them up packs them
+    ql = torch.zeros(q.shape[0], 128, dtype=torch.int64).index_add_(1, 64 * n + 32 * (k % 2) + l,
+                                                                    (q & 15) << 4 * (k // 2))
+    qh = torch.zeros(q.shape[0], 64, dtype=torch.int64).index_add_(1, 32 * n + l, (q >> 4) << 2 * k)
+    blocks = torch.cat([ql.to(torch.uint8), qh.to(torch.uint8), sc.view(torch.uint8), d.view(torch.uint8)], dim=-1)
+    data = blocks.reshape(rows, -1).numpy()
+    return data, dequantize_blocks("Q6_K", data)
+
+
 def quantize_int4_g32(w: torch.Tensor) -> torch.Tensor:
     from exaone_ext.ops.reference import dequantize_int4, quantize_int4
     return dequantize_int4(*quantize_int4(w, 32), 32)
 
 
-def encode_tensor(w: torch.Tensor, kind: str):
-    """(data, raw_dtype, the values the file then holds, as float32)."""
+def encode_tensor(w: torch.Tensor, kind: str, rng=None):
+    """(data, raw_dtype, the values the file then holds, as float32). With `rng`, the types of
+    BLOCKS get random blocks (of w's shape) instead of w's quantisation."""
+    if rng is not None and kind in BLOCKS:
+        data = random_blocks(kind, *w.shape, rng)
+        return data, Q[kind], dequantize_blocks(kind, data)
+    if kind == "Q6_K":
+        data, deq = quantize_q6_k(w)
+        return data, Q.Q6_K, deq
     if kind == "F32":
         return w.float().numpy(), None, w.float()
     if kind == "F16":
@@ -157,10 +321,12 @@ def tokenizer_metadata(writer, tok_dir, pre: str) -> None:
 
 
 def write_gguf(path, model: ExaoneForCausalLM, tok_dir, arch: str = "exaone", types=None, pre: str = "exaone",
-               drop=(), arch_name: str | None = None, raw_override=None) -> dict[str, torch.Tensor]:
+               drop=(), arch_name: str | None = None, raw_override=None,
+               random_blocks_seed: int | None = None) -> dict[str, torch.Tensor]:
     """Write `model` as llama.cpp's converter would for `arch`; types(name) -> the GGUF type of a
-    2-D tensor (1-D norms are F32, as llama.cpp keeps them). Returns {EXAONE name: the values the
-    file holds, float32, in the model's own row order} (the test's dequantisation)."""
+    2-D tensor (1-D norms are F32, as llama.cpp keeps them); with random_blocks_seed, tensors of the
+    BLOCKS types hold random blocks instead of the model's weights. Returns {EXAONE name: the
+    values the file holds, float32, in the model's own row order} (the test's dequantisation)."""
     c = model.config
     types = types or (lambda name: "F32")
     w = gguf.GGUFWriter(str(path), arch_name or arch)
@@ -182,6 +348,7 @@ def write_gguf(path, model: ExaoneForCausalLM, tok_dir, arch: str = "exaone", ty
         w.add_rope_dimension_count(c.head_dim)
     tokenizer_metadata(w, tok_dir, pre)
     held = {}
+    rng = None if random_blocks_seed is None else np.random.default_rng(random_blocks_seed)
     state = {n: t.detach() for n, t in model.state_dict().items()}
     if c.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -189,17 +356,15 @@ def write_gguf(path, model: ExaoneForCausalLM, tok_dir, arch: str = "exaone", ty
         if gguf_name(name) in drop:
             continue
         kind = "F32" if t.dim() == 1 else types(name)
-        stored = t
-        if arch == "llama" and name.endswith("q_proj.weight"):
-            stored = permute_qk(t, c.num_attention_heads)
-        elif arch == "llama" and name.endswith("k_proj.weight"):
-            stored = permute_qk(t, c.num_key_value_heads)
-        data, raw, _ = encode_tensor(stored, kind)
+        data, raw, held[name] = encode_tensor(t, kind, rng)
+        # quantisation works row by row, so permuting the encoded rows encodes the permuted rows
+        heads = c.num_attention_heads if name.endswith("q_proj.weight") else \
+            c.num_key_value_heads if name.endswith("k_proj.weight") else None
+        if arch == "llama" and heads:
+            data = permute_qk(torch.from_numpy(np.ascontiguousarray(data)), heads).numpy()
         if raw_override and gguf_name(name) in raw_override:
             data, raw = raw_override[gguf_name(name)]
         w.add_tensor(gguf_name(name), data, raw_dtype=raw)
-        # quantisation works row by row, so the rows in the model's order hold these values
-        held[name] = encode_tensor(t, kind)[2]
     if c.rope_scaling:
         w.add_tensor("rope_freqs.weight", rope_factors(c).numpy())
     w.write_header_to_file()
@@ -241,6 +406,15 @@ EXAONE_SHAPE = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=
 @pytest.fixture(scope="module")
 def exaone_model(tok_dir):
     return tiny_model(tok_dir, **EXAONE_SHAPE)
+
+
+# inputs in multiples of 256, as the K-quants need (EXAONE 3.5 2.4B: hidden 2560, intermediate 7168)
+WIDE_SHAPE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tok_dir):
+    return tiny_model(tok_dir, seed=2, **WIDE_SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +528,7 @@ def test_q4_0_projections_become_int4_bit_for_bit(tmp_path, exaone_model, llama_
     path = tmp_path / f"tiny-{arch}-q4_0.gguf"
     # as llama.cpp's Q4_0: every matrix Q4_0 (the embedding too; an untied head Q8_0 here)
     held = write_gguf(path, source, tok_dir, arch=arch, types=lambda n: "Q8_0" if n == "lm_head.weight" else "Q4_0")
-    model = ExaoneForCausalLM.from_pretrained(path, use_kernels=False)
+    model = ExaoneForCausalLM.from_pretrained(path, dtype=torch.float32, use_kernels=False)   # the values exactly
     assert model.config.extra["quantization_config"] == {"quant_method": "exaone_ext", "bits": 4, "group_size": 32,
                                                          "zero_point": True}
     for i in range(model.config.num_layers):
@@ -388,10 +562,106 @@ def test_q4_0_projections_become_int4_bit_for_bit(tmp_path, exaone_model, llama_
         print(f"\n[Q4_0 {arch}] logits, relative error: int4 kernel vs dense float32 of the same weights "
               f"{_rel(kern, exact):.1e}; vs the original: Q4_0 {q4:.2e}, package int4 group 32 {int4:.2e}")
     assert q4 < 1.5 * int4
-    # bfloat16: scales stay float32 (fp16 scales do not all fit in bfloat16), so the weights are unchanged
-    bf = ExaoneForCausalLM.from_gguf(path, dtype=torch.bfloat16)
+    # bfloat16, the default for a quantized embedding: scales stay float32 (fp16 scales do not all fit
+    # in bfloat16), so the int4 weights are unchanged
+    bf = ExaoneForCausalLM.from_gguf(path)
+    assert bf.transformer.wte.weight.dtype == torch.bfloat16
     m = bf.transformer.h[0].mlp.c_proj
     assert m.scales.dtype == torch.float32 and torch.equal(m.dequantized_weight(), held["transformer.h.0.mlp.c_proj.weight"])
+
+
+@pytest.mark.parametrize("kind, arch", [(k, "exaone") for k in BLOCKS] + [("Q4_K", "llama"), ("Q6_K", "llama")])
+def test_block_types_dequantised_exactly(tmp_path, wide_model, tok_dir, kind, arch, monkeypatch):
+    from exaone_ext.model import gguf as gguf_module
+
+    assert gguf.GGML_QUANT_SIZES[Q[kind]] == BLOCKS[kind][:2]
+    # several chunks per tensor, the last one short (rows of 256 inputs: 3 a chunk; of 512: 1)
+    monkeypatch.setattr(gguf_module, "_CHUNK", 3 * 256 + 5)
+    path = tmp_path / f"tiny-{arch}-{kind}.gguf"
+    # every matrix (the embedding included) random blocks of `kind`; "llama" files permute Q / K rows
+    held = write_gguf(path, wide_model, tok_dir, arch=arch, types=lambda n: kind, random_blocks_seed=3)
+    model = ExaoneForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert not model.config.extra.get("quantization_config")
+    state = model.state_dict()
+    for name, values in held.items():
+        assert torch.equal(state[name], values), name
+    # the default for a quantized embedding: bfloat16, the same values rounded once
+    default = ExaoneForCausalLM.from_pretrained(path)
+    assert {p.dtype for p in default.parameters()} == {torch.bfloat16}
+    state = default.state_dict()
+    for name, values in held.items():
+        assert torch.equal(state[name], values.bfloat16()), name
+    info = gguf_info(path)
+    assert info["kv_cache_dtype"] == "bfloat16" and set(info["dtypes"]) == {kind, "F32"}
+
+
+def test_k_quant_blocks_by_hand(tmp_path, wide_model, tok_dir):
+    """One Q6_K and one Q4_K block written byte by byte, the expected values worked out by hand."""
+    # Q6_K, d = 1: every q is 0 - 32 (all bytes 0) except input 200 (half 1, part 2, l = 8: high nibble
+    # of ql[64 + 8] = 7, bits 4..5 of qh[32 + 8] = 2, q = 7 + 32 - 32 = 7); only scale 12 (inputs
+    # 192..207) is non-zero, -3: inputs 192..207 are -3 * -32 = 96, input 200 is -3 * 7 = -21.
+    q6 = np.zeros((512, 210), dtype=np.uint8)
+    q6[5, 208:210] = np.array([1.0], dtype="<f2").view(np.uint8)
+    q6[5, 192 + 12] = np.array([-3], dtype=np.int8).view(np.uint8)[0]
+    q6[5, 64 + 8] = 0x70
+    q6[5, 128 + 32 + 8] = 0b10 << 4
+    want6 = torch.zeros(512, 256)
+    want6[5, 192:208] = 96
+    want6[5, 200] = -21
+    # Q4_K, d = 1, dmin = 0.5: sub-block 5 (inputs 160..191) has scale = low nibble of byte 4 + 9 (3)
+    # | top bits of byte 4 + 1 (1) << 4 = 19 and min = high nibble of byte 4 + 9 (2) | top bits of byte
+    # 4 + 5 (2) << 4 = 34; input 164 is the high nibble of qs[64 + 4] = 10: 19 * 10 - 0.5 * 34 = 173,
+    # the rest of the sub-block q = 0: -17; the other sub-blocks have scale and min 0.
+    q4 = np.zeros((512, 144), dtype=np.uint8)
+    q4[7, 0:4] = np.array([1.0, 0.5], dtype="<f2").view(np.uint8)
+    q4[7, 4 + 9], q4[7, 4 + 1], q4[7, 4 + 5] = 0x23, 0x40, 0x80
+    q4[7, 16 + 64 + 4] = 0xA0
+    want4 = torch.zeros(512, 256)
+    want4[7, 160:192] = -17
+    want4[7, 164] = 173
+    path = tmp_path / "by-hand.gguf"
+    write_gguf(path, wide_model, tok_dir, raw_override={"blk.0.ffn_up.weight": (q6, Q.Q6_K),
+                                                        "blk.1.ffn_gate.weight": (q4, Q.Q4_K)})
+    model = ExaoneForCausalLM.from_pretrained(path)    # F32 embedding: float32
+    assert torch.equal(model.transformer.h[0].mlp.c_fc_1.weight, want6)
+    assert torch.equal(model.transformer.h[1].mlp.c_fc_0.weight, want4)
+    assert torch.equal(dequantize_blocks("Q6_K", q6), want6) and torch.equal(dequantize_blocks("Q4_K", q4), want4)
+
+
+def test_q4_0_file_with_q6_k_embedding_generates(tmp_path, wide_model, tok_dir, ids, capsys):
+    from exaone_ext.cli import main
+
+    path = tmp_path / "tiny-Q4_0.gguf"
+    # llama.cpp's Q4_0 of a tied model: the matrices Q4_0 but the embedding (the head too) Q6_K
+    held = write_gguf(path, wide_model, tok_dir, types=lambda n: "Q6_K" if n == "transformer.wte.weight" else "Q4_0")
+    model = ExaoneForCausalLM.from_pretrained(path)
+    wte = model.transformer.wte.weight
+    assert wte.dtype == torch.bfloat16 and model.lm_head.weight is wte
+    assert torch.equal(wte, held["transformer.wte.weight"].bfloat16())
+    for i in range(model.config.num_layers):
+        for p in PROJECTIONS:
+            m = model.get_submodule(f"transformer.h.{i}.{p}")
+            assert isinstance(m, QuantLinear) and m.scales.dtype == torch.float32
+            assert torch.equal(m.dequantized_weight(), held[f"transformer.h.{i}.{p}.weight"]), (i, p)
+    exact = ExaoneForCausalLM.from_pretrained(path, dtype=torch.float32, use_kernels=False)
+    with torch.no_grad():
+        logits, bf16 = exact(ids), model(ids).float()
+        assert torch.equal(logits, reference(exact.config, held, use_kernels=False)(ids))
+    q6 = _rel(held["transformer.wte.weight"], wide_model.transformer.wte.weight.detach())
+    with capsys.disabled():
+        print(f"\n[Q4_0 + Q6_K] embedding vs the original {q6:.2e}; logits of the bfloat16 default vs float32 "
+              f"{_rel(bf16, logits):.2e}")
+    assert q6 < 0.03 and _rel(bf16, logits) < 0.05
+
+    tok = ExaoneTokenizer.from_pretrained(path)
+    expected = generate(model, tok, "The capital of Korea is", GenerationConfig(max_new_tokens=8)).text
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--prompt", "The capital of Korea is", "--raw",
+                 "--max-new-tokens", "8", "--no-progress"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Q6_K" in out and "Q4_0" in out and "token_embd.weight" in out
 
 
 def test_mixed_types_save_reload_and_convert(tmp_path, exaone_model, tok_dir, ids):
@@ -550,14 +820,16 @@ def test_unsupported_architecture(tmp_path, exaone_model, tok_dir):
         ExaoneForCausalLM.from_pretrained(path)
 
 
-def test_unsupported_tensor_type(tmp_path, exaone_model, tok_dir):
-    path = tmp_path / "q4_1.gguf"
-    block, size = gguf.GGML_QUANT_SIZES[Q.Q4_1]
-    rows, cols = exaone_model.transformer.h[0].mlp.c_fc_1.weight.shape
-    raw = np.random.default_rng(0).integers(0, 255, (rows, cols // block * size), dtype=np.uint8)
-    write_gguf(path, exaone_model, tok_dir, raw_override={"blk.0.ffn_up.weight": (raw, Q.Q4_1)})
-    with pytest.raises(GGUFError, match=r"tensor 'blk.0.ffn_up.weight' has type Q4_1, which this package cannot "
-                                        r"load \(supported: F32, F16, BF16, Q8_0, Q4_0\)"):
+@pytest.mark.parametrize("kind", ["IQ4_NL", "IQ4_XS", "TQ2_0"])
+def test_unsupported_tensor_type(tmp_path, wide_model, tok_dir, kind):
+    path = tmp_path / f"{kind}.gguf"
+    block, size = gguf.GGML_QUANT_SIZES[Q[kind]]
+    rows, cols = wide_model.transformer.h[0].mlp.c_fc_1.weight.shape
+    raw = np.zeros((rows, cols // block * size), dtype=np.uint8)
+    write_gguf(path, wide_model, tok_dir, raw_override={"blk.0.ffn_up.weight": (raw, Q[kind])})
+    with pytest.raises(GGUFError, match=rf"{kind}.gguf: tensor 'blk.0.ffn_up.weight' has type {kind}, which "
+                                        r"this package cannot load \(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
+                                        r"Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K\)"):
         ExaoneForCausalLM.from_pretrained(path)
 
 

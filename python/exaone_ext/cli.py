@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 2GiB, 500MB (default 5GB)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
                    help="--from gguf: dtype of the dense weights (default auto: the token embedding's type, "
-                        "float32 when it is quantized)")
+                        "bfloat16 when it is quantized)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None)
     bar.add_argument("--no-progress", dest="progress", action="store_false")

@@ -397,10 +397,11 @@ class ExaoneForCausalLM(nn.Module):
     def from_gguf(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None, progress=False,
                   use_kernels: bool = True) -> "ExaoneForCausalLM":
-        """Load a GGUF file of llama.cpp's "exaone" or "llama" architecture. F32 / F16 / BF16 and Q8_0
-        tensors become dense weights in `dtype` (default: the token embedding's type, float32 when it
-        is quantized); Q4_0 block projections become int4 QuantLinear modules (group_size 32, zero
-        point 8), bit for bit. See exaone_ext.model.gguf."""
+        """Load a GGUF file of llama.cpp's "exaone" or "llama" architecture. Q4_0 block projections
+        become int4 QuantLinear modules (group_size 32, zero point 8), bit for bit; every other
+        tensor (F32 / F16 / BF16, Q8_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) a dense weight in `dtype`
+        (default: the token embedding's type, bfloat16 when it is quantized). See
+        exaone_ext.model.gguf."""
         from .gguf import load_gguf
         return load_gguf(path, dtype=dtype, device=device, progress=progress, use_kernels=use_kernels)
 
