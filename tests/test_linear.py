@@ -10,7 +10,9 @@ from exaone_ext.ops import reference
 from conftest import CPU_ISAS, CUDA, DEVICES, DTYPES, assert_error_within
 
 # The weight-streaming kernels (one per CPU variant) take up to 16 rows of x (8 for bfloat16 through
-# convert + FMA); more rows go to at::matmul, where the CPU variant plays no part. The AVX512-BF16 dot
+# convert + FMA where the CPU's matmul has bf16 instructions, 64 for a 16-bit type where it has none);
+# more rows go to at::matmul (float32 tiles of a 16-bit weight where the CPU has no instructions for
+# it), where the CPU variant plays no part. The AVX512-BF16 dot
 # kernel is a variant of its own for bfloat16 ("avx512bf16": avx512 with the dot kernel on; "avx512"
 # then runs bfloat16 through convert + FMA).
 HAS_BF16_DOT = ("avx512bf16" in exaone_ext.build_info()["cpu_extra_kernels"]
@@ -18,7 +20,10 @@ HAS_BF16_DOT = ("avx512bf16" in exaone_ext.build_info()["cpu_extra_kernels"]
 LINEAR_VARIANTS = (["avx512bf16"] if HAS_BF16_DOT else []) + CPU_ISAS
 # (variant, dtype): the dot variant only for bfloat16, where it differs from avx512
 VARIANT_DTYPES = [(v, d) for v in LINEAR_VARIANTS for d in DTYPES if v != "avx512bf16" or d == torch.bfloat16]
-STREAM_MAX_ROWS = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 8}
+_FEATURES = set(exaone_ext.build_info()["cpu_features"])
+NATIVE_BF16_MATMUL, NATIVE_F16_MATMUL = bool({"avx512bf16", "amx_bf16"} & _FEATURES), "avx512fp16" in _FEATURES
+STREAM_MAX_ROWS = {torch.float32: 16, torch.float16: 16 if NATIVE_F16_MATMUL else 64,
+                   torch.bfloat16: 8 if NATIVE_BF16_MATMUL else 64}
 MATMUL_ROWS = [17, 300]
 SIZES = [(80, 80), (257, 131), (2560, 1000), (33, 257), (255, 9)]  # (in, out)
 
@@ -291,3 +296,14 @@ def test_linear_cat_bad_inputs():
     assert ops.linear_cat(torch.empty(0, 8), [w]).shape == (0, 6)
     meta = ops.linear_cat(torch.empty(3, 8, device="meta"), [torch.empty(6, 8, device="meta")] * 2)
     assert meta.shape == (3, 12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cat_many_rows_16bit(dtype):
+    """linear_cat above the streaming limit in 16-bit types (float32 tiles of each weight where the
+    CPU's matmul has no instructions for the type): the columns of each weight in order."""
+    x = torch.randn(100, 257).to(dtype)
+    ws = [(torch.randn(n, 257) / 16).to(dtype) for n in (33, 70, 5)]
+    out = ops.linear_cat(x, ws)
+    assert out.shape == (100, 108) and out.dtype == dtype
+    assert_error_within(out, F.linear(x.double(), torch.cat(ws).double()), name="out", k=257)

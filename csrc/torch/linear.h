@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <vector>
 
 namespace exaone_ext {
@@ -16,4 +17,16 @@ std::vector<int64_t> check_linear_cat(const at::Tensor& x, const std::vector<at:
 // Whether bfloat16 calls may use the AVX512-BF16 kernel (when built and the CPU has it); for tests
 // and comparisons. Returns the previous setting.
 bool set_linear_bf16_dot(bool enabled);
+
+// Whether this CPU's library matmul (oneDNN) multiplies bfloat16 / float16 with instructions made for
+// them (AVX512-BF16 or AMX-BF16; AVX512-FP16). Where it does not, it runs at a fraction of its
+// float32 rate (a quarter on a Zen 3 core), and many-row products go through float32 tiles.
+bool cpu_native_16bit_matmul(at::ScalarType dtype);
+
+// x2 [M, K] @ W.T -> [M, n] in x2's dtype, W never held whole: fill(n0, n1, tile) writes W's rows
+// [n0, n1) into the first n1 - n0 rows of tile ([rows, K], x2's dtype, contiguous; about 8 MiB),
+// and each tile goes through at::mm into its columns of the result. Used for quantized weights
+// (dequantised a tile at a time) and for 16-bit weights in float32 where the CPU's 16-bit matmul is slow.
+at::Tensor linear_tiled(const at::Tensor& x2, int64_t n,
+                        const std::function<void(int64_t, int64_t, const at::Tensor&)>& fill);
 }  // namespace exaone_ext

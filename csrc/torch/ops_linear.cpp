@@ -65,10 +65,14 @@ namespace {
 
 // Up to this many rows of x the weight-streaming kernel is used; above it at::matmul. Measured at the
 // 2.4B shapes (benchmarks/bench_linear.py, single-thread CPU time): with AVX512-BF16 dot products, and
-// for float32 / float16, streaming is ahead of oneDNN through 16 rows and level near 24; bfloat16 through
-// convert + FMA is level at 8 rows and behind at 16.
+// for float32 / float16, streaming is ahead of oneDNN through 16 rows and level near 24; bfloat16
+// through convert + FMA is level at 8 rows and behind at 16 against oneDNN's native bf16 (an AMX
+// Xeon). Where oneDNN has no instructions for a 16-bit type (bf16 on Zen 3 / AVX2: a quarter of its
+// float32 rate), streaming is 3-4x ahead of it at 16 rows and level with float32 tiles
+// (linear_tiled) near 64 (2560 <-> 7168 and 2560 -> 102400, two threads).
 constexpr int64_t kStreamMaxRows = 16;
 constexpr int64_t kStreamMaxRowsBf16Fma = 8;
+constexpr int64_t kStreamMaxRowsNonNative = 64;
 
 std::atomic<bool> g_bf16_dot{true};
 
@@ -95,8 +99,21 @@ at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& w
   }();
   if (M == 0 || N == 0 || K == 0) return at::zeros(out_shape, x.options());
   const bool dot = dt == DType::kBFloat16 && bf16_dot_available();
-  const int64_t max_rows = dt == DType::kBFloat16 && !dot ? kStreamMaxRowsBf16Fma : kStreamMaxRows;
+  const bool half = dt == DType::kBFloat16 || dt == DType::kFloat16;
+  const bool native = half && cpu_native_16bit_matmul(x.scalar_type());
+  const int64_t max_rows = half && !native ? kStreamMaxRowsNonNative
+                           : dt == DType::kBFloat16 && !dot ? kStreamMaxRowsBf16Fma : kStreamMaxRows;
   if (M > max_rows) {
+    if (half && !native) {
+      // float32 GEMMs over float32 tiles of the weight (converted ~8 MiB at a time), rounded once
+      const at::Tensor x32 = x.reshape({M, K}).to(at::kFloat);
+      std::vector<at::Tensor> parts;
+      for (const at::Tensor& w : weights)
+        parts.push_back(linear_tiled(x32, w.size(0), [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
+          tile.narrow(0, 0, n1 - n0).copy_(w.narrow(0, n0, n1 - n0));
+        }));
+      return (parts.size() == 1 ? parts[0] : at::cat(parts, -1)).to(x.scalar_type()).reshape(out_shape);
+    }
     if (weights.size() == 1) return at::matmul(x, weights[0].t()).reshape(out_shape);
     std::vector<at::Tensor> parts;
     for (const at::Tensor& w : weights) parts.push_back(at::matmul(x, w.t()));
@@ -176,6 +193,31 @@ at::Tensor linear_cat_cpu(const at::Tensor& x, at::TensorList weights) {
 }  // namespace
 
 bool set_linear_bf16_dot(bool enabled) { return g_bf16_dot.exchange(enabled); }
+
+bool cpu_native_16bit_matmul(at::ScalarType dtype) {
+  static const bool bf16 = cpu::cpu_has("avx512bf16") || cpu::cpu_has("amx_bf16");
+  static const bool f16 = cpu::cpu_has("avx512fp16");
+  return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? f16 : true;
+}
+
+at::Tensor linear_tiled(const at::Tensor& x2, int64_t n,
+                        const std::function<void(int64_t, int64_t, const at::Tensor&)>& fill) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  at::Tensor y = at::empty({M, n}, x2.options());
+  // ~8 MiB tiles (a multiple of 64 rows): large enough for the matmul to reach its rate, small
+  // beside the weight.
+  const int64_t tile_rows = std::min(n, std::max<int64_t>(64, ((int64_t(8) << 20) / std::max<int64_t>(1, K * x2.element_size())) / 64 * 64));
+  at::Tensor tile = at::empty({tile_rows, K}, x2.options());
+  for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
+    const int64_t n1 = std::min(n, n0 + tile_rows);
+    fill(n0, n1, tile);
+    at::Tensor out = y.narrow(1, n0, n1 - n0);
+    at::mm_out(out, x2, tile.narrow(0, 0, n1 - n0).t());
+  }
+  return y;
+}
+
+
 
 }  // namespace exaone_ext
 

@@ -90,23 +90,6 @@ std::vector<int64_t> check_linear_int4(const at::Tensor& x, const at::Tensor& qw
   return shape;
 }
 
-at::Tensor quant_linear_tiled(const at::Tensor& x2, int64_t n,
-                              const std::function<void(int64_t, int64_t, const at::Tensor&)>& dequant) {
-  const int64_t M = x2.size(0), K = x2.size(1);
-  at::Tensor y = at::empty({M, n}, x2.options());
-  // ~8 MiB tiles (a multiple of 64 rows): large enough for the matmul to reach its rate, small
-  // beside the weight.
-  const int64_t tile_rows = std::min(n, std::max<int64_t>(64, ((int64_t(8) << 20) / std::max<int64_t>(1, K * x2.element_size())) / 64 * 64));
-  at::Tensor tile = at::empty({tile_rows, K}, x2.options());
-  for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
-    const int64_t n1 = std::min(n, n0 + tile_rows);
-    dequant(n0, n1, tile);
-    at::Tensor out = y.narrow(1, n0, n1 - n0);
-    at::mm_out(out, x2, tile.narrow(0, 0, n1 - n0).t());
-  }
-  return y;
-}
-
 namespace {
 
 std::atomic<bool> g_int_dot{true};
@@ -128,16 +111,19 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, QuantLinearArgs base, const std
   const int64_t row_bytes = base.q_stride;
 
   if (M > kQuantStreamMaxRows) {
-    const DType tile_dtype = base.y_dtype;
-    const at::Tensor x2 = x.reshape({M, K});
-    return quant_linear_tiled(x2, N, [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
+    // tiles in x's dtype, or float32 where the CPU's 16-bit matmul is slow
+    const bool f32 = base.y_dtype != DType::kFloat32 && !cpu_native_16bit_matmul(x.scalar_type());
+    const DType tile_dtype = f32 ? DType::kFloat32 : base.y_dtype;
+    const at::Tensor x2 = f32 ? x.reshape({M, K}).to(at::kFloat) : x.reshape({M, K});
+    at::Tensor y = linear_tiled(x2, N, [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
       char* out = static_cast<char*>(tile.data_ptr());
       const int64_t es = tile.element_size();
       at::parallel_for(n0, n1, std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(1, row_bytes)),
                        [&](int64_t b, int64_t e) {
                          EXAONE_CPU_DISPATCH(quant_dequant_rows, base, b, e, out + (b - n0) * K * es, tile_dtype);
                        });
-    }).view(out_shape);
+    });
+    return (f32 ? y.to(x.scalar_type()) : y).view(out_shape);
   }
 
   const at::Tensor xk = x.reshape({M, K}).to(at::kFloat).contiguous();

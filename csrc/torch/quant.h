@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "torch/common.h"
+#include "torch/linear.h"
 
 #include <functional>
 #include <vector>
@@ -20,7 +21,7 @@ std::vector<int64_t> check_linear_int8(const at::Tensor& x, const at::Tensor& qw
 std::vector<int64_t> check_linear_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                        const at::Tensor& zeros, int64_t group_size);
 
-// Up to this many rows of x the weight-streaming kernels run; above, quant_linear_tiled.
+// Up to this many rows of x the weight-streaming kernels run; above, linear_tiled (torch/linear.h).
 inline constexpr int64_t kQuantStreamMaxRows = 16;
 // int4 with bfloat16/float16 x uses integer multiply-adds (x as 15-bit integers, cpu/quant_linear.h)
 // where the CPU variant has them, for every row count that streams the weight; float32 x widens the
@@ -44,12 +45,6 @@ struct QuantWeightTensors {
 template <typename Args>
 QuantWeightTensors fill_quant_weight(Args& a, int bits, const at::Tensor& qweight, const at::Tensor& scales,
                                      const at::Tensor& zeros, int64_t k, int64_t group, const char* op);
-
-// x2 [M, K] @ W.T -> [M, n] in x2's dtype, W never held whole: dequant(n0, n1, tile) writes W's
-// rows [n0, n1) into the first n1 - n0 rows of tile ([rows, K], x2's dtype, contiguous), and each
-// tile goes through at::mm into its columns of the result.
-at::Tensor quant_linear_tiled(const at::Tensor& x2, int64_t n,
-                              const std::function<void(int64_t, int64_t, const at::Tensor&)>& dequant);
 
 template <typename Args>
 QuantWeightTensors fill_quant_weight(Args& a, int bits, const at::Tensor& qweight, const at::Tensor& scales,

@@ -1,6 +1,6 @@
 // CUDA registration of exaone_ext::linear_int8 / linear_int4: the shared checks (torch/quant.h), a
 // device guard, then the GEMV of csrc/cuda/quant_linear.cu for up to 16 rows of x, or tiles of the
-// weight dequantised on the device and multiplied by cuBLAS (quant_linear_tiled) above.
+// weight dequantised on the device and multiplied by cuBLAS (linear_tiled) above.
 #include <ATen/Functions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,7 +22,7 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, cuda::QuantGemvArgs a, const s
   a.m = M;
   const at::Tensor x2 = x.reshape({M, a.k}).contiguous();
   if (M > cuda::kQuantGemvMaxRows) {
-    return quant_linear_tiled(x2, a.n, [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
+    return linear_tiled(x2, a.n, [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
       cuda::quant_dequant(a, n0, n1, tile.data_ptr(), stream);
     }).view(out_shape);
   }
