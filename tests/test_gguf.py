@@ -19,7 +19,8 @@ from exaone_ext import ExaoneForCausalLM, ExaoneTokenizer, GenerationConfig, gen
 from exaone_ext.model import ExaoneConfig
 from exaone_ext.model.gguf import GGUFError, gguf_info
 from exaone_ext.model.quant import QuantLinear
-from exaone_ext.testing import tiny_config_dict, write_tiny_tokenizer
+from exaone_ext import testing
+from exaone_ext.testing import write_tiny_tokenizer
 
 Q = gguf.GGMLQuantizationType
 TEXTS = ["The quick brown fox jumps over the lazy dog. Numbers: 2024, 32768 and 3.14!",
@@ -389,14 +390,7 @@ def tok_dir(tmp_path_factory):
 
 
 def tiny_model(tok_dir, seed=0, **overrides) -> ExaoneForCausalLM:
-    tok = ExaoneTokenizer.from_pretrained(tok_dir)
-    config = ExaoneConfig.from_dict(tiny_config_dict(tok.vocab_size, tok.eos_token_id, tok.bos_token_id,
-                                                     tok.pad_token_id, **overrides))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ExaoneForCausalLM(config)
-        model.reset_parameters(std=0.1)
-    return model.eval()
+    return testing.tiny_model(tok_dir, seed, 0.1, **overrides)
 
 
 # hidden / heads = head_dim, as in EXAONE 3.5 (the exaone converter derives the rope dims from it)

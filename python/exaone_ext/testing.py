@@ -104,17 +104,15 @@ def tiny_config_dict(vocab_size: int, eos_token_id: int, bos_token_id: int, pad_
     return config
 
 
-def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, vocab_size: int = 1024, init_std: float = 0.1,
-                          **config_overrides) -> Path:
-    """A complete tiny checkpoint directory: the tiny tokenizer, config.json and random weights
-    saved by `ExaoneForCausalLM.save_pretrained` (config keys can be overridden)."""
+def tiny_model(tokenizer_path: str | os.PathLike, seed: int = 0, init_std: float = 0.1, **config_overrides):
+    """A tiny random ExaoneForCausalLM (eval mode) for the tokenizer in tokenizer_path (its vocabulary
+    and special ids), config keys overridable; the same for the same seed, whatever the global RNG."""
     import torch
 
     from .model import ExaoneConfig, ExaoneForCausalLM
     from .tokenizer import ExaoneTokenizer
 
-    path = write_tiny_tokenizer(path, vocab_size)
-    tok = ExaoneTokenizer.from_pretrained(path)
+    tok = ExaoneTokenizer.from_pretrained(tokenizer_path)
     config = ExaoneConfig.from_dict(tiny_config_dict(tok.vocab_size, tok.eos_token_id, tok.bos_token_id,
                                                      tok.pad_token_id, **config_overrides))
     with torch.random.fork_rng(devices=[]):
@@ -122,5 +120,13 @@ def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, vocab_size: in
         model = ExaoneForCausalLM(config)
         # Wider than the usual 0.02 so that a random model's next-token choices are far from ties.
         model.reset_parameters(std=init_std)
-    model.save_pretrained(path)
+    return model.eval()
+
+
+def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, vocab_size: int = 1024, init_std: float = 0.1,
+                          **config_overrides) -> Path:
+    """A complete tiny checkpoint directory: the tiny tokenizer, config.json and random weights
+    saved by `ExaoneForCausalLM.save_pretrained` (config keys can be overridden)."""
+    path = write_tiny_tokenizer(path, vocab_size)
+    tiny_model(path, seed, init_std, **config_overrides).save_pretrained(path)
     return path

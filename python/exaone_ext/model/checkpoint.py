@@ -57,13 +57,24 @@ _LLAMA_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _IGNORED = re.compile(r".*\.inv_freq$")
 
 
+def rename_tensor(name: str, whole: dict[str, str], layer: re.Pattern, parts: dict[str, str],
+                  layer_format: str) -> str | None:
+    """name through one naming scheme's tables: `whole` for names outside the layers, else `layer`
+    (groups: layer index, the part after it) with the part mapped by `parts` into
+    layer_format.format(index, mapped part); None when neither applies."""
+    if name in whole:
+        return whole[name]
+    m = layer.fullmatch(name)
+    if m and m.group(2) in parts:
+        return layer_format.format(m.group(1), parts[m.group(2)])
+    return None
+
+
 def exaone_to_llama_name(name: str) -> str:
     """'transformer.h.3.mlp.c_fc_0.weight' -> 'model.layers.3.mlp.gate_proj.weight'. KeyError if unknown."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _EXAONE_LAYER.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    out = rename_tensor(name, _GLOBAL_NAMES, _EXAONE_LAYER, _LAYER_NAMES, "model.layers.{}.{}")
+    if out is not None:
+        return out
     base, suffix = _quantized_base(name)
     if base is not None:
         return exaone_to_llama_name(base).removesuffix(".weight") + suffix
@@ -72,11 +83,9 @@ def exaone_to_llama_name(name: str) -> str:
 
 def llama_to_exaone_name(name: str) -> str:
     """'model.layers.3.self_attn.o_proj.weight' -> 'transformer.h.3.attn.attention.out_proj.weight'."""
-    if name in _GLOBAL_NAMES_REV:
-        return _GLOBAL_NAMES_REV[name]
-    m = _LLAMA_LAYER.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES_REV:
-        return f"transformer.h.{m.group(1)}.{_LAYER_NAMES_REV[m.group(2)]}"
+    out = rename_tensor(name, _GLOBAL_NAMES_REV, _LLAMA_LAYER, _LAYER_NAMES_REV, "transformer.h.{}.{}")
+    if out is not None:
+        return out
     base, suffix = _quantized_base(name)
     if base is not None:
         return llama_to_exaone_name(base).removesuffix(".weight") + suffix

@@ -60,7 +60,7 @@ import torch
 
 from ..ops.reference.quant import INT4_BLOCK, dequantize_int4
 from ..ops.reference.rope import rope_inv_freq
-from .checkpoint import CheckpointError, _dtype_name, _Progress, _set_tensor, save_model
+from .checkpoint import CheckpointError, _dtype_name, _Progress, _set_tensor, rename_tensor, save_model
 from .config import ConfigError, ExaoneConfig
 
 __all__ = ["GGUFError", "ARCHITECTURES", "TENSOR_TYPES", "is_gguf_path", "read_gguf_config", "load_gguf",
@@ -108,19 +108,17 @@ class GGUFError(CheckpointError):
 
 def gguf_to_exaone_name(name: str) -> str:
     """'blk.3.attn_q.weight' -> 'transformer.h.3.attn.attention.q_proj.weight'. KeyError if unknown."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    m = _GGUF_LAYER.fullmatch(name)
-    if m and m.group(2) in _LAYER:
-        return f"transformer.h.{m.group(1)}.{_LAYER[m.group(2)]}"
+    out = rename_tensor(name, _GLOBAL, _GGUF_LAYER, _LAYER, "transformer.h.{}.{}")
+    if out is not None:
+        return out
     raise KeyError(f"not a llama.cpp tensor name of an EXAONE / Llama model: {name!r}")
 
 
 def _exaone_to_gguf_name(name: str) -> str:
-    if name in _GLOBAL_REV:
-        return _GLOBAL_REV[name]
-    m = _EXAONE_LAYER.fullmatch(name)
-    return f"blk.{m.group(1)}.{_LAYER_REV[m.group(2)]}.weight"
+    out = rename_tensor(name, _GLOBAL_REV, _EXAONE_LAYER, _LAYER_REV, "blk.{}.{}.weight")
+    if out is None:
+        raise KeyError(f"no llama.cpp name for the tensor {name!r}")
+    return out
 
 
 def is_gguf_path(path) -> bool:
