@@ -110,9 +110,10 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, QuantLinearArgs base, const std
   base.y_dtype = kernel_dtype(x, base.bits == 8 ? "linear_int8" : "linear_int4", "x", false);
   const int64_t row_bytes = base.q_stride;
 
-  if (M > kQuantStreamMaxRows) {
-    // tiles in x's dtype, or float32 where the CPU's 16-bit matmul is slow
-    const bool f32 = base.y_dtype != DType::kFloat32 && !cpu_native_16bit_matmul(x.scalar_type());
+  // where the CPU's 16-bit matmul is slow (no instructions for x's type), 16-bit x streams through
+  // kQuantStreamMaxRowsNonNative rows and the tiles above are float32
+  const bool f32 = base.y_dtype != DType::kFloat32 && !cpu_native_16bit_matmul(x.scalar_type());
+  if (M > (f32 ? kQuantStreamMaxRowsNonNative : kQuantStreamMaxRows)) {
     const DType tile_dtype = f32 ? DType::kFloat32 : base.y_dtype;
     const at::Tensor x2 = f32 ? x.reshape({M, K}).to(at::kFloat) : x.reshape({M, K});
     at::Tensor y = linear_tiled(x2, N, [&](int64_t n0, int64_t n1, const at::Tensor& tile) {

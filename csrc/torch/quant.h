@@ -22,7 +22,11 @@ std::vector<int64_t> check_linear_int4(const at::Tensor& x, const at::Tensor& qw
                                        const at::Tensor& zeros, int64_t group_size);
 
 // Up to this many rows of x the weight-streaming kernels run; above, linear_tiled (torch/linear.h).
+// 16-bit x on a CPU without instructions for its type (torch/linear.h cpu_native_16bit_matmul):
+// up to 64 rows (int4 on Zen 3 at 2560 <-> 7168: streaming 32 rows in two passes 10-13 ms, float32
+// tiles 15-22 ms; 64 rows about 20-26 against 31-34 ms).
 inline constexpr int64_t kQuantStreamMaxRows = 16;
+inline constexpr int64_t kQuantStreamMaxRowsNonNative = 64;
 // int4 with bfloat16/float16 x uses integer multiply-adds (x as 15-bit integers, cpu/quant_linear.h)
 // where the CPU variant has them, for every row count that streams the weight; float32 x widens the
 // weight to float32.
