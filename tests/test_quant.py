@@ -101,6 +101,18 @@ def test_int4_outlier_activations(outlier, dtype, int_dot):
     _check(out, x, reference.dequantize_int4(q, s.double(), z, 128, torch.float64), reference.linear_int4(x, q, s, z))
 
 
+def test_int4_16bit_views_and_empty(int_dot):
+    """bfloat16 x as a view (rows with an offset and a step, a transposed last dimension), of rank 3,
+    and with zero rows, on both CPU paths."""
+    q, s, z = _int4(40, 256, "cpu")
+    base = torch.randn(5, 2, 300).to(torch.bfloat16)
+    for x in (base[:, 1, 7:263], base[::2, 0, 3:259], torch.randn(256, 3).to(torch.bfloat16).t(),
+              torch.randn(2, 3, 256).to(torch.bfloat16)):
+        _check(ops.linear_int4(x, q, s, z), x, reference.dequantize_int4(q, s.double(), z, 128, torch.float64),
+               reference.linear_int4(x, q, s, z))
+    assert ops.linear_int4(torch.randn(0, 256).to(torch.bfloat16), q, s, z).shape == (0, 40)
+
+
 @pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")
 def test_int4_integer_path_runs_and_falls_back():
     q, s, z = _int4(64, 2560, "cpu")

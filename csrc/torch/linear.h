@@ -18,6 +18,11 @@ std::vector<int64_t> check_linear_cat(const at::Tensor& x, const std::vector<at:
 // and comparisons. Returns the previous setting.
 bool set_linear_bf16_dot(bool enabled);
 
+// A 2-D weight whose rows have a unit last stride and do not overlap: as it is, else a contiguous copy.
+inline at::Tensor weight_rows_of(const at::Tensor& t) {
+  return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous();
+}
+
 // Whether this CPU's library matmul (oneDNN) multiplies bfloat16 / float16 with instructions made for
 // them (AVX512-BF16 or AMX-BF16; AVX512-FP16). Where it does not, it runs at a fraction of its
 // float32 rate (a quarter on a Zen 3 core), and many-row products go through float32 tiles.

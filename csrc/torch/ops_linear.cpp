@@ -142,7 +142,7 @@ at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& w
   for (const at::Tensor& w : weights) remaining += w.numel() * int64_t(w.element_size());
   int64_t col = 0;
   for (const at::Tensor& weight : weights) {
-    const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
+    const at::Tensor w = weight_rows_of(weight);
     const int64_t n = w.size(0);
     args.push_back(LinearArgs{dt, M, K, n, xk.const_data_ptr(), K, w.const_data_ptr(), w.stride(0),
                               static_cast<char*>(y.data_ptr()) + col * y.element_size(), N});

@@ -34,11 +34,6 @@ inline constexpr int64_t kQuantStreamMaxRowsNonNative = 64;
 // benchmarks compare the two).
 bool set_quant_int_dot(bool enabled);
 
-// The weight's rows with a unit last stride (a copy otherwise).
-inline at::Tensor quant_rows_of(const at::Tensor& t) {
-  return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous();
-}
-
 // The weight half of a quantized-linear argument struct (the CPU kernels' QuantLinearArgs, the
 // CUDA GEMV's QuantGemvArgs: fields bits, s_dtype, k, n, group, q, q_stride, scales, zeros), from
 // checked tensors; zeros undefined for int8. Returns the tensors the pointers refer to (contiguous
@@ -53,7 +48,7 @@ QuantWeightTensors fill_quant_weight(Args& a, int bits, const at::Tensor& qweigh
 template <typename Args>
 QuantWeightTensors fill_quant_weight(Args& a, int bits, const at::Tensor& qweight, const at::Tensor& scales,
                                      const at::Tensor& zeros, int64_t k, int64_t group, const char* op) {
-  QuantWeightTensors t{quant_rows_of(qweight), scales.contiguous(), zeros.defined() ? zeros.contiguous() : zeros};
+  QuantWeightTensors t{weight_rows_of(qweight), scales.contiguous(), zeros.defined() ? zeros.contiguous() : zeros};
   a.bits = bits;
   a.s_dtype = kernel_dtype(t.s, op, "scales", false);
   a.k = k;
