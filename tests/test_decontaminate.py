@@ -43,6 +43,63 @@ def test_native_normalisation_matches_python():
     assert normalize("Hello, World! 안녕 하세요.") == "helloworld안녕하세요"
 
 
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return False
+
+
+def test_vector_ascii_path_equals_table_path():
+    """Runs of ASCII go 32 bytes at a time through the vector path where the CPU has AVX2: every
+    ASCII byte (control characters and DEL included), non-ASCII characters landing at every offset
+    of a block, runs ending at every length, and invalid UTF-8 after a vector block."""
+    from exaone_ext import _C
+    from exaone_ext.data.decontaminate import _normalizer, normalization_tables
+
+    fast = _normalizer()
+    slow = _C._TextNormalizer(*normalization_tables(), vectorize=False)
+    assert not slow.vectorized
+    if _cpu_has_avx2():
+        assert fast.vectorized
+    rng = random.Random(1)
+    ascii_all = "".join(chr(c) for c in range(128))
+    cases = [ascii_all * 3, ascii_all[::-1] * 2, "A" * 32, "a1" * 16 + "é", "é" + "Z9" * 40]
+    others = ["é", "한", "ß", "İ", "\U0001D400", "ǅ", "Σ", "ﬁ"]
+    for n in range(0, 130):
+        s = "".join(rng.choice(ascii_all) for _ in range(n))
+        cases.append(s)
+        for _ in range(3):
+            at = rng.randint(0, n)
+            cases.append(s[:at] + rng.choice(others) + s[at:])
+    for k in range(64):  # a non-ASCII character at every offset within and across two blocks
+        cases.append("Ab3-" * 8 + "x" * k + rng.choice(others) + "Qz 9" * 12)
+    for text in cases:
+        want = normalize(text)
+        assert slow.normalize(text) == want, repr(text)
+        assert fast.normalize(text) == want, repr(text)
+        assert fast.normalize(text.encode("utf-8")) == want, repr(text)
+    for k in range(0, 70, 7):
+        with pytest.raises(ValueError, match="not valid UTF-8"):
+            fast.normalize(b"Abc, def." * 8 + b"x" * k + b"\xc3" + b"more text" * 5)
+
+
+def test_custom_ascii_rule_keeps_the_table_path():
+    """A table whose ASCII rule differs from str.isalnum / str.lower is honoured byte for byte."""
+    from exaone_ext import _C
+    from exaone_ext.data.decontaminate import normalization_tables
+
+    table, extra = normalization_tables()
+    t = bytearray(table)
+    t[ord("-") * 4:ord("-") * 4 + 4] = (ord("-")).to_bytes(4, "little")  # keep '-'
+    t[ord("Q") * 4:ord("Q") * 4 + 4] = (0).to_bytes(4, "little")         # drop 'Q'
+    norm = _C._TextNormalizer(bytes(t), extra)
+    assert not norm.vectorized
+    text = "Quick-Quiet QUEUE-e " * 5
+    assert norm.normalize(text) == text.replace("Q", "").replace(" ", "").lower()
+
+
 def test_invalid_utf8_is_refused():
     with pytest.raises(ValueError, match="not valid UTF-8"):
         normalize_native(b"abc\xff")

@@ -3,8 +3,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <thread>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define EXAONE_TEXT_AVX2 1
+#endif
 
 namespace exaone_ext::text {
 
@@ -43,7 +53,55 @@ inline uint64_t pow_u64(uint64_t b, int64_t e) {
   return r;
 }
 
+#if EXAONE_TEXT_AVX2
+// For each 8-bit keep mask, the byte indices that gather the kept bytes of an 8-byte group to its front.
+struct CompressTable {
+  alignas(16) uint8_t idx[256][16];
+  CompressTable() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m & (1 << b)) idx[m][k++] = uint8_t(b);
+      while (k < 16) idx[m][k++] = 0x80;  // pshufb writes 0
+    }
+  }
+};
+const CompressTable kCompress;
+
+// The ASCII rule of str.isalnum / str.lower: keep [0-9A-Za-z], lower-case. Digits already have bit
+// 0x20 set, so `byte | 0x20` is the output of every kept byte.
+__attribute__((target("avx2,popcnt"))) size_t ascii_run_avx2(const unsigned char* s, size_t n, uint32_t*& out) {
+  const __m256i lo_digit = _mm256_set1_epi8('0' - 1), hi_digit = _mm256_set1_epi8('9' + 1);
+  const __m256i lo_alpha = _mm256_set1_epi8('a' - 1), hi_alpha = _mm256_set1_epi8('z' + 1);
+  const __m256i case_bit = _mm256_set1_epi8(0x20);
+  uint32_t* o = out;
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+    if (_mm256_movemask_epi8(v) != 0) break;  // a byte >= 0x80: the caller decodes it
+    const __m256i l = _mm256_or_si256(v, case_bit);
+    const __m256i digit = _mm256_and_si256(_mm256_cmpgt_epi8(v, lo_digit), _mm256_cmpgt_epi8(hi_digit, v));
+    const __m256i alpha = _mm256_and_si256(_mm256_cmpgt_epi8(l, lo_alpha), _mm256_cmpgt_epi8(hi_alpha, l));
+    const uint32_t keep = uint32_t(_mm256_movemask_epi8(_mm256_or_si256(digit, alpha)));
+    if (keep == 0) continue;
+    const __m128i halves[2] = {_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1)};
+    for (int g = 0; g < 4; ++g) {
+      const uint32_t m = (keep >> (8 * g)) & 0xFFu;
+      const __m128i bytes = (g & 1) ? _mm_srli_si128(halves[g >> 1], 8) : halves[g >> 1];
+      const __m128i packed =
+          _mm_shuffle_epi8(bytes, _mm_load_si128(reinterpret_cast<const __m128i*>(kCompress.idx[m])));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_cvtepu8_epi32(packed));
+      o += __builtin_popcount(m);
+    }
+  }
+  out = o;
+  return i;
+}
+#endif
+
 }  // namespace
+
+void Pool::FreeDeleter::operator()(uint64_t* p) const { std::free(p); }
 
 uint64_t whole_key(const uint32_t* cps, int64_t n) {
   // four interleaved lanes: one multiply-add chain would bound the sampled mode at ~1 code point
@@ -58,7 +116,7 @@ uint64_t whole_key(const uint32_t* cps, int64_t n) {
   return x | 1;
 }
 
-Normalizer::Normalizer(std::vector<uint32_t> table, std::vector<uint32_t> extra)
+Normalizer::Normalizer(std::vector<uint32_t> table, std::vector<uint32_t> extra, bool allow_vector)
     : table_(std::move(table)), extra_(std::move(extra)) {
   if (table_.size() != kTableSize)
     throw std::invalid_argument("Normalizer: table must have 0x110000 entries, got " + std::to_string(table_.size()));
@@ -83,6 +141,16 @@ Normalizer::Normalizer(std::vector<uint32_t> table, std::vector<uint32_t> extra)
   }
   for (uint32_t c = 0; c < 128; ++c)
     if (ascii_[c] & kMultiFlag) max_per_byte_ = std::max<size_t>(max_per_byte_, ascii_[c] & 0xFFu);
+#if !EXAONE_TEXT_AVX2
+  (void)allow_vector;
+#else
+  bool standard = true;
+  for (uint32_t c = 0; c < 128; ++c) {
+    const bool alnum = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+    standard = standard && ascii_[c] == (alnum ? (c | 0x20u) : 0u);
+  }
+  if (allow_vector && standard && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) ascii_run_ = &ascii_run_avx2;
+#endif
 }
 
 bool Normalizer::normalize(std::string_view sv, std::vector<uint32_t>& out) const {
@@ -99,7 +167,13 @@ bool Normalizer::normalize_into(std::string_view sv, uint32_t* out, size_t& len)
   const size_t n = sv.size();
   uint32_t* o = out;
   size_t i = 0;
+  size_t scalar_until = 0;  // after a vector block stopped on a non-ASCII byte: decode up to here
   while (i < n) {
+    if (ascii_run_ != nullptr && i >= scalar_until && i + 32 <= n) {
+      i += ascii_run_(s + i, n - i, o);
+      scalar_until = i + 32;
+      if (i >= n) break;
+    }
     const unsigned c = s[i];
     uint32_t v;
     if (c < 0x80) {  // ASCII: a table in the object, no decoding
@@ -146,7 +220,17 @@ Pool::Pool(const Normalizer& norm, int64_t window, const std::vector<std::string
   }
   size_t slots = 16;
   while (slots < size_t(windows) * 2) slots <<= 1;  // load factor <= 1/2: short probe runs
-  keys_.assign(slots, 0);
+  {
+    constexpr size_t kHuge = size_t(1) << 21;
+    const size_t bytes = (slots * sizeof(uint64_t) + kHuge - 1) / kHuge * kHuge;
+    void* p = std::aligned_alloc(kHuge, bytes);
+    if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without huge pages the table works the same
+#endif
+    std::memset(p, 0, bytes);
+    keys_.reset(static_cast<uint64_t*>(p));
+  }
   entries_.resize(slots);
   mask_ = slots - 1;
   shift_ = 64 - __builtin_ctzll(slots);
@@ -213,7 +297,7 @@ void Pool::probe(const uint32_t* win, uint64_t key, int64_t doc, int64_t offset,
 void Pool::check_one(std::string_view doc, int64_t index, Mode mode, int64_t samples, Scratch& s,
                      std::vector<Hit>& hits, bool& ok) const {
   s.seen_groups.clear();
-  const size_t cap = norm_.capacity_for(doc.size()) + 1;
+  const size_t cap = norm_.capacity_for(doc.size());
   if (s.cap < cap) {
     s.cap = std::max(cap, 2 * s.cap);
     s.cps.reset(new uint32_t[s.cap]);  // no zero fill: only written code points are read
@@ -239,12 +323,25 @@ void Pool::check_one(std::string_view doc, int64_t index, Mode mode, int64_t sam
   }
   const int64_t n_windows = len - window_ + 1;
   if (mode == Mode::kSampled && samples < n_windows) {
+    // Windows drawn in batches: their hash chains interleave, and every slot of a batch is on its way
+    // from memory before the first is read (one miss per document instead of one per window).
+    constexpr int64_t kBatch = 16;
     uint64_t state = whole_key(cps, len);  // seeded from the content: same document, same windows
-    for (int64_t k = 0; k < samples; ++k) {
-      const int64_t off = int64_t(splitmix64(state) % uint64_t(n_windows));
-      uint64_t h = 0;
-      for (int64_t i = 0; i < window_; ++i) h = h * kHashBase + (uint64_t(cps[off + i]) + 1);
-      probe(cps + off, window_key(h), index, off, s, hits);
+    for (int64_t k0 = 0; k0 < samples; k0 += kBatch) {
+      const int64_t m = std::min(kBatch, samples - k0);
+      int64_t off[kBatch];
+      uint64_t key[kBatch];
+      for (int64_t k = 0; k < m; ++k) {
+        off[k] = int64_t(splitmix64(state) % uint64_t(n_windows));
+        key[k] = 0;
+      }
+      for (int64_t i = 0; i < window_; ++i)
+        for (int64_t k = 0; k < m; ++k) key[k] = key[k] * kHashBase + (uint64_t(cps[off[k] + i]) + 1);
+      for (int64_t k = 0; k < m; ++k) {
+        key[k] = window_key(key[k]);
+        __builtin_prefetch(&keys_[key[k] >> shift_]);
+      }
+      for (int64_t k = 0; k < m; ++k) probe(cps + off[k], key[k], index, off[k], s, hits);
     }
     return;
   }

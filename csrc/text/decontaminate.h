@@ -46,18 +46,29 @@ inline uint64_t splitmix64(uint64_t& state) {
 
 class Normalizer {
  public:
-  Normalizer(std::vector<uint32_t> table, std::vector<uint32_t> extra);
+  // allow_vector = false keeps every byte on the table path (the oracle for the vector path in tests).
+  Normalizer(std::vector<uint32_t> table, std::vector<uint32_t> extra, bool allow_vector = true);
   // Appends the normalised code points of UTF-8 `s` to `out`; returns false on invalid UTF-8
   // (what was decoded up to there stays in `out`).
   bool normalize(std::string_view s, std::vector<uint32_t>& out) const;
   // The same into out[0 .. capacity_for(s.size())); len: code points written.
   bool normalize_into(std::string_view s, uint32_t* out, size_t& len) const;
-  size_t capacity_for(size_t nbytes) const { return nbytes * max_per_byte_; }
+  // Room normalize_into needs: the vector path stores 8 code points at a time past the last one kept.
+  size_t capacity_for(size_t nbytes) const { return nbytes * max_per_byte_ + kSlack; }
+  // Whether runs of ASCII go through the vector path (AVX2 CPU, and the table keeps exactly
+  // [0-9A-Za-z], lower-cased, as str.isalnum / str.lower do).
+  bool vectorized() const { return ascii_run_ != nullptr; }
+
+  static constexpr size_t kSlack = 8;
+  // Normalises whole 32-byte blocks of s[0 .. n) while they are all ASCII; returns the bytes consumed
+  // and advances out.
+  using AsciiRun = size_t (*)(const unsigned char* s, size_t n, uint32_t*& out);
 
  private:
   std::vector<uint32_t> table_, extra_;
   uint32_t ascii_[128];
   size_t max_per_byte_ = 1;
+  AsciiRun ascii_run_ = nullptr;
 };
 
 struct Hit {
@@ -83,12 +94,17 @@ class Pool {
   int64_t window() const { return window_; }
   int64_t num_windows() const { return num_windows_; }
   int64_t num_short() const { return int64_t(short_.size()); }
-  int64_t table_bytes() const { return int64_t(keys_.size() * (sizeof(uint64_t) + sizeof(Entry))); }
+  int64_t table_bytes() const { return int64_t(entries_.size() * (sizeof(uint64_t) + sizeof(Entry))); }
   int64_t num_tests() const { return int64_t(starts_.size()) - 1; }
 
  private:
   struct Entry {
     uint32_t test, offset;
+  };
+  // The slot array: 2 MiB aligned and marked for transparent huge pages where the OS has them (a
+  // look-up is a random access into tens of MiB; with 4 KiB pages nearly every one also misses the TLB).
+  struct FreeDeleter {
+    void operator()(uint64_t* p) const;
   };
   struct Scratch {
     std::unique_ptr<uint32_t[]> cps;
@@ -108,7 +124,7 @@ class Pool {
   std::vector<uint32_t> text_;         // normalised test texts, back to back
   std::vector<int64_t> starts_;        // test i: text_[starts_[i] .. starts_[i + 1])
   std::vector<int32_t> groups_;
-  std::vector<uint64_t> keys_;         // open addressing, linear probing, 0 = empty
+  std::unique_ptr<uint64_t[], FreeDeleter> keys_;  // open addressing, linear probing, 0 = empty
   std::vector<Entry> entries_;
   uint64_t mask_ = 0;
   int shift_ = 64;

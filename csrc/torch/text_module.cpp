@@ -77,16 +77,18 @@ py::str to_str(const std::vector<uint32_t>& cps) {
 void register_text_bindings(py::module_& m) {
   py::class_<Normalizer, std::shared_ptr<Normalizer>>(m, "_TextNormalizer",
       "Unicode normalisation for decontamination from a table built in Python (see exaone_ext.data.decontaminate).")
-      .def(py::init([](py::bytes table, std::vector<uint32_t> extra) {
+      .def(py::init([](py::bytes table, std::vector<uint32_t> extra, bool vectorize) {
              const std::string_view raw = table;
              if (raw.size() != size_t(text::kTableSize) * 4)
                throw py::value_error("_TextNormalizer: table must be 0x110000 little-endian uint32 (4456448 bytes), got " +
                                      std::to_string(raw.size()) + " bytes");
              std::vector<uint32_t> t(text::kTableSize);
              std::memcpy(t.data(), raw.data(), raw.size());
-             return std::make_shared<Normalizer>(std::move(t), std::move(extra));
+             return std::make_shared<Normalizer>(std::move(t), std::move(extra), vectorize);
            }),
-           py::arg("table"), py::arg("extra"))
+           py::arg("table"), py::arg("extra"), py::arg("vectorize") = true)
+      .def_property_readonly("vectorized", &Normalizer::vectorized,
+           "Whether runs of ASCII take the AVX2 path (AVX2 CPU and the standard ASCII rule).")
       .def("normalize", [](const Normalizer& n, py::object s) {
              py::list one;
              one.append(s);
