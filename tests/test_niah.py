@@ -9,7 +9,7 @@ import json
 import pytest
 
 from exaone_ext.cli import main as cli_main
-from exaone_ext.eval import NiahConfig, build_haystack, filler_sentences, run_niah, score_answer
+from exaone_ext.eval import NiahConfig, NiahTask, build_haystack, filler_sentences, get_task, run_niah, score_answer
 from exaone_ext.eval import niah as niah_module
 from exaone_ext.generation import GenerationResult, GenerationStats
 from exaone_ext.model import ExaoneForCausalLM
@@ -147,3 +147,135 @@ def test_cli_niah(tiny, tmp_path, capsys):
     assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 4
     assert cli_main(["niah", "--model", str(path), "--out", str(tmp_path), "--lengths", "1k,x"]) == 1
     assert "--lengths" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- tasks
+@pytest.mark.parametrize("lang", ["en", "ko"])
+def test_needle_is_spaced_like_a_sentence(tiny, lang):
+    """The needle sits one space from its neighbours, as the filler sentences do from each other
+    (nothing about its spacing gives it away), and opens the haystack without a leading space."""
+    _, _, tok = tiny
+    for depth in (0, 40, 100):
+        hay = build_haystack(tok, lang, 700, depth, seed=3, max_new_tokens=8)
+        text = tok.decode(hay.prompt_ids[hay.start:hay.end])
+        needle = tok.decode(hay.prompt_ids[hay.needle_start:hay.needle_end])
+        assert "  " not in text and not text.startswith(" ")
+        assert needle.startswith(" ") == (depth != 0) and hay.key in needle
+        if depth == 0:
+            assert text.startswith(needle) and text[len(needle)] == " "
+
+
+def test_word_keys_and_prefix_matching():
+    assert score_answer("Red.", "red", "prefix") and score_answer(" red and blue", "red", "prefix")
+    assert score_answer("The secret color is RED", "red") and not score_answer("The secret color is red", "red", "prefix")
+    assert not score_answer("reddish", "red") and not score_answer("infrared", "red")
+    assert score_answer("빨강입니다.", "빨강", "prefix") and not score_answer("파랑", "빨강")
+    assert score_answer("4 831 207 it is", "4831207", "prefix") and not score_answer("no: 4831207", "4831207", "prefix")
+    with pytest.raises(ValueError, match="match"):
+        score_answer("x", "x", "exact")
+
+
+def _write_task(tmp_path, **overrides):
+    (tmp_path / "en.txt").write_text("The tide came in slowly. Gulls circled the pier!\nA boat waited by the dock? "
+                                     "Fog rolled over the bay.\n", encoding="utf-8")
+    task = {"needle": {"en": "The password of {topic} is {key}."},
+            "question": {"en": "\nQuestion: what is the password of {topic}? Answer:"},
+            "instruction": {"en": "Harbour notes.\n"},
+            "keys": {"en": ["amber", "cobalt", "maroon"]}, "topics": {"en": ["Ada", "Bo"]},
+            "chat": False, "match": "prefix", "filler": {"en": "en.txt"}}
+    task.update(overrides)
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(task), encoding="utf-8")
+    return path
+
+
+def test_task_from_json_raw_prompt_and_file_filler(tiny, tmp_path):
+    _, _, tok = tiny
+    task = get_task(_write_task(tmp_path))
+    assert task.name == "task" and task.languages == ("en",) and not task.chat
+    hay = build_haystack(tok, "en", 260, 50, seed=0, max_new_tokens=4, task=task)
+    assert len(hay.prompt_ids) + 4 == 260
+    text = tok.decode(hay.prompt_ids)
+    assert text.startswith("Harbour notes.\n") and "[|user|]" not in text  # raw text, no chat format
+    needle = tok.decode(hay.prompt_ids[hay.needle_start:hay.needle_end]).strip()
+    topic = needle.split()[3]
+    assert hay.key in ("amber", "cobalt", "maroon") and needle == f"The password of {topic} is {hay.key}."
+    assert text.endswith(f"\nQuestion: what is the password of {topic}? Answer:")
+    filler = tok.decode(hay.prompt_ids[hay.start:hay.needle_start]) + tok.decode(hay.prompt_ids[hay.needle_end:hay.end])
+    sentences = {"The tide came in slowly.", "Gulls circled the pier!", "A boat waited by the dock?",
+                 "Fog rolled over the bay."}
+    words = set(" ".join(sentences).split())
+    assert set(filler.split()[:-1]) <= words  # the last sentence is cut short
+    config = NiahConfig(lengths=[200], depths=[0, 100], task=task, max_new_tokens=4)
+    assert config.languages == ["en"] and config.settings()["task"]["filler"] == "files: en=en.txt"
+
+
+def test_secret_colour_task_scores_planted_answers(tiny, tmp_path, monkeypatch):
+    """The demo model's task end to end with answers planted from the prompt (the plumbing of its
+    per-language keys and raw prompts), and a run of another task refused in the same directory."""
+    _, model, tok = tiny
+    from exaone_ext.demo_model.world import COLORS
+
+    colours = [c for pair in COLORS for c in pair]
+
+    def fake(model, tokenizer, prompt_ids, config, prefill_chunk_size=None):
+        text = tokenizer.decode(prompt_ids)
+        assert "[|user|]" not in text and text.rstrip().endswith(("Answer:", "답:"))
+        said = [c for c in colours if f"color is {c}." in text or f"색깔은 {c}입니다" in text]
+        assert len(said) == 1
+        return GenerationResult(tokens=[], text=f" {said[0]}", stop_reason="length",
+                                prompt_tokens=len(prompt_ids), stats=GenerationStats())
+
+    monkeypatch.setattr(niah_module, "generate", fake)
+    config = NiahConfig(lengths=[256, 512], depths=[0, 50, 100], task="secret-colour", max_new_tokens=4)
+    cells = run_niah(model, tok, config, tmp_path)
+    assert len(cells) == 12 and all(c["correct"] for c in cells)
+    assert {c["key"] for c in cells if c["language"] == "ko"} <= {c[1] for c in COLORS}
+    with pytest.raises(ValueError, match="other settings.*task"):
+        run_niah(model, tok, NiahConfig(lengths=[256, 512], depths=[0, 50, 100], max_new_tokens=4), tmp_path)
+
+
+def test_bad_tasks(tmp_path):
+    base = {"needle": {"en": "It is {key}."}, "question": {"en": "What is it?"}}
+    with pytest.raises(ValueError, match=r"needle\['en'\]: must hold"):
+        NiahTask(name="t", needle={"en": "no key"}, question={"en": "q"})
+    with pytest.raises(ValueError, match="only {key} and {topic}"):
+        NiahTask(name="t", needle={"en": "{key} of {name}"}, question={"en": "q"})
+    with pytest.raises(ValueError, match="keys: expected one entry per language"):
+        NiahTask(name="t", keys={"ko": ["a"]}, **base)
+    with pytest.raises(ValueError, match=r"keys\['en'\]: expected a non-empty list"):
+        NiahTask(name="t", keys={"en": []}, **base)
+    with pytest.raises(ValueError, match="no topics"):
+        NiahTask(name="t", needle={"en": "{topic}: {key}"}, question={"en": "q"})
+    with pytest.raises(ValueError, match="match"):
+        NiahTask(name="t", match="exact", **base)
+    with pytest.raises(ValueError, match=r"unknown fields \['needles'\]"):
+        get_task(_write_task(tmp_path, needles={}))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        get_task(_write_task(tmp_path, filler={"en": "missing.txt"}))
+    (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        get_task(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="expected 'code', 'secret-colour' or a JSON file"):
+        get_task("nope")
+    with pytest.raises(ValueError, match=r"languages: task 'task' has \['en'\], got 'ko'"):
+        NiahConfig(task=get_task(_write_task(tmp_path)), languages=["ko"])
+
+
+def test_cli_niah_task_and_filler(tiny, tmp_path, capsys):
+    path, _, _ = tiny
+    (tmp_path / "ko.txt").write_text("바다는 조용했다. 배가 천천히 들어왔다.\n", encoding="utf-8")
+    out = tmp_path / "run"
+    rc = cli_main(["niah", "--model", str(path), "--out", str(out), "--lengths", "300", "--depths", "0,100",
+                   "--task", "secret-colour", "--filler", f"ko={tmp_path / 'ko.txt'}", "--languages", "ko",
+                   "--max-new-tokens", "3", "--no-progress"])
+    assert rc == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["task"]["name"] == "secret-colour"
+    assert saved["settings"]["task"]["filler"].startswith("files: ko=")
+    assert [c["language"] for c in saved["cells"]] == ["ko", "ko"]
+    capsys.readouterr()
+    assert cli_main(["niah", "--model", str(path), "--out", str(out), "--filler", f"en={tmp_path / 'ko.txt'}"]) == 1
+    assert "--filler: no file for ko" in capsys.readouterr().err
+    assert cli_main(["niah", "--model", str(path), "--out", str(out), "--filler", "en"]) == 1
+    assert "expected LANG=FILE" in capsys.readouterr().err

@@ -10,6 +10,7 @@
     exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY] [--quant int8|int4]
     exaone-ext decontaminate --train FILE... --test FILE... --test-fields question,answer --out DIR
     exaone-ext niah --model DIR --out DIR [--lengths 1024,4096] [--depths 0,50,100] [--languages en,ko]
+                    [--task code|secret-colour|TASK.json] [--filler LANG=FILE]
 
 Each subcommand is a thin layer over exaone_ext.model, exaone_ext.tokenizer and
 exaone_ext.generation. A user error prints one line on stderr and exits with status 1
@@ -180,17 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     bar.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = sub.add_parser("niah", help="needle-in-a-haystack long-context evaluation",
-                       description="Plants a 7-digit code at each depth of haystacks of each context length "
-                                   "(English and Korean filler), asks for it through the chat format and scores "
-                                   "exact matches. Results are saved after every cell (results.csv/json in --out; "
-                                   "a rerun resumes), and drawn to heatmap.png.")
+                       description="Plants a needle at each depth of haystacks of each context length and asks "
+                                   "for it (the default task: a 7-digit code in English and Korean filler, asked "
+                                   "through the chat format), scoring exact matches. Results are saved after every "
+                                   "cell (results.csv/json in --out; a rerun resumes), and drawn to heatmap.png.")
     _add_model_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (results, heat map)")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", metavar="N,N",
                    help="context lengths in tokens: prompt + answer budget (default 1K..32K; 4K or 4k allowed)")
     p.add_argument("--depths", default="0,10,20,30,40,50,60,70,80,90,100", metavar="P,P",
                    help="needle depths in percent of the haystack")
-    p.add_argument("--languages", default="en,ko", help="en, ko or both (default en,ko)")
+    p.add_argument("--languages", default=None, help="some of the task's languages (default: all; en,ko)")
+    p.add_argument("--task", default="code", metavar="NAME|FILE.json",
+                   help="what is planted and asked: code (default: a 7-digit vault code, chat format), "
+                        "secret-colour (the demo model's raw-text task), or a JSON file of NiahTask fields")
+    p.add_argument("--filler", action="append", default=[], metavar="LANG=FILE",
+                   help="filler sentences for LANG from a UTF-8 text file (repeat for each language; "
+                        "replaces the task's filler)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer budget (default 32)")
     p.add_argument("--prefill-chunk-size", type=int, default=2048, help="prefill this many tokens at a time")
     p.add_argument("--seed", type=int, default=0, help="filler text and needles")
@@ -575,12 +582,29 @@ _tokens.__name__ = "token count"
 
 
 def cmd_niah(args) -> int:
-    from .eval.niah import NiahConfig, run_niah, summary_table
+    import dataclasses
 
+    from .eval.niah import NiahConfig, file_filler, get_task, run_niah, summary_table
+
+    task = get_task(args.task)
+    languages = None if args.languages is None else _csv_list(args.languages, "--languages", str)
+    if args.filler:
+        files = {}
+        for item in args.filler:
+            lang, sep, path = item.partition("=")
+            if not sep or not lang or not path:
+                raise ValueError(f"--filler: expected LANG=FILE, got {item!r}")
+            files[lang] = path
+        missing = [lang for lang in (languages or task.languages) if lang not in files]
+        if missing:
+            raise ValueError(f"--filler: no file for {', '.join(missing)}; give one per language evaluated "
+                             f"(task {task.name!r} has {', '.join(task.languages)}; --languages chooses)")
+        task = dataclasses.replace(task, filler=file_filler(files),
+                                   filler_name="files: " + ", ".join(f"{k}={v}" for k, v in sorted(files.items())))
     config = NiahConfig(lengths=_csv_list(args.lengths, "--lengths", _tokens),
                         depths=_csv_list(args.depths, "--depths", float),
-                        languages=_csv_list(args.languages, "--languages", str), max_new_tokens=args.max_new_tokens,
-                        prefill_chunk_size=args.prefill_chunk_size, seed=args.seed)
+                        languages=languages, max_new_tokens=args.max_new_tokens,
+                        prefill_chunk_size=args.prefill_chunk_size, seed=args.seed, task=task)
     model, tokenizer, _ = load(args)
     cells = run_niah(model, tokenizer, config, args.out, progress=_progress_enabled(args.progress),
                      model_name=os.path.basename(os.path.normpath(args.model)))

@@ -17,7 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 
-__all__ = ["Person", "World", "ATTRIBUTES", "has_batchim", "is_korean", "write_jsonl"]
+__all__ = ["Person", "World", "ATTRIBUTES", "has_batchim", "is_korean", "write_jsonl", "niah_task"]
 
 # (English, Korean) names of the world's things.
 NAMES = [
@@ -284,3 +284,26 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> str:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------- long-context evaluation
+def niah_task(seed: int = 0):
+    """The secret-colour documents as a needle-in-a-haystack task (`exaone-ext niah --task
+    secret-colour`): biography sentences of the world of `seed` as filler, the colour statement as
+    the needle, the documents' closing question, raw text (the form pre-training saw them in, with
+    no chat format), and the answer right when it starts with the colour."""
+    from ..eval.niah import NiahTask
+
+    world = World(seed)
+
+    def filler(lang: str, filler_seed: int):
+        rng = random.Random(f"demo-niah-{seed}-{lang}-{filler_seed}")
+        while True:
+            yield fact_sentence(rng.choice(world.people), rng.choice(ATTRIBUTES), lang, rng)
+
+    return NiahTask(
+        name="secret-colour",
+        needle={lang: secret_statement(("{key}", "{key}"), lang) for lang in ("en", "ko")},
+        question={lang: "\n" + secret_question(lang) for lang in ("en", "ko")},
+        keys={"en": [c[0] for c in COLORS], "ko": [c[1] for c in COLORS]},
+        chat=False, match="prefix", filler=filler, filler_name=f"exaone_ext.demo_model biographies (world {seed})")

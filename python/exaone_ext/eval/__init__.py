@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 from .filler import filler_sentences
-from .niah import Haystack, NiahConfig, build_haystack, make_needle, run_niah, score_answer
+from .niah import (CODE_TASK, Haystack, NiahConfig, NiahTask, build_haystack, file_filler, get_task, make_needle,
+                   run_niah, score_answer)
 
-__all__ = ["filler_sentences", "Haystack", "NiahConfig", "build_haystack", "make_needle", "run_niah",
-           "score_answer"]
+__all__ = ["filler_sentences", "Haystack", "NiahConfig", "NiahTask", "CODE_TASK", "get_task", "file_filler",
+           "build_haystack", "make_needle", "run_niah", "score_answer"]

@@ -3,16 +3,19 @@
     from exaone_ext.eval import NiahConfig, run_niah
     results = run_niah(model, tokenizer, NiahConfig(lengths=[1024, 4096], depths=[0, 50, 100]), "out/niah")
 
-A cell is (language, length, depth). Its prompt is one user turn in the model's chat format: an
-instruction, the haystack (filler sentences from exaone_ext.eval.filler with the needle sentence
-inserted at the sentence boundary nearest to `depth` percent of the haystack), and a question. The
-needle states a random 7-digit code; the answer is right when it contains that code (exact match
-after dropping spaces and commas between digits; no judge model).
+A cell is (language, length, depth). What it plants and asks is a NiahTask. The default task
+("code") is one user turn in the model's chat format: an instruction, the haystack (filler sentences
+from exaone_ext.eval.filler with the needle sentence inserted at the sentence boundary nearest to
+`depth` percent of the haystack), and a question; the needle states a random 7-digit code, and the
+answer is right when it contains that code (exact match after dropping spaces and commas between
+digits; no judge model). Other tasks change the needle, question, keys, filler and whether the
+prompt goes through the chat format (raw text for base models): "secret-colour" is the demo
+model's (exaone_ext.demo_model), and a JSON file of NiahTask's fields makes any other.
 
 Lengths are context lengths: prompt tokens + max_new_tokens == length exactly, so a cell of the
 model's full context (e.g. 32768) fits. The haystack is built in token ids (each sentence encoded
 on its own, so sentence boundaries are token boundaries; the last filler sentence is cut short to
-make the count exact, and the needle always goes before it) and spliced into the encoded chat prompt.
+make the count exact, and the needle always goes before it) and spliced into the encoded prompt.
 
 Results go to out_dir after every cell (results.json and results.csv, written atomically), so an
 interrupted run started again with the same settings skips the cells already done; the heat map
@@ -29,14 +32,15 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 
 from ..generation import GenerationConfig, generate
 from ..tokenizer import ExaoneTokenizer
 from .filler import LANGUAGES, filler_sentences
 
-__all__ = ["NiahConfig", "Haystack", "make_needle", "build_haystack", "score_answer", "run_niah", "draw_heatmap"]
+__all__ = ["NiahConfig", "NiahTask", "CODE_TASK", "get_task", "file_filler", "split_sentences", "Haystack",
+           "make_needle", "build_haystack", "score_answer", "run_niah", "draw_heatmap", "summary_table"]
 
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 DEFAULT_DEPTHS = [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
@@ -45,32 +49,205 @@ _CITIES = {
     "en": ["Busan", "Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quebec", "Tbilisi", "Perth", "Cusco"],
     "ko": ["부산", "리스본", "오슬로", "나이로비", "리마", "하노이", "퀘벡", "트빌리시", "퍼스", "쿠스코"],
 }
-_TEXT = {
-    "en": {
-        "needle": "The secret code of the {city} vault is {code}.",
-        "before": "Read the following text carefully. Somewhere in it there is a sentence about a secret code.\n\n",
-        "after": "\n\nQuestion: What is the secret code of the {city} vault? Answer with the code only.",
-    },
-    "ko": {
-        "needle": "{city} 금고의 비밀 번호는 {code}입니다.",
-        "before": "다음 글을 주의 깊게 읽으세요. 글 어딘가에 비밀 번호에 관한 문장이 있습니다.\n\n",
-        "after": "\n\n질문: {city} 금고의 비밀 번호는 무엇입니까? 번호만 답하세요.",
-    },
-}
 _PLACEHOLDER = "\x00HAYSTACK\x00"
+MATCHES = ("contains", "prefix")
+
+
+def _default_filler(language: str, seed: int) -> Iterator[str]:
+    return filler_sentences(language, seed)
+
+
+@dataclass(frozen=True)
+class NiahTask:
+    """What a cell plants and asks, per language (each mapping is keyed by language code).
+
+    needle: the planted sentence, holding "{key}" (and "{topic}" when `topics` is given).
+    question: the text after the haystack; instruction: the text before it ("{topic}" allowed in both).
+    keys: the answers a cell draws from, per language; None: a random 7-digit code per cell.
+    topics: words a cell draws from (named in the needle and the question, e.g. whose code it is).
+    chat: the prompt is one user turn in the model's chat format; False: raw text that a base model
+      continues (instruction + haystack + question).
+    match: "contains" (the answer holds the key anywhere) or "prefix" (the answer starts with it).
+    filler: (language, seed) -> an endless iterator of filler sentences; None: exaone_ext.eval.filler
+      (English and Korean). filler_name names it in the saved settings.
+    """
+    name: str
+    needle: Mapping[str, str]
+    question: Mapping[str, str]
+    instruction: Mapping[str, str] = field(default_factory=dict)
+    keys: Mapping[str, Sequence[str]] | None = None
+    topics: Mapping[str, Sequence[str]] | None = None
+    chat: bool = True
+    match: str = "contains"
+    filler: Callable[[str, int], Iterator[str]] | None = None
+    filler_name: str = "exaone_ext.eval.filler"
+
+    def __post_init__(self):
+        where = f"NiahTask {self.name!r}"
+        if not isinstance(self.needle, Mapping) or not self.needle:
+            raise ValueError(f"{where}: needle: expected {{language: sentence with '{{key}}'}}, got {self.needle!r}")
+        langs = set(self.needle)
+        if self.match not in MATCHES:
+            raise ValueError(f"{where}: match: expected one of {MATCHES}, got {self.match!r}")
+        for what in ("question", "instruction", "keys", "topics"):
+            value = getattr(self, what)
+            if value is None or (what == "instruction" and not value):
+                continue
+            if not isinstance(value, Mapping) or set(value) != langs:
+                raise ValueError(f"{where}: {what}: expected one entry per language of the needle "
+                                 f"({', '.join(sorted(langs))}), got {value!r}")
+        for what in ("keys", "topics"):
+            value = getattr(self, what)
+            for lang, items in (value or {}).items():
+                if isinstance(items, str) or not isinstance(items, Sequence) or not items or \
+                        not all(isinstance(k, str) and k.strip() for k in items):
+                    raise ValueError(f"{where}: {what}[{lang!r}]: expected a non-empty list of non-empty strings, "
+                                     f"got {items!r}")
+        for lang in langs:
+            texts = {"needle": self.needle[lang], "question": self.question[lang],
+                     "instruction": (self.instruction or {}).get(lang, "")}
+            for what, text in texts.items():
+                if not isinstance(text, str):
+                    raise ValueError(f"{where}: {what}[{lang!r}]: expected a string, got {type(text).__name__}")
+                try:
+                    text.format(key="K", topic="T")
+                except (KeyError, IndexError, ValueError) as e:
+                    raise ValueError(f"{where}: {what}[{lang!r}]: only {{key}} and {{topic}} may be filled in "
+                                     f"({e!r} in {text!r}); write {{{{ and }}}} for literal braces") from None
+            if "{key}" not in self.needle[lang]:
+                raise ValueError(f"{where}: needle[{lang!r}]: must hold '{{key}}', got {self.needle[lang]!r}")
+            if self.topics is None and any("{topic}" in t for t in (self.needle[lang], self.question[lang],
+                                                                   (self.instruction or {}).get(lang, ""))):
+                raise ValueError(f"{where}: '{{topic}}' is used but no topics are given")
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(self.needle)
+
+    def filler_for(self, language: str, seed: int) -> Iterator[str]:
+        if self.filler is None:
+            return _default_filler(language, seed)
+        return iter(self.filler(language, seed))
+
+    def describe(self) -> dict:
+        """The task as JSON-able settings (what a resumed run must agree with)."""
+        return {"name": self.name, "needle": dict(self.needle), "question": dict(self.question),
+                "instruction": dict(self.instruction or {}),
+                "keys": {k: list(v) for k, v in self.keys.items()} if self.keys else None,
+                "topics": {k: list(v) for k, v in self.topics.items()} if self.topics else None,
+                "chat": self.chat, "match": self.match, "filler": self.filler_name}
+
+
+CODE_TASK = NiahTask(
+    name="code",
+    needle={"en": "The secret code of the {topic} vault is {key}.", "ko": "{topic} 금고의 비밀 번호는 {key}입니다."},
+    instruction={"en": "Read the following text carefully. Somewhere in it there is a sentence about a secret code.\n\n",
+                 "ko": "다음 글을 주의 깊게 읽으세요. 글 어딘가에 비밀 번호에 관한 문장이 있습니다.\n\n"},
+    question={"en": "\n\nQuestion: What is the secret code of the {topic} vault? Answer with the code only.",
+              "ko": "\n\n질문: {topic} 금고의 비밀 번호는 무엇입니까? 번호만 답하세요."},
+    topics=_CITIES,
+)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text: split after . ! ? 。 (and their fullwidth forms) and at line breaks."""
+    out = []
+    for line in text.splitlines():
+        out += [s.strip() for s in re.split(r"(?<=[.!?。！？])\s+", line) if s.strip()]
+    return out
+
+
+def file_filler(paths: Mapping[str, str | os.PathLike], shuffle: bool = True) -> Callable[[str, int], Iterator[str]]:
+    """A filler from text files ({language: path}): their sentences, cycled endlessly; in an order
+    drawn from the seed when `shuffle` (each pass a new order), else as written."""
+    sentences: dict[str, list[str]] = {}
+    for lang, path in paths.items():
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                found = split_sentences(f.read())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"filler for {lang!r}: {path}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"filler for {lang!r}: {path}: not UTF-8 text ({e})") from None
+        if not found:
+            raise ValueError(f"filler for {lang!r}: {path}: holds no sentences")
+        sentences[lang] = found
+
+    def filler(language: str, seed: int) -> Iterator[str]:
+        if language not in sentences:
+            raise ValueError(f"filler: no file for language {language!r} (have {', '.join(sorted(sentences))})")
+        rng = random.Random(f"filler-{language}-{seed}")
+        pool = sentences[language]
+        while True:
+            order = list(pool)
+            if shuffle:
+                rng.shuffle(order)
+            yield from order
+
+    return filler
+
+
+def _task_from_dict(d: Mapping, name: str, base_dir: str) -> NiahTask:
+    known = {"name", "needle", "question", "instruction", "keys", "topics", "chat", "match", "filler"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"NiahTask {name!r}: unknown fields {unknown} (known: {sorted(known)})")
+    filler = d.get("filler")
+    fill_fn, fill_name = None, "exaone_ext.eval.filler"
+    if filler is not None:
+        if not isinstance(filler, Mapping) or not filler:
+            raise ValueError(f"NiahTask {name!r}: filler: expected {{language: text file}}, got {filler!r}")
+        files = {lang: os.path.join(base_dir, p) for lang, p in filler.items()}
+        fill_fn, fill_name = file_filler(files), "files: " + ", ".join(f"{k}={v}" for k, v in sorted(filler.items()))
+    kwargs = {k: d[k] for k in ("needle", "question", "instruction", "keys", "topics", "chat", "match") if k in d}
+    if "chat" in kwargs and not isinstance(kwargs["chat"], bool):
+        raise ValueError(f"NiahTask {name!r}: chat: expected true or false, got {kwargs['chat']!r}")
+    return NiahTask(name=str(d.get("name", name)), filler=fill_fn, filler_name=fill_name, **kwargs)
+
+
+def get_task(spec: str | os.PathLike | NiahTask) -> NiahTask:
+    """A task by name ("code": the 7-digit vault code, through the chat format; "secret-colour": the
+    demo model's raw-text task, see exaone_ext.demo_model), or from a JSON file holding NiahTask's
+    fields (filler: {language: text file}, paths relative to the JSON file)."""
+    if isinstance(spec, NiahTask):
+        return spec
+    spec = os.fspath(spec)
+    if spec == "code":
+        return CODE_TASK
+    if spec in ("secret-colour", "secret-color"):
+        from ..demo_model.world import niah_task
+        return niah_task()
+    if spec.endswith(".json") or os.path.exists(spec):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"niah task: {spec}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"niah task: {spec}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"niah task: {spec}: expected a JSON object of NiahTask fields, got {type(d).__name__}")
+        return _task_from_dict(d, os.path.splitext(os.path.basename(spec))[0], os.path.dirname(os.path.abspath(spec)))
+    raise ValueError(f"niah task: expected 'code', 'secret-colour' or a JSON file, got {spec!r}")
 
 
 @dataclass
 class NiahConfig:
-    """The grid and the decoding of a needle-in-a-haystack run."""
+    """The grid and the decoding of a needle-in-a-haystack run (task: a NiahTask, or a name or
+    JSON file for get_task; languages default to the task's)."""
     lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS))
     depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
-    languages: list[str] = field(default_factory=lambda: list(LANGUAGES))
+    languages: list[str] | None = None
     max_new_tokens: int = 32
     prefill_chunk_size: int | None = 2048
     seed: int = 0
+    task: NiahTask | str = "code"
 
     def __post_init__(self):
+        self.task = get_task(self.task)
+        if self.languages is None:
+            self.languages = list(self.task.languages)
         for name in ("lengths", "depths", "languages"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
@@ -83,8 +260,9 @@ class NiahConfig:
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 100:
                 raise ValueError(f"NiahConfig.depths: expected percentages in [0, 100], got {d!r}")
         for lang in self.languages:
-            if lang not in LANGUAGES:
-                raise ValueError(f"NiahConfig.languages: expected some of {LANGUAGES}, got {lang!r}")
+            if lang not in self.task.languages or (self.task.filler is None and lang not in LANGUAGES):
+                have = [x for x in self.task.languages if self.task.filler is not None or x in LANGUAGES]
+                raise ValueError(f"NiahConfig.languages: task {self.task.name!r} has {have}, got {lang!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"NiahConfig.max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
         if self.prefill_chunk_size is not None and (not isinstance(self.prefill_chunk_size, int)
@@ -92,10 +270,16 @@ class NiahConfig:
             raise ValueError(f"NiahConfig.prefill_chunk_size: expected a positive integer or None, "
                              f"got {self.prefill_chunk_size!r}")
 
+    def settings(self) -> dict:
+        """What a resumed run must agree with (the prefill chunk changes memory, not results)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("task", "prefill_chunk_size")}
+        out["task"] = self.task.describe()
+        return out
+
 
 @dataclass
 class Haystack:
-    """One cell's prompt. prompt_ids: the whole chat prompt; haystack = prompt_ids[start:end];
+    """One cell's prompt. prompt_ids: the whole prompt; haystack = prompt_ids[start:end];
     the needle occupies prompt_ids[needle_start:needle_end]."""
     prompt_ids: list[int]
     start: int
@@ -115,68 +299,111 @@ class Haystack:
         return 100.0 * (self.needle_start - self.start) / filler if filler else 0.0
 
 
-def make_needle(language: str, seed: int, length: int, depth: float) -> tuple[str, str, str]:
-    """(needle sentence, question's city, key) for one cell: a 7-digit code, different per cell."""
+def make_needle(language: str, seed: int, length: int, depth: float,
+                task: NiahTask | str = "code") -> tuple[str, str | None, str]:
+    """(needle sentence, topic, key) for one cell: drawn per cell from the seed, length and depth."""
+    task = get_task(task)
     rng = random.Random(f"needle-{language}-{seed}-{length}-{depth}")
-    city = rng.choice(_CITIES[language])
-    key = str(rng.randrange(1_000_000, 10_000_000))
-    return _TEXT[language]["needle"].format(city=city, code=key), city, key
+    topic = rng.choice(list(task.topics[language])) if task.topics else None
+    key = rng.choice(list(task.keys[language])) if task.keys else str(rng.randrange(1_000_000, 10_000_000))
+    return task.needle[language].format(key=key, topic=topic), topic, key
 
 
-_filler_cache: dict[tuple, tuple[list[int], list[int]]] = {}
+class _Filler:
+    """Encoded filler of one (tokenizer, task filler, language, seed): every sentence encoded on
+    its own after a space (so sentence boundaries are token boundaries), plus the first without it."""
+
+    def __init__(self, tokenizer: ExaoneTokenizer, task: NiahTask, language: str, seed: int):
+        self.tok, self.gen = tokenizer, task.filler_for(language, seed)
+        self.ids: list[int] = []      # " s0 s1 s2 ..." minus the first space
+        self.starts: list[int] = []   # where each sentence starts in ids
+        self.first_spaced: list[int] = []
+
+    def grow(self, n_tokens: int) -> None:
+        while len(self.ids) < n_tokens:
+            try:
+                sentence = next(self.gen)
+            except StopIteration:
+                raise ValueError(f"niah: the filler ran out after {len(self.ids)} tokens "
+                                 f"(a filler must yield sentences without end)") from None
+            if not isinstance(sentence, str) or not sentence.strip():
+                raise ValueError(f"niah: the filler yielded {sentence!r}; expected non-empty sentences")
+            sentence = sentence.strip()
+            self.starts.append(len(self.ids))
+            if not self.ids:
+                self.first_spaced = self.tok.encode(" " + sentence)
+                self.ids.extend(self.tok.encode(sentence))
+            else:
+                self.ids.extend(self.tok.encode(" " + sentence))
 
 
-def _filler_ids(tokenizer: ExaoneTokenizer, language: str, seed: int, n_tokens: int) -> tuple[list[int], list[int]]:
-    """Filler token ids of at least n_tokens and the token offsets where sentences start."""
-    key = (id(tokenizer), language, seed)
-    ids, starts = _filler_cache.get(key, ([], []))
-    if len(ids) < n_tokens:
-        gen = filler_sentences(language, seed)
-        for _ in range(len(starts)):  # the sentences already encoded
-            next(gen)
-        while len(ids) < n_tokens:
-            sentence = next(gen)
-            starts.append(len(ids))
-            ids.extend(tokenizer.encode(sentence if not ids else " " + sentence))
-        _filler_cache[key] = (ids, starts)
-    return ids, starts
+_filler_cache: dict[tuple, _Filler] = {}
 
 
 def build_haystack(tokenizer: ExaoneTokenizer, language: str, length: int, depth: float, seed: int = 0,
-                   max_new_tokens: int = 32) -> Haystack:
-    """The prompt of one cell: len(prompt_ids) + max_new_tokens == length."""
-    if language not in LANGUAGES:
-        raise ValueError(f"build_haystack: language: expected one of {LANGUAGES}, got {language!r}")
-    if not 0 <= depth <= 100:
+                   max_new_tokens: int = 32, task: NiahTask | str = "code") -> Haystack:
+    """The prompt of one cell: len(prompt_ids) + max_new_tokens == length. The needle goes in at
+    the sentence boundary nearest to `depth` percent of the filler, one space from its neighbours
+    (as the sentences are from each other); the last filler sentence is cut short to make the
+    length exact, and the needle always goes before it."""
+    task = get_task(task)
+    if language not in task.languages:
+        raise ValueError(f"build_haystack: language: task {task.name!r} has {list(task.languages)}, got {language!r}")
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 100:
         raise ValueError(f"build_haystack: depth: expected a percentage in [0, 100], got {depth!r}")
-    needle, city, key = make_needle(language, seed, length, depth)
-    text = _TEXT[language]
-    content = text["before"] + _PLACEHOLDER + text["after"].format(city=city)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    before, after = chat.split(_PLACEHOLDER)
-    before_ids, after_ids = tokenizer.encode(before), tokenizer.encode(after)
-    needle_ids = tokenizer.encode(" " + needle + " ")
-    n_filler = length - max_new_tokens - len(before_ids) - len(after_ids) - len(needle_ids)
+    needle, topic, key = make_needle(language, seed, length, depth, task)
+    before = (task.instruction or {}).get(language, "").format(topic=topic)
+    after = task.question[language].format(topic=topic)
+    if task.chat:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": before + _PLACEHOLDER + after}],
+                                             add_generation_prompt=True)
+        before, after = chat.split(_PLACEHOLDER)
+    before_ids = tokenizer.encode(before) if before else []
+    after_ids = tokenizer.encode(after) if after else []
+    needle_spaced, needle_first = tokenizer.encode(" " + needle), tokenizer.encode(needle)
+    budget = length - max_new_tokens - len(before_ids) - len(after_ids)  # haystack tokens, needle included
+    n_filler = budget - len(needle_spaced)
     if n_filler < 1:
         raise ValueError(f"build_haystack: length {length} leaves no room for filler: the instruction, question, "
                          f"needle and answer take {length - n_filler + 1} tokens")
-    filler, starts = _filler_ids(tokenizer, language, seed, n_filler)
-    filler = filler[:n_filler]
-    # sentence starts inside the kept filler: the needle never splits a sentence (at depth 100 it
-    # goes before the last one, which is cut short to make the length exact)
-    bounds = [s for s in starts if s <= n_filler]
+    cache_key = (id(tokenizer), task.name, task.filler_name, language, seed)
+    filler = _filler_cache.get(cache_key)
+    if filler is None or filler.tok is not tokenizer:
+        filler = _filler_cache[cache_key] = _Filler(tokenizer, task, language, seed)
+    filler.grow(budget + 2 * len(needle_spaced) + 16)
+    bounds = [s for s in filler.starts if s <= n_filler]
     target = depth / 100.0 * n_filler
     at = min(bounds, key=lambda b: (abs(b - target), b))
-    ids = before_ids + filler[:at] + needle_ids + filler[at:] + after_ids
+    if at == 0:  # the needle opens the haystack; the first sentence follows after a space
+        rest = filler.starts[1] if len(filler.starts) > 1 else len(filler.ids)
+        needle_ids = needle_first
+        hay = needle_first + filler.first_spaced + filler.ids[rest:]
+    else:
+        needle_ids = needle_spaced
+        hay = filler.ids[:at] + needle_spaced + filler.ids[at:]
+    if len(hay) < budget or at + len(needle_ids) > budget:
+        raise AssertionError(f"build_haystack: {len(hay)} haystack tokens for a budget of {budget}")
+    ids = before_ids + hay[:budget] + after_ids
     start = len(before_ids)
-    return Haystack(ids, start, start + n_filler + len(needle_ids), start + at, start + at + len(needle_ids), key)
+    return Haystack(ids, start, start + budget, start + at, start + at + len(needle_ids), key)
 
 
-def score_answer(answer: str, key: str) -> bool:
-    """Whether the answer states the key: the digits appear together, spaces and commas between
-    them dropped (e.g. '1,234,567' or '1 234 567' count; '12345678' for key '1234567' does not)."""
-    squeezed = re.sub(r"(?<=\d)[\s,]+(?=\d)", "", answer)
-    return re.search(rf"(?<!\d){re.escape(key)}(?!\d)", squeezed) is not None
+def score_answer(answer: str, key: str, match: str = "contains") -> bool:
+    """Whether the answer states the key. A key of digits: the digits together, spaces and commas
+    between them dropped ('1,234,567' and '1 234 567' count; '12345678' for '1234567' does not). A
+    key of words: case-insensitive, not inside a longer Latin word or number ('red' is not found in
+    'reddish'; '빨강입니다' states '빨강'). match "prefix": the answer must start with it."""
+    if match not in MATCHES:
+        raise ValueError(f"score_answer: match: expected one of {MATCHES}, got {match!r}")
+    if key.isdigit():
+        text = re.sub(r"(?<=\d)[\s,]+(?=\d)", "", answer)
+        pattern, flags = rf"(?<!\d){re.escape(key)}(?!\d)", 0
+    else:
+        text = answer
+        pattern, flags = rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", re.IGNORECASE
+    if match == "prefix":
+        return re.match(r"\s*" + pattern, text, flags) is not None
+    return re.search(pattern, text, flags) is not None
 
 
 # ---------------------------------------------------------------------------- files
@@ -217,12 +444,18 @@ def _load(out_dir: str, settings: dict) -> list[dict]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a needle-in-a-haystack results file ({e}); remove it or use another "
                          "output directory") from None
+    if isinstance(saved.get("settings"), dict) and "task" not in saved["settings"]:
+        saved["settings"]["task"] = CODE_TASK.describe()  # written before tasks could be chosen
     if saved.get("settings") != settings:
         differ = sorted(k for k in set(settings) | set(saved.get("settings") or {})
                         if settings.get(k) != (saved.get("settings") or {}).get(k))
         raise ValueError(f"{path}: holds a run with other settings ({', '.join(differ)} differ); use another output "
                          "directory to start a new run")
     return cells
+
+
+def _language_order(lang: str) -> tuple:
+    return (LANGUAGES.index(lang), "") if lang in LANGUAGES else (len(LANGUAGES), lang)
 
 
 def draw_heatmap(cells: list[dict], path: str, title: str = "") -> None:
@@ -232,7 +465,7 @@ def draw_heatmap(cells: list[dict], path: str, title: str = "") -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    languages = sorted({c["language"] for c in cells}, key=lambda x: LANGUAGES.index(x))
+    languages = sorted({c["language"] for c in cells}, key=_language_order)
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
     fig, axes = plt.subplots(1, len(languages), figsize=(2.0 + (1.0 + 0.6 * len(lengths)) * len(languages),
@@ -249,7 +482,7 @@ def draw_heatmap(cells: list[dict], path: str, title: str = "") -> None:
         ax.set_xlabel("context length (tokens)")
         if k == 0:
             ax.set_ylabel("needle depth")
-        ax.set_title({"en": "English", "ko": "Korean"}[lang])
+        ax.set_title({"en": "English", "ko": "Korean"}.get(lang, lang))
     fig.colorbar(im, ax=axes[0].tolist(), label="retrieved")
     if title:
         fig.suptitle(title)
@@ -273,8 +506,7 @@ def run_niah(model, tokenizer: ExaoneTokenizer, config: NiahConfig | None = None
                          "(max_position_embeddings)")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    settings = {**asdict(config), "model": model_name}
-    settings.pop("prefill_chunk_size")  # changes memory, not results
+    settings = {**config.settings(), "model": model_name}
     cells = _load(out_dir, settings)
     done = {(c["language"], c["length"], c["depth"]) for c in cells}
     grid = [(lang, n, d) for lang in config.languages for n in config.lengths for d in config.depths]
@@ -282,10 +514,10 @@ def run_niah(model, tokenizer: ExaoneTokenizer, config: NiahConfig | None = None
     gen_config = GenerationConfig(max_new_tokens=config.max_new_tokens)
     start = time.monotonic()
     for i, (lang, length, depth) in enumerate(todo):
-        hay = build_haystack(tokenizer, lang, length, depth, config.seed, config.max_new_tokens)
+        hay = build_haystack(tokenizer, lang, length, depth, config.seed, config.max_new_tokens, config.task)
         t0 = time.monotonic()
         result = generate(model, tokenizer, hay.prompt_ids, gen_config, prefill_chunk_size=config.prefill_chunk_size)
-        correct = score_answer(result.text, hay.key)
+        correct = score_answer(result.text, hay.key, config.task.match)
         cells.append({"language": lang, "length": length, "depth": depth, "correct": correct, "key": hay.key,
                       "answer": result.text, "prompt_tokens": len(hay.prompt_ids),
                       "haystack_tokens": hay.haystack_tokens, "needle_depth": round(hay.depth, 2),
@@ -310,7 +542,7 @@ def run_niah(model, tokenizer: ExaoneTokenizer, config: NiahConfig | None = None
 def summary_table(cells: list[dict]) -> str:
     """Fraction right per language and length, as printed by the CLI."""
     lengths = sorted({c["length"] for c in cells})
-    langs = sorted({c["language"] for c in cells}, key=lambda x: LANGUAGES.index(x))
+    langs = sorted({c["language"] for c in cells}, key=_language_order)
     lines = ["lang  " + "".join(f"{n:>8}" for n in lengths) + "     all"]
     for lang in langs:
         row, right_all, n_all = [], 0, 0
