@@ -14,12 +14,15 @@ from conftest import CPU_ISAS, CUDA, DEVICES, DTYPES, assert_error_within
 # more rows go to at::matmul (float32 tiles of a 16-bit weight where the CPU has no instructions for
 # it), where the CPU variant plays no part. The AVX512-BF16 dot
 # kernel is a variant of its own for bfloat16 ("avx512bf16": avx512 with the dot kernel on; "avx512"
-# then runs bfloat16 through convert + FMA).
+# then runs bfloat16 through convert + FMA). On AVX2, several rows against bfloat16 weights take tiles
+# that split the weights into even / odd elements against x in pair order; "avx2-widen" is avx2 with
+# those off (every weight widened one by one, as for one row).
 HAS_BF16_DOT = ("avx512bf16" in exaone_ext.build_info()["cpu_extra_kernels"]
                 and "avx512bf16" in exaone_ext.build_info()["cpu_features"])
-LINEAR_VARIANTS = (["avx512bf16"] if HAS_BF16_DOT else []) + CPU_ISAS
-# (variant, dtype): the dot variant only for bfloat16, where it differs from avx512
-VARIANT_DTYPES = [(v, d) for v in LINEAR_VARIANTS for d in DTYPES if v != "avx512bf16" or d == torch.bfloat16]
+LINEAR_VARIANTS = (["avx512bf16"] if HAS_BF16_DOT else []) + CPU_ISAS + (["avx2-widen"] if "avx2" in CPU_ISAS else [])
+BF16_ONLY_VARIANTS = ("avx512bf16", "avx2-widen")
+# (variant, dtype): the dot and widen variants only for bfloat16, where they differ from their ISA's
+VARIANT_DTYPES = [(v, d) for v in LINEAR_VARIANTS for d in DTYPES if v not in BF16_ONLY_VARIANTS or d == torch.bfloat16]
 _FEATURES = set(exaone_ext.build_info()["cpu_features"])
 NATIVE_BF16_MATMUL, NATIVE_F16_MATMUL = bool({"avx512bf16", "amx_bf16"} & _FEATURES), "avx512fp16" in _FEATURES
 STREAM_MAX_ROWS = {torch.float32: 16, torch.float16: 16 if NATIVE_F16_MATMUL else 64,
@@ -42,12 +45,14 @@ def linear_variant(variant: str):
     """Runs the block on one CPU linear variant (the ISA, and the bf16 dot kernel on or off)."""
     before_isa = exaone_ext.get_cpu_isa()
     before_dot = _C._set_linear_bf16_dot(variant == "avx512bf16")
-    exaone_ext.set_cpu_isa("avx512" if variant == "avx512bf16" else variant)
+    before_pairs = _C._set_linear_bf16_pairs(variant != "avx2-widen")
+    exaone_ext.set_cpu_isa({"avx512bf16": "avx512", "avx2-widen": "avx2"}.get(variant, variant))
     try:
         yield
     finally:
         exaone_ext.set_cpu_isa(before_isa)
         _C._set_linear_bf16_dot(before_dot)
+        _C._set_linear_bf16_pairs(before_pairs)
 
 
 @pytest.fixture(params=LINEAR_VARIANTS)

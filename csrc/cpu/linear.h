@@ -17,7 +17,17 @@ struct LinearArgs {
   int64_t w_stride;
   void* y;               // dtype [m, n], rows y_stride apart
   int64_t y_stride;
+  // Optional, bfloat16 weights and m >= 2: x in pair order for a variant that splits 2 * V bfloat16
+  // weights into their even and odd elements (one shift and one AND, no widening shuffle), V its
+  // float lanes. x_pairs [m, k / pair_group * pair_group] float32 (rows that long apart): in every
+  // group of pair_group = 2 * V elements, first x[2i] (i < V), then x[2i + 1]. A variant with
+  // another V ignores it; the elements of k past the last whole group are read from x.
+  const float* x_pairs = nullptr;
+  int64_t pair_group = 0;
 };
+
+// The pair group of the AVX2 variant (the one that uses x_pairs); 0: none.
+inline constexpr int64_t kLinearPairGroupAvx2 = 16;
 
 // Output features computed together (the weight rows interleaved in the inner loop); ranges passed
 // to linear_rows should start at a multiple of this so that threads never share a cache line of y.

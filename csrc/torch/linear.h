@@ -17,6 +17,9 @@ std::vector<int64_t> check_linear_cat(const at::Tensor& x, const std::vector<at:
 // Whether bfloat16 calls may use the AVX512-BF16 kernel (when built and the CPU has it); for tests
 // and comparisons. Returns the previous setting.
 bool set_linear_bf16_dot(bool enabled);
+// Whether several rows of x against bfloat16 weights may take the AVX2 pair-order tiles
+// (LinearArgs::x_pairs); for tests and comparisons. Returns the previous setting.
+bool set_linear_bf16_pairs(bool enabled);
 
 // A 2-D weight whose rows have a unit last stride and do not overlap: as it is, else a contiguous copy.
 inline at::Tensor weight_rows_of(const at::Tensor& t) {

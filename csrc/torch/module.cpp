@@ -156,6 +156,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("name"), "Choose the CPU kernel variant: 'auto', 'avx512', 'avx2' or 'scalar'.");
   m.def("_set_linear_bf16_dot", &exaone_ext::set_linear_bf16_dot, py::arg("enabled"),
         "Allow (True) or forbid bfloat16 linear on CPU to use AVX512-BF16 dot products; returns the previous setting.");
+  m.def("_set_linear_bf16_pairs", &exaone_ext::set_linear_bf16_pairs, py::arg("enabled"),
+        "Allow (True) or forbid several rows of x against bfloat16 weights on the AVX2 variant to take the "
+        "pair-order tiles (even / odd weights split by a shift and an AND); returns the previous setting.");
   m.def("_set_quant_int_dot", &exaone_ext::set_quant_int_dot, py::arg("enabled"),
         "Allow (True) or forbid linear_int4 on CPU to multiply 16-bit x as integers with the weight's nibbles "
         "(integer multiply-adds); returns the previous setting.");

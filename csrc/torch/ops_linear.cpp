@@ -75,6 +75,7 @@ constexpr int64_t kStreamMaxRowsBf16Fma = 8;
 constexpr int64_t kStreamMaxRowsNonNative = 64;
 
 std::atomic<bool> g_bf16_dot{true};
+std::atomic<bool> g_bf16_pairs{true};
 
 bool bf16_dot_available() {
 #if defined(EXAONE_HAVE_AVX512BF16)
@@ -123,6 +124,15 @@ at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& w
   // x is small: converted once to the kernel's input type (float32, float64 as is, bf16 as is for dot)
   const at::ScalarType xt = dot ? at::kBFloat16 : (dt == DType::kFloat64 ? at::kDouble : at::kFloat);
   const at::Tensor xk = x.reshape({M, K}).to(xt).contiguous();
+  // Several rows against bfloat16 weights on the AVX2 variant: x also in its pair order (see
+  // LinearArgs::x_pairs), made once here rather than by every chunk.
+  at::Tensor x_pairs;
+  constexpr int64_t G = kLinearPairGroupAvx2;
+  if (dt == DType::kBFloat16 && !dot && M >= 2 && K >= G && cpu::active_isa() == cpu::Isa::kAvx2 &&
+      g_bf16_pairs.load(std::memory_order_relaxed)) {
+    const int64_t kp = K / G * G;
+    x_pairs = xk.narrow(1, 0, kp).view({M, kp / G, G / 2, 2}).transpose(2, 3).contiguous().view({M, kp});
+  }
   at::Tensor y = at::empty({M, N}, x.options());
   // One LinearArgs per weight, writing its columns of y. Work is cut into chunks of whole blocks of
   // output features (never across two weights) handed out to the threads one at a time, so that a
@@ -145,7 +155,9 @@ at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& w
     const at::Tensor w = weight_rows_of(weight);
     const int64_t n = w.size(0);
     args.push_back(LinearArgs{dt, M, K, n, xk.const_data_ptr(), K, w.const_data_ptr(), w.stride(0),
-                              static_cast<char*>(y.data_ptr()) + col * y.element_size(), N});
+                              static_cast<char*>(y.data_ptr()) + col * y.element_size(), N,
+                              x_pairs.defined() ? x_pairs.const_data_ptr<float>() : nullptr,
+                              x_pairs.defined() ? G : 0});
     const int64_t block_bytes = kLinearRowBlock * K * int64_t(w.element_size());
     for (int64_t n0 = 0; n0 < n;) {
       const int64_t bytes = std::clamp<int64_t>(remaining / (4 * threads), int64_t(128) << 10, int64_t(8) << 20);
@@ -193,6 +205,7 @@ at::Tensor linear_cat_cpu(const at::Tensor& x, at::TensorList weights) {
 }  // namespace
 
 bool set_linear_bf16_dot(bool enabled) { return g_bf16_dot.exchange(enabled); }
+bool set_linear_bf16_pairs(bool enabled) { return g_bf16_pairs.exchange(enabled); }
 
 bool cpu_native_16bit_matmul(at::ScalarType dtype) {
   static const bool bf16 = cpu::cpu_has("avx512bf16") || cpu::cpu_has("amx_bf16");
