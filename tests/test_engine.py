@@ -139,6 +139,42 @@ def test_events_reassemble_each_request(model, tok):
     assert engine.stats.prefill_tokens == sum(r.prompt_tokens for r in reqs)
 
 
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_first_tokens_before_the_decode_pass(model, tok, monkeypatch, sync_every):
+    """step(on_admitted=...) hands the newcomers' first tokens over before the step's decode pass
+    (the server's time to first token), and together the early and returned Events are the same
+    tokens as without it; a request whose first token is its last finishes in the early Events."""
+    sizes = decode_batches(model, monkeypatch)
+    engine = Engine(model, tok, max_batch=4)
+    engine.sync_every = sync_every
+    first = engine.add(PROMPTS[3], greedy(6))  # several prompt tokens: its prefill is no [1, 1] pass
+    early_calls: list[tuple[list[Event], int]] = []
+
+    def on_admitted(events):
+        early_calls.append((list(events), len(sizes)))  # decode passes run so far
+
+    events = engine.step(on_admitted=on_admitted)
+    assert len(early_calls) == 1 and early_calls[0][1] == 0  # before the decode pass
+    assert [(e.request, len(e.token_ids)) for e in early_calls[0][0]] == [(first, 1)]
+    assert all(e.request is first for e in events) and len(sizes) == 1
+    collected = early_calls[0][0] + events
+    collected += engine.step(on_admitted=on_admitted)
+    assert len(early_calls) == 1  # nothing admitted: not called
+    late = [engine.add(PROMPTS[1], greedy(5)), engine.add(PROMPTS[2], greedy(1))]
+    returned = engine.step(on_admitted=on_admitted)
+    early = early_calls[1][0]
+    assert {e.request for e in early if e.token_ids} >= set(late)
+    assert any(e.request is late[1] and e.finished for e in early)  # one token: done before decoding
+    collected += early + returned  # in the order they were handed over
+    while engine.has_work:
+        collected += engine.step(on_admitted=on_admitted)
+    for r, n in zip([first] + late, [6, 5, 1]):
+        solo = generate(model, tok, r.prompt_ids, greedy(n))
+        mine = [e for e in collected if e.request is r]
+        assert r.tokens == solo.tokens and [t for e in mine for t in e.token_ids] == r.tokens
+        assert [e.finished for e in mine][-1] and sum(e.finished for e in mine) == 1
+
+
 def test_stop_token_and_result_objects(model, tok):
     free = generate(model, tok, PROMPTS[1], greedy(10))
     stop = free.tokens[4]

@@ -402,9 +402,13 @@ class Engine:
         self._to_cancel.append(request)
 
     @torch.inference_mode()
-    def step(self) -> list[Event]:
+    def step(self, on_admitted: Callable[[list[Event]], None] | None = None) -> list[Event]:
         """Admit waiting requests into free rows (prefilled), decode one token for every active row;
-        returns the Events of the tokens read back to the host in this step."""
+        returns the Events of the tokens read back to the host in this step.
+
+        on_admitted: when requests were admitted, called before the decode pass with the Events read
+        back so far, the newcomers' first tokens among them (those Events are then not returned). A
+        server hands first tokens to their clients one decode pass sooner this way."""
         events: list[Event] = []
         start = time.perf_counter()
         prefill_seconds = 0.0
@@ -414,6 +418,12 @@ class Engine:
         if self._waiting and len(self._active) < self.max_batch:
             self._read(events)
             prefill_seconds = self._admit()
+            if on_admitted is not None:
+                self._read(events)  # after _admit's own sync: no extra wait for the device
+                t = time.perf_counter()
+                on_admitted(events)
+                events = []
+                prefill_seconds += time.perf_counter() - t  # the caller's time, not decoding's
         if self._active:
             if any(r._drawn >= r._text.budget for r in self._active):
                 self._read(events)  # a new row whose first token was its last

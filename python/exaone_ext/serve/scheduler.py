@@ -2,10 +2,10 @@
 
 HTTP handlers never touch the engine: they hand a Stream to Scheduler.submit() and read its
 asyncio queue. The thread applies the adds and cancels that came in since its last step, calls
-engine.step() (newcomers prefilled into free rows, then one decode step for every row), and
-pushes each event to its request's queue with loop.call_soon_threadsafe. Queues are unbounded,
-so decoding never waits for a slow reader; a reader that goes away cancels its request and the
-row is free at the next step.
+engine.step() (newcomers prefilled into free rows, their first tokens pushed at once, then one
+decode step for every row), and pushes each event to its request's queue with
+loop.call_soon_threadsafe. Queues are unbounded, so decoding never waits for a slow reader; a
+reader that goes away cancels its request and the row is free at the next step.
 
 Queue items: Accepted (engine.add took the request), an Event (text and tokens; .finished on the
 last), or an APIError (refused, or the engine failed).
@@ -141,6 +141,21 @@ class Scheduler:
                 log.exception("cancel refused")
             self._release(stream)
 
+    def _deliver(self, events, counts: list[int]) -> None:
+        """Each event to its request's stream; counts += [requests stopped, tokens]."""
+        for event in events:
+            counts[1] += len(event.token_ids)
+            if event.finished and event.request.stop_reason != "cancelled":
+                counts[0] += 1
+            stream = self._streams.get(event.request.id)
+            if stream is None:  # cancelled: the client is gone
+                continue
+            if event.finished:
+                del self._streams[event.request.id]
+                stream.finished = True
+                self._release(stream)
+            stream.put(event)
+
     def _fail_all(self, error: BaseException) -> None:
         """The engine raised: every request it holds is answered with a 500 and cancelled."""
         log.exception("engine step failed", exc_info=error)
@@ -170,26 +185,15 @@ class Scheduler:
                 if not engine.has_work:
                     self.metrics.step(0, 0, engine.num_active, engine.num_waiting)
                     continue
+                counts = [0, 0]  # requests that stopped in this step, tokens
                 try:
-                    events = engine.step()
+                    # newcomers' first tokens go out as soon as they are prefilled, before the decode pass
+                    self._deliver(engine.step(on_admitted=lambda early: self._deliver(early, counts)), counts)
                 except Exception as e:  # noqa: BLE001 (answer the clients, keep serving)
                     self._fail_all(e)
                     continue
                 # rows decoded in this step: those still running plus those that stopped in it
-                batch, tokens = engine.num_active, 0
-                for event in events:
-                    tokens += len(event.token_ids)
-                    if event.finished and event.request.stop_reason != "cancelled":
-                        batch += 1
-                    stream = self._streams.get(event.request.id)
-                    if stream is None:  # cancelled: the client is gone
-                        continue
-                    if event.finished:
-                        del self._streams[event.request.id]
-                        stream.finished = True
-                        self._release(stream)
-                    stream.put(event)
-                self.metrics.step(batch, tokens, engine.num_active, engine.num_waiting)
+                self.metrics.step(engine.num_active + counts[0], counts[1], engine.num_active, engine.num_waiting)
         except BaseException as e:  # noqa: BLE001 (recorded for /health; requests answered below)
             self.error = e
             log.exception("engine thread died")
