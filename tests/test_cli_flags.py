@@ -120,8 +120,11 @@ def test_chat_message_longer_than_the_context(ckpt, api):
 
 def test_ctrl_c_exits_130(ckpt):
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    # the child gets Ctrl-C's default disposition: a test run from a background job inherits SIGINT
+    # ignored, and Python then leaves it ignored (no KeyboardInterrupt to test)
     proc = subprocess.Popen([sys.executable, "-m", "exaone_ext.cli", "chat", "--model", str(ckpt), "--stats"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stderr.readline()  # "[loaded ...]": the model is loaded, the chat waits for a line
         assert line.startswith("[loaded"), line
