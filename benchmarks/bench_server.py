@@ -14,6 +14,10 @@ request's duration after the first, so that arrivals are spread out as they are 
 serving rather than all landing in the same step. Reported: generated tokens/s over the level's
 wall time, and the median / 90th-percentile time to first token (request sent -> first token
 received). Targets: tokens/s at 8 clients >= 4x that at 1; median TTFT at 8 <= 2x that at 1.
+
+--engine also drives the Engine directly (no HTTP) at each level: N rows decoding together
+(median ms per decode step, tokens/s, x one row), and a step in which one newcomer is admitted
+while N - 1 rows decode (its prefill pass, then the decode pass): where the server's time goes.
 """
 from __future__ import annotations
 
@@ -129,6 +133,38 @@ async def level(url, clients, requests, prompt_tokens, max_tokens, request_s, rn
             "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]}
 
 
+def engine_levels(model, tokenizer, levels, max_batch, max_seq, prompt_tokens, steps, rng) -> list[dict]:
+    """Per level N: median seconds of a decode step of N rows, and of a step admitting one
+    newcomer beside N - 1 decoding rows."""
+    from exaone_ext.generation import GenerationConfig
+    from exaone_ext.generation.engine import Engine
+
+    config = GenerationConfig(max_new_tokens=max_seq - prompt_tokens - 1, stop_token_ids=[])
+
+    def prompt():
+        return [rng.randrange(4, 1000) for _ in range(prompt_tokens)]
+
+    out = []
+    for n in levels:
+        engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq)
+        for _ in range(n - 1):
+            engine.add(prompt(), config)
+        if n > 1:
+            engine.step()  # the n - 1 rows admitted together
+        engine.add(prompt(), config)
+        t = time.perf_counter()
+        engine.step()  # one newcomer admitted beside n - 1 decoding rows
+        admit = time.perf_counter() - t
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+        decode = statistics.median(times)
+        out.append({"rows": n, "decode_step_s": decode, "tokens_per_s": n / decode, "admit_step_s": admit})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=30, help="decoder layers (2.4B has 30)")
@@ -140,6 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--engine", action="store_true", help="also time the Engine directly at each level (no HTTP)")
     args = p.parse_args(argv)
 
     import torch
@@ -180,8 +217,19 @@ def main(argv=None) -> int:
                       f"{r['ttft_median_s'] / base['ttft_median_s']:>8.2f}", flush=True)
     finally:
         server.stop()
+    engine_results = []
+    if args.engine:
+        steps = max(4, min(16, args.max_tokens - 2))
+        engine_results = engine_levels(model, tokenizer, [min(n, max_batch) for n in levels], max_batch, max_seq,
+                                       args.prompt_tokens, steps, rng)
+        if not args.json:
+            print(f"\nengine alone: {'rows':>4} {'decode step':>12} {'tok/s':>8} {'x1':>6} {'admit step':>11}")
+            for e in engine_results:
+                print(f"{'':>13} {e['rows']:>4} {e['decode_step_s'] * 1e3:>10.1f}ms {e['tokens_per_s']:>8.2f} "
+                      f"{e['tokens_per_s'] / engine_results[0]['tokens_per_s']:>6.2f} {e['admit_step_s'] * 1e3:>9.1f}ms",
+                      flush=True)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"server": results, "engine": engine_results} if args.engine else results, indent=2))
         return 0
     by = {r["clients"]: r for r in results}
     if 1 in by and 8 in by:
