@@ -106,11 +106,7 @@ void tile_pairs(const LinearArgs& a, int64_t n0, int64_t m0, int64_t k0, int64_t
     const bf16* w[R];
     for (int r = 0; r < R; ++r) w[r] = static_cast<const bf16*>(a.w) + (n0 + r) * a.w_stride;
     const float* xp[MT];
-    const float* x[MT];
-    for (int j = 0; j < MT; ++j) {
-      xp[j] = a.x_pairs + (m0 + j) * kp;
-      x[j] = static_cast<const float*>(a.x) + (m0 + j) * a.x_stride;
-    }
+    for (int j = 0; j < MT; ++j) xp[j] = a.x_pairs + (m0 + j) * kp;
     Vec acc[MT][R];
     for (int j = 0; j < MT; ++j)
       for (int r = 0; r < R; ++r) acc[j][r] = accbuf[j * R + r];
@@ -119,7 +115,7 @@ void tile_pairs(const LinearArgs& a, int64_t n0, int64_t m0, int64_t k0, int64_t
     int64_t i = k0;
     for (; i + G <= end; i += G) {
       // even elements, then odd ones: MT x vectors, R * MT accumulators and one weight vector in
-      // registers (the weight's 64 bytes are read twice, from L1)
+      // registers (each weight row's 32 bytes are read twice, from L1)
       Vec xv[MT];
       for (int j = 0; j < MT; ++j) xv[j] = Vec::load(xp[j] + i);
       for (int r = 0; r < R; ++r) {
@@ -133,17 +129,9 @@ void tile_pairs(const LinearArgs& a, int64_t n0, int64_t m0, int64_t k0, int64_t
         for (int j = 0; j < MT; ++j) acc[j][r] = fmadd(xv[j], o, acc[j][r]);
       }
     }
-    for (; i < k1; i += Vec::size) {  // past the last whole group: x as given
-      const int rem = k1 - i < Vec::size ? int(k1 - i) : 0;
-      Vec wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = rem ? Vec::load(w[r] + i, rem) : Vec::load(w[r] + i);
-      for (int j = 0; j < MT; ++j) {
-        const Vec xv = rem ? Vec::load(x[j] + i, rem) : Vec::load(x[j] + i);
-        for (int r = 0; r < R; ++r) acc[j][r] = fmadd(xv, wv[r], acc[j][r]);
-      }
-    }
     for (int j = 0; j < MT; ++j)
       for (int r = 0; r < R; ++r) accbuf[j * R + r] = acc[j][r];
+    if (i < k1) tile<bf16, R, MT>(a, n0, m0, i, k1, accbuf);  // past the last whole group: x as given
   }
 }
 

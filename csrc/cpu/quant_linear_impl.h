@@ -25,14 +25,20 @@ constexpr int kBlk = int(kInt4Block);             // elements of k per unpacking
 constexpr int kNV = kBlk / Vec::size;             // vectors per step
 constexpr int64_t kChunk8 = 512;                  // int8: elements of k per chunk (R rows x 512 B in L1)
 
+#if defined(EXAONE_VEC_AVX2)
+// 8 int8 weights from p as one float vector.
+inline Vec load8_int8(const int8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+#endif
+
 // 32 int8 weights from p as kNV float vectors, in order.
 inline void load_block8(const int8_t* p, Vec* w) {
 #if defined(EXAONE_VEC_AVX512)
   for (int v = 0; v < 2; ++v)
     w[v] = {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v))))};
 #elif defined(EXAONE_VEC_AVX2)
-  for (int v = 0; v < 4; ++v)
-    w[v] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * v))))};
+  for (int v = 0; v < 4; ++v) w[v] = load8_int8(p + 8 * v);
 #else
   for (int v = 0; v < kBlk; ++v) w[v] = Vec::set1(float(p[v]));
 #endif
@@ -131,7 +137,7 @@ void tile8s(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t k0, int64_
     for (int j = 0; j < MT; ++j) xv[j] = Vec::load(x[j] + i);
     for (int r = 0; r < R; ++r) {
       if ((i & 63) == 0) __builtin_prefetch(q[r] + i + next, 0, 2);
-      const Vec w{_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + i))))};
+      const Vec w = load8_int8(q[r] + i);
       for (int j = 0; j < MT; ++j) t[j][r] = fmadd(xv[j], w, t[j][r]);
     }
   }

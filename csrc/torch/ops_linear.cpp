@@ -230,8 +230,6 @@ at::Tensor linear_tiled(const at::Tensor& x2, int64_t n,
   return y;
 }
 
-
-
 }  // namespace exaone_ext
 
 TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {

@@ -582,9 +582,7 @@ _tokens.__name__ = "token count"
 
 
 def cmd_niah(args) -> int:
-    import dataclasses
-
-    from .eval.niah import NiahConfig, file_filler, get_task, run_niah, summary_table
+    from .eval.niah import NiahConfig, get_task, run_niah, summary_table
 
     task = get_task(args.task)
     languages = None if args.languages is None else _csv_list(args.languages, "--languages", str)
@@ -599,8 +597,7 @@ def cmd_niah(args) -> int:
         if missing:
             raise ValueError(f"--filler: no file for {', '.join(missing)}; give one per language evaluated "
                              f"(task {task.name!r} has {', '.join(task.languages)}; --languages chooses)")
-        task = dataclasses.replace(task, filler=file_filler(files),
-                                   filler_name="files: " + ", ".join(f"{k}={v}" for k, v in sorted(files.items())))
+        task = task.with_filler_files(files)
     config = NiahConfig(lengths=_csv_list(args.lengths, "--lengths", _tokens),
                         depths=_csv_list(args.depths, "--depths", float),
                         languages=languages, max_new_tokens=args.max_new_tokens,

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from ..generation import GenerationConfig, generate
 from ..tokenizer import ExaoneTokenizer
@@ -129,6 +129,13 @@ class NiahTask:
             return _default_filler(language, seed)
         return iter(self.filler(language, seed))
 
+    def with_filler_files(self, files: Mapping[str, str | os.PathLike],
+                          shown: Mapping[str, str] | None = None) -> "NiahTask":
+        """This task with file_filler(files) as its filler, named by `shown` (default: files) in the
+        saved settings."""
+        label = "files: " + ", ".join(f"{k}={os.fspath(v)}" for k, v in sorted((shown or files).items()))
+        return replace(self, filler=file_filler(files), filler_name=label)
+
     def describe(self) -> dict:
         """The task as JSON-able settings (what a resumed run must agree with)."""
         return {"name": self.name, "needle": dict(self.needle), "question": dict(self.question),
@@ -194,16 +201,15 @@ def _task_from_dict(d: Mapping, name: str, base_dir: str) -> NiahTask:
     if unknown:
         raise ValueError(f"NiahTask {name!r}: unknown fields {unknown} (known: {sorted(known)})")
     filler = d.get("filler")
-    fill_fn, fill_name = None, "exaone_ext.eval.filler"
-    if filler is not None:
-        if not isinstance(filler, Mapping) or not filler:
-            raise ValueError(f"NiahTask {name!r}: filler: expected {{language: text file}}, got {filler!r}")
-        files = {lang: os.path.join(base_dir, p) for lang, p in filler.items()}
-        fill_fn, fill_name = file_filler(files), "files: " + ", ".join(f"{k}={v}" for k, v in sorted(filler.items()))
+    if filler is not None and (not isinstance(filler, Mapping) or not filler):
+        raise ValueError(f"NiahTask {name!r}: filler: expected {{language: text file}}, got {filler!r}")
     kwargs = {k: d[k] for k in ("needle", "question", "instruction", "keys", "topics", "chat", "match") if k in d}
     if "chat" in kwargs and not isinstance(kwargs["chat"], bool):
         raise ValueError(f"NiahTask {name!r}: chat: expected true or false, got {kwargs['chat']!r}")
-    return NiahTask(name=str(d.get("name", name)), filler=fill_fn, filler_name=fill_name, **kwargs)
+    task = NiahTask(name=str(d.get("name", name)), **kwargs)
+    if filler is None:
+        return task
+    return task.with_filler_files({lang: os.path.join(base_dir, p) for lang, p in filler.items()}, shown=filler)
 
 
 def get_task(spec: str | os.PathLike | NiahTask) -> NiahTask:
