@@ -171,6 +171,24 @@ def test_special_values(cpu_isa):
     assert torch.isnan(out[1]).all()
 
 
+@pytest.mark.parametrize("m", [2, 3, 7])
+def test_special_values_bf16_rows(m, variant):
+    """inf / NaN in x and in the weight, at even and odd positions and in the tail past the last
+    pair group (k = 40: two groups of 16, then 8), through every several-row bf16 path: the same
+    non-finite outputs as float64."""
+    torch.manual_seed(0)
+    x = torch.randn(m, 40).bfloat16()
+    w = torch.randn(6, 40).bfloat16()
+    x[0, 4], x[1, 7], x[m - 1, 37] = float("inf"), float("nan"), float("-inf")
+    w[2, 10], w[3, 11], w[4, 38] = float("nan"), float("inf"), float("-inf")
+    out = ops.linear(x, w)
+    ref = F.linear(x.double(), w.double())
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.equal(out.isposinf(), ref.isposinf())
+    finite = torch.isfinite(ref)
+    assert_error_within(out[finite], ref[finite], name="out", k=40)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty(dtype, device):
     w = torch.randn(8, 16, dtype=dtype, device=device)

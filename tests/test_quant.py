@@ -292,3 +292,17 @@ def test_awq_conversion_matches_the_format():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="scales must be"):
         awq_to_int4(qweight, qzeros, scales[:1], group)
+
+
+@pytest.mark.parametrize("m", [2, 3, 7])
+def test_int8_special_values_several_rows(m, cpu_isa):
+    """inf / NaN in x through the several-row int8 tiles (and the k tail past the last 32): the same
+    non-finite outputs as float64 on the dequantised weight."""
+    torch.manual_seed(0)
+    q, s = reference.quantize_int8(torch.randn(6, 72))
+    x = torch.randn(m, 72).bfloat16()
+    x[0, 3], x[1, 9], x[m - 1, 70] = float("inf"), float("nan"), float("-inf")
+    out = ops.linear_int8(x, q, s)
+    ref = x.double() @ (q.double() * s.double()[:, None]).T
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.equal(out.isposinf(), ref.isposinf())
