@@ -153,6 +153,9 @@ def test_first_tokens_before_the_decode_pass(model, tok, monkeypatch, sync_every
     def on_admitted(events):
         early_calls.append((list(events), len(sizes)))  # decode passes run so far
 
+    with pytest.raises(TypeError, match="on_admitted must be callable"):
+        engine.step(on_admitted=3)
+    assert len(sizes) == 0 and engine.num_waiting == 1  # refused before doing anything
     events = engine.step(on_admitted=on_admitted)
     assert len(early_calls) == 1 and early_calls[0][1] == 0  # before the decode pass
     assert [(e.request, len(e.token_ids)) for e in early_calls[0][0]] == [(first, 1)]

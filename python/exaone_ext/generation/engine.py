@@ -409,6 +409,8 @@ class Engine:
         on_admitted: when requests were admitted, called before the decode pass with the Events read
         back so far, the newcomers' first tokens among them (those Events are then not returned). A
         server hands first tokens to their clients one decode pass sooner this way."""
+        if on_admitted is not None and not callable(on_admitted):
+            raise TypeError(f"Engine.step: on_admitted must be callable or None, got {type(on_admitted).__name__}")
         events: list[Event] = []
         start = time.perf_counter()
         prefill_seconds = 0.0
