@@ -4,18 +4,35 @@ second and their fraction of the read bandwidth measured in the same run.
 
     pytest benchmarks/bench_linear.py --benchmark-only
     pytest benchmarks/bench_linear.py --benchmark-only -k "102400 and rows1"
+
+On the CPU a third implementation, "widen", is exaone_ext with the AVX2 pair-order tiles for several
+rows of bf16 turned off (every weight widened one by one, the kernel they replaced): the speed-up
+over it is what those tiles bring (none at one row, or where the CPU variant is not AVX2).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
-from exaone_ext import ops
+from exaone_ext import _C, ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (name, in_features, out_features) of the 2.4B model: MLP gate/up, MLP down, LM head
 SHAPES = [("c_fc", 2560, 7168), ("c_proj", 7168, 2560), ("lm_head", 2560, 102400)]
-ROWS = [1, 4, 8]  # decode batch: tokens per step
+ROWS = [1, 4, 8, 16]  # decode batch: tokens per step
+
+
+def linear_widen(x, w):
+    """ops.linear with the AVX2 pair-order tiles off."""
+    before = _C._set_linear_bf16_pairs(False)
+    try:
+        return ops.linear(x, w)
+    finally:
+        _C._set_linear_bf16_pairs(before)
+
+
 IMPLS = {"exaone_ext": ops.linear, "torch": F.linear}
+if DEVICE == "cpu":
+    IMPLS["widen"] = linear_widen
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
