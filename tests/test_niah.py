@@ -279,3 +279,27 @@ def test_cli_niah_task_and_filler(tiny, tmp_path, capsys):
     assert "--filler: no file for ko" in capsys.readouterr().err
     assert cli_main(["niah", "--model", str(path), "--out", str(out), "--filler", "en"]) == 1
     assert "expected LANG=FILE" in capsys.readouterr().err
+
+
+def test_tasks_with_one_name_keep_their_own_filler(tiny):
+    """Encoded filler is cached per filler, not per task name: two tasks named alike with different
+    fillers each get their own sentences, and a Python filler is named in the saved settings."""
+    _, _, tok = tiny
+
+    def waves(lang, seed):
+        while True:
+            yield "The waves were calm."
+
+    def hills(lang, seed):
+        while True:
+            yield "The hills were green."
+
+    base = {"needle": {"en": "The code is {key}."}, "question": {"en": "\nCode:"}, "chat": False}
+    texts = []
+    for fn in (waves, hills):
+        task = NiahTask(name="same", filler=fn, **base)
+        assert task.describe()["filler"] == f"custom: {fn.__qualname__}"
+        hay = build_haystack(tok, "en", 120, 50, task=task, max_new_tokens=4)
+        texts.append(tok.decode(hay.prompt_ids[hay.start:hay.needle_start]))
+    assert "waves" in texts[0] and "hills" not in texts[0]
+    assert "hills" in texts[1] and "waves" not in texts[1]

@@ -12,6 +12,7 @@ measure DPO) and preference people (only biographies and DPO pairs).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -287,6 +288,7 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------- long-context evaluation
+@functools.lru_cache(maxsize=8)  # one task (and filler) per seed: its encoded filler is cached once
 def niah_task(seed: int = 0):
     """The secret-colour documents as a needle-in-a-haystack task (`exaone-ext niah --task
     secret-colour`): biography sentences of the world of `seed` as filler, the colour statement as

@@ -69,7 +69,8 @@ class NiahTask:
       continues (instruction + haystack + question).
     match: "contains" (the answer holds the key anywhere) or "prefix" (the answer starts with it).
     filler: (language, seed) -> an endless iterator of filler sentences; None: exaone_ext.eval.filler
-      (English and Korean). filler_name names it in the saved settings.
+      (English and Korean). filler_name names it in the saved settings (default: that module, or
+      the filler's qualified name).
     """
     name: str
     needle: Mapping[str, str]
@@ -80,7 +81,7 @@ class NiahTask:
     chat: bool = True
     match: str = "contains"
     filler: Callable[[str, int], Iterator[str]] | None = None
-    filler_name: str = "exaone_ext.eval.filler"
+    filler_name: str | None = None
 
     def __post_init__(self):
         where = f"NiahTask {self.name!r}"
@@ -142,7 +143,15 @@ class NiahTask:
                 "instruction": dict(self.instruction or {}),
                 "keys": {k: list(v) for k, v in self.keys.items()} if self.keys else None,
                 "topics": {k: list(v) for k, v in self.topics.items()} if self.topics else None,
-                "chat": self.chat, "match": self.match, "filler": self.filler_name}
+                "chat": self.chat, "match": self.match, "filler": self.filler_label}
+
+    @property
+    def filler_label(self) -> str:
+        if self.filler_name:
+            return self.filler_name
+        if self.filler is None:
+            return "exaone_ext.eval.filler"
+        return "custom: " + getattr(self.filler, "__qualname__", type(self.filler).__name__)
 
 
 CODE_TASK = NiahTask(
@@ -320,7 +329,7 @@ class _Filler:
     its own after a space (so sentence boundaries are token boundaries), plus the first without it."""
 
     def __init__(self, tokenizer: ExaoneTokenizer, task: NiahTask, language: str, seed: int):
-        self.tok, self.gen = tokenizer, task.filler_for(language, seed)
+        self.tok, self.source, self.gen = tokenizer, task.filler, task.filler_for(language, seed)
         self.ids: list[int] = []      # " s0 s1 s2 ..." minus the first space
         self.starts: list[int] = []   # where each sentence starts in ids
         self.first_spaced: list[int] = []
@@ -372,9 +381,11 @@ def build_haystack(tokenizer: ExaoneTokenizer, language: str, length: int, depth
     if n_filler < 1:
         raise ValueError(f"build_haystack: length {length} leaves no room for filler: the instruction, question, "
                          f"needle and answer take {length - n_filler + 1} tokens")
-    cache_key = (id(tokenizer), task.name, task.filler_name, language, seed)
+    # keyed by the filler itself (held by the entry, so its id is not reused): two tasks of one name
+    # with different fillers never share encoded text
+    cache_key = (id(tokenizer), id(task.filler), language, seed)
     filler = _filler_cache.get(cache_key)
-    if filler is None or filler.tok is not tokenizer:
+    if filler is None or filler.tok is not tokenizer or filler.source is not task.filler:
         filler = _filler_cache[cache_key] = _Filler(tokenizer, task, language, seed)
     filler.grow(budget + 2 * len(needle_spaced) + 16)
     bounds = [s for s in filler.starts if s <= n_filler]
