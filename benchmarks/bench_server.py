@@ -17,7 +17,8 @@ received). Targets: tokens/s at 8 clients >= 4x that at 1; median TTFT at 8 <= 2
 
 --engine also drives the Engine directly (no HTTP) at each level: N rows decoding together
 (median ms per decode step, tokens/s, x one row), and a step in which one newcomer is admitted
-while N - 1 rows decode (its prefill pass, then the decode pass): where the server's time goes.
+while N - 1 rows decode (one pass, its prompt packed after the rows' next tokens; with --no-mix a
+prefill pass of its own, then the decode pass): where the server's time goes.
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ async def level(url, clients, requests, prompt_tokens, max_tokens, request_s, rn
             "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]}
 
 
-def engine_levels(model, tokenizer, levels, max_batch, max_seq, prompt_tokens, steps, rng) -> list[dict]:
+def engine_levels(model, tokenizer, levels, max_batch, max_seq, prompt_tokens, steps, rng, mix) -> list[dict]:
     """Per level N: median seconds of a decode step of N rows, and of a step admitting one
     newcomer beside N - 1 decoding rows."""
     from exaone_ext.generation import GenerationConfig
@@ -147,6 +148,7 @@ def engine_levels(model, tokenizer, levels, max_batch, max_seq, prompt_tokens, s
     out = []
     for n in levels:
         engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq)
+        engine.mix_prefill = mix
         for _ in range(n - 1):
             engine.add(prompt(), config)
         if n > 1:
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--engine", action="store_true", help="also time the Engine directly at each level (no HTTP)")
+    p.add_argument("--no-mix", action="store_true",
+                   help="prefill newcomers in a pass of their own before the decode pass (Engine.mix_prefill off)")
     args = p.parse_args(argv)
 
     import torch
@@ -192,9 +196,10 @@ def main(argv=None) -> int:
     max_batch = args.max_batch or max(levels)
     max_seq = args.prompt_tokens + args.max_tokens + 8
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq)
+    engine.mix_prefill = not args.no_mix
     server = ServerThread(create_app(engine, model_name="bench", max_waiting=4 * max(levels)))
     print(f"2.4B shape, {args.layers} of 30 layers, {args.dtype} on {device}, {torch.get_num_threads()} threads, "
-          f"max_batch {max_batch}; prompt {args.prompt_tokens} tokens, {args.max_tokens} generated per request "
+          f"max_batch {max_batch}, newcomers {'in a prefill pass of their own' if args.no_mix else 'in the decode pass'}; prompt {args.prompt_tokens} tokens, {args.max_tokens} generated per request "
           f"(set-up {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     rng = random.Random(0)
     try:
@@ -221,7 +226,7 @@ def main(argv=None) -> int:
     if args.engine:
         steps = max(4, min(16, args.max_tokens - 2))
         engine_results = engine_levels(model, tokenizer, [min(n, max_batch) for n in levels], max_batch, max_seq,
-                                       args.prompt_tokens, steps, rng)
+                                       args.prompt_tokens, steps, rng, not args.no_mix)
         if not args.json:
             print(f"\nengine alone: {'rows':>4} {'decode step':>12} {'tok/s':>8} {'x1':>6} {'admit step':>11}")
             for e in engine_results:

@@ -178,6 +178,59 @@ def test_first_tokens_before_the_decode_pass(model, tok, monkeypatch, sync_every
         assert [e.finished for e in mine][-1] and sum(e.finished for e in mine) == 1
 
 
+def forwards(model, monkeypatch) -> list[tuple[int, bool]]:
+    """Records every forward the model runs: (tokens in it, whether it was packed)."""
+    calls = []
+    real = type(model).forward
+
+    def spy(self, input_ids, *args, **kw):
+        calls.append((input_ids.numel(), kw.get("cu_seqlens") is not None))
+        return real(self, input_ids, *args, **kw)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_newcomers_ride_in_the_decode_pass(model, tok, monkeypatch, mix):
+    """While rows decode, newcomers' prompts go into the decode pass itself (one forward for the
+    step: the rows' next tokens, then the prompts packed); a prompt longer than a pack, or
+    mix_prefill off, gets a prefill pass of its own. The tokens equal each request's solo run."""
+    budgets = [9, 6, 5, 4]
+    solo = [generate(model, tok, p, greedy(n)).tokens for p, n in zip(PROMPTS, budgets)]
+    long_prompt = tok.encode(PROMPTS[3] + " " + PROMPTS[1] + " " + PROMPTS[4])
+    solo_long = generate(model, tok, long_prompt, greedy(3)).tokens
+    calls = forwards(model, monkeypatch)
+    engine = Engine(model, tok, max_batch=4)
+    engine.mix_prefill = mix
+    reqs = [engine.add(PROMPTS[0], greedy(budgets[0]))]
+    engine.step()
+    assert [packed for _, packed in calls] == [False, False]  # a prefill, then the decode pass
+    del calls[:]
+    reqs += [engine.add(p, greedy(n)) for p, n in zip(PROMPTS[1:4], budgets[1:])]
+    events = engine.step()
+    prompt_tokens = sum(r.prompt_tokens for r in reqs[1:])
+    if mix:
+        assert calls == [(1 + prompt_tokens, True)]           # one pass: a decode token and three prompts
+        assert {e.request for e in events} == set(reqs)        # everyone's token read back
+    else:
+        assert calls == [(prompt_tokens, True), (4, False)]   # the prompts, then the decode pass
+    assert engine.num_active == 4 and [len(r.tokens) for r in reqs] == [3] + [1 if mix else 2] * 3
+    run(engine)
+    assert [r.tokens for r in reqs] == solo
+    assert engine.stats.prefill_tokens == sum(r.prompt_tokens for r in reqs)
+    # a prompt longer than prefill_chunk_size is prefilled in chunks of its own, not in the decode pass
+    engine = Engine(model, tok, max_batch=2, prefill_chunk_size=len(long_prompt) - 1)
+    first = engine.add(PROMPTS[0], greedy(budgets[0]))
+    engine.step()
+    del calls[:]
+    late = engine.add(long_prompt, greedy(3))
+    engine.step()
+    assert calls == [(len(long_prompt) - 1, False), (1, False), (2, False)]
+    run(engine)
+    assert first.tokens == solo[0] and late.tokens == solo_long
+
+
 def test_stop_token_and_result_objects(model, tok):
     free = generate(model, tok, PROMPTS[1], greedy(10))
     stop = free.tokens[4]

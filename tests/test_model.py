@@ -276,6 +276,46 @@ def test_packed_prefill_into_cache_equals_row_by_row(use_kernels):
     assert packed_cache.seqlens.tolist() == [n + 1 for n in lengths]
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_decode_rows_and_new_prompts_in_one_packed_pass(use_kernels):
+    """Packed input whose first documents are one token each for cache rows that hold tokens (a
+    decode step) and whose others fill empty rows (prompts joining it): the logits, the cache and
+    what follows equal a decode step and a packed prefill run apart."""
+    model = make_model("hd80_tied", use_kernels=use_kernels)
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (n,)) for n in (5, 9, 3)]
+    joint, apart = (KVCache(model.config, 5, 24, torch.float32) for _ in range(2))
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    for cache in (joint, apart):
+        model(torch.cat(prompts), cu_seqlens=cu, kv_cache=cache.rows(0, 3), num_logits_to_keep=1)
+    step = torch.randint(0, V, (3,))
+    new = [torch.randint(0, V, (n,)) for n in (4, 7)]
+    out = model(torch.cat([step] + new), cu_seqlens=torch.tensor([0, 1, 2, 3, 7, 14], dtype=torch.int32),
+                kv_cache=joint, num_logits_to_keep=1)                                          # [5, 1, V]
+    decoded = model(step[:, None], kv_cache=apart.rows(0, 3), num_logits_to_keep=1)
+    prefilled = model(torch.cat(new), cu_seqlens=torch.tensor([0, 4, 11], dtype=torch.int32),
+                      kv_cache=apart.rows(3, 5), num_logits_to_keep=1)
+    assert out.shape == (5, 1, V)
+    assert rel_err(out[:3], decoded) < 1e-5 and rel_err(out[3:], prefilled) < 1e-5
+    assert joint.seqlens.tolist() == apart.seqlens.tolist() == [6, 10, 4, 4, 7]
+    for (kj, vj), (ka, va) in zip(joint.layers, apart.layers):
+        for b, n in enumerate([6, 10, 4, 4, 7]):
+            assert rel_err(kj[b, :n], ka[b, :n]) < 1e-5 and rel_err(vj[b, :n], va[b, :n]) < 1e-5
+    # without num_logits_to_keep: every token's logits, in input order
+    third = KVCache(model.config, 5, 24, torch.float32)
+    model(torch.cat(prompts), cu_seqlens=cu, kv_cache=third.rows(0, 3))
+    every = model(torch.cat([step] + new), cu_seqlens=torch.tensor([0, 1, 2, 3, 7, 14], dtype=torch.int32),
+                  kv_cache=third)                                                               # [1, 14, V]
+    assert every.shape == (1, 14, V) and rel_err(every[0, [2, 6, 13]], out[2:, 0]) < 1e-5
+    assert rel_err(every[0, 3:7], model(new[0][None])[0]) < 1e-5
+    # every row one token: a plain decode step in packed form
+    last = torch.randint(0, V, (5,))
+    a = model(last, cu_seqlens=torch.arange(6, dtype=torch.int32), kv_cache=joint, num_logits_to_keep=1)
+    b = model(last[:, None], kv_cache=apart, num_logits_to_keep=1)
+    assert rel_err(a, b) < 1e-5 and joint.seqlens.tolist() == apart.seqlens.tolist()
+
+
 def test_packed_input_errors():
     model = make_model("hd80_tied")
     ids = torch.randint(0, 100, (1, 10))
@@ -292,8 +332,17 @@ def test_packed_input_errors():
         model(ids, cu_seqlens=cu2, kv_cache=KVCache(model.config, 1, 16, torch.float32))
     used = KVCache(model.config, 2, 16, torch.float32)
     used.row(1).advance(3)
-    with pytest.raises(ValueError, match=r"fills empty rows only; the rows hold \[0, 3\] tokens"):
-        model(ids, cu_seqlens=cu2, kv_cache=used)
+    with pytest.raises(ValueError, match=r"those rows first; the rows hold \[0, 3\] tokens, the documents are "
+                                         r"\[4, 6\] tokens long"):
+        model(ids, cu_seqlens=cu2, kv_cache=used)  # a row holding tokens after an empty one
+    used = KVCache(model.config, 2, 16, torch.float32)
+    used.row(0).advance(3)
+    with pytest.raises(ValueError, match=r"by one token each.*the rows hold \[3, 0\] tokens"):
+        model(ids, cu_seqlens=cu2, kv_cache=used)  # four new tokens for a row that holds some
+    used.row(0).advance(12)
+    model(ids[:, :2], cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32), kv_cache=used)  # 15 + 1 fits
+    with pytest.raises(ValueError, match=r"to rows holding \[16, 1\] would exceed max_seq_len 16"):
+        model(ids[:, :2], cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32), kv_cache=used)
     with pytest.raises(ValueError, match="exceed max_seq_len 5"):
         model(ids, cu_seqlens=cu2, kv_cache=KVCache(model.config, 2, 5, torch.float32))
     with pytest.raises(TypeError, match="kv_cache holds torch.bfloat16, the model computes in torch.float32"):

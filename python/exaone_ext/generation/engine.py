@@ -14,7 +14,9 @@
 How a step runs: waiting requests take free rows of one KVCache (exact lengths, no padding) and
 are prefilled, neighbouring prompts packed into one forward (documents attended separately, up to
 _PACK_TOKENS tokens or prefill_chunk_size a pack; a prompt alone in its pack goes in chunks); then
-every active row decodes one token, each attending to its own cache length. Rows of finished or
+every active row decodes one token, each attending to its own cache length. When rows are already
+decoding, the newcomers of one pack ride in the decode pass itself (their prompts packed after the
+running rows' next tokens), so a step that admits reads the weights once, not twice. Rows of finished or
 cancelled requests are dropped and the others moved up, so the active rows are always the first
 rows of the cache and a step costs what its active rows cost. Sampling settings are per request;
 rows with the same settings are sampled together. Token ids stay on the device between host
@@ -324,6 +326,8 @@ class Engine:
     row holds, prompt and generated (default: the model's context); the cache, max_batch x
     max_seq_len, is allocated at the first step. prefill_chunk_size: as for `generate`.
     sync_every (attribute): decode steps between host reads when nothing needs each token at once.
+    mix_prefill (attribute, default True): newcomers join the running rows' decode pass rather than
+    being prefilled in a pass of their own first.
     Not thread-safe: one caller drives add / cancel / step."""
 
     def __init__(self, model, tokenizer: ExaoneTokenizer, max_batch: int = 8, max_seq_len: int | None = None,
@@ -342,6 +346,7 @@ class Engine:
         self.prefill_chunk_size = prefill_chunk_size
         self.dtype, self.device = _model_dtype_device(model)
         self.sync_every = _SYNC_EVERY.get(self.device.type, 1)
+        self.mix_prefill = True
         self.stats = GenerationStats()           # totals over every step
         self._cache = None                       # KVCache [max_batch, max_seq_len], made at the first admission
         self._view = None                        # its rows 0..num_active-1
@@ -406,9 +411,14 @@ class Engine:
         """Admit waiting requests into free rows (prefilled), decode one token for every active row;
         returns the Events of the tokens read back to the host in this step.
 
-        on_admitted: when requests were admitted, called before the decode pass with the Events read
-        back so far, the newcomers' first tokens among them (those Events are then not returned). A
-        server hands first tokens to their clients one decode pass sooner this way."""
+        Newcomers that fit one pack join the running rows' decode pass (their prompts packed after
+        the rows' next tokens: one pass over the weights); with no running rows, or a prompt longer
+        than a pack, or `mix_prefill` off, they are prefilled in a pass of their own first.
+
+        on_admitted: when requests were admitted, called as soon as their first tokens are read
+        back, with the Events read so far (those Events are then not returned): after a prefill
+        pass of their own it comes before the decode pass, so a server hands first tokens to its
+        clients one decode pass sooner."""
         if on_admitted is not None and not callable(on_admitted):
             raise TypeError(f"Engine.step: on_admitted must be callable or None, got {type(on_admitted).__name__}")
         events: list[Event] = []
@@ -417,26 +427,32 @@ class Engine:
         if self._to_cancel:
             self._read(events)
             self._cancel_now(events)
+        decoding: list[Request] = []  # the rows this step decodes
+        joined = False                # whether newcomers joined the decode pass (which then has run)
         if self._waiting and len(self._active) < self.max_batch:
             self._read(events)
-            prefill_seconds = self._admit()
-            if on_admitted is not None:
+            joining = self._joining() if self.mix_prefill and self._active else 0
+            if joining:
+                decoding, joined = list(self._active), True
+            prefill_seconds = self._admit(joining)
+            if joined or on_admitted is not None:
                 self._read(events)  # after _admit's own sync: no extra wait for the device
+            if on_admitted is not None:
                 t = time.perf_counter()
                 on_admitted(events)
                 events = []
                 prefill_seconds += time.perf_counter() - t  # the caller's time, not decoding's
-        if self._active:
+        if not joined:
             if any(r._drawn >= r._text.budget for r in self._active):
                 self._read(events)  # a new row whose first token was its last
-        decoding = list(self._active)
-        if decoding:
-            logits = self.model(self._next[:, None], kv_cache=self._view, num_logits_to_keep=1)  # [n, 1, V]
-            self._push(0, self._sample(logits[:, -1], 0))
-            self._unread_steps += 1
-            if (self._unread_steps >= self.sync_every or any(r.config.stop_strings for r in self._active)
-                    or any(r._drawn >= r._text.budget for r in self._active)):
-                self._read(events)
+            decoding = list(self._active)
+            if decoding:
+                logits = self.model(self._next[:, None], kv_cache=self._view, num_logits_to_keep=1)  # [n, 1, V]
+                self._push(0, self._sample(logits[:, -1], 0))
+                self._unread_steps += 1
+                if (self._unread_steps >= self.sync_every or any(r.config.stop_strings for r in self._active)
+                        or any(r._drawn >= r._text.budget for r in self._active)):
+                    self._read(events)
         decode_seconds = time.perf_counter() - start - prefill_seconds
         self.stats.decode_seconds += decode_seconds
         for r in decoding:
@@ -444,8 +460,24 @@ class Engine:
         return events
 
     # ---- admission and prefill
-    def _admit(self) -> float:
-        """Prefill waiting requests into the free rows; returns the seconds it took."""
+    def _joining(self) -> int:
+        """How many waiting requests join the running rows' next decode pass: as many as the free
+        rows and one pack (at most prefill_chunk_size, else _PACK_TOKENS, prompt tokens) take; 0 when
+        the first waiting prompt alone is longer (it is prefilled in a pass, or chunks, of its own)."""
+        budget = self.prefill_chunk_size or _PACK_TOKENS
+        count, total = 0, 0
+        for r in itertools.islice(self._waiting, self.max_batch - len(self._active)):
+            if total + r.prompt_tokens > budget:
+                break
+            count, total = count + 1, total + r.prompt_tokens
+        return count
+
+    def _admit(self, joining: int = 0) -> float:
+        """Prefill waiting requests into the free rows; returns the seconds of prefill it took.
+
+        joining > 0: that many waiting requests are prefilled in the running rows' decode pass
+        (their prompts packed after the rows' next tokens: one read of the weights for both), which
+        this then is; its time is shared between prefill and decode by their token counts."""
         from ..model import KVCache
 
         _sync(self.device)
@@ -453,10 +485,14 @@ class Engine:
         if self._cache is None:
             self._cache = KVCache(self.model.config, self.max_batch, self.max_seq_len, self.dtype, self.device)
         first_row = len(self._active)
-        admitted = [self._waiting.popleft() for _ in range(min(self.max_batch - first_row, len(self._waiting)))]
+        count = joining or min(self.max_batch - first_row, len(self._waiting))
+        admitted = [self._waiting.popleft() for _ in range(count)]
         rows = self._cache.rows(first_row, first_row + len(admitted))
         rows.reset()
-        logits = self._prefill(rows, [r.prompt_ids for r in admitted])                   # [k, V]
+        if joining:
+            logits = self._prefill_with_decode([r.prompt_ids for r in admitted])        # [first_row + k, V]
+        else:
+            logits = self._prefill(rows, [r.prompt_ids for r in admitted])               # [k, V]
         if any(r.config.repetition_penalty != 1.0 for r in admitted):
             if self._seen is None:
                 self._seen = torch.zeros(self.max_batch, self.model.config.vocab_size, dtype=torch.bool,
@@ -466,14 +502,32 @@ class Engine:
                 self._seen[first_row + i, torch.tensor(r.prompt_ids, device=self.device)] = True
         self._active.extend(admitted)
         self._rows_changed()
-        self._push(first_row, self._sample(logits, first_row))                          # first tokens [k]
+        if joining:
+            self._push(0, self._sample(logits, 0))      # every row's next token, the newcomers' first
+            self._unread_steps += 1
+        else:
+            self._push(first_row, self._sample(logits, first_row))                      # first tokens [k]
         _sync(self.device)
         seconds = time.perf_counter() - t0
-        self.stats.prefill_tokens += sum(r.prompt_tokens for r in admitted)
-        self.stats.prefill_seconds += seconds
+        prompt_tokens = sum(r.prompt_tokens for r in admitted)
+        share = prompt_tokens / (prompt_tokens + first_row) if joining else 1.0
+        self.stats.prefill_tokens += prompt_tokens
+        self.stats.prefill_seconds += seconds * share
         for r in admitted:
             r.stats.prefill_seconds = seconds
-        return seconds
+        return seconds * share
+
+    def _prefill_with_decode(self, prompts: list[list[int]]) -> torch.Tensor:
+        """One forward: the n running rows' next tokens (one document each, continuing their rows),
+        then the prompts packed into the empty rows after them. Returns every row's last logits
+        [n + len(prompts), V]."""
+        n = len(self._active)
+        x = torch.cat([self._next, torch.tensor([t for ids in prompts for t in ids], dtype=torch.long,
+                                                device=self.device)])                     # [n + total]
+        bounds = list(range(n)) + list(itertools.accumulate((len(ids) for ids in prompts), initial=n))
+        cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+        out = self.model(x, cu_seqlens=cu, kv_cache=self._cache.rows(0, n + len(prompts)), num_logits_to_keep=1)
+        return out[:, -1]
 
     def _prefill(self, cache, prompts: list[list[int]]) -> torch.Tensor:
         """Each prompt into its own (empty) row of `cache`; returns each one's last logits [n, V].

@@ -60,7 +60,12 @@ class ForwardContext:
     in the fullest row before this forward). packed_slots: with packed documents and a cache,
     (rows, positions) int64 [total]: where each token's keys and values go. position_ids_max: the
     largest position when the model derived the positions itself (host int; lets apply_rope skip
-    its device read-back on a GPU), None for positions the caller gave."""
+    its device read-back on a GPU), None for positions the caller gave.
+
+    decode_rows: with packed documents and a cache, the first decode_rows tokens are one new token
+    each for cache rows 0..decode_rows-1, which already hold tokens (a decode step); cu_seqlens,
+    max_seqlen and packed_slots then describe only the documents after them, which fill the empty
+    rows that follow, and cache_seqlens_max bounds the decode rows."""
 
     ops: SimpleNamespace
     cos: torch.Tensor
@@ -72,6 +77,7 @@ class ForwardContext:
     cache_seqlens_max: int | None = None
     packed_slots: tuple[torch.Tensor, torch.Tensor] | None = None
     position_ids_max: int | None = None
+    decode_rows: int = 0
 
     def layer_cache(self, layer_idx: int) -> LayerKVCache | None:
         return None if self.kv_cache is None else self.kv_cache.layers[layer_idx]
@@ -123,11 +129,21 @@ class Attention(nn.Module):
         q, k = ops.apply_rope(q, k, ctx.cos, ctx.sin, ctx.position_ids, position_ids_max=ctx.position_ids_max)
         if ctx.cu_seqlens is not None:
             # packed documents (b == 1): tokens of different documents never see each other; with a
-            # cache, document i's keys and values land in row i at positions 0..len_i - 1
-            out = ops.flash_attn_varlen(q[0], k[0], v[0], ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen,
-                                        ctx.max_seqlen, causal=True)[None]           # [1, total, hq, hd]
-            if cache is not None:
-                cache.write_packed(k[0], v[0], *ctx.packed_slots)
+            # cache, document i's keys and values land in its empty row at positions 0..len_i - 1
+            n = ctx.decode_rows
+            out = q.new_empty(0, self.num_heads, self.head_dim)
+            if s > n:
+                out = ops.flash_attn_varlen(q[0, n:], k[0, n:], v[0, n:], ctx.cu_seqlens, ctx.cu_seqlens,
+                                            ctx.max_seqlen, ctx.max_seqlen, causal=True)  # [total - n, hq, hd]
+                if cache is not None:
+                    cache.write_packed(k[0, n:], v[0, n:], *ctx.packed_slots)
+            if n:
+                # a decode step in the same pass: token i continues cache row i
+                past = LayerKVCache(cache.k[:n], cache.v[:n])
+                dec = past.append(q[0, :n, None], k[0, :n, None], v[0, :n, None], ctx.kv_cache.seqlens[:n],
+                                  ctx.cache_seqlens_max, ops.flash_attn_with_kvcache)  # [n, 1, hq, hd]
+                out = torch.cat([dec[:, 0], out])
+            out = out[None]                                                          # [1, total, hq, hd]
         elif cache is not None:
             # k, v are written into the cache at each row's offset, then attended with the past
             out = cache.append(q, k, v, ctx.kv_cache.seqlens, ctx.cache_seqlens_max, ops.flash_attn_with_kvcache)
@@ -295,8 +311,10 @@ class ExaoneForCausalLM(nn.Module):
         is read back to the host (a synchronisation on a GPU), as it is to check it whenever a
         cache or num_logits_to_keep needs the lengths, or it lies in CPU memory.
         kv_cache: the new tokens are appended to each row's cache and attend to everything before
-        them; the cache's seqlens advance by s. With cu_seqlens too (packed prefill), document i
-        goes into row i of a cache whose rows are all empty.
+        them; the cache's seqlens advance by s. With cu_seqlens too, document i goes into row i:
+        into empty rows (packed prefill), or, for rows that already hold tokens, one token each
+        (a decode step), those rows coming first: new prompts prefilled in the same pass as a
+        decode step of the running rows (one read of the weights for both).
         """
         c = self.config
         ops = ops_for(self.use_kernels, c.head_dim)
@@ -304,6 +322,7 @@ class ExaoneForCausalLM(nn.Module):
             raise ValueError(f"ExaoneForCausalLM: kv_cache has {len(kv_cache.layers)} layers, the model {c.num_layers}")
         doc_lengths = packed_slots = cache_max = None
         pos_max = None  # the largest position, when derived here (known on the host)
+        decode_rows, ctx_cu = 0, cu_seqlens  # with packed input and a cache: rows continued by one token
         if cu_seqlens is not None:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]                               # [total] -> [1, total]
@@ -313,7 +332,8 @@ class ExaoneForCausalLM(nn.Module):
             need_host = kv_cache is not None or num_logits_to_keep > 0 or max_seqlen is None
             max_seqlen, doc_ids, doc_positions, doc_lengths = _packed_layout(cu_seqlens, input_ids.shape[1],
                                                                              max_seqlen, need_host)
-            if position_ids is None:
+            derived = position_ids is None
+            if derived:
                 position_ids = doc_positions[None]
                 pos_max = max_seqlen - 1
             if num_logits_to_keep > 0 and min(doc_lengths) < num_logits_to_keep:
@@ -323,14 +343,29 @@ class ExaoneForCausalLM(nn.Module):
                 if kv_cache.batch_size != len(doc_lengths):
                     raise ValueError(f"ExaoneForCausalLM: kv_cache has batch_size {kv_cache.batch_size}, cu_seqlens "
                                      f"holds {len(doc_lengths)} documents (one cache row per document)")
-                if kv_cache.longest() != 0:
-                    raise ValueError(f"ExaoneForCausalLM: packed input (cu_seqlens) with a kv_cache fills empty rows "
-                                     f"only; the rows hold {kv_cache.host_seqlens.tolist()} tokens")
-                kv_cache.check_room(max_seqlen)
+                held = kv_cache.host_seqlens.tolist()
+                decode_rows = next((i for i, n in enumerate(held) if n == 0), len(held))
+                if any(held[decode_rows:]) or any(n != 1 for n in doc_lengths[:decode_rows]):
+                    raise ValueError(f"ExaoneForCausalLM: packed input (cu_seqlens) with a kv_cache fills empty rows, "
+                                     f"and continues rows that hold tokens by one token each, those rows first; the "
+                                     f"rows hold {held} tokens, the documents are {doc_lengths} tokens long")
                 if kv_cache.dtype != self.transformer.wte.weight.dtype:
                     raise TypeError(f"ExaoneForCausalLM: kv_cache holds {kv_cache.dtype}, the model computes in "
                                     f"{self.transformer.wte.weight.dtype}")
+                max_seqlen = max(doc_lengths[decode_rows:], default=0)  # of the documents prefilled
+                if max(max_seqlen, max(held) + 1 if decode_rows else 0) > kv_cache.max_seq_len:
+                    raise ValueError(f"KVCache: appending documents of {doc_lengths} tokens to rows holding {held} "
+                                     f"would exceed max_seq_len {kv_cache.max_seq_len}")
                 packed_slots = (doc_ids, doc_positions)  # token t goes to row doc_ids[t], position doc_positions[t]
+                if decode_rows:
+                    cache_max = max(held)
+                    n = decode_rows
+                    # the decode tokens continue their rows; the prefilled documents are described alone
+                    packed_slots = (doc_ids[n:], doc_positions[n:])
+                    ctx_cu = cu_seqlens[n:] - n
+                    if derived:
+                        position_ids = torch.cat([kv_cache.seqlens[:n].long(), doc_positions[n:]])[None]
+                        pos_max = max(cache_max, max_seqlen - 1)
         elif input_ids.dim() != 2:
             raise ValueError(f"ExaoneForCausalLM: input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
         b, s = input_ids.shape
@@ -354,8 +389,8 @@ class ExaoneForCausalLM(nn.Module):
 
         if pos_max is not None and not 0 <= pos_max < c.max_position_embeddings:
             pos_max = None  # empty input, or positions past the table: let apply_rope check them and say so
-        ctx = ForwardContext(ops, self.rope_cos, self.rope_sin, position_ids, cu_seqlens, max_seqlen, kv_cache,
-                             cache_max, packed_slots, pos_max)
+        ctx = ForwardContext(ops, self.rope_cos, self.rope_sin, position_ids, ctx_cu, max_seqlen, kv_cache,
+                             cache_max, packed_slots, pos_max, decode_rows)
         h = self.transformer.wte(input_ids)                                                            # [b, s, d]
         for block in self.transformer.h:
             h = block(h, ctx)

@@ -187,7 +187,8 @@ class Scheduler:
                     continue
                 counts = [0, 0]  # requests that stopped in this step, tokens
                 try:
-                    # newcomers' first tokens go out as soon as they are prefilled, before the decode pass
+                    # newcomers' first tokens go out as soon as they are read back (before the decode pass
+                    # when they were prefilled in a pass of their own)
                     self._deliver(engine.step(on_admitted=lambda early: self._deliver(early, counts)), counts)
                 except Exception as e:  # noqa: BLE001 (answer the clients, keep serving)
                     self._fail_all(e)
