@@ -11,7 +11,9 @@ against the higher of its two samples, and the median over runs is reported), pr
 batched decode, batched prefill (packed against one forward per prompt), and peak memory against
 weights + KV cache. With --quant, the same bf16 model quantized (a copy per format: every block
 projection; the embedding and tied head stay bf16) decodes too, its bytes read counted as stored
-(quantized weights, scales, zero points, the bf16 head and norms), and prefills. A standalone script (not part of the test run)."""
+(quantized weights, scales, zero points, the bf16 head and norms), and prefills. On a GPU (or with
+--engine) decoding also goes through the Engine, as generate() and the server run it: on a GPU with
+its decode step replayed as a CUDA graph, and without. A standalone script (not part of the test run)."""
 from __future__ import annotations
 
 import argparse
@@ -116,6 +118,9 @@ def main():
     ap.add_argument("--quant", nargs="*", default=[], choices=["int8", "int4"],
                     help="also decode (and prefill) with the block projections quantized to these formats")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--engine", action="store_true",
+                    help="also time decoding through the Engine on a CPU (on a GPU it always is: with and "
+                         "without CUDA graphs)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16
@@ -228,6 +233,39 @@ def main():
             t_rows, t_packed = best_time(prefill_rows, device, args.repeat), best_time(prefill_packed, device, args.repeat)
             out["batched_prefill"] = {"batch": args.batch, "tokens": int(cu[-1]), "one_by_one_s": t_rows,
                                       "packed_s": t_packed, "speedup": t_rows / t_packed}
+
+        if device.type == "cuda" or args.engine:
+            # generation through the Engine (what generate() and the server run): on a GPU its
+            # decode steps replay CUDA graphs; the same engine without them beside it
+            from bench_server import build_tokenizer  # word-level over the whole vocabulary
+
+            from exaone_ext.generation import Engine, GenerationConfig
+            model.use_kernels = True
+            tokenizer = build_tokenizer(V)
+            ids = prompt[0].tolist()
+            # the first step prefills and decodes once; the timed steps decode args.decode tokens
+            gconf = GenerationConfig(max_new_tokens=args.decode + 2, stop_token_ids=[])
+            for graphs in ([True, False] if device.type == "cuda" else [False]):
+                engine = Engine(model, tokenizer, max_batch=1, max_seq_len=max_len + 2, cuda_graphs=graphs)
+
+                def engine_decode(engine=engine):
+                    engine.add(ids, gconf)
+                    engine.step()
+                    sync(device)
+                    t = time.perf_counter()
+                    while engine.has_work:
+                        engine.step()
+                    sync(device)
+                    return time.perf_counter() - t, None
+
+                engine_decode()  # warm-up (on a GPU the graph is captured here)
+                (dte, _), frac, fracs = bracketed(engine_decode)
+                name = "ours engine" + (" (CUDA graphs)" if graphs else " (eager)" if device.type == "cuda" else "")
+                rows[name] = {"decode_tok_s": args.decode / dte, "decode_fraction_of_bandwidth": frac,
+                              "decode_fraction_per_run": fracs}
+                if graphs:
+                    rows[name]["graph_replays"] = engine._graphs.replays if engine._graphs else 0
+                    rows[name]["graphs_disabled"] = engine._graphs.disabled if engine._graphs else "no graphs"
 
         for fmt in args.quant:
             qmodel = copy.deepcopy(model).quantize(fmt)

@@ -155,3 +155,18 @@ def test_demo_runs():
     assert proc.stdout.startswith("exaone_ext ") and "KV-cache decode vs full recomputation" in proc.stdout
     assert "assistant:" in proc.stdout and "retrieval_long" in proc.stdout
     assert "\ufffd" not in proc.stdout
+
+
+def test_no_cuda_graphs_flag():
+    """--no-cuda-graphs reaches generate / chat (GenerationConfig.cuda_graphs) and serve (the
+    Engine's setting); without it graphs stay on (they only act on a GPU)."""
+    from exaone_ext import cli
+
+    parser = cli.build_parser()
+    for command in (["generate", "--prompt", "x"], ["chat"]):
+        off = parser.parse_args([*command, "--model", "m", "--no-cuda-graphs"])
+        on = parser.parse_args([*command, "--model", "m"])
+        assert cli.generation_config(off, GenerationConfig()).cuda_graphs is False
+        assert cli.generation_config(on, GenerationConfig()).cuda_graphs is True
+    assert parser.parse_args(["serve", "--model", "m", "--no-cuda-graphs"]).cuda_graphs is False
+    assert parser.parse_args(["serve", "--model", "m"]).cuda_graphs is True

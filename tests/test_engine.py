@@ -263,3 +263,97 @@ def test_add_checks_its_input(model, tok):
     r = engine.add([5] * 14, greedy(10))
     run(engine)
     assert r.stop_reason == "length" and len(r.tokens) == 3
+
+
+def test_cuda_graphs_setting(model, tok):
+    """cuda_graphs is an Engine argument (a bool; off on a CPU, where nothing is captured) and a
+    GenerationConfig field for generate / stream; DecodeGraphs refuses a cache outside a GPU."""
+    from exaone_ext.generation.cuda_graphs import DecodeGraphs
+    from exaone_ext.model import KVCache
+
+    with pytest.raises(TypeError, match="cuda_graphs must be a bool, got str"):
+        Engine(model, tok, cuda_graphs="yes")
+    with pytest.raises(TypeError, match="GenerationConfig.cuda_graphs: expected bool, got int"):
+        GenerationConfig(cuda_graphs=1)
+    engine = Engine(model, tok, max_batch=2)
+    assert engine.cuda_graphs is False  # a CPU model
+    r = engine.add(PROMPTS[0], greedy(3))
+    run(engine)
+    assert engine._graphs is None and len(r.tokens) == 3
+    assert generate(model, tok, PROMPTS[0], greedy(3).replace(cuda_graphs=False)).tokens == r.tokens
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA KV cache, got one on cpu"):
+        DecodeGraphs(model, KVCache(model.config, 2, 8, torch.float32), 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: no device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_matches_the_eager_forward(ckpt, dtype):
+    """DecodeGraphs against the eager forward on a copy of the same cache, step after step, for
+    4, 3 (padded to the bucket of 4), 2 and 1 rows: the logits agree to the dtype's rounding (the graph's
+    split-KV plan is made for the cache's whole length, the eager one for the rows' lengths), the
+    cache contents and lengths, device and host, agree."""
+    from exaone_ext.generation.cuda_graphs import DecodeGraphs
+    from exaone_ext.model import KVCache
+
+    model = ExaoneForCausalLM.from_pretrained(ckpt, dtype=dtype, device="cuda")
+    V = model.config.vocab_size
+    torch.manual_seed(0)
+    graphed, eager = (KVCache(model.config, 4, 64, dtype, "cuda") for _ in range(2))
+    lengths = [9, 5, 13, 2]
+    prompts = [torch.randint(0, V, (n,), device="cuda") for n in lengths]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
+    with torch.inference_mode():
+        for cache in (graphed, eager):
+            model(torch.cat(prompts), cu_seqlens=cu, kv_cache=cache, num_logits_to_keep=1)
+        graphs = DecodeGraphs(model, graphed, 4, capture_after=1)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        replayed = 0
+        for n in [4, 4, 3, 3, 3, 2, 2, 2, 1, 1]:  # rows leave as in the Engine: rows past n are free
+            tokens = torch.randint(0, V, (n,), device="cuda")
+            got = graphs.logits(tokens)
+            if got is None:  # an eager step (the bucket not captured yet): the same forward
+                got = model(tokens[:, None], kv_cache=graphed.rows(0, n), num_logits_to_keep=1)[:, -1]
+            else:
+                replayed += 1
+            want = model(tokens[:, None], kv_cache=eager.rows(0, n), num_logits_to_keep=1)[:, -1]
+            assert got.shape == (n, V)
+            assert (got - want).abs().max().item() <= tol * want.abs().max().item()
+            assert graphed.seqlens[:n].tolist() == eager.seqlens[:n].tolist() == graphed.host_seqlens[:n].tolist()
+            for (kg, vg), (ke, ve) in zip(graphed.layers, eager.layers):
+                for b in range(n):
+                    m = int(eager.host_seqlens[b])
+                    torch.testing.assert_close(kg[b, :m], ke[b, :m], rtol=tol, atol=tol)
+                    torch.testing.assert_close(vg[b, :m], ve[b, :m], rtol=tol, atol=tol)
+        assert graphs.disabled is None and replayed >= 5 and set(graphs._captured) == {1, 2, 4}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: no device")
+def test_cuda_graph_decode_equals_eager(ckpt, tok):
+    """On a GPU the Engine's decode steps replay CUDA graphs (a bucket captured after a few eager
+    steps of its size; padded rows; rows joining and leaving move between buckets), and every token
+    equals the eager engine's (float32: the graph's split-KV plan differs from the eager one by
+    rounding only). Greedy and seeded sampling."""
+    model = ExaoneForCausalLM.from_pretrained(ckpt, dtype=torch.float32, device="cuda")
+    budgets = [40, 12, 30, 7, 25]
+    configs = [greedy(n) if i % 2 == 0 else
+               GenerationConfig(max_new_tokens=n, stop_token_ids=[], do_sample=True, top_k=20, seed=i)
+               for i, n in enumerate(budgets)]
+
+    def drive(cuda_graphs):
+        engine = Engine(model, tok, max_batch=4, cuda_graphs=cuda_graphs)
+        reqs = [engine.add(PROMPTS[0], configs[0]), engine.add(PROMPTS[1], configs[1])]
+        for _ in range(10):
+            engine.step()
+        reqs += [engine.add(p, c) for p, c in zip(PROMPTS[2:], configs[2:])]  # 3 rows, then 4, one waits
+        run(engine)
+        return engine, [r.tokens for r in reqs]
+
+    eager, expected = drive(False)
+    assert eager._graphs is None
+    graphed, got = drive(True)
+    assert graphed._graphs is not None and graphed._graphs.disabled is None
+    assert graphed._graphs.replays > 20 and len(graphed._graphs._captured) >= 2  # several buckets replayed
+    assert got == expected
+    assert [len(t) for t in got] == budgets

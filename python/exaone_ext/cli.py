@@ -48,6 +48,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print prefill / decode tokens per second on stderr")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="quantize the block projections after loading (int8 per channel, int4 in groups of 128)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("EXAONE_EXT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $EXAONE_EXT_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: DIR's name)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="quantize the block projections after loading (int8 per channel, int4 in groups of 128)")
     p = sub.add_parser("decontaminate", help="remove training examples that overlap benchmark test sets",
@@ -289,6 +293,8 @@ def generation_config(args, base):
             changes[name] = value
     if args.stop:
         changes["stop_strings"] = list(args.stop)
+    if not getattr(args, "cuda_graphs", True):
+        changes["cuda_graphs"] = False
     if args.do_sample is not None:
         changes["do_sample"] = args.do_sample
     elif any(k in changes for k in ("temperature", "top_k", "top_p", "min_p")):
@@ -537,7 +543,8 @@ def cmd_serve(args) -> int:
     device = _resolve_device(args.device)
     app = create_app(args.model, model_name=args.served_model_name, api_key=args.api_key or None,
                      max_batch=args.max_batch, max_waiting=args.max_waiting, device=device,
-                     dtype=_resolve_dtype(args.dtype, device), max_seq_len=args.max_seq_len, quant=args.quant)
+                     dtype=_resolve_dtype(args.dtype, device), max_seq_len=args.max_seq_len, quant=args.quant,
+                     cuda_graphs=args.cuda_graphs)
     print(f"serving {app.state.model_name!r}{' (' + args.quant + ')' if args.quant else ''} on http://{args.host}:{args.port}/v1 "
           f"({args.max_batch} rows{', API key required' if args.api_key else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -30,6 +30,8 @@ class GenerationConfig:
         the tokenizer's end-of-turn token ([|endofturn|]) and the model config's eos_token_id.
     stop_strings: stop when the decoded text contains one of these; the text is cut before it.
     seed: makes sampling reproducible (same seed, prompts and batch -> same tokens).
+    cuda_graphs: on a GPU, generate / stream replay the decode step as CUDA graphs (False: every
+        step launched op by op). An Engine takes its own `cuda_graphs` argument instead.
     """
 
     max_new_tokens: int = 256
@@ -42,6 +44,7 @@ class GenerationConfig:
     stop_token_ids: list[int] | None = None
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -78,6 +81,8 @@ class GenerationConfig:
         for i, s in enumerate(self.stop_strings):
             if not isinstance(s, str) or not s:
                 raise ValueError(f"GenerationConfig.stop_strings[{i}]: expected a non-empty string, got {s!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise TypeError(f"GenerationConfig.cuda_graphs: expected bool, got {type(self.cuda_graphs).__name__}")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"GenerationConfig.seed: expected an int or None, got {type(self.seed).__name__}")
 

@@ -325,14 +325,19 @@ class Engine:
     max_batch: rows of the KV cache (requests decoded at once; others wait). max_seq_len: tokens a
     row holds, prompt and generated (default: the model's context); the cache, max_batch x
     max_seq_len, is allocated at the first step. prefill_chunk_size: as for `generate`.
+    cuda_graphs: on a GPU, decode steps replay CUDA graphs of the forward (one per batch-size
+    bucket, captured after a few eager steps of that size; see generation.cuda_graphs); ignored
+    elsewhere (the attribute then reads False).
     sync_every (attribute): decode steps between host reads when nothing needs each token at once.
     mix_prefill (attribute, default True): newcomers join the running rows' decode pass rather than
     being prefilled in a pass of their own first.
     Not thread-safe: one caller drives add / cancel / step."""
 
     def __init__(self, model, tokenizer: ExaoneTokenizer, max_batch: int = 8, max_seq_len: int | None = None,
-                 prefill_chunk_size: int | None = None):
+                 prefill_chunk_size: int | None = None, cuda_graphs: bool = True):
         _check_model_tokenizer(model, tokenizer)
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"Engine: cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         context = model.config.max_position_embeddings
         if not _is_int(max_batch) or max_batch < 1:
             raise ValueError(f"Engine: max_batch must be a positive integer, got {max_batch!r}")
@@ -358,6 +363,8 @@ class Engine:
         self._seen: torch.Tensor | None = None   # bool [max_batch, V]: tokens in each row (repetition penalty)
         self._groups: list[tuple[torch.Tensor | None, Request]] | None = None  # rows sampled together
         self._to_cancel: list[Request] = []
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs = None                      # DecodeGraphs over the cache, made with it on CUDA
 
     # ---- the public surface
     @property
@@ -447,8 +454,10 @@ class Engine:
                 self._read(events)  # a new row whose first token was its last
             decoding = list(self._active)
             if decoding:
-                logits = self.model(self._next[:, None], kv_cache=self._view, num_logits_to_keep=1)  # [n, 1, V]
-                self._push(0, self._sample(logits[:, -1], 0))
+                logits = None if self._graphs is None else self._graphs.logits(self._next)       # [n, V]
+                if logits is None:
+                    logits = self.model(self._next[:, None], kv_cache=self._view, num_logits_to_keep=1)[:, -1]
+                self._push(0, self._sample(logits, 0))
                 self._unread_steps += 1
                 if (self._unread_steps >= self.sync_every or any(r.config.stop_strings for r in self._active)
                         or any(r._drawn >= r._text.budget for r in self._active)):
@@ -484,6 +493,9 @@ class Engine:
         t0 = time.perf_counter()
         if self._cache is None:
             self._cache = KVCache(self.model.config, self.max_batch, self.max_seq_len, self.dtype, self.device)
+            if self.cuda_graphs:
+                from .cuda_graphs import DecodeGraphs
+                self._graphs = DecodeGraphs(self.model, self._cache, self.max_batch)
         first_row = len(self._active)
         count = joining or min(self.max_batch - first_row, len(self._waiting))
         admitted = [self._waiting.popleft() for _ in range(count)]
@@ -699,7 +711,7 @@ def _start(model, tokenizer, prompts, config, prefill_chunk_size):
     context = model.config.max_position_embeddings
     longest = max(len(ids) + min(config.max_new_tokens, context - len(ids) + 1) - 1 for ids in prompt_ids)
     engine = Engine(model, tokenizer, max_batch=len(prompt_ids), max_seq_len=longest,
-                    prefill_chunk_size=prefill_chunk_size)
+                    prefill_chunk_size=prefill_chunk_size, cuda_graphs=config.cuda_graphs)
     seeded = config.seed is not None and not config.greedy
     requests = [engine.add(ids, config.replace(seed=config.seed + i) if seeded and i else config)
                 for i, ids in enumerate(prompt_ids)]

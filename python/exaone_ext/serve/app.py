@@ -36,7 +36,8 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int | None, quant: str | None = None):
+def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int | None, quant: str | None = None,
+                 cuda_graphs: bool = True):
     import torch
 
     from ..generation.engine import Engine
@@ -55,13 +56,14 @@ def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int
     model = ExaoneForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
     if quant is not None:
         model.quantize(quant)
-    return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
+    return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, cuda_graphs=cuda_graphs)
 
 
 def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: str | None = None,
                max_batch: int = 8, max_waiting: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                device=None, dtype=None, max_seq_len: int | None = None,
-               default_config: GenerationConfig | None = None, quant: str | None = None) -> FastAPI:
+               default_config: GenerationConfig | None = None, quant: str | None = None,
+               cuda_graphs: bool = True) -> FastAPI:
     """An OpenAI-compatible app serving one model.
 
     engine_or_model_dir: an Engine (its .model and .tokenizer are used), or a checkpoint
@@ -76,12 +78,13 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
         generation_config.json, else greedy).
     quant: "int8" or "int4" to quantize the loaded model's block projections (a checkpoint
         directory or GGUF file only; an Engine is served as it is).
+    cuda_graphs: on a GPU, the loaded Engine replays its decode steps as CUDA graphs.
     """
     if quant is not None and quant not in ("int8", "int4"):
         raise ValueError(f"create_app: quant: expected 'int8', 'int4' or None, got {quant!r}")
     if isinstance(engine_or_model_dir, (str, os.PathLike)):
         model_dir = os.fspath(engine_or_model_dir)
-        engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len, quant)
+        engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len, quant, cuda_graphs)
         resolved = Path(model_dir).resolve()
         model_name = model_name or (resolved.name if resolved.is_dir() else resolved.stem)
         if default_config is None:
