@@ -216,3 +216,29 @@ def test_cli_reports_bad_recipe(tmp_path, ckpt):
                   {"out_dir": "r", "steps": 1})
     with pytest.raises(ValueError, match="longer than the model's context"):
         Trainer(load_config(cfg), "pretrain").train()
+
+
+def test_token_nll_sum_equals_summed_token_logps(ckpt):
+    """The pre-training objective (the fused loss summed, its gradients made in the forward) has the
+    value and the gradients of the per-token log-probabilities summed (gradients in the backward),
+    on a packed batch of two documents with ignored labels."""
+    from exaone_ext.data import Row, collate
+    from exaone_ext.model import ExaoneForCausalLM
+    from exaone_ext.training import token_logps, token_nll_sum
+
+    model = ExaoneForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (11, 6)]
+    rows = [Row(docs[0] + docs[1], docs[0][1:] + [-100] + docs[1][1:3] + [-100] * 4, [11, 6])]
+    batch = collate(rows)
+    grads = []
+    values = []
+    for fn in (lambda: -token_logps(model, batch).sum(), lambda: token_nll_sum(model, batch)):
+        model.zero_grad(set_to_none=True)
+        value = fn()
+        value.backward()
+        values.append(value.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -11,7 +11,7 @@ from ..data.packing import IGNORE_INDEX, Batch
 from ..ops import linear_cross_entropy
 from .losses import sequence_logps
 
-__all__ = ["token_logps", "document_logps"]
+__all__ = ["token_logps", "token_nll_sum", "document_logps"]
 
 
 def _base(model):
@@ -28,6 +28,16 @@ def token_logps(model, batch: Batch) -> torch.Tensor:
     loss = linear_cross_entropy(hidden[0], _base(model).lm_head.weight, batch.labels[0], ignore_index=IGNORE_INDEX,
                                 reduction="none")                                           # [total] float32
     return -loss
+
+
+def token_nll_sum(model, batch: Batch) -> torch.Tensor:
+    """float32 scalar: the summed negative log-likelihood of the batch's labels, -token_logps(...).sum().
+    The fused op then computes its gradients during the forward (the incoming gradient is one
+    number), so each chunk of logits is made once, not again in the backward."""
+    hidden = model(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
+                   max_seqlen=batch.max_seqlen, return_hidden=True)                      # [1, total, d]
+    return linear_cross_entropy(hidden[0], _base(model).lm_head.weight, batch.labels[0], ignore_index=IGNORE_INDEX,
+                                reduction="sum")
 
 
 def document_logps(logps: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import ConfigError
 from .monitor import MetricsLog, Progress, plot_loss
 from .losses import dpo_loss, simpo_loss
-from .objectives import document_logps, token_logps
+from .objectives import document_logps, token_logps, token_nll_sum
 
 __all__ = ["Trainer", "OBJECTIVES"]
 
@@ -150,7 +150,10 @@ class Trainer:
         no_decay = [p for p in self.base.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": float(self.t.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(self.t.lr), betas=tuple(self.t.betas), eps=float(self.t.eps))
+            lr=float(self.t.lr), betas=tuple(self.t.betas), eps=float(self.t.eps),
+            # one fused kernel per parameter group (CPU and CUDA): on the bench_training shape the
+            # step took 120 ms instead of 754 ms for the per-op (foreach) update on the CPU
+            fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.t.warmup_steps, self.t.steps, float(self.t.min_lr_ratio)))
 
@@ -219,7 +222,7 @@ class Trainer:
         for j, m in enumerate(micro):
             batch = collate(m).to(self.device)
             with self._sync(j == len(micro) - 1), self._autocast():
-                nll = -token_logps(self.model, batch).sum()
+                nll = token_nll_sum(self.model, batch)
             # the mean over the global batch's tokens; DDP / FSDP average over processes
             (nll * (self.world / max(1, targets))).backward()
             loss_sum += nll.item()
