@@ -48,3 +48,15 @@ timeout ${MODEL_TIMEOUT:-240} $PY benchmarks/bench_model.py --device cuda --laye
   --prefill 2048 --batch 8 --repeat 3 --json "$OUT/bench_model.json" > "$OUT/bench_model.log" 2>&1
 echo "bench_model rc=$?" | tee -a "$OUT/summary.txt"
 grep -v Warning "$OUT/bench_model.log" | tail -12 | tee -a "$OUT/summary.txt"
+
+# The server (continuous batching, CUDA graphs) at 1 / 8 / 32 clients, then the Engine alone.
+timeout ${SERVER_TIMEOUT:-150} $PY benchmarks/bench_server.py --device cuda --layers 30 --levels 1,8,32 \
+  --prompt-tokens 32 --max-tokens 32 --requests 2 --engine > "$OUT/bench_server.log" 2>&1
+echo "bench_server rc=$?" | tee -a "$OUT/summary.txt"
+tail -12 "$OUT/bench_server.log" | tee -a "$OUT/summary.txt"
+
+# Training tokens/s against transformers (bf16 autocast on both sides).
+timeout ${TRAIN_TIMEOUT:-150} $PY benchmarks/bench_training.py --device cuda --bf16 --steps 5 --rounds 1 \
+  > "$OUT/bench_training.log" 2>&1
+echo "bench_training rc=$?" | tee -a "$OUT/summary.txt"
+tail -6 "$OUT/bench_training.log" | tee -a "$OUT/summary.txt"
