@@ -120,7 +120,8 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: CUDA calls of other threads (a server's) are not caught by this capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 logits = model(ids, kv_cache=view, num_logits_to_keep=1)
         except Exception as e:  # noqa: BLE001 (any op that cannot be captured: decode eagerly instead)
             self.disabled = f"capturing the decode step of {b} rows failed: {type(e).__name__}: {e}"
