@@ -34,6 +34,7 @@ __all__ = ["DecodeGraphs"]
 @dataclass
 class _Captured:
     graph: "torch.cuda.CUDAGraph"
+    view: object          # the KVCache view of rows 0..B-1 the graph decodes
     ids: torch.Tensor     # [B, 1] int64: the tokens the graph reads
     logits: torch.Tensor  # [B, 1, V] float32: what it writes
 
@@ -86,13 +87,10 @@ class DecodeGraphs:
             if captured is None:
                 return None
         cache = self.cache
-        longest = int(cache.host_seqlens[:n].max())
-        if longest + 1 > cache.max_seq_len:
-            raise ValueError(f"KVCache: appending 1 token(s) to a row holding {longest} would exceed max_seq_len "
-                             f"{cache.max_seq_len}")
         if b > n:  # free rows decode too: at position 0 of rows reset before they are used again
             cache.seqlens[n:b].zero_()
             cache.host_seqlens[n:b].zero_()
+        captured.view.check_room(1)  # what the forward checks on the host, which a replay skips
         captured.ids[:n, 0].copy_(next_tokens)
         captured.graph.replay()
         cache.host_seqlens[:b] += 1  # the graph advanced the device lengths of rows 0..b-1
@@ -133,6 +131,6 @@ class DecodeGraphs:
             # the next real step); the capture advanced the host lengths: both as they were
             cache.seqlens[:b].copy_(device_lens)
             cache.host_seqlens[:b].copy_(host_lens)
-        captured = _Captured(graph, ids, logits)
+        captured = _Captured(graph, view, ids, logits)
         self._captured[b] = captured
         return captured

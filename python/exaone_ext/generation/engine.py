@@ -534,12 +534,18 @@ class Engine:
         then the prompts packed into the empty rows after them. Returns every row's last logits
         [n + len(prompts), V]."""
         n = len(self._active)
-        x = torch.cat([self._next, torch.tensor([t for ids in prompts for t in ids], dtype=torch.long,
-                                                device=self.device)])                     # [n + total]
-        bounds = list(range(n)) + list(itertools.accumulate((len(ids) for ids in prompts), initial=n))
-        cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+        x, cu = self._packed(prompts, head=self._next)                                       # [n + total]
         out = self.model(x, cu_seqlens=cu, kv_cache=self._cache.rows(0, n + len(prompts)), num_logits_to_keep=1)
         return out[:, -1]
+
+    def _packed(self, prompts: list[list[int]], head: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed input of `prompts` (ids [total], int32 cu_seqlens), after `head` (device token
+        ids, one document each) when given."""
+        n = 0 if head is None else head.shape[0]
+        x = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long, device=self.device)
+        bounds = list(range(n)) + list(itertools.accumulate((len(ids) for ids in prompts), initial=n))
+        return (x if head is None else torch.cat([head, x])), torch.tensor(bounds, dtype=torch.int32,
+                                                                            device=self.device)
 
     def _prefill(self, cache, prompts: list[list[int]]) -> torch.Tensor:
         """Each prompt into its own (empty) row of `cache`; returns each one's last logits [n, V].
@@ -562,10 +568,7 @@ class Engine:
                     out = self.model(x[:, start:start + chunk], kv_cache=row, num_logits_to_keep=1)
                 last[first] = out[0, -1]
             else:
-                group = prompts[first:stop]
-                x = torch.tensor([t for ids in group for t in ids], dtype=torch.long, device=self.device)  # [total]
-                bounds = list(itertools.accumulate((len(ids) for ids in group), initial=0))
-                cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+                x, cu = self._packed(prompts[first:stop])
                 out = self.model(x, cu_seqlens=cu, kv_cache=cache.rows(first, stop), num_logits_to_keep=1)  # [k, 1, V]
                 last[first:stop] = out[:, -1]
             first = stop

@@ -131,19 +131,18 @@ class Attention(nn.Module):
             # packed documents (b == 1): tokens of different documents never see each other; with a
             # cache, document i's keys and values land in its empty row at positions 0..len_i - 1
             n = ctx.decode_rows
-            out = q.new_empty(0, self.num_heads, self.head_dim)
-            if s > n:
-                out = ops.flash_attn_varlen(q[0, n:], k[0, n:], v[0, n:], ctx.cu_seqlens, ctx.cu_seqlens,
-                                            ctx.max_seqlen, ctx.max_seqlen, causal=True)  # [total - n, hq, hd]
-                if cache is not None:
-                    cache.write_packed(k[0, n:], v[0, n:], *ctx.packed_slots)
+            parts = []
             if n:
                 # a decode step in the same pass: token i continues cache row i
                 past = LayerKVCache(cache.k[:n], cache.v[:n])
-                dec = past.append(q[0, :n, None], k[0, :n, None], v[0, :n, None], ctx.kv_cache.seqlens[:n],
-                                  ctx.cache_seqlens_max, ops.flash_attn_with_kvcache)  # [n, 1, hq, hd]
-                out = torch.cat([dec[:, 0], out])
-            out = out[None]                                                          # [1, total, hq, hd]
+                parts.append(past.append(q[0, :n, None], k[0, :n, None], v[0, :n, None], ctx.kv_cache.seqlens[:n],
+                                         ctx.cache_seqlens_max, ops.flash_attn_with_kvcache)[:, 0])  # [n, hq, hd]
+            if s > n or not n:
+                parts.append(ops.flash_attn_varlen(q[0, n:], k[0, n:], v[0, n:], ctx.cu_seqlens, ctx.cu_seqlens,
+                                                   ctx.max_seqlen, ctx.max_seqlen, causal=True))  # [total - n, hq, hd]
+                if cache is not None:
+                    cache.write_packed(k[0, n:], v[0, n:], *ctx.packed_slots)
+            out = (parts[0] if len(parts) == 1 else torch.cat(parts))[None]        # [1, total, hq, hd]
         elif cache is not None:
             # k, v are written into the cache at each row's offset, then attended with the past
             out = cache.append(q, k, v, ctx.kv_cache.seqlens, ctx.cache_seqlens_max, ops.flash_attn_with_kvcache)

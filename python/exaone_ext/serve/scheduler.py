@@ -2,8 +2,9 @@
 
 HTTP handlers never touch the engine: they hand a Stream to Scheduler.submit() and read its
 asyncio queue. The thread applies the adds and cancels that came in since its last step, calls
-engine.step() (newcomers prefilled into free rows, their first tokens pushed at once, then one
-decode step for every row), and pushes each event to its request's queue with
+engine.step() (newcomers prefilled into free rows, in the decode pass of the running rows or,
+with none running, in a pass of their own whose first tokens are pushed at once; one token for
+every row), and pushes each event to its request's queue with
 loop.call_soon_threadsafe. Queues are unbounded, so decoding never waits for a slow reader; a
 reader that goes away cancels its request and the row is free at the next step.
 

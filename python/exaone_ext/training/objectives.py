@@ -21,23 +21,24 @@ def _base(model):
     return getattr(model, "_orig_mod", model)
 
 
-def token_logps(model, batch: Batch) -> torch.Tensor:
-    """float32 [total]: log p(label_t | tokens <= t of its document); 0 where the label is ignored."""
+def _token_losses(model, batch: Batch, reduction: str) -> torch.Tensor:
+    """The fused loss of the batch's labels from the model's final hidden states."""
     hidden = model(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
                    max_seqlen=batch.max_seqlen, return_hidden=True)                      # [1, total, d]
-    loss = linear_cross_entropy(hidden[0], _base(model).lm_head.weight, batch.labels[0], ignore_index=IGNORE_INDEX,
-                                reduction="none")                                           # [total] float32
-    return -loss
+    return linear_cross_entropy(hidden[0], _base(model).lm_head.weight, batch.labels[0], ignore_index=IGNORE_INDEX,
+                                reduction=reduction)
+
+
+def token_logps(model, batch: Batch) -> torch.Tensor:
+    """float32 [total]: log p(label_t | tokens <= t of its document); 0 where the label is ignored."""
+    return -_token_losses(model, batch, "none")
 
 
 def token_nll_sum(model, batch: Batch) -> torch.Tensor:
     """float32 scalar: the summed negative log-likelihood of the batch's labels, -token_logps(...).sum().
     The fused op then computes its gradients during the forward (the incoming gradient is one
     number), so each chunk of logits is made once, not again in the backward."""
-    hidden = model(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
-                   max_seqlen=batch.max_seqlen, return_hidden=True)                      # [1, total, d]
-    return linear_cross_entropy(hidden[0], _base(model).lm_head.weight, batch.labels[0], ignore_index=IGNORE_INDEX,
-                                reduction="sum")
+    return _token_losses(model, batch, "sum")
 
 
 def document_logps(logps: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
