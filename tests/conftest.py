@@ -153,6 +153,16 @@ def cpu_variant(request):
     _C._set_cpu_avx512bf16(before_bf16)
 
 
+@pytest.fixture(params=["decode", "general"])
+def attn_decode(request):
+    """Runs a CPU KV-cache attention test with the decode kernels (one pass over the cache for all kv
+    heads: AVX2, or AVX512-BF16 for bfloat16, where the CPU has them) and with the general kernel."""
+    from exaone_ext import _C
+    before = _C._set_attn_decode(request.param == "decode")
+    yield request.param
+    _C._set_attn_decode(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -173,8 +173,9 @@ def test_varlen_equals_dense_per_sequence(device):
 
 
 # ---- kv cache --------------------------------------------------------------------------------------
-# The bfloat16 decode kernel (AVX512-BF16 CPUs) rounds the probabilities to bfloat16 for P . V, as a
-# cast does: its error rule counts the sum over the keys in bfloat16 (conftest.error_budget).
+# The bfloat16 decode kernel of AVX512-BF16 CPUs rounds the probabilities to bfloat16 for P . V, as a
+# cast does: its error rule counts the sum over the keys in bfloat16 (conftest.error_budget). The
+# AVX2 decode kernel works in float32 throughout.
 P_DTYPE = {torch.bfloat16: torch.bfloat16}
 
 
@@ -206,8 +207,8 @@ def test_kvcache_matches_reference(dtype, s_new, device):
                                atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kvcache_split_kv_long_cache(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kvcache_split_kv_long_cache(dtype, attn_decode):
     # one sequence, one kv head, a long cache: the keys are split across threads and combined
     b, max_seq, hq, hk, d = 1, 5000, 4, 1, 64
     k_cache = torch.randn(b, max_seq, hk, d).to(dtype)
@@ -220,14 +221,15 @@ def test_kvcache_split_kv_long_cache(dtype):
     assert_error_within(out, ref64, ref_lp, "out", k=4321, acc_dtype=P_DTYPE.get(dtype))
 
 
-# Few query rows per kv head (seq_new * group <= 8) on bfloat16 take the decode kernel where the CPU
-# has AVX512-BF16 (all kv heads per item, split over key ranges); elsewhere the general kernel.
-@pytest.mark.parametrize("hq,hk,s_new", [(8, 8, 1), (8, 4, 1), (32, 8, 1), (40, 8, 1), (16, 2, 1), (8, 2, 2),
-                                         (4, 2, 3)])
+# Few query rows per kv head (seq_new * group <= 8) take a decode kernel on CPUs with AVX2 (all kv
+# heads per item, split over key ranges; AVX512-BF16 for bfloat16 where the CPU has it); the
+# attn_decode fixture runs every case on the general kernel too, and the two must agree.
+@pytest.mark.parametrize("hq,hk,s_new", [(8, 8, 1), (8, 4, 1), (12, 4, 1), (32, 8, 1), (40, 8, 1), (16, 2, 1),
+                                         (8, 2, 2), (4, 2, 3)])
 @pytest.mark.parametrize("d", [64, 80, 128])
 @pytest.mark.parametrize("lens", [[0, 1, 33, 2900], [37], [1500]], ids=["ragged", "short", "split"])
-def test_kvcache_decode_shapes(hq, hk, s_new, d, lens):
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kvcache_decode_shapes(hq, hk, s_new, d, lens, dtype, attn_decode):
     b, max_seq = len(lens), max(lens) + s_new + 5
     k_cache = torch.randn(b, max_seq, hk, d).to(dtype)
     v_cache = torch.randn(b, max_seq, hk, d).to(dtype)
@@ -239,32 +241,55 @@ def test_kvcache_decode_shapes(hq, hk, s_new, d, lens):
     ref_lp = reference.flash_attn_with_kvcache(q, kr, vr, seqlens, k_new, v_new)
     ref64 = reference.flash_attn_with_kvcache(q.double(), k_cache.double(), v_cache.double(), seqlens,
                                               k_new.double(), v_new.double())
-    assert_error_within(out, ref64, ref_lp, "out", k=max(lens) + s_new, acc_dtype=torch.bfloat16)
+    acc = P_DTYPE.get(dtype)
+    assert_error_within(out, ref64, ref_lp, "out", k=max(lens) + s_new, acc_dtype=acc)
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
-    # non-causal over the cache only, and the general kernel (AVX2) on the same input
+    # non-causal over the cache only
     out_nc = ops.flash_attn_with_kvcache(q, kc, vc, seqlens, causal=False)
     ref_nc = reference.flash_attn_with_kvcache(q.double(), kc.double(), vc.double(), seqlens, causal=False)
     assert_error_within(out_nc, ref_nc, reference.flash_attn_with_kvcache(q, kc, vc, seqlens, causal=False), "out",
-                        k=max(lens) + s_new, acc_dtype=torch.bfloat16)
-    if "avx2" in exaone_ext.build_info()["cpu_isa_compiled"]:
-        previous = exaone_ext.get_cpu_isa()
-        exaone_ext.set_cpu_isa("avx2")
-        try:
-            other = ops.flash_attn_with_kvcache(q, kc, vc, seqlens, causal=False)
-        finally:
-            exaone_ext.set_cpu_isa(previous)
-        torch.testing.assert_close(out_nc.float(), other.float(), atol=2e-2, rtol=0)
+                        k=max(lens) + s_new, acc_dtype=acc)
+    # the other kernel on the same input: the same result to the rounding of the output dtype
+    from exaone_ext import _C
+    before = _C._set_attn_decode(attn_decode != "decode")
+    try:
+        other = ops.flash_attn_with_kvcache(q, kc, vc, seqlens, causal=False)
+    finally:
+        _C._set_attn_decode(before)
+    torch.testing.assert_close(out_nc.float(), other.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
 
 
-def test_kvcache_decode_strided_cache():
+@pytest.mark.skipif(exaone_ext.get_cpu_isa() == "scalar", reason="the decode kernels need AVX2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_kernel_is_taken(dtype):
+    """On AVX2 (and AVX-512) CPUs decode calls take the decode kernel: its sums run in another order
+    than the general kernel's, so the float32 / float16 outputs differ in their last bits."""
+    from exaone_ext import _C
+    assert "float32 / float16: avx2" in exaone_ext.build_info()["cpu_attention_decode"]
+    kc, vc = torch.randn(2, 3000, 2, 128).to(dtype), torch.randn(2, 3000, 2, 128).to(dtype)
+    q, lens = torch.randn(2, 1, 8, 128).to(dtype), torch.tensor([2999, 2500], dtype=torch.int32)
+    before = _C._set_attn_decode(True)
+    try:
+        on = ops.flash_attn_with_kvcache(q, kc, vc, lens)
+        assert _C._set_attn_decode(False) is True
+        assert exaone_ext.build_info()["cpu_attention_decode"].startswith("general")
+        off = ops.flash_attn_with_kvcache(q, kc, vc, lens)
+    finally:
+        _C._set_attn_decode(before)
+    assert not torch.equal(on, off)
+    torch.testing.assert_close(on.float(), off.float(), atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kvcache_decode_strided_cache(dtype, attn_decode):
     # caches that are views: heads not adjacent (a [b, seq, 2 * hk, d] buffer, every other head)
     b, hq, hk, d = 2, 8, 2, 80
-    big_k = torch.randn(b, 700, 2 * hk, d).bfloat16()
-    big_v = torch.randn(b, 700, 2 * hk, d).bfloat16()
+    big_k = torch.randn(b, 700, 2 * hk, d).to(dtype)
+    big_v = torch.randn(b, 700, 2 * hk, d).to(dtype)
     kc, vc = big_k[:, :, ::2], big_v[:, :, ::2]
     seqlens = torch.tensor([650, 3], dtype=torch.int32)
-    q = torch.randn(b, 1, hq, d).bfloat16()
-    k_new, v_new = torch.randn(b, 1, hk, d).bfloat16(), torch.randn(b, 1, hk, d).bfloat16()
+    q = torch.randn(b, 1, hq, d).to(dtype)
+    k_new, v_new = torch.randn(b, 1, hk, d).to(dtype), torch.randn(b, 1, hk, d).to(dtype)
     kr, vr = kc.clone(), vc.clone()
     others = big_k[:, :, 1::2].clone(), big_v[:, :, 1::2].clone()
     out = ops.flash_attn_with_kvcache(q, kc, vc, seqlens, k_new, v_new)
@@ -273,7 +298,7 @@ def test_kvcache_decode_strided_cache():
     # against the bfloat16 reference, which was just as far from it)
     ref64 = reference.flash_attn_with_kvcache(q.double(), kr.double(), vr.double(), seqlens, k_new.double(),
                                               v_new.double())
-    assert_error_within(out, ref64, ref_lp, "out", k=651, acc_dtype=torch.bfloat16)
+    assert_error_within(out, ref64, ref_lp, "out", k=651, acc_dtype=P_DTYPE.get(dtype))
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
     # the heads in between were not written
     assert torch.equal(big_k[:, :, 1::2], others[0]) and torch.equal(big_v[:, :, 1::2], others[1])

@@ -118,7 +118,7 @@ def variant(request):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kvcache_all_rows_empty_no_new_tokens(variant, dtype):
+def test_kvcache_all_rows_empty_no_new_tokens(variant, dtype, attn_decode):
     """Used to divide by zero (SIGFPE) splitting an empty cache; every row sees no key: zeros."""
     q = torch.randn(2, 1, 4, 96, dtype=dtype)
     kc, vc = torch.randn(2, 3, 1, 96, dtype=dtype), torch.randn(2, 3, 1, 96, dtype=dtype)
@@ -129,7 +129,7 @@ def test_kvcache_all_rows_empty_no_new_tokens(variant, dtype):
         assert torch.equal(ref, torch.zeros_like(q))
 
 
-def test_kvcache_empty_row_beside_a_long_one(variant):
+def test_kvcache_empty_row_beside_a_long_one(variant, attn_decode):
     q = torch.randn(2, 1, 2, 64)
     kc, vc = torch.randn(2, 2048, 1, 64), torch.randn(2, 2048, 1, 64)
     lens = torch.tensor([0, 2000], dtype=torch.int32)
@@ -186,7 +186,8 @@ def test_empty_tensors_with_odd_strides():
     assert torch.equal(k.grad, torch.zeros_like(k))
 
 
-def test_nan_in_visible_key_long_cache(variant):
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_nan_in_visible_key_long_cache(variant, attn_decode, low):
     """A NaN in a visible key came out finite, its whole 512-key split dropped."""
     torch.manual_seed(0)
     kc, vc = torch.randn(1, 4096, 1, 64), torch.randn(1, 4096, 1, 64)
@@ -197,8 +198,8 @@ def test_nan_in_visible_key_long_cache(variant):
     assert out.isnan().all(), out
     ref = reference.flash_attn_with_kvcache(q, kc, vc, lens)
     assert ref.isnan().all()
-    # bf16 (the decode kernel where the CPU has AVX512-BF16)
-    out = ops.flash_attn_with_kvcache(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), lens)
+    # 16-bit caches (bfloat16: the AVX512-BF16 decode kernel where the CPU has it)
+    out = ops.flash_attn_with_kvcache(q.to(low), kc.to(low), vc.to(low), lens)
     assert out.isnan().all(), out
     # a NaN past the row's length is not part of the input
     kc[0, 7, 0, 3] = 1.0
@@ -223,7 +224,7 @@ def test_nan_key_with_zero_values(variant, seq_k):
     assert ops.flash_attn_with_kvcache(q[:, :1], k, v, lens).isnan().all()
 
 
-def test_nan_in_value_propagates_through_split(variant):
+def test_nan_in_value_propagates_through_split(variant, attn_decode):
     kc, vc = torch.randn(1, 3000, 1, 64), torch.randn(1, 3000, 1, 64)
     vc[0, 2500, 0, 1] = float("nan")
     out = ops.flash_attn_with_kvcache(torch.randn(1, 1, 2, 64), kc, vc, torch.tensor([2900], dtype=torch.int32))

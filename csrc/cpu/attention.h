@@ -83,6 +83,30 @@ void attn_decode(const AttnParams& p, int64_t b, int64_t k_begin, int64_t k_end,
                  void* scratch);
 }  // namespace exaone_ext::cpu::avx512bf16
 
+// ---- decode on AVX2 + FMA (cpu/attention_decode_avx2.cpp) ----
+// The same work items and outputs as the AVX512-BF16 decode kernel above, for float32, bfloat16 and
+// float16 caches, in float32 arithmetic throughout. Requires seq_q * group <= 8 and head_dim % 16 == 0;
+// any strides (rows of the last dim contiguous).
+namespace exaone_ext::cpu {
+inline bool attn_decode_avx2_ok(const AttnParams& p) {
+  return attn_decode_rows_ok(p.seq_q, p.group()) && p.head_dim % 16 == 0 && p.head_dim <= 256 &&
+         (p.dtype == DType::kFloat32 || p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16);
+}
+
+inline int64_t attn_decode_avx2_scratch_bytes(const AttnParams& p) {
+  const int64_t rp = attn_decode_padded_rows(p), rows = p.seq_q * p.group();
+  const int64_t floats = p.kv_heads * rp * p.head_dim + p.kv_heads * rows * p.head_dim + p.kv_heads * 8 * 2 +
+                         kAttnDecodeBlockKeys * rp;
+  return floats * 4 + 64 * 6;
+}
+}  // namespace exaone_ext::cpu
+
+namespace exaone_ext::cpu::avx2 {
+// Built when EXAONE_HAVE_AVX2 is defined; call only on an AVX2 + FMA + F16C CPU with attn_decode_avx2_ok(p).
+void attn_decode(const AttnParams& p, int64_t b, int64_t k_begin, int64_t k_end, float* part_out, float* part_lse,
+                 void* scratch);
+}  // namespace exaone_ext::cpu::avx2
+
 EXAONE_DECLARE_ISA_KERNEL(void, attn_fwd_block,
                           (const exaone_ext::AttnParams& p, int64_t b, int64_t kv_head, int64_t q_begin,
                            int64_t q_end, int64_t k_begin, int64_t k_end, float* part_out, float* part_lse,

@@ -32,10 +32,17 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 
 #include "common/attention.h"
 
 namespace exaone_ext {
+
+// CPU decode kernels (torch/ops_attention.cpp): allow (true) or forbid the kernels that read a KV
+// cache once over all kv heads for few query rows (AVX512-BF16, AVX2); returns the previous setting.
+bool set_attn_decode(bool enabled);
+// Which kernel a CPU decode call takes now, per cache dtype, in words (build_info()).
+std::string attn_decode_kernels();
 
 // Dense copies of the varlen offsets the params point at (the caller keeps them while the kernels run).
 struct VarlenOffsets {

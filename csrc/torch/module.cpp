@@ -18,6 +18,7 @@
 
 #include "common/attention.h"
 #include "cpu/isa.h"
+#include "torch/attention.h"
 #include "torch/linear.h"
 #include "torch/quant.h"
 #include "torch/text_module.h"
@@ -116,6 +117,7 @@ py::dict build_info() {
 #endif
   d["cpu_extra_kernels"] = extra;
   d["cpu_avx512bf16_active"] = exaone_ext::cpu::avx512bf16_active();
+  d["cpu_attention_decode"] = exaone_ext::attn_decode_kernels();
   d["cpu_isa_best"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::best_isa());
   d["cpu_isa"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa());
   d["cpu_features"] = exaone_ext::cpu::cpu_features();
@@ -162,6 +164,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_quant_int_dot", &exaone_ext::set_quant_int_dot, py::arg("enabled"),
         "Allow (True) or forbid linear_int4 on CPU to multiply 16-bit x as integers with the weight's nibbles "
         "(integer multiply-adds); returns the previous setting.");
+  m.def("_set_attn_decode", &exaone_ext::set_attn_decode, py::arg("enabled"),
+        "Allow (True) or forbid the CPU decode-attention kernels (one pass over the KV cache for all kv heads); "
+        "forbidden, decode calls take the general kernel. Returns the previous setting.");
   m.def("_set_cpu_avx512bf16", &exaone_ext::cpu::set_avx512bf16, py::arg("enabled"),
         "Allow (True) or forbid the AVX512-BF16 variant of the elementwise CPU kernels (SwiGLU, RMSNorm) in place of "
         "avx512; returns the previous setting.");

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <atomic>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cpu/attention.h"
@@ -240,25 +241,37 @@ void combine_splits(const float* part_out, const float* part_lse, int64_t nsplit
   });
 }
 
-// The bfloat16 decode kernel (cpu/attention.h, attn_decode): AVX512-BF16 present and not lowered
-// away (EXAONE_EXT_CPU_ISA / set_cpu_isa), few query rows per kv head.
-bool decode_path(const AttnParams& p) {
+// The decode kernels (cpu/attention.h, attn_decode*): few query rows per kv head, read the cache
+// once over all kv heads per item. AVX512-BF16 for bfloat16 where the CPU has it and avx512 is
+// active; AVX2 + FMA for float32 / bfloat16 / float16 on any CPU with avx2 or avx512 active.
+// set_attn_decode(false) leaves every call to the general kernel (tests, comparisons).
+std::atomic<bool> g_decode{true};
+
+using DecodeFn = void (*)(const AttnParams&, int64_t, int64_t, int64_t, float*, float*, void*);
+struct DecodeKernel {
+  DecodeFn fn = nullptr;
+  int64_t scratch = 0;
+};
+
+DecodeKernel decode_kernel(const AttnParams& p) {
+  if (!g_decode.load(std::memory_order_relaxed) || !cpu::attn_decode_rows_ok(p.seq_q, p.group())) return {};
 #if defined(EXAONE_HAVE_AVX512BF16)
-  static const bool has = cpu::cpu_has("avx512bf16");
-  return has && cpu::active_isa() == cpu::Isa::kAvx512 && p.dtype == DType::kBFloat16 &&
-         cpu::attn_decode_rows_ok(p.seq_q, p.group()) && p.head_dim % 16 == 0 && p.k_row_stride % 2 == 0 &&
-         p.v_row_stride % 2 == 0 && p.k_head_stride % 2 == 0 && p.v_head_stride % 2 == 0;
-#else
-  (void)p;
-  return false;
+  static const bool has_bf16 = cpu::cpu_has("avx512bf16");
+  if (has_bf16 && cpu::active_isa() == cpu::Isa::kAvx512 && p.dtype == DType::kBFloat16 && p.head_dim % 16 == 0 &&
+      p.k_row_stride % 2 == 0 && p.v_row_stride % 2 == 0 && p.k_head_stride % 2 == 0 && p.v_head_stride % 2 == 0)
+    return {cpu::avx512bf16::attn_decode, cpu::attn_decode_scratch_bytes(p)};
 #endif
+#if defined(EXAONE_HAVE_AVX2)
+  if (cpu::active_isa() >= cpu::Isa::kAvx2 && cpu::attn_decode_avx2_ok(p))
+    return {cpu::avx2::attn_decode, cpu::attn_decode_avx2_scratch_bytes(p)};
+#endif
+  return {};
 }
 
 // Items (sequence, key range), each over all kv heads. Ranges are multiples of the kernel's key
 // block, about 8 per thread over the longest sequence (so a delayed thread's share is small) and at
 // least 256 keys; with more than one range per sequence the partial rows are combined with their LSEs.
-void run_decode(const AttnParams& p, at::Tensor& out) {
-#if defined(EXAONE_HAVE_AVX512BF16)
+void run_decode(const AttnParams& p, const DecodeKernel& kernel, at::Tensor& out) {
   const int64_t batch = p.batch, threads = at::get_num_threads();
   int64_t max_len = 0;
   for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]);
@@ -268,23 +281,17 @@ void run_decode(const AttnParams& p, at::Tensor& out) {
   range = (range + blk - 1) / blk * blk;
   const int64_t nsplit = std::max<int64_t>(1, (max_len + range - 1) / range);
   const int64_t rows = batch * p.seq_q * p.q_heads, d = p.head_dim;
-  const int64_t scratch = cpu::attn_decode_scratch_bytes(p);
   if (nsplit == 1) {
-    run_items(batch, scratch, [&](int64_t b, void* s) { cpu::avx512bf16::attn_decode(p, b, 0, max_len, nullptr, nullptr, s); });
+    run_items(batch, kernel.scratch, [&](int64_t b, void* s) { kernel.fn(p, b, 0, max_len, nullptr, nullptr, s); });
     return;
   }
   std::vector<float> part_out(static_cast<size_t>(nsplit * rows * d)), part_lse(static_cast<size_t>(nsplit * rows));
   // split-major items: concurrent threads read neighbouring stretches of the same sequence
-  run_items(nsplit * batch, scratch, [&](int64_t t, void* s) {
+  run_items(nsplit * batch, kernel.scratch, [&](int64_t t, void* s) {
     const int64_t sp = t / batch, b = t % batch;
-    cpu::avx512bf16::attn_decode(p, b, sp * range, (sp + 1) * range, part_out.data() + sp * rows * d,
-                                 part_lse.data() + sp * rows, s);
+    kernel.fn(p, b, sp * range, (sp + 1) * range, part_out.data() + sp * rows * d, part_lse.data() + sp * rows, s);
   });
   combine_splits(part_out.data(), part_lse.data(), nsplit, rows, d, out);
-#else
-  (void)p;
-  (void)out;
-#endif
 }
 
 at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -296,8 +303,8 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
                                                   softmax_scale, cache_seqlens_max, out, lens);
   const int64_t batch = p.batch;
   if (batch == 0 || p.seq_q == 0) return out;
-  if (decode_path(p)) {
-    run_decode(p, out);
+  if (const DecodeKernel kernel = decode_kernel(p); kernel.fn) {
+    run_decode(p, kernel, out);
     return out;
   }
   // Split-KV ("flash-decoding"): long caches are cut into key ranges of kSplitKeys; every
@@ -329,6 +336,20 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
 }
 
 }  // namespace
+
+bool set_attn_decode(bool enabled) { return g_decode.exchange(enabled); }
+
+std::string attn_decode_kernels() {
+  if (!g_decode.load()) return "general (decode kernels off)";
+  std::string bf16 = "general", other = "general";
+#if defined(EXAONE_HAVE_AVX2)
+  if (cpu::active_isa() >= cpu::Isa::kAvx2) bf16 = other = "avx2";
+#endif
+#if defined(EXAONE_HAVE_AVX512BF16)
+  if (cpu::cpu_has("avx512bf16") && cpu::active_isa() == cpu::Isa::kAvx512) bf16 = "avx512bf16";
+#endif
+  return "bfloat16: " + bf16 + ", float32 / float16: " + other;
+}
 }  // namespace exaone_ext
 
 TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {
