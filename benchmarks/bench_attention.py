@@ -70,8 +70,9 @@ def test_attention_backward(measure, impl, s, model, hq, hk, d, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("model,hq,hk,d", MODELS)
-def test_attention_decode(measure, impl, model, hq, hk, d):
-    dtype, b, ctx = torch.bfloat16, 1, 32768
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+def test_attention_decode(measure, impl, model, hq, hk, d, dtype):
+    b, ctx = 1, 32768
     k_cache = torch.randn(b, ctx, hk, d, dtype=dtype, device=DEVICE)
     v_cache = torch.randn(b, ctx, hk, d, dtype=dtype, device=DEVICE)
     lens = torch.full((b,), ctx, dtype=torch.int32, device=DEVICE)

@@ -93,10 +93,14 @@ inline bool attn_decode_avx2_ok(const AttnParams& p) {
          (p.dtype == DType::kFloat32 || p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16);
 }
 
+// Keys per block: small enough that one head's K and V rows of a block stay in L1 while P . V makes
+// its passes over them, whatever the row stride (rows 4 KiB apart all fall in the same L1 sets).
+constexpr int64_t kAttnDecodeAvx2BlockKeys = 8;
+
 inline int64_t attn_decode_avx2_scratch_bytes(const AttnParams& p) {
   const int64_t rp = attn_decode_padded_rows(p), rows = p.seq_q * p.group();
   const int64_t floats = p.kv_heads * rp * p.head_dim + p.kv_heads * rows * p.head_dim + p.kv_heads * 8 * 2 +
-                         kAttnDecodeBlockKeys * rp;
+                         kAttnDecodeAvx2BlockKeys * rp;
   return floats * 4 + 64 * 6;
 }
 }  // namespace exaone_ext::cpu

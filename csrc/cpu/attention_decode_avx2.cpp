@@ -2,10 +2,10 @@
 // attn_decode_*): the CPUs without AVX512-BF16, and the caches that kernel does not take.
 //
 // Same plan as the AVX512-BF16 kernel (cpu/attention_decode_avx512bf16.cpp): one work item is
-// (sequence b, keys [k_begin, k_end)) over all kv heads, walked block by block of kBlockKeys keys,
-// every kv head within each block, so that the item reads one contiguous stretch of the cache
-// (the next block prefetched into L2 a few rows at a time) and keeps each head's softmax state and
-// float output in its scratch. The arithmetic is float32 throughout (q, the scores, the
+// (sequence b, keys [k_begin, k_end)) over all kv heads, walked block by block of
+// kAttnDecodeAvx2BlockKeys keys, every kv head within each block, so that the item reads one
+// contiguous stretch of the cache (the next block's stretch prefetched into L2 a few lines at a time,
+// in memory order) and keeps each head's softmax state and float output in its scratch. The arithmetic is float32 throughout (q, the scores, the
 // probabilities and the output); nothing is rounded to 16 bits before the output is written.
 //
 // Per (block, kv head), the R = seq_q * group <= 8 rows of the group (padded to RP in {1, 2, 4, 8}):
@@ -34,7 +34,7 @@
 namespace exaone_ext::cpu::avx2 {
 namespace {
 
-constexpr int64_t BK = kAttnDecodeBlockKeys;
+constexpr int64_t BK = kAttnDecodeAvx2BlockKeys;
 
 inline char* align64(char* p) { return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
 
