@@ -2,6 +2,7 @@
 names), KV-cache decoding, packed documents, the kernel and reference paths, config and presets."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -316,6 +317,48 @@ def test_decode_rows_and_new_prompts_in_one_packed_pass(use_kernels):
     assert rel_err(a, b) < 1e-5 and joint.seqlens.tolist() == apart.seqlens.tolist()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_prompt_chunks_continue_rows_in_a_packed_pass(use_kernels):
+    """Rows that hold tokens may be continued by more than one token (the next chunk of a long
+    prompt) in the packed pass that decodes other rows and prefills new prompts: logits, cache and
+    positions equal each row run on its own."""
+    model = make_model("hd80_tied", use_kernels=use_kernels)
+    V = model.config.vocab_size
+    # rows 0 and 2 decode, rows 1 and 3 take their prompts' next 6 and 4 tokens (row 2, one token
+    # after a longer document, goes as a continued row of its own), row 4 is a new prompt
+    held = [5, 9, 3, 7]
+    joint, apart = (KVCache(model.config, 5, 32, torch.float32) for _ in range(2))
+    first = [torch.randint(0, V, (n,)) for n in held]
+    for cache in (joint, apart):
+        cu = torch.tensor([0] + list(itertools.accumulate(held)), dtype=torch.int32)
+        model(torch.cat(first), cu_seqlens=cu, kv_cache=cache.rows(0, 4), num_logits_to_keep=1)
+    docs = [torch.randint(0, V, (n,)) for n in (1, 6, 1, 4, 5)]
+    cu = torch.tensor([0] + list(itertools.accumulate(len(d) for d in docs)), dtype=torch.int32)
+    out = model(torch.cat(docs), cu_seqlens=cu, kv_cache=joint, num_logits_to_keep=1)          # [5, 1, V]
+    every_joint = KVCache(model.config, 5, 32, torch.float32)
+    model(torch.cat(first), cu_seqlens=torch.tensor([0] + list(itertools.accumulate(held)), dtype=torch.int32),
+          kv_cache=every_joint.rows(0, 4))
+    every = model(torch.cat(docs), cu_seqlens=cu, kv_cache=every_joint)                       # [1, 17, V]
+    for b, d in enumerate(docs):
+        alone = model(d[None], kv_cache=apart.row(b))                                           # [1, len, V]
+        assert rel_err(out[b, 0], alone[0, -1]) < 1e-5, b
+        assert rel_err(every[0, int(cu[b]):int(cu[b + 1])], alone[0]) < 1e-5, b
+    assert joint.seqlens.tolist() == apart.seqlens.tolist() == every_joint.seqlens.tolist() == [6, 15, 4, 11, 5]
+    for (kj, vj), (ka, va) in zip(joint.layers, apart.layers):
+        for b, n in enumerate([6, 15, 4, 11, 5]):
+            assert rel_err(kj[b, :n], ka[b, :n]) < 1e-5 and rel_err(vj[b, :n], va[b, :n]) < 1e-5
+    # only continued rows, no new prompt, and a continued row that gets no token
+    nxt = [torch.randint(0, V, (n,)) for n in (3, 0, 2, 1)]
+    cu = torch.tensor([0] + list(itertools.accumulate(len(d) for d in nxt)), dtype=torch.int32)
+    out = model(torch.cat(nxt), cu_seqlens=cu, kv_cache=joint.rows(0, 4))
+    for b, d in enumerate(nxt):
+        if len(d):
+            alone = model(d[None], kv_cache=apart.row(b))
+            assert rel_err(out[0, int(cu[b]):int(cu[b + 1])], alone[0]) < 1e-5, b
+    assert joint.seqlens.tolist() == [9, 15, 6, 12, 5]
+
+
 def test_packed_input_errors():
     model = make_model("hd80_tied")
     ids = torch.randint(0, 100, (1, 10))
@@ -336,10 +379,12 @@ def test_packed_input_errors():
                                          r"\[4, 6\] tokens long"):
         model(ids, cu_seqlens=cu2, kv_cache=used)  # a row holding tokens after an empty one
     used = KVCache(model.config, 2, 16, torch.float32)
-    used.row(0).advance(3)
-    with pytest.raises(ValueError, match=r"by one token each.*the rows hold \[3, 0\] tokens"):
-        model(ids, cu_seqlens=cu2, kv_cache=used)  # four new tokens for a row that holds some
-    used.row(0).advance(12)
+    used.row(0).advance(13)
+    with pytest.raises(ValueError, match=r"documents of \[4, 6\] tokens to rows holding \[13, 0\] would exceed "
+                                         r"max_seq_len 16"):
+        model(ids, cu_seqlens=cu2, kv_cache=used)  # four more tokens for a row holding 13
+    assert used.seqlens.tolist() == [13, 0]
+    used.row(0).advance(2)
     model(ids[:, :2], cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32), kv_cache=used)  # 15 + 1 fits
     with pytest.raises(ValueError, match=r"to rows holding \[16, 1\] would exceed max_seq_len 16"):
         model(ids[:, :2], cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32), kv_cache=used)

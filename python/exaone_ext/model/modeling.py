@@ -14,6 +14,7 @@ what a forward shares between blocks travels in a ForwardContext.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -63,9 +64,11 @@ class ForwardContext:
     its device read-back on a GPU), None for positions the caller gave.
 
     decode_rows: with packed documents and a cache, the first decode_rows tokens are one new token
-    each for cache rows 0..decode_rows-1, which already hold tokens (a decode step); cu_seqlens,
-    max_seqlen and packed_slots then describe only the documents after them, which fill the empty
-    rows that follow, and cache_seqlens_max bounds the decode rows."""
+    each for cache rows 0..decode_rows-1, which already hold tokens (a decode step), and cache_seqlens_max
+    bounds those rows. continued: the rows after them that hold tokens and are continued by a longer
+    document (a prompt prefilled in chunks), as (row, first token, tokens, tokens the row holds).
+    cu_seqlens, max_seqlen and packed_slots then describe only the documents after all of those,
+    which fill the empty rows that follow."""
 
     ops: SimpleNamespace
     cos: torch.Tensor
@@ -78,6 +81,7 @@ class ForwardContext:
     packed_slots: tuple[torch.Tensor, torch.Tensor] | None = None
     position_ids_max: int | None = None
     decode_rows: int = 0
+    continued: tuple[tuple[int, int, int, int], ...] = ()
 
     def layer_cache(self, layer_idx: int) -> LayerKVCache | None:
         return None if self.kv_cache is None else self.kv_cache.layers[layer_idx]
@@ -130,18 +134,25 @@ class Attention(nn.Module):
         if ctx.cu_seqlens is not None:
             # packed documents (b == 1): tokens of different documents never see each other; with a
             # cache, document i's keys and values land in its empty row at positions 0..len_i - 1
-            n = ctx.decode_rows
+            n = m = ctx.decode_rows
             parts = []
             if n:
                 # a decode step in the same pass: token i continues cache row i
                 past = LayerKVCache(cache.k[:n], cache.v[:n])
                 parts.append(past.append(q[0, :n, None], k[0, :n, None], v[0, :n, None], ctx.kv_cache.seqlens[:n],
                                          ctx.cache_seqlens_max, ops.flash_attn_with_kvcache)[:, 0])  # [n, hq, hd]
-            if s > n or not n:
-                parts.append(ops.flash_attn_varlen(q[0, n:], k[0, n:], v[0, n:], ctx.cu_seqlens, ctx.cu_seqlens,
-                                                   ctx.max_seqlen, ctx.max_seqlen, causal=True))  # [total - n, hq, hd]
+            for row, first, length, held in ctx.continued:
+                # a chunk of a prompt continuing its row: attends to the row's cache and to itself
+                past = LayerKVCache(cache.k[row:row + 1], cache.v[row:row + 1])
+                stop = first + length
+                parts.append(past.append(q[:, first:stop], k[:, first:stop], v[:, first:stop],
+                                         ctx.kv_cache.seqlens[row:row + 1], held, ops.flash_attn_with_kvcache)[0])
+                m = stop
+            if s > m or not parts:
+                parts.append(ops.flash_attn_varlen(q[0, m:], k[0, m:], v[0, m:], ctx.cu_seqlens, ctx.cu_seqlens,
+                                                   ctx.max_seqlen, ctx.max_seqlen, causal=True))  # [total - m, hq, hd]
                 if cache is not None:
-                    cache.write_packed(k[0, n:], v[0, n:], *ctx.packed_slots)
+                    cache.write_packed(k[0, m:], v[0, m:], *ctx.packed_slots)
             out = (parts[0] if len(parts) == 1 else torch.cat(parts))[None]        # [1, total, hq, hd]
         elif cache is not None:
             # k, v are written into the cache at each row's offset, then attended with the past
@@ -311,9 +322,10 @@ class ExaoneForCausalLM(nn.Module):
         cache or num_logits_to_keep needs the lengths, or it lies in CPU memory.
         kv_cache: the new tokens are appended to each row's cache and attend to everything before
         them; the cache's seqlens advance by s. With cu_seqlens too, document i goes into row i:
-        into empty rows (packed prefill), or, for rows that already hold tokens, one token each
-        (a decode step), those rows coming first: new prompts prefilled in the same pass as a
-        decode step of the running rows (one read of the weights for both).
+        into empty rows (packed prefill), or continuing rows that already hold tokens, those rows
+        coming first: one token each (a decode step) or more (the next chunk of a prompt). New
+        prompts, chunks of long ones and a decode step of the running rows go through one pass (one
+        read of the weights for all of them).
         """
         c = self.config
         ops = ops_for(self.use_kernels, c.head_dim)
@@ -321,7 +333,8 @@ class ExaoneForCausalLM(nn.Module):
             raise ValueError(f"ExaoneForCausalLM: kv_cache has {len(kv_cache.layers)} layers, the model {c.num_layers}")
         doc_lengths = packed_slots = cache_max = None
         pos_max = None  # the largest position, when derived here (known on the host)
-        decode_rows, ctx_cu = 0, cu_seqlens  # with packed input and a cache: rows continued by one token
+        # with packed input and a cache: rows continued by one token, and rows continued by more
+        decode_rows, continued, ctx_cu = 0, (), cu_seqlens
         if cu_seqlens is not None:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]                               # [total] -> [1, total]
@@ -343,28 +356,36 @@ class ExaoneForCausalLM(nn.Module):
                     raise ValueError(f"ExaoneForCausalLM: kv_cache has batch_size {kv_cache.batch_size}, cu_seqlens "
                                      f"holds {len(doc_lengths)} documents (one cache row per document)")
                 held = kv_cache.host_seqlens.tolist()
-                decode_rows = next((i for i, n in enumerate(held) if n == 0), len(held))
-                if any(held[decode_rows:]) or any(n != 1 for n in doc_lengths[:decode_rows]):
+                held_rows = next((i for i, n in enumerate(held) if n == 0), len(held))  # rows continued
+                if any(held[held_rows:]):
                     raise ValueError(f"ExaoneForCausalLM: packed input (cu_seqlens) with a kv_cache fills empty rows, "
-                                     f"and continues rows that hold tokens by one token each, those rows first; the "
-                                     f"rows hold {held} tokens, the documents are {doc_lengths} tokens long")
+                                     f"and continues rows that hold tokens, those rows first; the rows hold {held} "
+                                     f"tokens, the documents are {doc_lengths} tokens long")
                 if kv_cache.dtype != self.transformer.wte.weight.dtype:
                     raise TypeError(f"ExaoneForCausalLM: kv_cache holds {kv_cache.dtype}, the model computes in "
                                     f"{self.transformer.wte.weight.dtype}")
-                max_seqlen = max(doc_lengths[decode_rows:], default=0)  # of the documents prefilled
-                if max(max_seqlen, max(held) + 1 if decode_rows else 0) > kv_cache.max_seq_len:
+                max_seqlen = max(doc_lengths[held_rows:], default=0)  # of the documents prefilled
+                if max([max_seqlen] + [held[i] + doc_lengths[i] for i in range(held_rows)]) > kv_cache.max_seq_len:
                     raise ValueError(f"KVCache: appending documents of {doc_lengths} tokens to rows holding {held} "
                                      f"would exceed max_seq_len {kv_cache.max_seq_len}")
                 packed_slots = (doc_ids, doc_positions)  # token t goes to row doc_ids[t], position doc_positions[t]
-                if decode_rows:
-                    cache_max = max(held)
-                    n = decode_rows
-                    # the decode tokens continue their rows; the prefilled documents are described alone
-                    packed_slots = (doc_ids[n:], doc_positions[n:])
-                    ctx_cu = cu_seqlens[n:] - n
+                if held_rows:
+                    # rows continued one token each (a decode step), then those continued by more
+                    decode_rows = next((i for i in range(held_rows) if doc_lengths[i] != 1), held_rows)
+                    starts = list(itertools.accumulate(doc_lengths[:held_rows], initial=0))
+                    continued = tuple((i, starts[i], doc_lengths[i], held[i]) for i in range(decode_rows, held_rows)
+                                      if doc_lengths[i])
+                    cache_max = max(held[:decode_rows], default=0)
+                    m = starts[-1]
+                    # the continuing tokens go through the rows' attention; the prefilled documents are
+                    # described alone
+                    packed_slots = (doc_ids[m:], doc_positions[m:])
+                    ctx_cu = cu_seqlens[held_rows:] - m
                     if derived:
-                        position_ids = torch.cat([kv_cache.seqlens[:n].long(), doc_positions[n:]])[None]
-                        pos_max = max(cache_max, max_seqlen - 1)
+                        # each continued row's tokens go on from the tokens it holds
+                        offsets = torch.tensor(held[:held_rows] + [0] * (len(held) - held_rows), dtype=torch.long)
+                        position_ids = (doc_positions + offsets.to(doc_ids.device)[doc_ids])[None]
+                        pos_max = max([max_seqlen - 1] + [held[i] + doc_lengths[i] - 1 for i in range(held_rows)])
         elif input_ids.dim() != 2:
             raise ValueError(f"ExaoneForCausalLM: input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
         b, s = input_ids.shape
@@ -389,7 +410,7 @@ class ExaoneForCausalLM(nn.Module):
         if pos_max is not None and not 0 <= pos_max < c.max_position_embeddings:
             pos_max = None  # empty input, or positions past the table: let apply_rope check them and say so
         ctx = ForwardContext(ops, self.rope_cos, self.rope_sin, position_ids, ctx_cu, max_seqlen, kv_cache,
-                             cache_max, packed_slots, pos_max, decode_rows)
+                             cache_max, packed_slots, pos_max, decode_rows, continued)
         h = self.transformer.wte(input_ids)                                                            # [b, s, d]
         for block in self.transformer.h:
             h = block(h, ctx)
