@@ -19,6 +19,14 @@ received). Targets: tokens/s at 8 clients >= 4x that at 1; median TTFT at 8 <= 2
 (median ms per decode step, tokens/s, x one row), and a step in which one newcomer is admitted
 while N - 1 rows decode (one pass, its prompt packed after the rows' next tokens; with --no-mix a
 prefill pass of its own, then the decode pass): where the server's time goes.
+
+--long-prompt N drives the Engine with --long-rows rows decoding when a prompt of N tokens
+arrives, once with its prefill in chunks of --prefill-chunk-size tokens, one per decode step
+(the default), once with mixing off (the whole prompt prefilled before the next decode pass):
+the longest wait between two tokens of a running row, and the long request's time to its first
+token.
+
+    python benchmarks/bench_server.py --layers 4 --levels 1 --requests 1 --long-prompt 4096
 """
 from __future__ import annotations
 
@@ -167,6 +175,38 @@ def engine_levels(model, tokenizer, levels, max_batch, max_seq, prompt_tokens, s
     return out
 
 
+def long_prompt_gaps(model, tokenizer, rows, long_tokens, chunk, mix, rng) -> dict:
+    """rows requests decoding, then one prompt of long_tokens tokens arrives: every step timed until
+    it has its first token, then a few plain decode steps."""
+    from exaone_ext.generation import GenerationConfig
+    from exaone_ext.generation.engine import Engine
+
+    max_seq = long_tokens + 64
+    engine = Engine(model, tokenizer, max_batch=rows + 1, max_seq_len=max_seq, prefill_chunk_size=chunk)
+    engine.mix_prefill = mix
+    config = GenerationConfig(max_new_tokens=max_seq, stop_token_ids=[])
+    runners = [engine.add([rng.randrange(4, 1000) for _ in range(16)], config) for _ in range(rows)]
+    for _ in range(3):
+        engine.step()
+    long = engine.add([rng.randrange(4, 1000) for _ in range(long_tokens)], GenerationConfig(max_new_tokens=8))
+    gaps, start = [], time.perf_counter()
+    last = start
+    while not long.tokens:
+        engine.step()
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    ttft = last - start
+    plain = []
+    for _ in range(4):
+        t = time.perf_counter()
+        engine.step()
+        plain.append(time.perf_counter() - t)
+    assert all(len(r.tokens) > 3 for r in runners)
+    return {"mix": mix, "steps": len(gaps), "max_gap_s": max(gaps), "ttft_s": ttft,
+            "decode_step_s": statistics.median(plain)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=30, help="decoder layers (2.4B has 30)")
@@ -181,6 +221,11 @@ def main(argv=None) -> int:
     p.add_argument("--engine", action="store_true", help="also time the Engine directly at each level (no HTTP)")
     p.add_argument("--no-mix", action="store_true",
                    help="prefill newcomers in a pass of their own before the decode pass (Engine.mix_prefill off)")
+    p.add_argument("--long-prompt", type=int, default=0, metavar="N",
+                   help="also time a prompt of N tokens arriving while --long-rows rows decode (see above)")
+    p.add_argument("--long-rows", type=int, default=4)
+    p.add_argument("--prefill-chunk-size", type=int, default=512,
+                   help="prompt tokens per pass for --long-prompt (default 512)")
     args = p.parse_args(argv)
 
     import torch
@@ -233,8 +278,25 @@ def main(argv=None) -> int:
                 print(f"{'':>13} {e['rows']:>4} {e['decode_step_s'] * 1e3:>10.1f}ms {e['tokens_per_s']:>8.2f} "
                       f"{e['tokens_per_s'] / engine_results[0]['tokens_per_s']:>6.2f} {e['admit_step_s'] * 1e3:>9.1f}ms",
                       flush=True)
+    long_results = []
+    if args.long_prompt:
+        long_results = [long_prompt_gaps(model, tokenizer, args.long_rows, args.long_prompt, args.prefill_chunk_size,
+                                         mix, rng) for mix in (True, False)]
+        if not args.json:
+            print(f"\na {args.long_prompt}-token prompt arriving while {args.long_rows} rows decode "
+                  f"(chunks of {args.prefill_chunk_size}):")
+            print(f"{'':>2}{'prefill':<34} {'steps':>5} {'longest gap':>12} {'TTFT':>9} {'decode step':>12}")
+            for r in long_results:
+                how = "one chunk per decode pass" if r["mix"] else "whole, before the decode pass"
+                print(f"{'':>2}{how:<34} {r['steps']:>5} {r['max_gap_s'] * 1e3:>10.0f}ms {r['ttft_s']:>8.2f}s "
+                      f"{r['decode_step_s'] * 1e3:>10.0f}ms", flush=True)
     if args.json:
-        print(json.dumps({"server": results, "engine": engine_results} if args.engine else results, indent=2))
+        out = {"server": results}
+        if args.engine:
+            out["engine"] = engine_results
+        if long_results:
+            out["long_prompt"] = long_results
+        print(json.dumps(out if len(out) > 1 else results, indent=2))
         return 0
     by = {r["clients"]: r for r in results}
     if 1 in by and 8 in by:

@@ -170,3 +170,14 @@ def test_no_cuda_graphs_flag():
         assert cli.generation_config(on, GenerationConfig()).cuda_graphs is True
     assert parser.parse_args(["serve", "--model", "m", "--no-cuda-graphs"]).cuda_graphs is False
     assert parser.parse_args(["serve", "--model", "m"]).cuda_graphs is True
+
+
+def test_serve_prefill_chunk_size_flag(capsys):
+    pytest.importorskip("uvicorn")  # serve checks its extra first
+    from exaone_ext import cli
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["serve", "--model", "m"]).prefill_chunk_size is None
+    assert parser.parse_args(["serve", "--model", "m", "--prefill-chunk-size", "512"]).prefill_chunk_size == 512
+    assert cli.main(["serve", "--model", "m", "--prefill-chunk-size", "0"]) != 0
+    assert "--prefill-chunk-size: expected a positive integer, got 0" in capsys.readouterr().err

@@ -194,8 +194,9 @@ def forwards(model, monkeypatch) -> list[tuple[int, bool]]:
 @pytest.mark.parametrize("mix", [True, False])
 def test_newcomers_ride_in_the_decode_pass(model, tok, monkeypatch, mix):
     """While rows decode, newcomers' prompts go into the decode pass itself (one forward for the
-    step: the rows' next tokens, then the prompts packed); a prompt longer than a pack, or
-    mix_prefill off, gets a prefill pass of its own. The tokens equal each request's solo run."""
+    step: the rows' next tokens, then the prompts packed); a prompt longer than a pack goes in one
+    chunk per decode pass; mix_prefill off, prompts get prefill passes of their own. The tokens
+    equal each request's solo run."""
     budgets = [9, 6, 5, 4]
     solo = [generate(model, tok, p, greedy(n)).tokens for p, n in zip(PROMPTS, budgets)]
     long_prompt = tok.encode(PROMPTS[3] + " " + PROMPTS[1] + " " + PROMPTS[4])
@@ -219,16 +220,87 @@ def test_newcomers_ride_in_the_decode_pass(model, tok, monkeypatch, mix):
     run(engine)
     assert [r.tokens for r in reqs] == solo
     assert engine.stats.prefill_tokens == sum(r.prompt_tokens for r in reqs)
-    # a prompt longer than prefill_chunk_size is prefilled in chunks of its own, not in the decode pass
+    # a prompt longer than prefill_chunk_size: with mixing, one chunk per decode pass; without, its
+    # chunks in passes of their own before the decode pass
     engine = Engine(model, tok, max_batch=2, prefill_chunk_size=len(long_prompt) - 1)
+    engine.mix_prefill = mix
     first = engine.add(PROMPTS[0], greedy(budgets[0]))
     engine.step()
     del calls[:]
     late = engine.add(long_prompt, greedy(3))
     engine.step()
-    assert calls == [(len(long_prompt) - 1, False), (1, False), (2, False)]
+    if mix:
+        assert calls == [(1 + len(long_prompt) - 1, True)] and len(first.tokens) == 3 and late.tokens == []
+        assert engine.num_active == 1 and engine.num_waiting == 1
+        engine.step()
+        assert calls[1:] == [(1 + 1, True)] and len(first.tokens) == 4 and len(late.tokens) == 1
+        assert engine.num_active == 2 and engine.num_waiting == 0
+    else:
+        assert calls == [(len(long_prompt) - 1, False), (1, False), (2, False)]
     run(engine)
     assert first.tokens == solo[0] and late.tokens == solo_long
+
+
+def test_long_prompts_fill_chunk_by_chunk_beside_the_decoding_rows(model, tok, monkeypatch):
+    """A prompt longer than a pack is prefilled one chunk per step inside the decode pass: the
+    running rows get a token every step meanwhile, rows that finish mid-fill move the filling row
+    up, a fill that outlives every running row goes on alone, a cancelled fill frees its row, and
+    every result equals its request's solo run (repetition penalty included)."""
+    chunk = 4
+    longs = [tok.encode(PROMPTS[3] + " " + PROMPTS[1]), tok.encode(PROMPTS[4] + " " + PROMPTS[2] + " " + PROMPTS[0])]
+    assert all(len(ids) > 2 * chunk for ids in longs)
+    penalised = GenerationConfig(max_new_tokens=5, stop_token_ids=[], repetition_penalty=1.3)
+    solo_short = [generate(model, tok, PROMPTS[0], greedy(3)).tokens, generate(model, tok, PROMPTS[1], greedy(30)).tokens]
+    solo_long = [generate(model, tok, longs[0], penalised).tokens, generate(model, tok, longs[1], greedy(4)).tokens]
+    calls = forwards(model, monkeypatch)
+    engine = Engine(model, tok, max_batch=3, prefill_chunk_size=chunk)
+    short = [engine.add(PROMPTS[0], greedy(3)), engine.add(PROMPTS[1], greedy(30))]
+    engine.step()
+    late = engine.add(longs[0], penalised)
+    queued = engine.add(longs[1], greedy(4))
+    del calls[:]
+    steps = 0
+    while late.tokens == []:
+        before = [len(r.tokens) for r in short]
+        engine.step()
+        steps += 1
+        # every step: one pass, the running rows' tokens and one chunk of the long prompt
+        assert len(calls) == steps and calls[-1][1]
+        assert [len(r.tokens) for r in short] == [min(n + 1, 3) if i == 0 else n + 1 for i, n in enumerate(before)]
+        assert queued.tokens == [] and engine.num_waiting == (2 if late.tokens == [] else 1)
+    assert steps == -(-len(longs[0]) // chunk)
+    assert short[0].done and engine.num_active == 2  # the first short request finished mid-fill
+    assert [n - running for (n, _), running in zip(calls, [2] + [1] * (steps - 1))] == \
+        [chunk] * (steps - 1) + [len(longs[0]) - chunk * (steps - 1)]
+    run(engine)
+    assert [r.tokens for r in short] == solo_short and [late.tokens, queued.tokens] == solo_long
+    # a fill that outlives the running rows goes on alone; a cancelled fill frees its row
+    engine = Engine(model, tok, max_batch=2, prefill_chunk_size=chunk)
+    brief = engine.add(PROMPTS[0], greedy(3))
+    engine.step()
+    alone = engine.add(longs[1], greedy(4))
+    engine.step()
+    assert brief.done and engine.num_active == 0 and engine.num_waiting == 1 and alone.tokens == []
+    del calls[:]
+    run(engine)
+    assert alone.tokens == solo_long[1] and brief.tokens == solo_short[0]
+    assert calls[0] == (chunk, True)  # the next chunk, in a pass of its own
+    engine = Engine(model, tok, max_batch=2, prefill_chunk_size=chunk)
+    runner = engine.add(PROMPTS[1], greedy(30))
+    engine.step()
+    doomed = engine.add(longs[1], greedy(4))
+    engine.step()
+    assert engine.num_waiting == 1 and doomed.tokens == []
+    engine.cancel(doomed)
+    events = engine.step()
+    assert doomed.done and doomed.stop_reason == "cancelled" and any(e.request is doomed and e.finished for e in events)
+    assert engine.num_waiting == 0 and engine.num_active == 1
+    after = engine.add(longs[0], penalised)
+    while after.tokens == []:
+        engine.step()
+    engine.cancel(runner)
+    run(engine)
+    assert after.tokens == solo_long[0] and runner.tokens == solo_short[1][:len(runner.tokens)]
 
 
 def test_stop_token_and_result_objects(model, tok):

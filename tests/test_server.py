@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -475,6 +476,29 @@ def test_quantized_serving(ckpt, model_tok):
         create_app(str(ckpt), quant="int3")
     with pytest.raises(ValueError, match=r"quant applies to a model loaded from a path"):
         create_app(Engine(*model_tok, max_batch=1), quant="int8")
+
+
+def test_prefill_chunk_size(ckpt, model_tok):
+    """create_app(path, prefill_chunk_size=N): a prompt longer than N tokens is prefilled N per
+    decode step beside a running request; both replies are the ones generate gives alone."""
+    app = create_app(str(ckpt), model_name=MODEL, max_batch=2, prefill_chunk_size=3)
+    assert app.state.scheduler.engine.prefill_chunk_size == 3
+    long_prompt = "The capital of Korea is Seoul, and the capital of Japan is"
+    assert len(model_tok[1].encode(long_prompt)) > 6
+    srv = Server(app)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(httpx.post, srv.url + "/v1/completions",
+                                   json={"model": MODEL, "prompt": p, "max_tokens": n, "temperature": 0}, timeout=60)
+                       for p, n in (("Hello", 12), (long_prompt, 5))]
+            replies = [f.result() for f in futures]
+    finally:
+        srv.stop()
+    assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
+    assert [r.json()["choices"][0]["text"] for r in replies] == [reference(model_tok, "Hello", 12),
+                                                                 reference(model_tok, long_prompt, 5)]
+    with pytest.raises(ValueError, match=r"prefill_chunk_size: expected a positive integer or None, got 0"):
+        create_app(str(ckpt), prefill_chunk_size=0)
 
 
 # ---------------------------------------------------------------------------- the command

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="quantize the block projections after loading (int8 per channel, int4 in groups of 128)")
+    p.add_argument("--prefill-chunk-size", type=int, default=None, metavar="N",
+                   help="prompt tokens per pass (default 8192): a longer prompt is prefilled N tokens per decode "
+                        "step, so running requests keep streaming while it fills")
     p = sub.add_parser("decontaminate", help="remove training examples that overlap benchmark test sets",
                        description="Substring-overlap decontamination: windows of WINDOW alphanumeric characters "
                                    "(lower-cased, Unicode-aware) of the test examples form a pool; a training "
@@ -534,7 +537,8 @@ def cmd_serve(args) -> int:
         from .serve import create_app
     except ImportError as e:
         raise UserError(f"serve: needs the 'serve' extra ({e.name} is missing): pip install 'exaone-ext[serve]'") from None
-    for flag, value in (("--max-batch", args.max_batch), ("--port", args.port)):
+    for flag, value in (("--max-batch", args.max_batch), ("--port", args.port),
+                        ("--prefill-chunk-size", 1 if args.prefill_chunk_size is None else args.prefill_chunk_size)):
         if value < 1:
             raise UserError(f"{flag}: expected a positive integer, got {value}")
     if args.max_waiting is not None and args.max_waiting < 0:
@@ -544,7 +548,7 @@ def cmd_serve(args) -> int:
     app = create_app(args.model, model_name=args.served_model_name, api_key=args.api_key or None,
                      max_batch=args.max_batch, max_waiting=args.max_waiting, device=device,
                      dtype=_resolve_dtype(args.dtype, device), max_seq_len=args.max_seq_len, quant=args.quant,
-                     cuda_graphs=args.cuda_graphs)
+                     cuda_graphs=args.cuda_graphs, prefill_chunk_size=args.prefill_chunk_size)
     print(f"serving {app.state.model_name!r}{' (' + args.quant + ')' if args.quant else ''} on http://{args.host}:{args.port}/v1 "
           f"({args.max_batch} rows{', API key required' if args.api_key else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

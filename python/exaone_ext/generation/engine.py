@@ -16,7 +16,10 @@ are prefilled, neighbouring prompts packed into one forward (documents attended 
 _PACK_TOKENS tokens or prefill_chunk_size a pack; a prompt alone in its pack goes in chunks); then
 every active row decodes one token, each attending to its own cache length. When rows are already
 decoding, the newcomers of one pack ride in the decode pass itself (their prompts packed after the
-running rows' next tokens), so a step that admits reads the weights once, not twice. Rows of finished or
+running rows' next tokens), so a step that admits reads the weights once, not twice; a prompt longer
+than a pack goes in one pack-sized chunk per step, each chunk in that step's decode pass (its row
+continued after the running rows), so the running rows keep producing a token every step while it
+fills. Rows of finished or
 cancelled requests are dropped and the others moved up, so the active rows are always the first
 rows of the cache and a step costs what its active rows cost. Sampling settings are per request;
 rows with the same settings are sampled together. Token ids stay on the device between host
@@ -330,7 +333,8 @@ class Engine:
     elsewhere (the attribute then reads False).
     sync_every (attribute): decode steps between host reads when nothing needs each token at once.
     mix_prefill (attribute, default True): newcomers join the running rows' decode pass rather than
-    being prefilled in a pass of their own first.
+    being prefilled in a pass of their own first (a prompt longer than a pack: one chunk per step,
+    in the decode pass); off, they are prefilled whole before the decode pass.
     Not thread-safe: one caller drives add / cancel / step."""
 
     def __init__(self, model, tokenizer: ExaoneTokenizer, max_batch: int = 8, max_seq_len: int | None = None,
@@ -363,6 +367,8 @@ class Engine:
         self._seen: torch.Tensor | None = None   # bool [max_batch, V]: tokens in each row (repetition penalty)
         self._groups: list[tuple[torch.Tensor | None, Request]] | None = None  # rows sampled together
         self._to_cancel: list[Request] = []
+        self._filling: Request | None = None     # a long prompt prefilled chunk by chunk, in row num_active
+        self._filled = 0                         # its prompt tokens cached so far
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs = None                      # DecodeGraphs over the cache, made with it on CUDA
 
@@ -373,11 +379,12 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Requests not decoding yet: queued, or a long prompt being prefilled chunk by chunk."""
+        return len(self._waiting) + (self._filling is not None)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._active or self._to_cancel)
+        return bool(self._waiting or self._active or self._to_cancel or self._filling is not None)
 
     def add(self, prompt, config: GenerationConfig | None = None) -> Request:
         """Queue one prompt (a string, token ids or chat messages); it joins the batch at the next
@@ -408,7 +415,7 @@ class Engine:
             raise TypeError(f"Engine.cancel: expected a Request, got {type(request).__name__}")
         if request.done or request._cancelled:
             return
-        if request not in self._waiting and request not in self._active:
+        if request not in self._waiting and request not in self._active and request is not self._filling:
             raise ValueError(f"Engine.cancel: request {request.id} is not one of this engine's")
         request._cancelled = True
         self._to_cancel.append(request)
@@ -419,8 +426,9 @@ class Engine:
         returns the Events of the tokens read back to the host in this step.
 
         Newcomers that fit one pack join the running rows' decode pass (their prompts packed after
-        the rows' next tokens: one pass over the weights); with no running rows, or a prompt longer
-        than a pack, or `mix_prefill` off, they are prefilled in a pass of their own first.
+        the rows' next tokens: one pass over the weights); a prompt longer than a pack goes into the
+        decode pass one chunk per step, the next waiting requests queued behind it; with no running
+        rows, or `mix_prefill` off, newcomers are prefilled in a pass (or chunks) of their own first.
 
         on_admitted: when requests were admitted, called as soon as their first tokens are read
         back, with the Events read so far (those Events are then not returned): after a prefill
@@ -435,20 +443,32 @@ class Engine:
             self._read(events)
             self._cancel_now(events)
         decoding: list[Request] = []  # the rows this step decodes
-        joined = False                # whether newcomers joined the decode pass (which then has run)
-        if self._waiting and len(self._active) < self.max_batch:
+        joined = False                # whether prompt tokens rode in the decode pass (which then has run)
+        admitted = False
+        if self._waiting and self._filling is None and len(self._active) < self.max_batch:
             self._read(events)
             joining = self._joining() if self.mix_prefill and self._active else 0
             if joining:
                 decoding, joined = list(self._active), True
-            prefill_seconds = self._admit(joining)
+            if joining or not (self.mix_prefill and self._active):
+                prefill_seconds, admitted = self._admit(joining), True
+            else:
+                self._start_filling()  # the first waiting prompt is longer than a pack
+        if self._filling is not None and not joined:
+            decoding, joined = list(self._active), True
+            seconds, admitted = self._fill()
+            prefill_seconds += seconds
+        if admitted:
             if joined or on_admitted is not None:
-                self._read(events)  # after _admit's own sync: no extra wait for the device
+                self._read(events)  # after the pass's own sync: no extra wait for the device
             if on_admitted is not None:
                 t = time.perf_counter()
                 on_admitted(events)
                 events = []
                 prefill_seconds += time.perf_counter() - t  # the caller's time, not decoding's
+        elif joined and (self._unread_steps >= self.sync_every or any(r.config.stop_strings for r in self._active)
+                         or any(r._drawn >= r._text.budget for r in self._active)):
+            self._read(events)
         if not joined:
             if any(r._drawn >= r._text.budget for r in self._active):
                 self._read(events)  # a new row whose first token was its last
@@ -481,21 +501,34 @@ class Engine:
             count, total = count + 1, total + r.prompt_tokens
         return count
 
+    def _ensure_cache(self) -> None:
+        from ..model import KVCache
+
+        if self._cache is None:
+            self._cache = KVCache(self.model.config, self.max_batch, self.max_seq_len, self.dtype, self.device)
+            if self.cuda_graphs:
+                from .cuda_graphs import DecodeGraphs
+                self._graphs = DecodeGraphs(self.model, self._cache, self.max_batch)
+
+    def _mark_seen(self, row: int, r: Request) -> None:
+        """Row `row` of the repetition-penalty table holds r's prompt tokens (made when first needed)."""
+        if r.config.repetition_penalty == 1.0:
+            return
+        if self._seen is None:
+            self._seen = torch.zeros(self.max_batch, self.model.config.vocab_size, dtype=torch.bool,
+                                     device=self.device)
+        self._seen[row].zero_()
+        self._seen[row, torch.tensor(r.prompt_ids, device=self.device)] = True
+
     def _admit(self, joining: int = 0) -> float:
         """Prefill waiting requests into the free rows; returns the seconds of prefill it took.
 
         joining > 0: that many waiting requests are prefilled in the running rows' decode pass
         (their prompts packed after the rows' next tokens: one read of the weights for both), which
         this then is; its time is shared between prefill and decode by their token counts."""
-        from ..model import KVCache
-
         _sync(self.device)
         t0 = time.perf_counter()
-        if self._cache is None:
-            self._cache = KVCache(self.model.config, self.max_batch, self.max_seq_len, self.dtype, self.device)
-            if self.cuda_graphs:
-                from .cuda_graphs import DecodeGraphs
-                self._graphs = DecodeGraphs(self.model, self._cache, self.max_batch)
+        self._ensure_cache()
         first_row = len(self._active)
         count = joining or min(self.max_batch - first_row, len(self._waiting))
         admitted = [self._waiting.popleft() for _ in range(count)]
@@ -505,13 +538,8 @@ class Engine:
             logits = self._prefill_with_decode([r.prompt_ids for r in admitted])        # [first_row + k, V]
         else:
             logits = self._prefill(rows, [r.prompt_ids for r in admitted])               # [k, V]
-        if any(r.config.repetition_penalty != 1.0 for r in admitted):
-            if self._seen is None:
-                self._seen = torch.zeros(self.max_batch, self.model.config.vocab_size, dtype=torch.bool,
-                                         device=self.device)
-            for i, r in enumerate(admitted):
-                self._seen[first_row + i].zero_()
-                self._seen[first_row + i, torch.tensor(r.prompt_ids, device=self.device)] = True
+        for i, r in enumerate(admitted):
+            self._mark_seen(first_row + i, r)
         self._active.extend(admitted)
         self._rows_changed()
         if joining:
@@ -528,6 +556,45 @@ class Engine:
         for r in admitted:
             r.stats.prefill_seconds = seconds
         return seconds * share
+
+    def _start_filling(self) -> None:
+        """The first waiting request (a prompt longer than a pack) takes the row after the running
+        ones, to be prefilled one chunk per step by _fill."""
+        self._ensure_cache()
+        r = self._waiting.popleft()
+        row = len(self._active)
+        self._cache.rows(row, row + 1).reset()
+        self._mark_seen(row, r)
+        self._filling, self._filled = r, 0
+
+    def _fill(self) -> tuple[float, bool]:
+        """One pass: the running rows' next tokens and the next chunk (at most a pack) of the filling
+        prompt, continuing its row. The running rows get their next tokens; after the last chunk the
+        request becomes active with its first token. Returns (seconds of prefill, whether it did)."""
+        r, n = self._filling, len(self._active)
+        chunk = r.prompt_ids[self._filled:self._filled + (self.prefill_chunk_size or _PACK_TOKENS)]
+        done = self._filled + len(chunk) == r.prompt_tokens
+        _sync(self.device)
+        t0 = time.perf_counter()
+        x, cu = self._packed([chunk], head=self._next if n else None)
+        logits = self.model(x, cu_seqlens=cu, kv_cache=self._cache.rows(0, n + 1), num_logits_to_keep=1)[:, -1]
+        self._filled += len(chunk)
+        if done:
+            self._filling = None
+            self._active.append(r)
+            self._rows_changed()
+            self._push(0, self._sample(logits, 0))      # the running rows' next tokens and its first
+        elif n:
+            self._push(0, self._sample(logits[:n], 0))
+        if done or n:
+            self._unread_steps += 1
+        _sync(self.device)
+        seconds = time.perf_counter() - t0
+        share = len(chunk) / (len(chunk) + n)
+        self.stats.prefill_tokens += len(chunk)
+        self.stats.prefill_seconds += seconds * share
+        r.stats.prefill_seconds += seconds
+        return seconds * share, done
 
     def _prefill_with_decode(self, prompts: list[list[int]]) -> torch.Tensor:
         """One forward: the n running rows' next tokens (one document each, continuing their rows),
@@ -659,20 +726,21 @@ class Engine:
                 events.append(Event(r, "", [], True))
         self._to_cancel.clear()
         self._waiting = deque(r for r in self._waiting if id(r) not in cancelled)
+        if self._filling is not None and id(self._filling) in cancelled:
+            self._filling = None  # its row, after the active ones, is simply free again
         self._keep([row for row, r in enumerate(self._active) if id(r) not in cancelled])
 
     def _keep(self, keep: list[int]) -> None:
-        """Keep only active rows `keep` (in order), moved to the front of the cache."""
+        """Keep only active rows `keep` (in order), moved to the front of the cache (the row of a
+        prompt being filled moves up behind them)."""
         if len(keep) == len(self._active):
             return
-        if keep:
-            idx = torch.tensor(keep, device=self.device)
-            self._next = self._next[idx]
+        rows = keep + ([len(self._active)] if self._filling is not None else [])
+        self._next = self._next[torch.tensor(keep, device=self.device)] if keep else None
+        if rows:
             if self._seen is not None:
-                self._seen[:len(keep)] = self._seen[idx]
-            self._cache.keep_rows(keep)
-        else:
-            self._next = None
+                self._seen[:len(rows)] = self._seen[torch.tensor(rows, device=self.device)]
+            self._cache.keep_rows(rows)
         self._active = [self._active[row] for row in keep]
         self._rows_changed()
 

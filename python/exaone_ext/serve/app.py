@@ -37,7 +37,7 @@ def _error_response(error: APIError) -> JSONResponse:
 
 
 def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int | None, quant: str | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, prefill_chunk_size: int | None = None):
     import torch
 
     from ..generation.engine import Engine
@@ -56,14 +56,15 @@ def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int
     model = ExaoneForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
     if quant is not None:
         model.quantize(quant)
-    return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, cuda_graphs=cuda_graphs)
+    return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, cuda_graphs=cuda_graphs,
+                  prefill_chunk_size=prefill_chunk_size)
 
 
 def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: str | None = None,
                max_batch: int = 8, max_waiting: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                device=None, dtype=None, max_seq_len: int | None = None,
                default_config: GenerationConfig | None = None, quant: str | None = None,
-               cuda_graphs: bool = True) -> FastAPI:
+               cuda_graphs: bool = True, prefill_chunk_size: int | None = None) -> FastAPI:
     """An OpenAI-compatible app serving one model.
 
     engine_or_model_dir: an Engine (its .model and .tokenizer are used), or a checkpoint
@@ -79,12 +80,15 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
     quant: "int8" or "int4" to quantize the loaded model's block projections (a checkpoint
         directory or GGUF file only; an Engine is served as it is).
     cuda_graphs: on a GPU, the loaded Engine replays its decode steps as CUDA graphs.
+    prefill_chunk_size: prompt tokens the loaded Engine puts in one pass (default 8192): newcomers
+        that fit ride in the running rows' decode pass; a longer prompt goes in chunks of this
+        size, one per decode step, so the running rows' time per token grows by at most one chunk.
     """
     if quant is not None and quant not in ("int8", "int4"):
         raise ValueError(f"create_app: quant: expected 'int8', 'int4' or None, got {quant!r}")
     if isinstance(engine_or_model_dir, (str, os.PathLike)):
         model_dir = os.fspath(engine_or_model_dir)
-        engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len, quant, cuda_graphs)
+        engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len, quant, cuda_graphs, prefill_chunk_size)
         resolved = Path(model_dir).resolve()
         model_name = model_name or (resolved.name if resolved.is_dir() else resolved.stem)
         if default_config is None:
