@@ -22,6 +22,7 @@
 // Scratch: each call needs attn_scratch_bytes(group, head_dim) bytes, 64-byte aligned, private
 // to the calling thread.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "common/attention.h"
@@ -73,6 +74,63 @@ inline int64_t attn_decode_scratch_bytes(const AttnParams& p) {
   const int64_t bytes = p.kv_heads * rp * dq * 2 + p.kv_heads * rows * p.head_dim * 4 + p.kv_heads * 16 * 4 * 2 +
                         kAttnDecodeBlockKeys * rp * 4 + kAttnDecodeBlockKeys / 2 * rp * 4;
   return bytes + 64 * 7;
+}
+
+}  // namespace exaone_ext::cpu
+
+namespace exaone_ext::cpu {
+
+// Shared by the decode kernels. Row c of a kv head is (query position c / g, q head c % g of its
+// group), c < R = seq_q * g. attn_decode_key_ends: each row sees keys [k_begin, cend[c]) of the item's
+// range; returns the end of the keys any row sees.
+inline int64_t attn_decode_key_ends(const AttnParams& p, const SeqRange& sr, int64_t k_begin, int64_t k_end,
+                                    int32_t* cend) {
+  const int64_t g = p.group(), R = p.seq_q * g;
+  k_end = k_end < sr.len_k ? k_end : sr.len_k;
+  int64_t kmax = k_begin;
+  for (int64_t c = 0; c < R; ++c) {
+    int64_t e = p.causal ? causal_key_end(c / g, sr.len_q, sr.len_k) : sr.len_k;
+    e = e < k_end ? e : k_end;
+    cend[c] = int32_t(e > k_begin ? e : k_begin);
+    kmax = e > kmax ? e : kmax;
+  }
+  return kmax;
+}
+
+// Score vectors of `lanes` lanes hold keys kk + j (j = lane / RP) for rows r = lane % RP: the key of a
+// lane is visible iff kk < lims[lane] (rows past R see none).
+inline void attn_decode_lane_limits(const int32_t* cend, int64_t R, int RP, int lanes, int32_t* lims) {
+  for (int lane = 0; lane < lanes; ++lane) {
+    const int r = lane % RP, j = lane / RP;
+    lims[lane] = r < R ? cend[r] - j : INT32_MIN;
+  }
+}
+
+// The rows of kv head h from an item's float state: O (unnormalised, [R][d], element x at pos(x)),
+// the rows' sums l[c] and maxima m[c]. Normalised rows and LSEs go to part_out / part_lse (a split's
+// partial) or to p.out (through store(dst, x, value)) and p.lse. A row that saw no key (l == 0)
+// gets zeros and -inf; a NaN sum (a NaN score) goes on into out and lse.
+template <typename Pos, typename Store>
+inline void attn_decode_write_rows(const AttnParams& p, int64_t b, const SeqRange& sr, int64_t h, const float* O,
+                                   const float* l, const float* m, float* part_out, float* part_lse, Pos pos,
+                                   Store store) {
+  const int64_t g = p.group(), R = p.seq_q * g, d = p.head_dim;
+  for (int64_t c = 0; c < R; ++c) {
+    const int64_t i = c / g, head = h * g + c % g;
+    const float lc = l[c], inv = lc == 0.f ? 0.f : 1.f / lc;
+    const float lse = lc == 0.f ? -INFINITY : m[c] + std::log(lc);
+    const float* o = O + c * d;
+    if (part_out) {
+      const int64_t row = (b * p.seq_q + i) * p.q_heads + head;
+      float* dst = part_out + row * d;
+      for (int64_t x = 0; x < d; ++x) dst[x] = o[pos(x)] * inv;
+      part_lse[row] = lse;
+    } else {
+      const int64_t base = b * p.o_batch_stride + (sr.q_start + i) * p.o_row_stride + head * p.o_head_stride;
+      for (int64_t x = 0; x < d; ++x) store(base + x, o[pos(x)] * inv);
+      if (p.lse) p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + sr.q_start + i] = lse;
+    }
+  }
 }
 
 }  // namespace exaone_ext::cpu

@@ -125,26 +125,13 @@ __attribute__((noinline)) void item(const AttnParams& p, int64_t b, int64_t k_be
   const Layout L = carve<RP>(p, scratch);
   const SeqRange sr = seq_range(p, b);
   const int64_t g = p.group(), d = p.head_dim, hk = p.kv_heads, R = L.R, dq = L.dq;
-  const int64_t len_q = sr.len_q, len_k = sr.len_k;
-  k_end = std::min(k_end, len_k);
   const uint16_t* Kc = static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride + sr.k_start * p.k_row_stride;
   const uint16_t* Vc = static_cast<const uint16_t*>(p.v) + b * p.v_batch_stride + sr.k_start * p.v_row_stride;
   const int64_t ldk = p.k_row_stride, ldv = p.v_row_stride;
-
-  // Row c of a head is (query position c / g, q head c % g of the group). Keys [k_begin, cend[c]).
-  int64_t kmax = k_begin;
   int32_t cend[8];
-  for (int64_t c = 0; c < R; ++c) {
-    const int64_t e = std::min(p.causal ? causal_key_end(c / g, len_q, len_k) : len_k, k_end);
-    cend[c] = int32_t(std::max(e, k_begin));
-    kmax = std::max<int64_t>(kmax, e);
-  }
-  // Key kb + kk + j of lane j * RP + r is visible iff kb + kk < lim[lane] = cend[r] - j.
+  const int64_t kmax = attn_decode_key_ends(p, sr, k_begin, k_end, cend);
   alignas(64) int32_t lims[16];
-  for (int lane = 0; lane < 16; ++lane) {
-    const int r = lane % RP, j = lane / RP;
-    lims[lane] = r < R ? cend[r] - j : INT_MIN;
-  }
+  attn_decode_lane_limits(cend, R, RP, 16, lims);
   const __m512i lim = _mm512_load_si512(lims);
 
   for (int64_t h = 0; h < hk; ++h) {
@@ -309,24 +296,10 @@ __attribute__((noinline)) void item(const AttnParams& p, int64_t b, int64_t k_be
     alignas(64) float lt[16], mt[16];
     _mm512_store_ps(lt, across_keys<RP, false>(_mm512_loadu_ps(L.l + h * 16)));
     _mm512_store_ps(mt, _mm512_loadu_ps(L.m + h * 16));
-    for (int64_t c = 0; c < R; ++c) {
-      const int64_t i = c / g, head = h * g + c % g;
-      // lc == 0: no visible key; a NaN lc (a NaN score) goes on into out and lse
-      const float lc = lt[c], inv = lc == 0.f ? 0.f : 1.f / lc;
-      const float lse = lc == 0.f ? -INFINITY : mt[c] + std::log(lc);
-      const float* o = L.O + (h * R + c) * d;
-      if (part_out) {
-        const int64_t row = (b * p.seq_q + i) * p.q_heads + head;
-        float* dst = part_out + row * d;
-        for (int64_t x = 0; x < d; ++x) dst[x] = o[vpos[x]] * inv;
-        part_lse[row] = lse;
-      } else {
-        uint16_t* dst = static_cast<uint16_t*>(p.out) + b * p.o_batch_stride + (sr.q_start + i) * p.o_row_stride +
-                        head * p.o_head_stride;
-        for (int64_t x = 0; x < d; ++x) dst[x] = to_bf16_bits(o[vpos[x]] * inv);
-        if (p.lse) p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + sr.q_start + i] = lse;
-      }
-    }
+    uint16_t* out = static_cast<uint16_t*>(p.out);
+    attn_decode_write_rows(p, b, sr, h, L.O + h * R * d, lt, mt, part_out, part_lse,
+                           [&vpos](int64_t x) { return vpos[x]; },
+                           [out](int64_t at, float v) { out[at] = to_bf16_bits(v); });
   }
 }
 
