@@ -23,7 +23,7 @@ constexpr int W = Vec::size;
 #if defined(EXAONE_VEC_AVX512)
 constexpr int kR = 6, kNV = 4;  // 24 accumulators + 4 B vectors + 1 broadcast of 32 registers
 #elif defined(EXAONE_VEC_AVX2)
-constexpr int kR = 4, kNV = 2;  // 8 accumulators of 16 registers
+constexpr int kR = 6, kNV = 2;  // 12 accumulators + 2 B vectors + 1 broadcast of 16 registers
 #else
 constexpr int kR = 4, kNV = 4;
 #endif
