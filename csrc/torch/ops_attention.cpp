@@ -23,9 +23,8 @@
 namespace exaone_ext {
 namespace {
 
-// Runs n items over ATen's threads, each thread pulling the next item (items are sorted by
-// decreasing cost by the caller, so this is longest-first scheduling). The result never depends
-// on which thread ran an item.
+// Runs n items over ATen's threads, each thread pulling the next item (the caller orders them so
+// that the cheap ones come last). The result never depends on which thread ran an item.
 template <typename F>
 void run_items(int64_t n, int64_t scratch_bytes, const F& f) {
   if (n <= 0) return;
@@ -104,7 +103,17 @@ void run_fwd(const AttnParams& p, int64_t batch, int64_t nsplit, int64_t split_k
       }
     }
   }
-  std::stable_sort(items.begin(), items.end(), [](const FwdItem& a, const FwdItem& b) { return a.cost > b.cost; });
+  // The items of one (sequence, kv head) run one after another, longest first: the threads then
+  // share that head's keys and values while they are in cache (item by item across all heads, each
+  // item found its K / V evicted by the other heads': one thread on a causal 2048 forward ran at
+  // 51 against 67 GFLOP/s). Heads with the most work go first, so the last items are the cheapest.
+  std::vector<double> head_cost(size_t(batch * p.kv_heads), 0.0);
+  for (const FwdItem& it : items) head_cost[size_t(it.b * p.kv_heads + it.kvh)] += it.cost;
+  std::stable_sort(items.begin(), items.end(), [&](const FwdItem& a, const FwdItem& b) {
+    const size_t ga = size_t(a.b * p.kv_heads + a.kvh), gb = size_t(b.b * p.kv_heads + b.kvh);
+    if (ga != gb) return head_cost[ga] != head_cost[gb] ? head_cost[ga] > head_cost[gb] : ga < gb;
+    return a.cost > b.cost;
+  });
   run_items(int64_t(items.size()), cpu::attn_scratch_bytes(g, p.head_dim), [&](int64_t t, void* scratch) {
     const FwdItem& it = items[t];
     float* po = part_out ? part_out + it.split * part_size * p.head_dim : nullptr;
