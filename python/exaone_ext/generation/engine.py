@@ -368,7 +368,6 @@ class Engine:
         self._groups: list[tuple[torch.Tensor | None, Request]] | None = None  # rows sampled together
         self._to_cancel: list[Request] = []
         self._filling: Request | None = None     # a long prompt prefilled chunk by chunk, in row num_active
-        self._filled = 0                         # its prompt tokens cached so far
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs = None                      # DecodeGraphs over the cache, made with it on CUDA
 
@@ -466,8 +465,7 @@ class Engine:
                 on_admitted(events)
                 events = []
                 prefill_seconds += time.perf_counter() - t  # the caller's time, not decoding's
-        elif joined and (self._unread_steps >= self.sync_every or any(r.config.stop_strings for r in self._active)
-                         or any(r._drawn >= r._text.budget for r in self._active)):
+        elif joined and self._read_due():
             self._read(events)
         if not joined:
             if any(r._drawn >= r._text.budget for r in self._active):
@@ -479,14 +477,19 @@ class Engine:
                     logits = self.model(self._next[:, None], kv_cache=self._view, num_logits_to_keep=1)[:, -1]
                 self._push(0, self._sample(logits, 0))
                 self._unread_steps += 1
-                if (self._unread_steps >= self.sync_every or any(r.config.stop_strings for r in self._active)
-                        or any(r._drawn >= r._text.budget for r in self._active)):
+                if self._read_due():
                     self._read(events)
         decode_seconds = time.perf_counter() - start - prefill_seconds
         self.stats.decode_seconds += decode_seconds
         for r in decoding:
             r.stats.decode_seconds += decode_seconds
         return events
+
+    def _read_due(self) -> bool:
+        """After a decode pass: whether its tokens are read back now (sync_every passes unread, stop
+        strings that need the text, or a row at its length limit)."""
+        return (self._unread_steps >= self.sync_every or any(r.config.stop_strings for r in self._active)
+                or any(r._drawn >= r._text.budget for r in self._active))
 
     # ---- admission and prefill
     def _joining(self) -> int:
@@ -565,20 +568,20 @@ class Engine:
         row = len(self._active)
         self._cache.rows(row, row + 1).reset()
         self._mark_seen(row, r)
-        self._filling, self._filled = r, 0
+        self._filling = r
 
     def _fill(self) -> tuple[float, bool]:
         """One pass: the running rows' next tokens and the next chunk (at most a pack) of the filling
         prompt, continuing its row. The running rows get their next tokens; after the last chunk the
         request becomes active with its first token. Returns (seconds of prefill, whether it did)."""
         r, n = self._filling, len(self._active)
-        chunk = r.prompt_ids[self._filled:self._filled + (self.prefill_chunk_size or _PACK_TOKENS)]
-        done = self._filled + len(chunk) == r.prompt_tokens
+        filled = int(self._cache.host_seqlens[n])  # its prompt tokens cached so far
+        chunk = r.prompt_ids[filled:filled + (self.prefill_chunk_size or _PACK_TOKENS)]
+        done = filled + len(chunk) == r.prompt_tokens
         _sync(self.device)
         t0 = time.perf_counter()
         x, cu = self._packed([chunk], head=self._next if n else None)
         logits = self.model(x, cu_seqlens=cu, kv_cache=self._cache.rows(0, n + 1), num_logits_to_keep=1)[:, -1]
-        self._filled += len(chunk)
         if done:
             self._filling = None
             self._active.append(r)

@@ -382,9 +382,8 @@ class ExaoneForCausalLM(nn.Module):
                     packed_slots = (doc_ids[m:], doc_positions[m:])
                     ctx_cu = cu_seqlens[held_rows:] - m
                     if derived:
-                        # each continued row's tokens go on from the tokens it holds
-                        offsets = torch.tensor(held[:held_rows] + [0] * (len(held) - held_rows), dtype=torch.long)
-                        position_ids = (doc_positions + offsets.to(doc_ids.device)[doc_ids])[None]
+                        # each row's tokens go on from the tokens it holds (none in the empty rows)
+                        position_ids = (doc_positions + kv_cache.seqlens.long()[doc_ids])[None]
                         pos_max = max([max_seqlen - 1] + [held[i] + doc_lengths[i] - 1 for i in range(held_rows)])
         elif input_ids.dim() != 2:
             raise ValueError(f"ExaoneForCausalLM: input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
