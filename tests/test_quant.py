@@ -101,6 +101,20 @@ def test_int4_outlier_activations(outlier, dtype, int_dot):
     _check(out, x, reference.dequantize_int4(q, s.double(), z, 128, torch.float64), reference.linear_int4(x, q, s, z))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_offset_activations(dtype, int_dot):
+    """x far from zero mean (every value near 3): the zero points' part of each group's sum, z times
+    the sum of x, is then most of it and cancels against the rest; the result still meets the error
+    rule."""
+    k, n = 2560, 72
+    q, s, z = _int4(n, k, "cpu")
+    for m in (1, 3, 8):
+        x = (3 + 0.05 * torch.randn(m, k)).to(dtype)
+        out = ops.linear_int4(x, q, s, z)
+        _check(out, x, reference.dequantize_int4(q, s.double(), z, 128, torch.float64),
+               reference.linear_int4(x, q, s, z))
+
+
 def test_int4_16bit_views_and_empty(int_dot):
     """bfloat16 x as a view (rows with an offset and a step, a transposed last dimension), of rank 3,
     and with zero rows, on both CPU paths."""

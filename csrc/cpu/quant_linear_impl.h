@@ -236,55 +236,60 @@ bool prepare_x4_impl(const QuantLinearArgs& a, int8_t* xq, float* xs, int32_t* x
   return true;
 }
 
-// The integer dot products of group g's weight bytes (qg[r], R features) with one row's x parts
-// (xh, xl in kernel order): s32[r] holds 8 partial sums of q * (128 * hi + lo).
-template <int R>
-inline void dots4i(const uint8_t* const* qg, const int8_t* xh, const int8_t* xl, int64_t G, __m256i* s32) {
-  const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), c128 = _mm256_set1_epi16(128);
+// The integer dot products of one feature's group of weight bytes (q) with MT rows' x parts (xq[j]:
+// the group's hi parts, its lo parts G further, in kernel order): s[j] gets 8 partial sums of
+// q * (128 * hi + lo). The nibbles are unpacked once for all MT rows; x is read through memory
+// operands from L1. Inlined and unrolled so that the sums stay in registers.
+template <int MT, int kG>
+__attribute__((always_inline)) inline void dots4i(const uint8_t* q, const int8_t* const* xq, int64_t group, __m256i* s) {
+  const int64_t G = kG ? kG : group;
+  const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-  for (int r = 0; r < R; ++r) s32[r] = _mm256_setzero_si256();
+  auto mad = [&](__m256i w, const int8_t* x) { return _mm256_maddubs_epi16(w, ld(x)); };
+  auto widen = [&](__m256i ph, __m256i pl) {  // 128 * ph + pl, pairs summed into 32 bits
+    return _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(ph, ones), 7), _mm256_madd_epi16(pl, ones));
+  };
+#pragma GCC unroll 16
+  for (int j = 0; j < MT; ++j) s[j] = _mm256_setzero_si256();
   // 16-bit sums of at most 4 maddubs results (each pair |.| <= 2 * 15 * 128) before widening
   int64_t i = 0;
   for (; i + 128 <= G; i += 128) {
-    const __m256i h0 = ld(xh + i), h1 = ld(xh + i + 32), h2 = ld(xh + i + 64), h3 = ld(xh + i + 96);
-    const __m256i l0 = ld(xl + i), l1 = ld(xl + i + 32), l2 = ld(xl + i + 64), l3 = ld(xl + i + 96);
-    for (int r = 0; r < R; ++r) {
-      const __m256i b0 = ld(qg[r] + i / 2), b1 = ld(qg[r] + i / 2 + 32);
-      const __m256i w0 = _mm256_and_si256(b0, nib), w1 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), nib);
-      const __m256i w2 = _mm256_and_si256(b1, nib), w3 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), nib);
-      const __m256i ph = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w0, h0), _mm256_maddubs_epi16(w1, h1)),
-                                          _mm256_add_epi16(_mm256_maddubs_epi16(w2, h2), _mm256_maddubs_epi16(w3, h3)));
-      const __m256i pl = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w0, l0), _mm256_maddubs_epi16(w1, l1)),
-                                          _mm256_add_epi16(_mm256_maddubs_epi16(w2, l2), _mm256_maddubs_epi16(w3, l3)));
-      s32[r] = _mm256_add_epi32(s32[r], _mm256_add_epi32(_mm256_madd_epi16(ph, c128), _mm256_madd_epi16(pl, ones)));
+    const __m256i b0 = ld(q + i / 2), b1 = ld(q + i / 2 + 32);
+    const __m256i w0 = _mm256_and_si256(b0, nib), w1 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), nib);
+    const __m256i w2 = _mm256_and_si256(b1, nib), w3 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), nib);
+#pragma GCC unroll 16
+    for (int j = 0; j < MT; ++j) {
+      const int8_t* xh = xq[j] + i;
+      const int8_t* xl = xh + G;
+      const __m256i ph = _mm256_add_epi16(_mm256_add_epi16(mad(w0, xh), mad(w1, xh + 32)),
+                                          _mm256_add_epi16(mad(w2, xh + 64), mad(w3, xh + 96)));
+      const __m256i pl = _mm256_add_epi16(_mm256_add_epi16(mad(w0, xl), mad(w1, xl + 32)),
+                                          _mm256_add_epi16(mad(w2, xl + 64), mad(w3, xl + 96)));
+      s[j] = _mm256_add_epi32(s[j], widen(ph, pl));
     }
   }
   for (; i < G;) {  // the rest of the group: 64 (one 32-byte load), then 32 (one 16-byte load)
-    const bool two = i + 64 <= G;
-    for (int r = 0; r < R; ++r) {
-      __m256i ph, pl;
-      if (two) {
-        const __m256i b = ld(qg[r] + i / 2);
-        const __m256i w0 = _mm256_and_si256(b, nib), w1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
-        ph = _mm256_add_epi16(_mm256_maddubs_epi16(w0, ld(xh + i)), _mm256_maddubs_epi16(w1, ld(xh + i + 32)));
-        pl = _mm256_add_epi16(_mm256_maddubs_epi16(w0, ld(xl + i)), _mm256_maddubs_epi16(w1, ld(xl + i + 32)));
-      } else {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qg[r] + i / 2));
-        const __m128i n16 = _mm_set1_epi8(15);
-        const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), n16), _mm_and_si128(b, n16));
-        ph = _mm256_maddubs_epi16(w, ld(xh + i));
-        pl = _mm256_maddubs_epi16(w, ld(xl + i));
-      }
-      s32[r] = _mm256_add_epi32(s32[r], _mm256_add_epi32(_mm256_madd_epi16(ph, c128), _mm256_madd_epi16(pl, ones)));
+    __m256i w0, w1;
+    const bool full = i + 64 <= G;
+    if (full) {
+      const __m256i b = ld(q + i / 2);
+      w0 = _mm256_and_si256(b, nib), w1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+    } else {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i / 2));
+      const __m128i n16 = _mm_set1_epi8(15);
+      w0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), n16), _mm_and_si128(b, n16));
+      w1 = _mm256_setzero_si256();
     }
-    i += two ? 64 : 32;
+#pragma GCC unroll 16
+    for (int j = 0; j < MT; ++j) {
+      const int8_t* xh = xq[j] + i;
+      const int8_t* xl = xh + G;
+      __m256i ph = mad(w0, xh), pl = mad(w0, xl);
+      if (full) ph = _mm256_add_epi16(ph, mad(w1, xh + 32)), pl = _mm256_add_epi16(pl, mad(w1, xl + 32));
+      s[j] = _mm256_add_epi32(s[j], widen(ph, pl));
+    }
+    i += full ? 64 : 32;
   }
-}
-
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
 // Four consecutive scales as float32.
@@ -328,21 +333,27 @@ void tables4i(const QuantLinearArgs& a, const S* scales, int64_t n0, float* sct,
     }
 }
 
-// Per row, the running sums of a block's R features (R = 8, 4 or 1).
-struct Acc4i {
-  __m256 v8 = _mm256_setzero_ps();
-  __m128 v4 = _mm_setzero_ps();
-  float v1 = 0.f;
-};
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 
-// As block() for int4 with the x of prepare_x4. The group's scales and zero points of the R
-// features are gathered once per block into [groups][R] tables; per group and row, the R integer
-// sums are reduced into one vector, corrected for the zero points in int32 (sum of (q - z) * v =
-// sum of q * v - z * sum of v, exact), converted and scaled once. Rows go one at a time inside the
-// group loop, so the group's weight bytes stay in L1 across the rows.
-template <typename T, int R>
-void block4i(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
-  const int64_t G = a.group, groups = a.k / G;
+// As block() for int4 with the x of prepare_x4. The R features' scales and zero points are
+// gathered once per block into [groups][R] tables. Per group, each feature's nibbles are unpacked
+// once and meet the MT rows' x in integer multiply-adds (dots4i); the 8 integer partial sums are
+// converted and added into the (row, feature) float accumulator with the group's scale times x's,
+// and the zero points' part, z * scale * (sum of v), into one correction per row and feature
+// (sum of (q - z) * v = sum of q * v - z * sum of v). The rows' accumulators live in registers
+// across the groups and are reduced once at the end.
+template <int R, int kG = 0>
+void block4i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, float* out) {
+  if constexpr (kG == 0) {  // the usual groups as constants (AWQ and quantize: 128; GGUF Q4_0: 32)
+    if (a.group == 128) return block4i_f32<R, 128>(a, n0, m0, m1, out);
+    if (a.group == 32) return block4i_f32<R, 32>(a, n0, m0, m1, out);
+    if (a.group == 256) return block4i_f32<R, 256>(a, n0, m0, m1, out);
+  }
+  const int64_t G = kG ? kG : a.group, groups = a.k / G;
   constexpr int64_t kStackGroups = 256;  // tables on the stack up to 256 groups (k = 32768 at 128)
   float sc_stack[kStackGroups * R];
   int32_t z_stack[kStackGroups * R];
@@ -360,61 +371,70 @@ void block4i(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
     default: tables4i<R>(a, static_cast<const float*>(a.scales), n0, sct, zt); break;
   }
   const uint8_t* q0 = static_cast<const uint8_t*>(a.q) + n0 * a.q_stride;
-  // one group of row m: the R sums reduced, corrected for the zero points, scaled into acc
-  auto group = [&](int64_t g, const uint8_t* const* qg, int64_t m, Acc4i& acc) {
-    const int8_t* xh = a.xq + m * 2 * a.k + 2 * g * G;
-    __m256i s32[R];
-    dots4i<R>(qg, xh, xh + G, G, s32);
-    const float sx = a.xs[m * groups + g];
-    const int32_t vsum = a.xsum[m * groups + g];
-    if constexpr (R == 8) {
-      const __m256i a4 = _mm256_hadd_epi32(_mm256_hadd_epi32(s32[0], s32[1]), _mm256_hadd_epi32(s32[2], s32[3]));
-      const __m256i b4 = _mm256_hadd_epi32(_mm256_hadd_epi32(s32[4], s32[5]), _mm256_hadd_epi32(s32[6], s32[7]));
-      __m256i d = _mm256_add_epi32(_mm256_permute2x128_si256(a4, b4, 0x20), _mm256_permute2x128_si256(a4, b4, 0x31));
-      d = _mm256_sub_epi32(d, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zt + g * R)),
-                                                 _mm256_set1_epi32(vsum)));
-      acc.v8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(_mm256_loadu_ps(sct + g * R), _mm256_set1_ps(sx)),
-                               acc.v8);
-    } else if constexpr (R == 4) {
-      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s32[0], s32[1]), _mm256_hadd_epi32(s32[2], s32[3]));
-      __m128i d = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-      d = _mm_sub_epi32(d, _mm_mullo_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zt + g * R)),
-                                           _mm_set1_epi32(vsum)));
-      acc.v4 = _mm_fmadd_ps(_mm_cvtepi32_ps(d), _mm_mul_ps(_mm_loadu_ps(sct + g * R), _mm_set1_ps(sx)), acc.v4);
-    } else {
-      static_assert(R == 1);
-      acc.v1 += sct[g] * sx * float(hsum_epi32(s32[0]) - zt[g] * vsum);
-    }
-  };
-  auto store = [&](int64_t m, const Acc4i& acc) {
-    T* y = static_cast<T*>(a.y) + m * a.y_stride + n0;
-    alignas(32) float v[8];
-    if constexpr (R == 8) _mm256_store_ps(v, acc.v8);
-    else if constexpr (R == 4) _mm_store_ps(v, acc.v4);
-    else v[0] = acc.v1;
-    for (int r = 0; r < R; ++r) y[r] = from_float<T>(v[r]);
-  };
-  auto weights = [&](int64_t g, const uint8_t** qg) {
-    for (int r = 0; r < R; ++r) {
-      qg[r] = q0 + r * a.q_stride + g * G / 2;
-      __builtin_prefetch(qg[r] + R * a.q_stride, 0, 2);  // the same group of the next block's rows
-    }
-  };
-  // MT rows at a time, their accumulators in registers; the group's weight bytes stay in L1
-  // across the rows
+  // rows back to back: the next block is one stretch of memory, prefetched in order (eight rows'
+  // groups side by side are eight short streams that the hardware prefetchers barely follow)
+  const bool contiguous = 2 * a.q_stride == a.k;
+  // MT rows at a time, their R accumulators each in registers
   auto tile = [&]<int MT>(int64_t m) {
-    Acc4i acc[MT];
+    __m256 acc[R][MT];
+    float corr[MT][R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int j = 0; j < MT; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int j = 0; j < MT; ++j)
+      for (int r = 0; r < R; ++r) corr[j][r] = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* qg[R];
-      weights(g, qg);
-      for (int j = 0; j < MT; ++j) group(g, qg, m + j, acc[j]);
+      const int8_t* xq[MT];
+      alignas(32) float scl[MT][R];  // the group's scale times x's, per row and feature
+      for (int j = 0; j < MT; ++j) {
+        xq[j] = a.xq + (m + j) * 2 * a.k + 2 * g * G;
+        const float sx = a.xs[(m + j) * groups + g], zs = sx * float(a.xsum[(m + j) * groups + g]);
+        if constexpr (R == 8) {
+          const __m256 sc = _mm256_loadu_ps(sct + g * R);
+          _mm256_store_ps(scl[j], _mm256_mul_ps(sc, _mm256_set1_ps(sx)));
+          const __m256 zc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zt + g * R))), sc);
+          _mm256_storeu_ps(corr[j], _mm256_fmadd_ps(zc, _mm256_set1_ps(zs), _mm256_loadu_ps(corr[j])));
+        } else {
+          for (int r = 0; r < R; ++r) {
+            scl[j][r] = sct[g * R + r] * sx;
+            corr[j][r] += float(zt[g * R + r]) * sct[g * R + r] * zs;
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* q = q0 + r * a.q_stride + g * G / 2;
+        if (contiguous) {  // the next block's bytes in memory order, as much per group as this one's
+          for (int64_t o = (r * G / 2 + 63) / 64 * 64; o < (r + 1) * G / 2; o += 64)
+            __builtin_prefetch(q0 + R * a.q_stride + g * R * G / 2 + o, 0, 2);
+        } else {
+          __builtin_prefetch(q + R * a.q_stride, 0, 2);  // the same group of the next block's rows
+        }
+        __m256i s[MT];
+        dots4i<MT, kG>(q, xq, G, s);
+#pragma GCC unroll 16
+        for (int j = 0; j < MT; ++j)
+          acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[j]), _mm256_broadcast_ss(&scl[j][r]), acc[r][j]);
+      }
     }
-    for (int j = 0; j < MT; ++j) store(m + j, acc[j]);
+    for (int j = 0; j < MT; ++j)
+      for (int r = 0; r < R; ++r) out[(m - m0 + j) * R + r] = hsum_ps(acc[r][j]) - corr[j][r];
   };
   int64_t m = m0;
   for (; m + 4 <= m1; m += 4) tile.template operator()<4>(m);
   if (m + 2 <= m1) tile.template operator()<2>(m), m += 2;
   if (m < m1) tile.template operator()<1>(m);
+}
+// block4i_f32's results (at most kPassRows rows) stored into y in its type.
+template <typename T, int R>
+void block4i(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
+  float out[kPassRows * R];
+  block4i_f32<R>(a, n0, m0, m1, out);
+  for (int64_t m = m0; m < m1; ++m) {
+    T* y = static_cast<T*>(a.y) + m * a.y_stride + n0;
+    for (int r = 0; r < R; ++r) y[r] = from_float<T>(out[(m - m0) * R + r]);
+  }
 }
 #endif  // __AVX2__
 
