@@ -99,6 +99,8 @@ def test_int4_outlier_activations(outlier, dtype, int_dot):
     x = x.to(dtype)
     out = ops.linear_int4(x, q, s, z)
     _check(out, x, reference.dequantize_int4(q, s.double(), z, 128, torch.float64), reference.linear_int4(x, q, s, z))
+    q8, s8 = _int8(n, k, "cpu")                           # int8: x as 15 bits per block of 128 too
+    _check(ops.linear_int8(x, q8, s8), x, q8.double() * s8.double()[:, None], reference.linear_int8(x, q8, s8))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -113,6 +115,56 @@ def test_int4_offset_activations(dtype, int_dot):
         out = ops.linear_int4(x, q, s, z)
         _check(out, x, reference.dequantize_int4(q, s.double(), z, 128, torch.float64),
                reference.linear_int4(x, q, s, z))
+        q8, s8 = _int8(n, k, "cpu")
+        _check(ops.linear_int8(x, q8, s8), x, q8.double() * s8.double()[:, None], reference.linear_int8(x, q8, s8))
+
+
+@pytest.mark.parametrize("isa", INT_DOT_ISAS)
+@pytest.mark.parametrize("k", [16, 128, 304, 2560, 264])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_both_cpu_paths(isa, k, m, dtype, int_dot):
+    """int8 with 16-bit x on both CPU paths: whole blocks of 128, a shorter last block (304 = 2 x 128
+    + 48, 16 alone), k not a multiple of 16 (264 = 16 x 16 + 8: the float path), blocks of 8, 4 and 1
+    features (n = 13), 1 to 16 rows, contiguous and padded weight rows."""
+    exaone_ext.set_cpu_isa(isa)
+    try:
+        q, s = _int8(13, k, "cpu", dtype if m == 3 else torch.float32)
+        x = torch.randn(m, k).to(dtype)
+        w64 = q.double() * s.double()[:, None]
+        _check(ops.linear_int8(x, q, s), x, w64, reference.linear_int8(x, q, s))
+        qpad = torch.zeros(13, k + 40, dtype=torch.int8)
+        qpad[:, :k] = q
+        _check(ops.linear_int8(x, qpad[:, :k], s), x, w64, reference.linear_int8(x, q, s))
+    finally:
+        exaone_ext.set_cpu_isa("auto")
+
+
+@pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")
+def test_int8_integer_path_runs_and_falls_back():
+    q, s = _int8(64, 2560, "cpu")
+    x = torch.randn(16, 2560).to(torch.bfloat16)
+    before = _C._set_quant_int_dot(True)
+    try:
+        fast = ops.linear_int8(x, q, s)
+        _C._set_quant_int_dot(False)
+        assert not torch.equal(fast, ops.linear_int8(x, q, s)), "the integer path did not run"
+        x32 = x.float()                              # float32 x never takes it
+        _C._set_quant_int_dot(True)
+        a = ops.linear_int8(x32, q, s)
+        _C._set_quant_int_dot(False)
+        assert torch.equal(a, ops.linear_int8(x32, q, s))
+        # x the integers cannot hold (inf / NaN, a block of values below 1e-30) goes the float way
+        for bad in (float("inf"), float("nan"), 1e-35):
+            xb = x.clone()
+            xb[3, 128:256] = 0
+            xb[3, 130] = bad
+            _C._set_quant_int_dot(False)
+            want = ops.linear_int8(xb, q, s)
+            _C._set_quant_int_dot(True)
+            torch.testing.assert_close(ops.linear_int8(xb, q, s), want, rtol=0, atol=0, equal_nan=True)
+    finally:
+        _C._set_quant_int_dot(before)
 
 
 def test_int4_16bit_views_and_empty(int_dot):

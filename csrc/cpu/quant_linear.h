@@ -39,6 +39,10 @@ struct QuantLinearArgs {
   const int8_t* xq = nullptr;   // [m, 2 * k]: per group, its hi parts then its lo parts, in kernel order
   const float* xs = nullptr;    // [m, k / group]: the group's scale
   const int32_t* xsum = nullptr;  // [m, k / group]: sum of the group's 128 * hi + lo (for the zero points)
+  // int8 only, when quant_prepare_x8 has filled it (else null): x as 15-bit integers per block of
+  // kX8Block, x ~= xs[b] * xw (xs [m, ceil(k / kX8Block)]), for int16 multiply-adds against the
+  // sign-extended weights.
+  const int16_t* xw = nullptr;  // [m, k]
 };
 
 // Output features handled together; chunk boundaries given to quant_linear_rows should be
@@ -46,6 +50,8 @@ struct QuantLinearArgs {
 inline constexpr int64_t kQuantRowBlock = 4;
 // int4 packing block (elements of k per 16 bytes).
 inline constexpr int64_t kInt4Block = 32;
+// int8's integer path: elements of k per scale of x (the last block of a row may be shorter).
+inline constexpr int64_t kX8Block = 128;
 
 }  // namespace exaone_ext
 
@@ -57,6 +63,10 @@ EXAONE_DECLARE_ISA_KERNEL(void, quant_linear_rows, (const exaone_ext::QuantLinea
 // and then quant_linear_rows reads a.x as floats.
 EXAONE_DECLARE_ISA_KERNEL(bool, quant_prepare_x4,
                           (const exaone_ext::QuantLinearArgs& a, int8_t* xq, float* xs, int32_t* xsum))
+// Fills xw and xs (as in QuantLinearArgs) from a.x for every row, for int8 weights; returns false,
+// with nothing to use, where this variant has no integer path, where k is not a multiple of 16, or
+// where x is not representable that way (as quant_prepare_x4).
+EXAONE_DECLARE_ISA_KERNEL(bool, quant_prepare_x8, (const exaone_ext::QuantLinearArgs& a, int16_t* xw, float* xs))
 // Dequantised weight rows [n_begin, n_end) into out (out_dtype [n_end - n_begin, k], contiguous).
 // a.x and a.y are not used.
 EXAONE_DECLARE_ISA_KERNEL(void, quant_dequant_rows,

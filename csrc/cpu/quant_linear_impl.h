@@ -190,33 +190,45 @@ inline int64_t x4_order(int64_t i, int64_t group) {  // position in the group ->
 
 constexpr float kX4Max = 16383.f;  // |128 * hi + lo| <= 16383
 
+// The largest |x[i]| of x[0..n) (n a multiple of 8) into amax; false where a value is infinite or
+// NaN, or where the largest is positive but below 1e-30 (too small for a float scale of the integers).
+inline bool x_amax(const float* x, int64_t n, float& amax) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 amax8 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, v));
+    const __m256 z = _mm256_mul_ps(v, _mm256_setzero_ps());   // NaN where v is infinite or NaN
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(bad)) return false;
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+  return !(amax > 0.f && amax < 1e-30f);
+}
+
+// x * inv rounded to the nearest integer within +-kX4Max, 8 at a time.
+inline __m256i x_ints(const float* x, __m256 inv) {
+  return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_set1_ps(kX4Max),
+                                          _mm256_max_ps(_mm256_set1_ps(-kX4Max), _mm256_mul_ps(_mm256_loadu_ps(x), inv))));
+}
+
 bool prepare_x4_impl(const QuantLinearArgs& a, int8_t* xq, float* xs, int32_t* xsum) {
   const int64_t G = a.group, groups = a.k / G;
   if (G > 8192) return false;  // keeps z * (sum of v) and the lane sums within int32
-  const __m256 sign = _mm256_set1_ps(-0.f), vmax = _mm256_set1_ps(kX4Max), vmin = _mm256_set1_ps(-kX4Max);
   for (int64_t m = 0; m < a.m; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* x = a.x + m * a.x_stride + g * G;
-      __m256 amax8 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-      for (int64_t i = 0; i < G; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, v));
-        const __m256 z = _mm256_mul_ps(v, _mm256_setzero_ps());   // NaN where v is infinite or NaN
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
-      }
-      if (_mm256_movemask_ps(bad)) return false;
-      __m128 t = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
-      t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-      const float amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
-      if (amax > 0.f && amax < 1e-30f) return false;
+      float amax;
+      if (!x_amax(x, G, amax)) return false;
       const __m256 inv = _mm256_set1_ps(amax > 0.f ? kX4Max / amax : 0.f);
       int8_t* hi = xq + m * 2 * a.k + 2 * g * G;
       int8_t* lo = hi + G;
       __m256i sum = _mm256_setzero_si256();
       const __m256i m127 = _mm256_set1_epi32(127);
       for (int64_t i = 0; i < G; i += 16) {  // 16 in a row keep their order (x4_order moves runs of 16)
-        const __m256i v0 = _mm256_cvtps_epi32(_mm256_min_ps(vmax, _mm256_max_ps(vmin, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv))));
-        const __m256i v1 = _mm256_cvtps_epi32(_mm256_min_ps(vmax, _mm256_max_ps(vmin, _mm256_mul_ps(_mm256_loadu_ps(x + i + 8), inv))));
+        const __m256i v0 = x_ints(x + i, inv), v1 = x_ints(x + i + 8, inv);
         sum = _mm256_add_epi32(sum, _mm256_add_epi32(v0, v1));
         auto bytes = [](__m256i p0, __m256i p1) {  // 16 int32 (each in -128..127) -> 16 int8 in order
           const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(p0, p1), 0xD8);
@@ -233,6 +245,26 @@ bool prepare_x4_impl(const QuantLinearArgs& a, int8_t* xq, float* xs, int32_t* x
       xsum[m * groups + g] = _mm_cvtsi128_si32(s4);
     }
   }
+  return true;
+}
+
+// int8: x per block of kX8Block as 15-bit integers in order (int16), and the block's scale.
+bool prepare_x8_impl(const QuantLinearArgs& a, int16_t* xw, float* xs) {
+  if (a.k % 16) return false;
+  const int64_t blocks = (a.k + kX8Block - 1) / kX8Block;
+  for (int64_t m = 0; m < a.m; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k0 = b * kX8Block, len = std::min<int64_t>(kX8Block, a.k - k0);
+      const float* x = a.x + m * a.x_stride + k0;
+      float amax;
+      if (!x_amax(x, len, amax)) return false;
+      const __m256 inv = _mm256_set1_ps(amax > 0.f ? kX4Max / amax : 0.f);
+      int16_t* o = xw + m * a.k + k0;
+      for (int64_t i = 0; i < len; i += 16)  // packs interleaves the two halves; the permute restores the order
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(x_ints(x + i, inv), x_ints(x + i + 8, inv)), 0xD8));
+      xs[m * blocks + b] = amax / kX4Max;
+    }
   return true;
 }
 
@@ -426,15 +458,86 @@ void block4i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
   if (m + 2 <= m1) tile.template operator()<2>(m), m += 2;
   if (m < m1) tile.template operator()<1>(m);
 }
-// block4i_f32's results (at most kPassRows rows) stored into y in its type.
+// Results of R features for rows m0..m1 (at most kPassRows, [rows][R] float32) stored into y.
 template <typename T, int R>
-void block4i(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
-  float out[kPassRows * R];
-  block4i_f32<R>(a, n0, m0, m1, out);
+void store_rows(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, const float* out) {
   for (int64_t m = m0; m < m1; ++m) {
     T* y = static_cast<T*>(a.y) + m * a.y_stride + n0;
     for (int r = 0; r < R; ++r) y[r] = from_float<T>(out[(m - m0) * R + r]);
   }
+}
+
+template <typename T, int R>
+void block4i(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
+  float out[kPassRows * R];
+  block4i_f32<R>(a, n0, m0, m1, out);
+  store_rows<T, R>(a, n0, m0, m1, out);
+}
+
+// As block() for int8 with the x of prepare_x8: per block of kX8Block inputs and feature, the
+// weights are sign-extended to 16 bits once for all MT rows and meet each row's integers in
+// multiply-adds (pairs summed into 32 bits: |.| <= 2 * 127 * 16383 a pair, 8 pairs a lane per block);
+// the lane sums are converted and added into the (row, feature) float accumulator with the block's
+// scale of x; the feature's scale applies once at the end. Blocks are prefetched as in block4i_f32.
+template <int R>
+void block8i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, float* out) {
+  const int64_t blocks = (a.k + kX8Block - 1) / kX8Block, full = a.k / kX8Block;
+  const int8_t* q0 = static_cast<const int8_t*>(a.q) + n0 * a.q_stride;
+  const bool contiguous = a.q_stride == a.k;
+  auto tile = [&]<int MT>(int64_t m) {
+    __m256 acc[R][MT];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int j = 0; j < MT; ++j) acc[r][j] = _mm256_setzero_ps();
+    auto block = [&]<int64_t kLen>(int64_t b, int64_t len) __attribute__((always_inline)) {
+      const int64_t L = kLen ? kLen : len, k0 = b * kX8Block;
+      const int16_t* xw[MT];
+      __m256 sx[MT];
+#pragma GCC unroll 16
+      for (int j = 0; j < MT; ++j) {
+        xw[j] = a.xw + (m + j) * a.k + k0;
+        sx[j] = _mm256_set1_ps(a.xs[(m + j) * blocks + b]);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const int8_t* q = q0 + r * a.q_stride + k0;
+        if (contiguous) {  // the next block of rows in memory order, as much per step as this one's
+          const int64_t start = k0 * R + r * L;
+          for (int64_t o = (start + 63) / 64 * 64; o < start + L; o += 64) __builtin_prefetch(q0 + R * a.q_stride + o, 0, 2);
+        } else {
+          for (int64_t o = 0; o < L; o += 64) __builtin_prefetch(q + R * a.q_stride + o, 0, 2);
+        }
+        __m256i sum[MT];
+#pragma GCC unroll 16
+        for (int j = 0; j < MT; ++j) sum[j] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int64_t c = 0; c < L; c += 16) {
+          const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c)));
+#pragma GCC unroll 16
+          for (int j = 0; j < MT; ++j)
+            sum[j] = _mm256_add_epi32(sum[j], _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xw[j] + c))));
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < MT; ++j) acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[j]), sx[j], acc[r][j]);
+      }
+    };
+    for (int64_t b = 0; b < full; ++b) block.template operator()<kX8Block>(b, kX8Block);
+    if (blocks > full) block.template operator()<0>(full, a.k - full * kX8Block);
+    for (int j = 0; j < MT; ++j)
+      for (int r = 0; r < R; ++r) out[(m - m0 + j) * R + r] = hsum_ps(acc[r][j]) * scale_at(a, n0 + r);
+  };
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) tile.template operator()<4>(m);
+  if (m + 2 <= m1) tile.template operator()<2>(m), m += 2;
+  if (m < m1) tile.template operator()<1>(m);
+}
+
+template <typename T, int R>
+void block8i(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
+  float out[kPassRows * R];
+  block8i_f32<R>(a, n0, m0, m1, out);
+  store_rows<T, R>(a, n0, m0, m1, out);
 }
 #endif  // __AVX2__
 
@@ -457,6 +560,7 @@ template <typename T, int R>
 void block(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
 #if defined(__AVX2__)
   if (a.bits == 4 && a.xq) return block4i<T, R>(a, n0, m0, m1);
+  if (a.bits == 8 && a.xw) return block8i<T, R>(a, n0, m0, m1);
 #endif
   Vec accbuf[kPassRows * R];
   for (auto& v : accbuf) v = Vec::zero();
@@ -514,6 +618,8 @@ void rows(const QuantLinearArgs& a, int64_t begin, int64_t end) {
 #if defined(__AVX2__)
     if (a.bits == 4 && a.xq)
       for (; n + 2 * kR <= end; n += 2 * kR) block4i<T, 2 * kR>(a, n, m0, m1);
+    if (a.bits == 8 && a.xw)
+      for (; n + 2 * kR <= end; n += 2 * kR) block8i<T, 2 * kR>(a, n, m0, m1);
 #endif
     for (; n + kR <= end; n += kR) block<T, kR>(a, n, m0, m1);
     for (; n < end; ++n) block<T, 1>(a, n, m0, m1);
@@ -565,6 +671,15 @@ bool quant_prepare_x4(const QuantLinearArgs& a, int8_t* xq, float* xs, int32_t* 
   return a.bits == 4 && prepare_x4_impl(a, xq, xs, xsum);
 #else
   (void)a, (void)xq, (void)xs, (void)xsum;
+  return false;
+#endif
+}
+
+bool quant_prepare_x8(const QuantLinearArgs& a, int16_t* xw, float* xs) {
+#if defined(__AVX2__)
+  return a.bits == 8 && prepare_x8_impl(a, xw, xs);
+#else
+  (void)a, (void)xw, (void)xs;
   return false;
 #endif
 }
