@@ -121,12 +121,13 @@ def test_int4_offset_activations(dtype, int_dot):
 
 @pytest.mark.parametrize("isa", INT_DOT_ISAS)
 @pytest.mark.parametrize("k", [16, 128, 304, 2560, 264])
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int8_both_cpu_paths(isa, k, m, dtype, int_dot):
     """int8 with 16-bit x on both CPU paths: whole blocks of 128, a shorter last block (304 = 2 x 128
     + 48, 16 alone), k not a multiple of 16 (264 = 16 x 16 + 8: the float path), blocks of 8, 4 and 1
-    features (n = 13), 1 to 16 rows, contiguous and padded weight rows."""
+    features (n = 13), tiles of 1, 2 and 4 rows (16 rows: the float path on both), contiguous and
+    padded weight rows."""
     exaone_ext.set_cpu_isa(isa)
     try:
         q, s = _int8(13, k, "cpu", dtype if m == 3 else torch.float32)
@@ -143,12 +144,17 @@ def test_int8_both_cpu_paths(isa, k, m, dtype, int_dot):
 @pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")
 def test_int8_integer_path_runs_and_falls_back():
     q, s = _int8(64, 2560, "cpu")
-    x = torch.randn(16, 2560).to(torch.bfloat16)
+    x = torch.randn(4, 2560).to(torch.bfloat16)                # up to 4 rows take it
     before = _C._set_quant_int_dot(True)
     try:
         fast = ops.linear_int8(x, q, s)
         _C._set_quant_int_dot(False)
         assert not torch.equal(fast, ops.linear_int8(x, q, s)), "the integer path did not run"
+        x5 = torch.randn(5, 2560).to(torch.bfloat16)               # 5 rows: the float path's tiles
+        _C._set_quant_int_dot(True)
+        a5 = ops.linear_int8(x5, q, s)
+        _C._set_quant_int_dot(False)
+        assert torch.equal(a5, ops.linear_int8(x5, q, s))
         x32 = x.float()                              # float32 x never takes it
         _C._set_quant_int_dot(True)
         a = ops.linear_int8(x32, q, s)

@@ -52,6 +52,8 @@ inline constexpr int64_t kQuantRowBlock = 4;
 inline constexpr int64_t kInt4Block = 32;
 // int8's integer path: elements of k per scale of x (the last block of a row may be shorter).
 inline constexpr int64_t kX8Block = 128;
+// ... taken for up to this many rows of x (more rows: the float path's register tiles are faster).
+inline constexpr int64_t kX8IntMaxRows = 4;
 
 }  // namespace exaone_ext
 
