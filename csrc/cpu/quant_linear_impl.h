@@ -8,6 +8,9 @@
 // zero point as an integer, convert) and multiplied with float32 x: the result is the dequantised
 // weight's product to float32 rounding, without rounding x to an integer type. int8 scales apply
 // once per output at the end; int4 scales once per group, to the group's partial sums.
+// With 16-bit x on AVX2 / AVX-512, x is instead rounded to 15-bit integers per group of 128 (well
+// below its own rounding) and meets the weights in integer multiply-adds (block4i_f32 for int4,
+// block8i_f32 for int8 up to kX8IntMaxRows rows), which keep up with memory at one row.
 #pragma once
 #include <algorithm>
 #include <cmath>
