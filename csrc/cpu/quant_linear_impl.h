@@ -461,6 +461,7 @@ void block4i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
   if (m + 2 <= m1) tile.template operator()<2>(m), m += 2;
   if (m < m1) tile.template operator()<1>(m);
 }
+
 // Results of R features for rows m0..m1 (at most kPassRows, [rows][R] float32) stored into y.
 template <typename T, int R>
 void store_rows(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, const float* out) {
