@@ -211,6 +211,12 @@ inline bool x_amax(const float* x, int64_t n, float& amax) {
   return !(amax > 0.f && amax < 1e-30f);
 }
 
+// 16 int32 (each within int16) as 16 int16 in order (packs interleaves the halves; the permute
+// restores the order).
+inline __m256i words_in_order(__m256i p0, __m256i p1) {
+  return _mm256_permute4x64_epi64(_mm256_packs_epi32(p0, p1), 0xD8);
+}
+
 // x * inv rounded to the nearest integer within +-kX4Max, 8 at a time.
 inline __m256i x_ints(const float* x, __m256 inv) {
   return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_set1_ps(kX4Max),
@@ -234,7 +240,7 @@ bool prepare_x4_impl(const QuantLinearArgs& a, int8_t* xq, float* xs, int32_t* x
         const __m256i v0 = x_ints(x + i, inv), v1 = x_ints(x + i + 8, inv);
         sum = _mm256_add_epi32(sum, _mm256_add_epi32(v0, v1));
         auto bytes = [](__m256i p0, __m256i p1) {  // 16 int32 (each in -128..127) -> 16 int8 in order
-          const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(p0, p1), 0xD8);
+          const __m256i w = words_in_order(p0, p1);
           return _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
         };
         const int64_t o = x4_order(i, G);
@@ -263,9 +269,8 @@ bool prepare_x8_impl(const QuantLinearArgs& a, int16_t* xw, float* xs) {
       if (!x_amax(x, len, amax)) return false;
       const __m256 inv = _mm256_set1_ps(amax > 0.f ? kX4Max / amax : 0.f);
       int16_t* o = xw + m * a.k + k0;
-      for (int64_t i = 0; i < len; i += 16)  // packs interleaves the two halves; the permute restores the order
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
-                            _mm256_permute4x64_epi64(_mm256_packs_epi32(x_ints(x + i, inv), x_ints(x + i + 8, inv)), 0xD8));
+      for (int64_t i = 0; i < len; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), words_in_order(x_ints(x + i, inv), x_ints(x + i + 8, inv)));
       xs[m * blocks + b] = amax / kX4Max;
     }
   return true;
@@ -374,6 +379,25 @@ inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// The bytes [start, start + len) from p, line by line. The integer paths prefetch the next block of
+// R weight rows while they work: where rows are back to back it is one stretch of memory, read in
+// order, as much per step as the step reads of its own block (eight rows' groups side by side are
+// eight short streams that the hardware prefetchers barely follow); else the same bytes of the row
+// R further.
+inline void prefetch_span(const void* p, int64_t start, int64_t len) {
+  for (int64_t o = (start + 63) / 64 * 64; o < start + len; o += 64)
+    __builtin_prefetch(static_cast<const char*>(p) + o, 0, 2);
+}
+
+// Rows m0..m1 of x in tiles of 4, then one of 2 and one of 1 (tile.template operator()<MT>(m)).
+template <typename F>
+void over_row_tiles(int64_t m0, int64_t m1, F&& tile) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) tile.template operator()<4>(m);
+  if (m + 2 <= m1) tile.template operator()<2>(m), m += 2;
+  if (m < m1) tile.template operator()<1>(m);
+}
+
 // As block() for int4 with the x of prepare_x4. The R features' scales and zero points are
 // gathered once per block into [groups][R] tables. Per group, each feature's nibbles are unpacked
 // once and meet the MT rows' x in integer multiply-adds (dots4i); the 8 integer partial sums are
@@ -406,9 +430,7 @@ void block4i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
     default: tables4i<R>(a, static_cast<const float*>(a.scales), n0, sct, zt); break;
   }
   const uint8_t* q0 = static_cast<const uint8_t*>(a.q) + n0 * a.q_stride;
-  // rows back to back: the next block is one stretch of memory, prefetched in order (eight rows'
-  // groups side by side are eight short streams that the hardware prefetchers barely follow)
-  const bool contiguous = 2 * a.q_stride == a.k;
+  const bool contiguous = 2 * a.q_stride == a.k;  // rows back to back (prefetch_span)
   // MT rows at a time, their R accumulators each in registers
   auto tile = [&]<int MT>(int64_t m) {
     __m256 acc[R][MT];
@@ -422,13 +444,16 @@ void block4i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
     for (int64_t g = 0; g < groups; ++g) {
       const int8_t* xq[MT];
       alignas(32) float scl[MT][R];  // the group's scale times x's, per row and feature
+      __m256 sc, zc;                 // R == 8: the group's scales, and zero points times scales
+      if constexpr (R == 8) {
+        sc = _mm256_loadu_ps(sct + g * R);
+        zc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zt + g * R))), sc);
+      }
       for (int j = 0; j < MT; ++j) {
         xq[j] = a.xq + (m + j) * 2 * a.k + 2 * g * G;
         const float sx = a.xs[(m + j) * groups + g], zs = sx * float(a.xsum[(m + j) * groups + g]);
         if constexpr (R == 8) {
-          const __m256 sc = _mm256_loadu_ps(sct + g * R);
           _mm256_store_ps(scl[j], _mm256_mul_ps(sc, _mm256_set1_ps(sx)));
-          const __m256 zc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zt + g * R))), sc);
           _mm256_storeu_ps(corr[j], _mm256_fmadd_ps(zc, _mm256_set1_ps(zs), _mm256_loadu_ps(corr[j])));
         } else {
           for (int r = 0; r < R; ++r) {
@@ -440,12 +465,8 @@ void block4i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const uint8_t* q = q0 + r * a.q_stride + g * G / 2;
-        if (contiguous) {  // the next block's bytes in memory order, as much per group as this one's
-          for (int64_t o = (r * G / 2 + 63) / 64 * 64; o < (r + 1) * G / 2; o += 64)
-            __builtin_prefetch(q0 + R * a.q_stride + g * R * G / 2 + o, 0, 2);
-        } else {
-          __builtin_prefetch(q + R * a.q_stride, 0, 2);  // the same group of the next block's rows
-        }
+        if (contiguous) prefetch_span(q0 + R * a.q_stride, (g * R + r) * G / 2, G / 2);
+        else prefetch_span(q + R * a.q_stride, 0, G / 2);
         __m256i s[MT];
         dots4i<MT, kG>(q, xq, G, s);
 #pragma GCC unroll 16
@@ -456,10 +477,7 @@ void block4i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
     for (int j = 0; j < MT; ++j)
       for (int r = 0; r < R; ++r) out[(m - m0 + j) * R + r] = hsum_ps(acc[r][j]) - corr[j][r];
   };
-  int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) tile.template operator()<4>(m);
-  if (m + 2 <= m1) tile.template operator()<2>(m), m += 2;
-  if (m < m1) tile.template operator()<1>(m);
+  over_row_tiles(m0, m1, tile);
 }
 
 // Results of R features for rows m0..m1 (at most kPassRows, [rows][R] float32) stored into y.
@@ -471,18 +489,11 @@ void store_rows(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, co
   }
 }
 
-template <typename T, int R>
-void block4i(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
-  float out[kPassRows * R];
-  block4i_f32<R>(a, n0, m0, m1, out);
-  store_rows<T, R>(a, n0, m0, m1, out);
-}
-
 // As block() for int8 with the x of prepare_x8: per block of kX8Block inputs and feature, the
 // weights are sign-extended to 16 bits once for all MT rows and meet each row's integers in
 // multiply-adds (pairs summed into 32 bits: |.| <= 2 * 127 * 16383 a pair, 8 pairs a lane per block);
 // the lane sums are converted and added into the (row, feature) float accumulator with the block's
-// scale of x; the feature's scale applies once at the end. Blocks are prefetched as in block4i_f32.
+// scale of x; the feature's scale applies once at the end.
 template <int R>
 void block8i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, float* out) {
   const int64_t blocks = (a.k + kX8Block - 1) / kX8Block, full = a.k / kX8Block;
@@ -506,12 +517,8 @@ void block8i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const int8_t* q = q0 + r * a.q_stride + k0;
-        if (contiguous) {  // the next block of rows in memory order, as much per step as this one's
-          const int64_t start = k0 * R + r * L;
-          for (int64_t o = (start + 63) / 64 * 64; o < start + L; o += 64) __builtin_prefetch(q0 + R * a.q_stride + o, 0, 2);
-        } else {
-          for (int64_t o = 0; o < L; o += 64) __builtin_prefetch(q + R * a.q_stride + o, 0, 2);
-        }
+        if (contiguous) prefetch_span(q0 + R * a.q_stride, k0 * R + r * L, L);
+        else prefetch_span(q + R * a.q_stride, 0, L);
         __m256i sum[MT];
 #pragma GCC unroll 16
         for (int j = 0; j < MT; ++j) sum[j] = _mm256_setzero_si256();
@@ -531,16 +538,18 @@ void block8i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
     for (int j = 0; j < MT; ++j)
       for (int r = 0; r < R; ++r) out[(m - m0 + j) * R + r] = hsum_ps(acc[r][j]) * scale_at(a, n0 + r);
   };
-  int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) tile.template operator()<4>(m);
-  if (m + 2 <= m1) tile.template operator()<2>(m), m += 2;
-  if (m < m1) tile.template operator()<1>(m);
+  over_row_tiles(m0, m1, tile);
 }
 
+// Whether x was prepared for an integer path (int4: prepare_x4, int8: prepare_x8).
+inline bool int_path(const QuantLinearArgs& a) { return a.bits == 4 ? a.xq != nullptr : a.xw != nullptr; }
+
+// Features n0..n0+R-1 for rows m0..m1 on the integer path of a's format.
 template <typename T, int R>
-void block8i(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
+void block_int(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
   float out[kPassRows * R];
-  block8i_f32<R>(a, n0, m0, m1, out);
+  if (a.bits == 4) block4i_f32<R>(a, n0, m0, m1, out);
+  else block8i_f32<R>(a, n0, m0, m1, out);
   store_rows<T, R>(a, n0, m0, m1, out);
 }
 #endif  // __AVX2__
@@ -563,8 +572,7 @@ void over_tiles(int64_t m0, int64_t m1, Vec* accbuf, F&& f) {
 template <typename T, int R>
 void block(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1) {
 #if defined(__AVX2__)
-  if (a.bits == 4 && a.xq) return block4i<T, R>(a, n0, m0, m1);
-  if (a.bits == 8 && a.xw) return block8i<T, R>(a, n0, m0, m1);
+  if (int_path(a)) return block_int<T, R>(a, n0, m0, m1);
 #endif
   Vec accbuf[kPassRows * R];
   for (auto& v : accbuf) v = Vec::zero();
@@ -620,10 +628,8 @@ void rows(const QuantLinearArgs& a, int64_t begin, int64_t end) {
     const int64_t m1 = std::min(a.m, m0 + kPassRows);
     int64_t n = begin;
 #if defined(__AVX2__)
-    if (a.bits == 4 && a.xq)
-      for (; n + 2 * kR <= end; n += 2 * kR) block4i<T, 2 * kR>(a, n, m0, m1);
-    if (a.bits == 8 && a.xw)
-      for (; n + 2 * kR <= end; n += 2 * kR) block8i<T, 2 * kR>(a, n, m0, m1);
+    if (int_path(a))
+      for (; n + 2 * kR <= end; n += 2 * kR) block_int<T, 2 * kR>(a, n, m0, m1);
 #endif
     for (; n + kR <= end; n += kR) block<T, kR>(a, n, m0, m1);
     for (; n < end; ++n) block<T, 1>(a, n, m0, m1);
