@@ -175,14 +175,17 @@ def test_int8_integer_path_runs_and_falls_back():
 
 def test_int4_16bit_views_and_empty(int_dot):
     """bfloat16 x as a view (rows with an offset and a step, a transposed last dimension), of rank 3,
-    and with zero rows, on both CPU paths."""
+    and with zero rows, on both CPU paths (int8 too)."""
     q, s, z = _int4(40, 256, "cpu")
+    q8, s8 = _int8(40, 256, "cpu")
     base = torch.randn(5, 2, 300).to(torch.bfloat16)
     for x in (base[:, 1, 7:263], base[::2, 0, 3:259], torch.randn(256, 3).to(torch.bfloat16).t(),
               torch.randn(2, 3, 256).to(torch.bfloat16)):
         _check(ops.linear_int4(x, q, s, z), x, reference.dequantize_int4(q, s.double(), z, 128, torch.float64),
                reference.linear_int4(x, q, s, z))
+        _check(ops.linear_int8(x, q8, s8), x, q8.double() * s8.double()[:, None], reference.linear_int8(x, q8, s8))
     assert ops.linear_int4(torch.randn(0, 256).to(torch.bfloat16), q, s, z).shape == (0, 40)
+    assert ops.linear_int8(torch.randn(0, 256).to(torch.bfloat16), q8, s8).shape == (0, 40)
 
 
 @pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")
