@@ -10,8 +10,9 @@ bandwidth (summing a 1 GiB tensor, sampled before and after every decode run: ea
 against the higher of its two samples, and the median over runs is reported), prefill tokens/s,
 batched decode, batched prefill (packed against one forward per prompt), and peak memory against
 weights + KV cache. With --quant, the same bf16 model quantized (a copy per format: every block
-projection; the embedding and tied head stay bf16) decodes too, its bytes read counted as stored
-(quantized weights, scales, zero points, the bf16 head and norms), and prefills. On a GPU (or with
+projection, and the head in --quant-head's format; the embedding stays bf16 for the lookup) decodes
+too, its bytes read counted as stored (quantized weights, scales, zero points, the head and norms;
+the embedding only while it is the head), and prefills. On a GPU (or with
 --engine) decoding also goes through the Engine, as generate() and the server run it: on a GPU with
 its decode step replayed as a CUDA graph, and without. A standalone script (not part of the test run)."""
 from __future__ import annotations
@@ -117,6 +118,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--quant", nargs="*", default=[], choices=["int8", "int4"],
                     help="also decode (and prefill) with the block projections quantized to these formats")
+    ap.add_argument("--quant-head", nargs="+", default=["int8"], choices=["int8", "int4", "float"],
+                    help="with --quant: the head's format (several: one row each, same run; default int8)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--engine", action="store_true",
                     help="also time decoding through the Engine on a CPU (on a GPU it always is: with and "
@@ -267,21 +270,23 @@ def main():
                     rows[name]["graph_replays"] = engine._graphs.replays if engine._graphs else 0
                     rows[name]["graphs_disabled"] = engine._graphs.disabled if engine._graphs else "no graphs"
 
-        for fmt in args.quant:
-            qmodel = copy.deepcopy(model).quantize(fmt)
+        for fmt, head in [(f, h) for f in args.quant for h in args.quant_head]:
+            qmodel = copy.deepcopy(model).quantize(fmt, head=None if head == "float" else head)
+            name = f"ours {fmt}" + (f" head {head}" if len(args.quant_head) > 1 else "")
             qmodel.eval()
-            # what a step reads: parameters (norms, embedding/head) and the quantized buffers, the
-            # embedding only if it is the tied head, not the RoPE tables
+            # what a step reads: parameters (norms, a float head) and the quantized buffers (the head's
+            # too), the embedding only while it is the head, not the RoPE tables
             stored = {id(t): t for t in qmodel.parameters()}
             stored.update({id(b): b for n, b in qmodel.named_buffers() if not n.rpartition(".")[2].startswith("rope")})
             embed = qmodel.transformer.wte.weight
-            q_read = sum(t.nbytes for t in stored.values() if config.tie_word_embeddings or t is not embed)
+            head_is_embed = getattr(qmodel.lm_head, "weight", None) is embed
+            q_read = sum(t.nbytes for t in stored.values() if head_is_embed or t is not embed)
             ours_decode(True, model=qmodel)  # warm-up
             (dtq, _), frac, fracs = bracketed(lambda: ours_decode(True, model=qmodel), q_read)
-            rows[f"ours {fmt}"] = {"decode_tok_s": args.decode / dtq, "decode_fraction_of_bandwidth": frac,
-                                   "decode_fraction_per_run": fracs, "read_per_token": q_read}
+            rows[name] = {"decode_tok_s": args.decode / dtq, "decode_fraction_of_bandwidth": frac,
+                          "decode_fraction_per_run": fracs, "read_per_token": q_read, "head": head}
             if args.prefill:
-                rows[f"ours {fmt}"]["prefill_tok_s"] = args.prefill / ours_prefill(True, model=qmodel)
+                rows[name]["prefill_tok_s"] = args.prefill / ours_prefill(True, model=qmodel)
             del qmodel
 
         if not args.no_hf:

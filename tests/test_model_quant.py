@@ -71,16 +71,88 @@ def test_int8_logits_and_greedy_text_match(trained):
 
 
 @pytest.mark.slow
-def test_int4_perplexity_within_5_percent(trained):
+@pytest.mark.parametrize("head", ["int8", "int4", None])
+def test_int4_perplexity_within_5_percent(trained, head):
     tiny = trained
     ref = ExaoneForCausalLM.from_pretrained(tiny)
-    q = ExaoneForCausalLM.from_pretrained(tiny).quantize("int4")
+    q = ExaoneForCausalLM.from_pretrained(tiny).quantize("int4", head=head)
     ids = _ids(tiny)
     p_ref, p_q = _perplexity(ref, ids), _perplexity(q, ids)
     assert abs(p_q / p_ref - 1) < 0.05, (p_ref, p_q)
     q.use_kernels = False   # the reference path computes the same thing
-    torch.testing.assert_close(q(ids), ExaoneForCausalLM.from_pretrained(tiny).quantize("int4")(ids),
+    torch.testing.assert_close(q(ids), ExaoneForCausalLM.from_pretrained(tiny).quantize("int4", head=head)(ids),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_head(tmp_path, tied):
+    """The head is quantized like a projection (int8 by default); a tied head from the embedding,
+    which stays a float parameter for the lookup. Saved: the head's quantized tensors, the embedding
+    once; loaded back bit for bit, with the same logits."""
+    path = write_tiny_checkpoint(tmp_path / "f", tie_word_embeddings=tied, **TINY)
+    ref = ExaoneForCausalLM.from_pretrained(path)
+    head_w = ref.lm_head.weight.detach().clone()
+    model = ExaoneForCausalLM.from_pretrained(path).quantize("int4")
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    embed = model.transformer.wte.weight
+    assert isinstance(embed, torch.nn.Parameter) and embed.dtype == head_w.dtype
+    torch.testing.assert_close(embed, ref.transformer.wte.weight, rtol=0, atol=0)
+    w = model.lm_head.dequantized_weight()      # int8 per row: within half a step of each row's scale
+    step = head_w.float().abs().amax(1, keepdim=True) / 127
+    assert ((w - head_w.float()).abs() <= step / 2 * (1 + 1e-2) + 1e-6).all()
+    model.save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["head_bits"] == 8 and config["tie_word_embeddings"] == tied
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"lm_head.qweight", "lm_head.scales", "transformer.wte.weight"} <= keys and "lm_head.weight" not in keys
+    back = ExaoneForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(back.lm_head, QuantLinear) and back.lm_head.bits == 8
+    assert back.state_dict().keys() == model.state_dict().keys()
+    for n, t in model.state_dict().items():
+        assert torch.equal(back.state_dict()[n], t), n
+    ids = _ids(path)
+    torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=0)
+    # against the same projections with the head kept float: the int8 head adds well under 1%
+    lr = ExaoneForCausalLM.from_pretrained(path).quantize("int4", head=None)(ids)
+    lq = model(ids)
+    assert ((lq - lr).norm() / lr.norm()).item() < 0.01
+
+
+def test_quantize_head_choices_and_errors(tiny, tmp_path):
+    m = ExaoneForCausalLM.from_pretrained(tiny).quantize("int8", head="int4")
+    assert m.lm_head.bits == 4 and m.lm_head.group_size == 128
+    assert m.config.extra["quantization_config"] == {"quant_method": "exaone_ext", "bits": 8, "group_size": 128,
+                                                     "zero_point": True, "head_bits": 4}
+    m.save_pretrained(tmp_path / "q84")
+    back = ExaoneForCausalLM.from_pretrained(tmp_path / "q84")
+    assert back.lm_head.bits == 4 and back.transformer.h[0].mlp.c_proj.bits == 8
+    # head=None: the head as it was (tied to the embedding), a checkpoint without head_bits
+    kept = ExaoneForCausalLM.from_pretrained(tiny).quantize("int4", head=None)
+    assert kept.lm_head.weight is kept.transformer.wte.weight
+    assert "head_bits" not in kept.config.extra["quantization_config"]
+    kept.save_pretrained(tmp_path / "q4")
+    back = ExaoneForCausalLM.from_pretrained(tmp_path / "q4")
+    assert back.lm_head.weight is back.transformer.wte.weight
+    ids = _ids(tiny)
+    torch.testing.assert_close(back(ids), kept(ids), rtol=0, atol=0)
+    # bad arguments: a clear error and the model untouched
+    fresh = ExaoneForCausalLM.from_pretrained(tiny)
+    with pytest.raises(ValueError, match="head must be 'int8', 'int4' or None.*got 'int2'"):
+        fresh.quantize("int8", head="int2")
+    with pytest.raises(ValueError, match="group_size must be a positive multiple of 32, got 48"):
+        fresh.quantize("int8", head="int4", group_size=48)
+    with pytest.raises(ValueError, match=r"int4 needs lm_head's in_features \(128\) to be a multiple of group_size \(256\)"):
+        fresh.quantize("int8", head="int4", group_size=256)
+    assert not any(isinstance(mod, QuantLinear) for mod in fresh.modules())
+    assert "quantization_config" not in fresh.config.extra
+    # a checkpoint whose head_bits this package cannot build
+    config = json.loads((tmp_path / "q84" / "config.json").read_text())
+    config["quantization_config"]["head_bits"] = 3
+    (tmp_path / "q84" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="head_bits must be 8 or 4, got 3"):
+        ExaoneForCausalLM.from_pretrained(tmp_path / "q84")
 
 
 @pytest.mark.parametrize("fmt,naming", [("int8", "exaone"), ("int4", "llama")])
@@ -163,6 +235,9 @@ def test_cli_quantize_and_quant_flag(tiny, tmp_path, capsys):
     assert json.loads((dst / "config.json").read_text())["quantization_config"]["bits"] == 4
     assert (dst / "tokenizer.json").exists()
     assert main(["quantize", str(tiny), str(dst), "--bits", "8"]) == 1            # DST exists: refused
+    assert main(["quantize", str(tiny), str(tmp_path / "q8f"), "--bits", "8", "--head", "float",
+                 "--no-progress"]) == 0
+    assert "head_bits" not in json.loads((tmp_path / "q8f" / "config.json").read_text())["quantization_config"]
     assert "already exists" in capsys.readouterr().err
     args = ["--prompt", "hello", "--raw", "--max-new-tokens", "4", "--no-progress"]
     assert main(["generate", "--model", str(dst)] + args) == 0
@@ -179,5 +254,5 @@ def test_cli_quantize_and_quant_flag(tiny, tmp_path, capsys):
     assert names.index("transformer.h.0.attn.attention.q_proj.qweight") < names.index("transformer.h.0.ln_2.weight")
     assert main(["info", str(dst)]) == 0
     out = capsys.readouterr().out
-    assert "quantized    int4 block projections, groups of 128 inputs with zero points" in out
+    assert "quantized    int4 block projections, groups of 128 inputs with zero points; head int8" in out
     assert "q_proj.qzeros" in out and "uint8" in out

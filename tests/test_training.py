@@ -218,6 +218,14 @@ def test_cli_reports_bad_recipe(tmp_path, ckpt):
         Trainer(load_config(cfg), "pretrain").train()
 
 
+def test_quantized_checkpoint_is_refused(tmp_path, ckpt):
+    from exaone_ext import ExaoneForCausalLM
+    ExaoneForCausalLM.from_pretrained(ckpt).quantize("int8").save_pretrained(tmp_path / "q")
+    cfg = _recipe(tmp_path, tmp_path / "q", _pretrain_data(tmp_path), {"out_dir": "r", "steps": 1})
+    with pytest.raises(ConfigError, match=r"\[model\] path .*q is a quantized checkpoint .*needs the float weights"):
+        Trainer(load_config(cfg), "pretrain")
+
+
 def test_token_nll_sum_equals_summed_token_logps(ckpt):
     """The pre-training objective (the fused loss summed, its gradients made in the forward) has the
     value and the gradients of the per-token log-probabilities summed (gradients in the backward),

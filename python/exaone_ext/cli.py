@@ -47,7 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     bar.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--stats", action="store_true", help="print prefill / decode tokens per second on stderr")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
-                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128)")
+                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; the head in int8)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
 
@@ -112,11 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST")
 
     p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (int8 or int4 weights)",
-                       description="Quantize every block projection of a checkpoint (round to nearest: int8 per "
+                       description="Quantize every block projection and the head of a checkpoint (round to nearest: int8 per "
                                    "output channel, or int4 in groups with zero points) and save it with its "
                                    "tokenizer; load it like any checkpoint.")
     p.add_argument("--bits", type=int, required=True, choices=[8, 4])
     p.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale and zero point (default 128)")
+    p.add_argument("--head", default="int8", choices=["int8", "int4", "float"],
+                   help="the output head's format (default int8; float keeps it as stored; a tied head is "
+                        "quantized from the embedding, which stays float)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None)
     bar.add_argument("--no-progress", dest="progress", action="store_false")
@@ -158,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
-                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128)")
+                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; the head in int8)")
     p.add_argument("--prefill-chunk-size", type=int, default=None, metavar="N",
                    help="prompt tokens per pass (default 8192): a longer prompt is prefilled N tokens per decode "
                         "step, so running requests keep streaming while it fills")
@@ -448,7 +451,8 @@ def cmd_quantize(args) -> int:
         raise UserError(f"quantize: {args.dst!r} already exists (remove it or choose another DST)")
     model = ExaoneForCausalLM.from_pretrained(args.src, progress=_progress_enabled(args.progress))
     try:
-        model.quantize("int8" if args.bits == 8 else "int4", group_size=args.group_size)
+        model.quantize("int8" if args.bits == 8 else "int4", group_size=args.group_size,
+                       head=None if args.head == "float" else args.head)
     except ValueError as e:
         raise UserError(f"quantize: {e}") from None
     # written beside DST with the tokenizer and other files, then renamed: DST appears whole or not at all
@@ -460,7 +464,7 @@ def cmd_quantize(args) -> int:
         if os.path.isfile(src) and not _is_checkpoint_file(name) and not os.path.exists(os.path.join(tmp, name)):
             shutil.copy2(src, os.path.join(tmp, name))
     os.rename(tmp, args.dst)
-    print(f"wrote {args.dst} (int{args.bits})", file=sys.stderr)
+    print(f"wrote {args.dst} (int{args.bits}, head {args.head})", file=sys.stderr)
     return 0
 
 
@@ -478,7 +482,9 @@ def _describe_quant(qc: dict) -> str:
     else:
         what = f"int{bits} block projections, groups of {group} inputs with zero points"
     kept = qc.get("modules_to_not_convert")
-    return what + (f"; {len(kept)} projection(s) kept unquantized" if kept else "") + "; embedding and head as stored"
+    head = (f"head int{qc['head_bits']}, embedding as stored" if method == "exaone_ext" and qc.get("head_bits")
+            else "embedding and head as stored")
+    return what + (f"; {len(kept)} projection(s) kept unquantized" if kept else "") + "; " + head
 
 
 def cmd_info(args) -> int:

@@ -329,7 +329,7 @@ def load_model(model: nn.Module, path, dtype=None, device=None, progress=False):
                 t = t.to(device=device, dtype=cast)
                 _set_tensor(model, name, t, declared[name].requires_grad and t.is_floating_point())
                 bar.update(e.nbytes, e.key)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "weight" in model.lm_head._parameters:  # not a quantized head
         model.lm_head.weight = model.transformer.wte.weight
         if "lm_head.weight" in entries:  # a tied checkpoint that stores its head anyway: must equal wte
             e = entries["lm_head.weight"]

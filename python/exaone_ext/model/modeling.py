@@ -459,12 +459,14 @@ class ExaoneForCausalLM(nn.Module):
         from .gguf import load_gguf
         return load_gguf(path, dtype=dtype, device=device, progress=progress, use_kernels=use_kernels)
 
-    def quantize(self, fmt: str = "int8", group_size: int = 128) -> "ExaoneForCausalLM":
+    def quantize(self, fmt: str = "int8", group_size: int = 128, head: str | None = "int8") -> "ExaoneForCausalLM":
         """Replaces every block projection by a quantized one, in place: "int8" (per output channel)
-        or "int4" (groups of group_size inputs with zero points). The embedding and head stay as
-        they are. save_pretrained then writes a quantized checkpoint. Returns self."""
+        or "int4" (groups of group_size inputs with zero points), and the head by one in `head`'s
+        format ("int8" by default, "int4", or None to keep it as it is). A tied head is quantized
+        from the embedding, which stays as it is for the token lookup (only a few of its rows are
+        read per step). save_pretrained then writes a quantized checkpoint. Returns self."""
         from .quant import quantize_model
-        return quantize_model(self, fmt, group_size)
+        return quantize_model(self, fmt, group_size, head)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         naming: str = "exaone", progress=False) -> None:

@@ -1,7 +1,7 @@
 """Quantized projections for ExaoneForCausalLM: int8 (per output channel) and int4 (groups of
 128 with zero points), and AWQ checkpoints as published.
 
-    model.quantize("int8")            # every block's projections; the embedding and head stay as they are
+    model.quantize("int8")            # every block's projections, and the head in int8 (head=...)
     model.save_pretrained(DIR)        # qweight / scales / qzeros tensors + config.json quantization_config
     ExaoneForCausalLM.from_pretrained(DIR)   # builds the quantized modules from quantization_config
 
@@ -120,29 +120,57 @@ def projections(model: nn.Module):
             yield block.mlp, name, getattr(block.mlp, name)
 
 
-def quantize_model(model: nn.Module, fmt: str, group_size: int = 128) -> nn.Module:
-    """Replaces every block projection of `model` by a QuantLinear ('int8' or 'int4'), in place, and
-    records the format in model.config.extra['quantization_config'] (written by save_pretrained)."""
+HEAD_FORMATS = {"int8": 8, "int4": 4, None: None, "none": None}
+
+
+def quantize_model(model: nn.Module, fmt: str, group_size: int = 128, head: str | None = "int8") -> nn.Module:
+    """Replaces every block projection of `model` by a QuantLinear ('int8' or 'int4'), and the head
+    by one in `head`'s format ('int8', 'int4', or None to keep it as it is), in place; records the
+    formats in model.config.extra['quantization_config'] (written by save_pretrained). A tied head
+    is quantized from the embedding, which stays as it is for the token lookup."""
     if fmt not in FORMATS:
         raise ValueError(f"quantize: format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    if head not in HEAD_FORMATS:
+        raise ValueError(f"quantize: head must be 'int8', 'int4' or None (kept as it is), got {head!r}")
     if model.config.extra.get("quantization_config"):
         raise ValueError(f"quantize: the model is already quantized "
                          f"({model.config.extra['quantization_config']})")
-    bits = FORMATS[fmt]
-    for parent, name, lin in list(projections(model)):
+    bits, head_bits = FORMATS[fmt], HEAD_FORMATS[head]
+    if (bits == 4 or head_bits == 4) and (group_size <= 0 or group_size % 32):
+        raise ValueError(f"quantize: group_size must be a positive multiple of 32, got {group_size!r}")
+    todo = list(projections(model)) + ([(model, "lm_head", model.lm_head)] if head_bits else [])
+    for parent, name, lin in todo:
         if type(lin) is not Linear:
             raise TypeError(f"quantize: {name} is a {type(lin).__name__}, expected a Linear")
-        setattr(parent, name, QuantLinear.from_linear(lin, bits, group_size))
-    model.config.extra["quantization_config"] = quantization_config(bits, group_size)
+        if (head_bits if parent is model else bits) == 4 and lin.in_features % group_size:
+            raise ValueError(f"quantize: int4 needs {name}'s in_features ({lin.in_features}) to be a multiple of "
+                             f"group_size ({group_size})")
+    for parent, name, lin in todo:
+        setattr(parent, name, QuantLinear.from_linear(lin, head_bits if parent is model else bits, group_size))
+    model.config.extra["quantization_config"] = quantization_config(bits, group_size, head_bits)
     hugepage_buffers(model)
     return model
 
 
-def quantization_config(bits: int, group_size: int = 128) -> dict:
+def quantization_config(bits: int, group_size: int = 128, head_bits: int | None = None) -> dict:
+    """config.json's quantization_config: `bits` for the block projections, `head_bits` for the
+    head (absent: the head is stored in float, as in checkpoints written before heads were quantized)."""
     cfg = {"quant_method": QUANT_METHOD, "bits": bits}
-    if bits == 4:
+    if bits == 4 or head_bits == 4:
         cfg.update(group_size=group_size, zero_point=True)
+    if head_bits:
+        cfg["head_bits"] = head_bits
     return cfg
+
+
+def quantized_head_bits(qc: dict | None) -> int | None:
+    """The head's bits recorded in a quantization_config (None: a float head). ValueError for values
+    this package cannot build."""
+    if not qc or qc.get("quant_method") != QUANT_METHOD or qc.get("head_bits") is None:
+        return None
+    if qc["head_bits"] not in (4, 8):
+        raise ValueError(f"from_pretrained: quantization_config head_bits must be 8 or 4, got {qc['head_bits']!r}")
+    return qc["head_bits"]
 
 
 def prepare_for_checkpoint(model: nn.Module, dtype: torch.dtype | None) -> None:
@@ -168,6 +196,11 @@ def prepare_for_checkpoint(model: nn.Module, dtype: torch.dtype | None) -> None:
     for parent, name, lin in list(projections(model)):
         if names[id(lin)] not in keep:
             setattr(parent, name, make(lin))
+    head_bits = quantized_head_bits(qc)
+    if head_bits:   # a tied head's tie is undone: the embedding stays float for the lookup
+        head = model.lm_head
+        model.lm_head = QuantLinear(head.in_features, head.out_features, head_bits, group, head.use_kernels,
+                                    device="meta", dtype=dtype or torch.bfloat16)
 
 
 def finish_checkpoint(model: nn.Module) -> None:
@@ -193,7 +226,7 @@ def hugepage_buffers(model: nn.Module, min_bytes: int = 2 << 20) -> None:
     from .. import _C
     if os.environ.get("EXAONE_EXT_HUGEPAGES", "1") == "0":
         return
-    for _, _, m in projections(model):
+    for _, _, m in [*projections(model), (model, "lm_head", model.lm_head)]:
         if not isinstance(m, QuantLinear) or m.qweight.device.type != "cpu" or m.qweight.nbytes < min_bytes:
             continue
         buf = torch.empty_like(m.qweight)

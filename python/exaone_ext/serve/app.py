@@ -77,7 +77,7 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
     max_body_bytes: larger request bodies get 413.
     default_config: decoding defaults a request overrides (default: the checkpoint's
         generation_config.json, else greedy).
-    quant: "int8" or "int4" to quantize the loaded model's block projections (a checkpoint
+    quant: "int8" or "int4" to quantize the loaded model's block projections, the head in int8 (a checkpoint
         directory or GGUF file only; an Engine is served as it is).
     cuda_graphs: on a GPU, the loaded Engine replays its decode steps as CUDA graphs.
     prefill_chunk_size: prompt tokens the loaded Engine puts in one pass (default 8192): newcomers

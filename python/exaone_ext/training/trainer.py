@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ..data import PreferenceData, PretrainStream, SFTStream, collate, preference_rows, shard
 from ..model import ExaoneForCausalLM
+from ..model.checkpoint import read_config
 from ..tokenizer import ExaoneTokenizer
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import ConfigError
@@ -77,6 +78,10 @@ class Trainer:
                               f"{self.world} processes")
         if not os.path.isdir(self.m.path):
             raise ConfigError(f"{self.source}: [model] path {self.m.path} is not a checkpoint directory")
+        quant = read_config(self.m.path).extra.get("quantization_config")
+        if quant:
+            raise ConfigError(f"{self.source}: [model] path {self.m.path} is a quantized checkpoint ({quant}); "
+                              f"training needs the float weights it was quantized from")
         self.device = self._device()
         self.scorer = scorer if scorer is not None else self._load_scorer()
         self.tokenizer = ExaoneTokenizer.from_pretrained(self.m.path)
