@@ -10,9 +10,9 @@ bandwidth (summing a 1 GiB tensor, sampled before and after every decode run: ea
 against the higher of its two samples, and the median over runs is reported), prefill tokens/s,
 batched decode, batched prefill (packed against one forward per prompt), and peak memory against
 weights + KV cache. With --quant, the same bf16 model quantized (a copy per format: every block
-projection, and the head in --quant-head's format; the embedding stays bf16 for the lookup) decodes
-too, its bytes read counted as stored (quantized weights, scales, zero points, the head and norms;
-the embedding only while it is the head), and prefills. On a GPU (or with
+projection, and the head in --quant-head's format; the tied embedding then looks up the quantized
+head's rows) decodes too, its bytes read counted as stored (quantized weights, scales, zero points,
+the head and norms; a float embedding only while it is the head), and prefills. On a GPU (or with
 --engine) decoding also goes through the Engine, as generate() and the server run it: on a GPU with
 its decode step replayed as a CUDA graph, and without. A standalone script (not part of the test run)."""
 from __future__ import annotations
@@ -278,8 +278,8 @@ def main():
             # too), the embedding only while it is the head, not the RoPE tables
             stored = {id(t): t for t in qmodel.parameters()}
             stored.update({id(b): b for n, b in qmodel.named_buffers() if not n.rpartition(".")[2].startswith("rope")})
-            embed = qmodel.transformer.wte.weight
-            head_is_embed = getattr(qmodel.lm_head, "weight", None) is embed
+            embed = getattr(qmodel.transformer.wte, "weight", None)   # None: a lookup into the quantized head
+            head_is_embed = embed is not None and getattr(qmodel.lm_head, "weight", None) is embed
             q_read = sum(t.nbytes for t in stored.values() if head_is_embed or t is not embed)
             ours_decode(True, model=qmodel)  # warm-up
             (dtq, _), frac, fracs = bracketed(lambda: ours_decode(True, model=qmodel), q_read)

@@ -472,8 +472,8 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _describe_quant(qc: dict) -> str:
-    """config.json's quantization_config in words."""
+def _describe_quant(qc: dict, tied: bool = False) -> str:
+    """config.json's quantization_config in words (tied: the config ties the embedding to the head)."""
     method, bits, group = qc.get("quant_method"), qc.get("bits"), qc.get("group_size", qc.get("q_group_size"))
     if method == "awq":
         what = f"AWQ int4, groups of {group} (GEMM layout; int4 with zero points once loaded)"
@@ -482,8 +482,11 @@ def _describe_quant(qc: dict) -> str:
     else:
         what = f"int{bits} block projections, groups of {group} inputs with zero points"
     kept = qc.get("modules_to_not_convert")
-    head = (f"head int{qc['head_bits']}, embedding as stored" if method == "exaone_ext" and qc.get("head_bits")
-            else "embedding and head as stored")
+    if method == "exaone_ext" and qc.get("head_bits"):
+        head = f"head int{qc['head_bits']}" + (" (the tied embedding reads its rows)" if tied else
+                                                ", embedding as stored")
+    else:
+        head = "embedding and head as stored"
     return what + (f"; {len(kept)} projection(s) kept unquantized" if kept else "") + "; " + head
 
 
@@ -506,7 +509,7 @@ def cmd_info(args) -> int:
         f"vocab {c['vocab_size']}, context {c['max_position_embeddings']}, "
         f"{'tied' if info['tied_word_embeddings'] else 'untied'} head",
         f"parameters   {info['num_parameters']:,}",
-        *([f"quantized    {_describe_quant(info['quantization'])}"] if info.get("quantization") else []),
+        *([f"quantized    {_describe_quant(info['quantization'], info['tied_word_embeddings'])}"] if info.get("quantization") else []),
         "dtypes       " + ", ".join(f"{k}: {v:,}" for k, v in info["dtypes"].items()),
         f"weights      {_gib(info['weight_bytes'])} in memory as stored; "
         f"{_gib(info['num_parameters'] * 2)} in bfloat16",

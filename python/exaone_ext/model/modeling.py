@@ -361,9 +361,9 @@ class ExaoneForCausalLM(nn.Module):
                     raise ValueError(f"ExaoneForCausalLM: packed input (cu_seqlens) with a kv_cache fills empty rows, "
                                      f"and continues rows that hold tokens, those rows first; the rows hold {held} "
                                      f"tokens, the documents are {doc_lengths} tokens long")
-                if kv_cache.dtype != self.transformer.wte.weight.dtype:
+                if kv_cache.dtype != self.transformer.ln_f.weight.dtype:
                     raise TypeError(f"ExaoneForCausalLM: kv_cache holds {kv_cache.dtype}, the model computes in "
-                                    f"{self.transformer.wte.weight.dtype}")
+                                    f"{self.transformer.ln_f.weight.dtype}")
                 max_seqlen = max(doc_lengths[held_rows:], default=0)  # of the documents prefilled
                 if max([max_seqlen] + [held[i] + doc_lengths[i] for i in range(held_rows)]) > kv_cache.max_seq_len:
                     raise ValueError(f"KVCache: appending documents of {doc_lengths} tokens to rows holding {held} "
@@ -462,9 +462,9 @@ class ExaoneForCausalLM(nn.Module):
     def quantize(self, fmt: str = "int8", group_size: int = 128, head: str | None = "int8") -> "ExaoneForCausalLM":
         """Replaces every block projection by a quantized one, in place: "int8" (per output channel)
         or "int4" (groups of group_size inputs with zero points), and the head by one in `head`'s
-        format ("int8" by default, "int4", or None to keep it as it is). A tied head is quantized
-        from the embedding, which stays as it is for the token lookup (only a few of its rows are
-        read per step). save_pretrained then writes a quantized checkpoint. Returns self."""
+        format ("int8" by default, "int4", or None to keep it as it is). In a tied model (2.4B) the
+        embedding is the head: the token lookup then reads the quantized head's rows, and the float
+        matrix is freed. save_pretrained then writes a quantized checkpoint. Returns self."""
         from .quant import quantize_model
         return quantize_model(self, fmt, group_size, head)
 

@@ -1,7 +1,8 @@
 """Quantized projections for ExaoneForCausalLM: int8 (per output channel) and int4 (groups of
 128 with zero points), and AWQ checkpoints as published.
 
-    model.quantize("int8")            # every block's projections, and the head in int8 (head=...)
+    model.quantize("int8")            # every block's projections, and the head in int8 (head=...);
+                                      # a tied embedding becomes a lookup into the quantized head
     model.save_pretrained(DIR)        # qweight / scales / qzeros tensors + config.json quantization_config
     ExaoneForCausalLM.from_pretrained(DIR)   # builds the quantized modules from quantization_config
 
@@ -83,6 +84,31 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
 
 
+class QuantEmbedding(nn.Module):
+    """The token lookup of a tied model whose head is quantized: rows of the head's quantized
+    matrix, dequantised into the scales' dtype (the model's). The head is one matrix, as the tie
+    says: it is held (and saved) once, by the head; this module has no tensors of its own."""
+
+    def __init__(self, head: QuantLinear):
+        super().__init__()
+        object.__setattr__(self, "head", head)   # a reference, not a submodule: no second state-dict entry
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (int) [...] -> [..., embedding_dim] in the head's scales dtype."""
+        h = self.head
+        rows = ids.reshape(-1)
+        if h.bits == 8:
+            w = _reference_ops.dequantize_int8(h.qweight[rows], h.scales[rows], h.scales.dtype)
+        else:
+            w = _reference_ops.dequantize_int4(h.qweight[rows], h.scales[rows], h.qzeros[rows], h.group_size,
+                                               h.scales.dtype)
+        return w.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of lm_head (int{self.head.bits})"
+
+
 class AWQLinear(nn.Module):
     """AWQ's tensors of one projection as stored (qweight int32 [in, out / 8], qzeros int32
     [in / g, out / 8], scales [in / g, out]); to_quant_linear() gives the int4 QuantLinear."""
@@ -126,8 +152,9 @@ HEAD_FORMATS = {"int8": 8, "int4": 4, None: None, "none": None}
 def quantize_model(model: nn.Module, fmt: str, group_size: int = 128, head: str | None = "int8") -> nn.Module:
     """Replaces every block projection of `model` by a QuantLinear ('int8' or 'int4'), and the head
     by one in `head`'s format ('int8', 'int4', or None to keep it as it is), in place; records the
-    formats in model.config.extra['quantization_config'] (written by save_pretrained). A tied head
-    is quantized from the embedding, which stays as it is for the token lookup."""
+    formats in model.config.extra['quantization_config'] (written by save_pretrained). A tied
+    model's embedding is its head: once the head is quantized, the token lookup reads its rows
+    (QuantEmbedding) and the float matrix is gone."""
     if fmt not in FORMATS:
         raise ValueError(f"quantize: format must be one of {sorted(FORMATS)}, got {fmt!r}")
     if head not in HEAD_FORMATS:
@@ -147,6 +174,8 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 128, head: str 
                              f"group_size ({group_size})")
     for parent, name, lin in todo:
         setattr(parent, name, QuantLinear.from_linear(lin, head_bits if parent is model else bits, group_size))
+    if head_bits:
+        _tie_quantized_head(model)
     model.config.extra["quantization_config"] = quantization_config(bits, group_size, head_bits)
     hugepage_buffers(model)
     return model
@@ -197,17 +226,24 @@ def prepare_for_checkpoint(model: nn.Module, dtype: torch.dtype | None) -> None:
         if names[id(lin)] not in keep:
             setattr(parent, name, make(lin))
     head_bits = quantized_head_bits(qc)
-    if head_bits:   # a tied head's tie is undone: the embedding stays float for the lookup
+    if head_bits:
         head = model.lm_head
         model.lm_head = QuantLinear(head.in_features, head.out_features, head_bits, group, head.use_kernels,
                                     device="meta", dtype=dtype or torch.bfloat16)
+        _tie_quantized_head(model)
+
+
+def _tie_quantized_head(model: nn.Module) -> None:
+    """A tied model's embedding becomes the lookup into its quantized head (one matrix, stored once)."""
+    if model.config.tie_word_embeddings:
+        model.transformer.wte = QuantEmbedding(model.lm_head)
 
 
 def finish_checkpoint(model: nn.Module) -> None:
     """After loading: AWQ projections converted into int4 QuantLinear modules (scales in the model's
     float dtype), and the config marked as this package's int4 format so that a save writes it."""
     converted = False
-    dtype = model.transformer.wte.weight.dtype
+    dtype = model.transformer.ln_f.weight.dtype
     for parent, name, m in list(projections(model)):
         if isinstance(m, AWQLinear):
             setattr(parent, name, m.to_quant_linear(dtype, model.use_kernels))
