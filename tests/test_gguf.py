@@ -562,6 +562,13 @@ def test_q4_0_projections_become_int4_bit_for_bit(tmp_path, exaone_model, llama_
     assert bf.transformer.wte.weight.dtype == torch.bfloat16
     m = bf.transformer.h[0].mlp.c_proj
     assert m.scales.dtype == torch.float32 and torch.equal(m.dequantized_weight(), held["transformer.h.0.mlp.c_proj.weight"])
+    # the file's head (dequantised, dense) quantized afterwards: saved and loaded with the projections
+    bf.quantize_head("int8")
+    assert bf.config.extra["quantization_config"]["head_bits"] == 8
+    bf.save_pretrained(tmp_path / "q4_0-head8")
+    back = ExaoneForCausalLM.from_pretrained(tmp_path / "q4_0-head8")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), bf(ids), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind, arch", [(k, "exaone") for k in BLOCKS] + [("Q4_K", "llama"), ("Q6_K", "llama")])

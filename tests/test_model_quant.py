@@ -150,8 +150,16 @@ def test_quantize_head_choices_and_errors(tiny, tmp_path):
     assert back.lm_head.weight is back.transformer.wte.weight
     ids = _ids(tiny)
     torch.testing.assert_close(back(ids), kept(ids), rtol=0, atol=0)
+    # the head of that checkpoint quantized afterwards, in int4 with the checkpoint's groups
+    kept.quantize_head("int4")
+    assert kept.lm_head.bits == 4 and kept.lm_head.group_size == 128
+    assert kept.config.extra["quantization_config"]["head_bits"] == 4
     # bad arguments: a clear error and the model untouched
     fresh = ExaoneForCausalLM.from_pretrained(tiny)
+    with pytest.raises(ValueError, match="projections are not quantized; use quantize"):
+        fresh.quantize_head("int8")
+    with pytest.raises(ValueError, match="format must be one of"):
+        kept.quantize_head("int3")
     with pytest.raises(ValueError, match="head must be 'int8', 'int4' or None.*got 'int2'"):
         fresh.quantize("int8", head="int2")
     with pytest.raises(ValueError, match="group_size must be a positive multiple of 32, got 48"):
@@ -239,6 +247,19 @@ def test_awq_checkpoint_loads_and_matches(tiny, tmp_path):
             model.get_parameter(name).copy_(w)
     ids = _ids(tiny)
     torch.testing.assert_close(loaded(ids), model(ids), rtol=1e-4, atol=1e-4)
+    # AWQ keeps the head in float; quantize_head quantizes it (tied: the lookup reads its rows)
+    assert type(loaded.lm_head).__name__ == "Linear"
+    before = loaded(ids)
+    loaded.quantize_head("int8")
+    assert isinstance(loaded.lm_head, QuantLinear) and isinstance(loaded.transformer.wte, QuantEmbedding)
+    assert loaded.config.extra["quantization_config"]["head_bits"] == 8
+    after = loaded(ids)
+    assert 0 < ((after - before).norm() / before.norm()).item() < 0.03
+    loaded.save_pretrained(tmp_path / "awq-head8")
+    back = ExaoneForCausalLM.from_pretrained(tmp_path / "awq-head8")
+    torch.testing.assert_close(back(ids), after, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the head is already quantized"):
+        back.quantize_head("int4")
 
 
 def test_cli_quantize_and_quant_flag(tiny, tmp_path, capsys):

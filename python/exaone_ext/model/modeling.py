@@ -468,6 +468,13 @@ class ExaoneForCausalLM(nn.Module):
         from .quant import quantize_model
         return quantize_model(self, fmt, group_size, head)
 
+    def quantize_head(self, fmt: str = "int8") -> "ExaoneForCausalLM":
+        """Quantizes the float head of a model whose block projections are already quantized (an AWQ
+        checkpoint or a GGUF file's Q4_0 projections, which keep the head in float; a checkpoint
+        saved with head=None), in place: "int8" or "int4". Returns self."""
+        from .quant import quantize_head
+        return quantize_head(self, fmt)
+
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         naming: str = "exaone", progress=False) -> None:
         """Write config.json, generation_config.json and (sharded) safetensors with an index,

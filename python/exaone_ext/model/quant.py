@@ -181,6 +181,37 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 128, head: str 
     return model
 
 
+def quantize_head(model: nn.Module, fmt: str = "int8") -> nn.Module:
+    """Quantizes the float head of a model whose block projections are already quantized (an AWQ
+    checkpoint, a GGUF file's Q4_0 projections, a checkpoint saved with head=None), in place: 'int8'
+    (per output channel) or 'int4' (groups of the checkpoint's group_size). A tied embedding becomes
+    the lookup into the quantized head, as in quantize_model. Recorded as head_bits."""
+    qc = model.config.extra.get("quantization_config")
+    if fmt not in FORMATS:
+        raise ValueError(f"quantize_head: format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    if not qc:
+        raise ValueError("quantize_head: the model's projections are not quantized; use "
+                         "quantize(fmt, head=...) for the projections and the head together")
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"quantize_head: quantization_config {qc} is not this package's format")
+    if type(model.lm_head) is not Linear:
+        raise ValueError(f"quantize_head: the head is already quantized ({model.lm_head.extra_repr()})")
+    bits, group = FORMATS[fmt], int(qc.get("group_size", 128))
+    head = model.lm_head
+    if bits == 4 and head.in_features % group:
+        raise ValueError(f"quantize_head: int4 needs lm_head's in_features ({head.in_features}) to be a multiple "
+                         f"of the checkpoint's group_size ({group})")
+    model.lm_head = QuantLinear.from_linear(head, bits, group)
+    _tie_quantized_head(model)
+    qc = dict(qc, head_bits=bits)
+    if bits == 4:
+        qc.setdefault("group_size", group)
+        qc.setdefault("zero_point", True)
+    model.config.extra["quantization_config"] = qc
+    hugepage_buffers(model)
+    return model
+
+
 def quantization_config(bits: int, group_size: int = 128, head_bits: int | None = None) -> dict:
     """config.json's quantization_config: `bits` for the block projections, `head_bits` for the
     head (absent: the head is stored in float, as in checkpoints written before heads were quantized)."""
