@@ -280,6 +280,17 @@ def test_cli_quantize_and_quant_flag(tiny, tmp_path, capsys):
     assert capsys.readouterr().out == from_file    # quantized on load == quantized checkpoint
     assert main(["generate", "--model", str(dst), "--quant", "int8"] + args) == 1
     assert "already quantized" in capsys.readouterr().err
+    # --quant-head: the head's format with --quant; alone, the float head of a quantized checkpoint
+    assert main(["generate", "--model", str(tiny), "--quant", "int4", "--quant-head", "float"] + args) == 0
+    float_head = capsys.readouterr().out
+    kept = tmp_path / "q4f"
+    assert main(["quantize", str(tiny), str(kept), "--bits", "4", "--head", "float", "--no-progress"]) == 0
+    assert main(["generate", "--model", str(kept)] + args) == 0
+    assert capsys.readouterr().out == float_head
+    assert main(["generate", "--model", str(kept), "--quant-head", "int8"] + args) == 0
+    assert capsys.readouterr().out == from_file          # the same int8 head as quantize's default
+    assert main(["generate", "--model", str(dst), "--quant-head", "int4"] + args) == 1
+    assert "--quant-head: quantize_head: the head is already quantized" in capsys.readouterr().err
     # info describes the quantized checkpoint: logical parameter count, the format, every tensor
     from exaone_ext.model import checkpoint_info
     info = checkpoint_info(dst)

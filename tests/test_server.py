@@ -474,8 +474,14 @@ def test_quantized_serving(ckpt, model_tok):
     assert text == reference((ExaoneForCausalLM.from_pretrained(ckpt).quantize("int4"), tok), "Hello", 6)
     with pytest.raises(ValueError, match=r"quant: expected 'int8', 'int4' or None, got 'int3'"):
         create_app(str(ckpt), quant="int3")
-    with pytest.raises(ValueError, match=r"quant applies to a model loaded from a path"):
+    with pytest.raises(ValueError, match=r"quant and quant_head apply to a model loaded from a path"):
         create_app(Engine(*model_tok, max_batch=1), quant="int8")
+    with pytest.raises(ValueError, match=r"quant_head: expected 'int8', 'int4', 'float' or None, got 'bf16'"):
+        create_app(str(ckpt), quant="int8", quant_head="bf16")
+    head = create_app(str(ckpt), quant="int8", quant_head="int4", max_batch=1).state.scheduler.engine.model.lm_head
+    assert isinstance(head, QuantLinear) and head.bits == 4
+    kept = create_app(str(ckpt), quant="int8", quant_head="float", max_batch=1).state.scheduler.engine.model
+    assert kept.lm_head.weight is kept.transformer.wte.weight
 
 
 def test_prefill_chunk_size(ckpt, model_tok):

@@ -7,7 +7,7 @@
     exaone-ext info DIR [--json] [--tensors]
 
 --model (and info's PATH) takes a checkpoint directory or a GGUF file.
-    exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY] [--quant int8|int4]
+    exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY] [--quant int8|int4] [--quant-head int8|int4|float]
     exaone-ext decontaminate --train FILE... --test FILE... --test-fields question,answer --out DIR
     exaone-ext niah --model DIR --out DIR [--lengths 1024,4096] [--depths 0,50,100] [--languages en,ko]
                     [--task code|secret-colour|TASK.json] [--filler LANG=FILE]
@@ -48,6 +48,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print prefill / decode tokens per second on stderr")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; the head in int8)")
+    p.add_argument("--quant-head", default=None, choices=["int8", "int4", "float"],
+                   help="the head's format with --quant (default int8; float keeps it); without --quant, int8 / int4 "
+                        "quantizes the float head of a quantized checkpoint (AWQ, GGUF)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
 
@@ -118,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, required=True, choices=[8, 4])
     p.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale and zero point (default 128)")
     p.add_argument("--head", default="int8", choices=["int8", "int4", "float"],
-                   help="the output head's format (default int8; float keeps it as stored; a tied head is "
-                        "quantized from the embedding, which stays float)")
+                   help="the output head's format (default int8; float keeps it as stored; in a tied model the "
+                        "token lookup then reads the quantized head's rows)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None)
     bar.add_argument("--no-progress", dest="progress", action="store_false")
@@ -162,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; the head in int8)")
+    p.add_argument("--quant-head", default=None, choices=["int8", "int4", "float"],
+                   help="the head's format with --quant (default int8; float keeps it); without --quant, int8 / int4 "
+                        "quantizes the float head of a quantized checkpoint (AWQ, GGUF)")
     p.add_argument("--prefill-chunk-size", type=int, default=None, metavar="N",
                    help="prompt tokens per pass (default 8192): a longer prompt is prefilled N tokens per decode "
                         "step, so running requests keep streaming while it fills")
@@ -268,11 +274,12 @@ def load(args):
     if args.stats:
         print(f"[loaded {model.num_parameters:,} parameters ({next(model.parameters()).dtype}) on {device} in "
               f"{time.perf_counter() - start:.2f}s]", file=sys.stderr)
-    if getattr(args, "quant", None):
+    if getattr(args, "quant", None) or getattr(args, "quant_head", None):
+        from .model.quant import quantize_on_load
         try:
-            model.quantize(args.quant)
+            quantize_on_load(model, args.quant, args.quant_head, "--quant")
         except ValueError as e:
-            raise UserError(f"--quant: {e}") from None
+            raise UserError(f"{'--quant' if args.quant else '--quant-head'}: {e}") from None
     base = GenerationConfig.from_pretrained(path, defaults={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS})
     return model, tokenizer, base
 
@@ -557,7 +564,8 @@ def cmd_serve(args) -> int:
     app = create_app(args.model, model_name=args.served_model_name, api_key=args.api_key or None,
                      max_batch=args.max_batch, max_waiting=args.max_waiting, device=device,
                      dtype=_resolve_dtype(args.dtype, device), max_seq_len=args.max_seq_len, quant=args.quant,
-                     cuda_graphs=args.cuda_graphs, prefill_chunk_size=args.prefill_chunk_size)
+                     cuda_graphs=args.cuda_graphs, prefill_chunk_size=args.prefill_chunk_size,
+                     quant_head=args.quant_head)
     print(f"serving {app.state.model_name!r}{' (' + args.quant + ')' if args.quant else ''} on http://{args.host}:{args.port}/v1 "
           f"({args.max_batch} rows{', API key required' if args.api_key else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -212,6 +212,22 @@ def quantize_head(model: nn.Module, fmt: str = "int8") -> nn.Module:
     return model
 
 
+QUANT_HEAD_CHOICES = ("int8", "int4", "float")
+
+
+def quantize_on_load(model: nn.Module, quant: str | None, quant_head: str | None, what: str = "quant") -> None:
+    """The command line's --quant / --quant-head on a loaded model: with `quant`, quantize(quant,
+    head=quant_head, default int8; "float" keeps the head); without it, quant_head "int8" / "int4"
+    quantizes the float head of an already-quantized checkpoint (quantize_head). ValueError, prefixed
+    with `what`, for a value out of range or a model that cannot take it."""
+    if quant_head not in (None, *QUANT_HEAD_CHOICES):
+        raise ValueError(f"{what}: quant_head must be one of {QUANT_HEAD_CHOICES} or None, got {quant_head!r}")
+    if quant is not None:
+        quantize_model(model, quant, head=None if quant_head == "float" else (quant_head or "int8"))
+    elif quant_head in ("int8", "int4"):
+        quantize_head(model, quant_head)
+
+
 def quantization_config(bits: int, group_size: int = 128, head_bits: int | None = None) -> dict:
     """config.json's quantization_config: `bits` for the block projections, `head_bits` for the
     head (absent: the head is stored in float, as in checkpoints written before heads were quantized)."""

@@ -37,7 +37,7 @@ def _error_response(error: APIError) -> JSONResponse:
 
 
 def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int | None, quant: str | None = None,
-                 cuda_graphs: bool = True, prefill_chunk_size: int | None = None):
+                 cuda_graphs: bool = True, prefill_chunk_size: int | None = None, quant_head: str | None = None):
     import torch
 
     from ..generation.engine import Engine
@@ -54,8 +54,8 @@ def _load_engine(model_dir: str, device, dtype, max_batch: int, max_seq_len: int
         dtype = getattr(torch, dtype)
     tokenizer = ExaoneTokenizer.from_pretrained(model_dir)
     model = ExaoneForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
-    if quant is not None:
-        model.quantize(quant)
+    from ..model.quant import quantize_on_load
+    quantize_on_load(model, quant, quant_head, "create_app")
     return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, cuda_graphs=cuda_graphs,
                   prefill_chunk_size=prefill_chunk_size)
 
@@ -64,7 +64,8 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
                max_batch: int = 8, max_waiting: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                device=None, dtype=None, max_seq_len: int | None = None,
                default_config: GenerationConfig | None = None, quant: str | None = None,
-               cuda_graphs: bool = True, prefill_chunk_size: int | None = None) -> FastAPI:
+               cuda_graphs: bool = True, prefill_chunk_size: int | None = None,
+               quant_head: str | None = None) -> FastAPI:
     """An OpenAI-compatible app serving one model.
 
     engine_or_model_dir: an Engine (its .model and .tokenizer are used), or a checkpoint
@@ -79,6 +80,8 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
         generation_config.json, else greedy).
     quant: "int8" or "int4" to quantize the loaded model's block projections, the head in int8 (a checkpoint
         directory or GGUF file only; an Engine is served as it is).
+    quant_head: the head's format with quant ("int8" by default, "int4", "float" to keep it); without
+        quant, "int8" / "int4" quantizes the float head of a quantized checkpoint (AWQ, GGUF).
     cuda_graphs: on a GPU, the loaded Engine replays its decode steps as CUDA graphs.
     prefill_chunk_size: prompt tokens the loaded Engine puts in one pass (default 8192): newcomers
         that fit ride in the running rows' decode pass; a longer prompt goes in chunks of this
@@ -86,9 +89,12 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
     """
     if quant is not None and quant not in ("int8", "int4"):
         raise ValueError(f"create_app: quant: expected 'int8', 'int4' or None, got {quant!r}")
+    if quant_head not in (None, "int8", "int4", "float"):
+        raise ValueError(f"create_app: quant_head: expected 'int8', 'int4', 'float' or None, got {quant_head!r}")
     if isinstance(engine_or_model_dir, (str, os.PathLike)):
         model_dir = os.fspath(engine_or_model_dir)
-        engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len, quant, cuda_graphs, prefill_chunk_size)
+        engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len, quant, cuda_graphs, prefill_chunk_size,
+                              quant_head)
         resolved = Path(model_dir).resolve()
         model_name = model_name or (resolved.name if resolved.is_dir() else resolved.stem)
         if default_config is None:
@@ -96,8 +102,8 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
                                                               defaults={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS})
     else:
         engine = engine_or_model_dir
-        if quant is not None:
-            raise ValueError("create_app: quant applies to a model loaded from a path; quantize the Engine's model "
+        if quant is not None or quant_head is not None:
+            raise ValueError("create_app: quant and quant_head apply to a model loaded from a path; quantize the Engine's model "
                              "(model.quantize) before serving it")
         for attr in ("add", "cancel", "step", "model", "tokenizer"):
             if not hasattr(engine, attr):
