@@ -103,6 +103,9 @@ def test_quantized_head(tmp_path, tied):
         assert isinstance(model.transformer.wte, QuantEmbedding)
         assert not any(p.shape == head_w.shape for p in model.parameters())
         torch.testing.assert_close(model.transformer.wte(ids), w.to(head_w.dtype)[ids], rtol=0, atol=0)
+        for bad in (-1, head_w.shape[0]):            # as nn.Embedding: no wrap-around, no read past the end
+            with pytest.raises(IndexError, match="index out of range"):
+                model(torch.tensor([[1, bad]]))
     else:
         torch.testing.assert_close(model.transformer.wte.weight, ref.transformer.wte.weight, rtol=0, atol=0)
     model.save_pretrained(tmp_path / "q")

@@ -98,10 +98,13 @@ class QuantEmbedding(nn.Module):
         """ids (int) [...] -> [..., embedding_dim] in the head's scales dtype."""
         h = self.head
         rows = ids.reshape(-1)
+        # index_select, as nn.Embedding: an id outside [0, num_embeddings) raises (plain indexing
+        # would take a negative id from the end)
+        pick = lambda t: torch.index_select(t, 0, rows)  # noqa: E731
         if h.bits == 8:
-            w = _reference_ops.dequantize_int8(h.qweight[rows], h.scales[rows], h.scales.dtype)
+            w = _reference_ops.dequantize_int8(pick(h.qweight), pick(h.scales), h.scales.dtype)
         else:
-            w = _reference_ops.dequantize_int4(h.qweight[rows], h.scales[rows], h.qzeros[rows], h.group_size,
+            w = _reference_ops.dequantize_int4(pick(h.qweight), pick(h.scales), pick(h.qzeros), h.group_size,
                                                h.scales.dtype)
         return w.reshape(*ids.shape, self.embedding_dim)
 
