@@ -23,7 +23,8 @@ echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
 # The CUDA tests first (ids with "cuda"; each file bounded in time, no -x: the whole picture in one
 # run), then everything else once.
 for t in tests/test_attention_cuda.py tests/test_swiglu.py tests/test_rms_norm.py tests/test_rope.py \
-         tests/test_linear.py tests/test_linear_cross_entropy.py tests/test_attention.py tests/test_compile.py tests/test_model.py tests/test_engine.py; do
+         tests/test_linear.py tests/test_linear_cross_entropy.py tests/test_quant.py tests/test_attention.py tests/test_compile.py \
+         tests/test_model.py tests/test_engine.py; do
   timeout 240 $PY -m pytest -q "$t" -p no:cacheprovider -k cuda > "$OUT/$(basename "$t" .py).log" 2>&1
   echo "$t rc=$? : $(tail -1 "$OUT/$(basename "$t" .py).log")" | tee -a "$OUT/summary.txt"
 done
