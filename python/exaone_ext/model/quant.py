@@ -211,7 +211,7 @@ def quantize_head(model: nn.Module, fmt: str = "int8") -> nn.Module:
         qc.setdefault("group_size", group)
         qc.setdefault("zero_point", True)
     model.config.extra["quantization_config"] = qc
-    hugepage_buffers(model)
+    hugepage_buffers(model, modules=[model.lm_head])   # the projections were placed when they were loaded
     return model
 
 
@@ -221,8 +221,8 @@ QUANT_HEAD_CHOICES = ("int8", "int4", "float")
 def quantize_on_load(model: nn.Module, quant: str | None, quant_head: str | None, what: str = "quant") -> None:
     """The command line's --quant / --quant-head on a loaded model: with `quant`, quantize(quant,
     head=quant_head, default int8; "float" keeps the head); without it, quant_head "int8" / "int4"
-    quantizes the float head of an already-quantized checkpoint (quantize_head). ValueError, prefixed
-    with `what`, for a value out of range or a model that cannot take it."""
+    quantizes the float head of an already-quantized checkpoint (quantize_head). ValueError for a
+    quant_head out of range (prefixed with `what`) or a model that cannot take the formats."""
     if quant_head not in (None, *QUANT_HEAD_CHOICES):
         raise ValueError(f"{what}: quant_head must be one of {QUANT_HEAD_CHOICES} or None, got {quant_head!r}")
     if quant is not None:
@@ -305,14 +305,17 @@ def finish_checkpoint(model: nn.Module) -> None:
         hugepage_buffers(model)
 
 
-def hugepage_buffers(model: nn.Module, min_bytes: int = 2 << 20) -> None:
-    """As ExaoneForCausalLM.hugepage_weights, for the quantized weights (buffers, not parameters)."""
+def hugepage_buffers(model: nn.Module, min_bytes: int = 2 << 20, modules=None) -> None:
+    """As ExaoneForCausalLM.hugepage_weights, for the quantized weights (buffers, not parameters):
+    of `modules` (QuantLinear), default every projection and the head."""
     import os
 
     from .. import _C
     if os.environ.get("EXAONE_EXT_HUGEPAGES", "1") == "0":
         return
-    for _, _, m in [*projections(model), (model, "lm_head", model.lm_head)]:
+    if modules is None:
+        modules = [m for _, _, m in projections(model)] + [model.lm_head]
+    for m in modules:
         if not isinstance(m, QuantLinear) or m.qweight.device.type != "cpu" or m.qweight.nbytes < min_bytes:
             continue
         buf = torch.empty_like(m.qweight)
