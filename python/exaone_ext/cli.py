@@ -7,7 +7,8 @@
     exaone-ext info DIR [--json] [--tensors]
 
 --model (and info's PATH) takes a checkpoint directory or a GGUF file.
-    exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY] [--quant int8|int4] [--quant-head int8|int4|float]
+    exaone-ext serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] [--api-key KEY]
+                     [--quant int8|int4] [--quant-head int8|int4|float]
     exaone-ext decontaminate --train FILE... --test FILE... --test-fields question,answer --out DIR
     exaone-ext niah --model DIR --out DIR [--lengths 1024,4096] [--depths 0,50,100] [--languages en,ko]
                     [--task code|secret-colour|TASK.json] [--filler LANG=FILE]
@@ -47,7 +48,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     bar.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--stats", action="store_true", help="print prefill / decode tokens per second on stderr")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
-                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; the head in int8)")
+                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; "
+                        "the head in int8)")
     p.add_argument("--quant-head", default=None, choices=["int8", "int4", "float"],
                    help="the head's format with --quant (default int8; float keeps it); without --quant, int8 / int4 "
                         "quantizes the float head of a quantized checkpoint (AWQ, GGUF)")
@@ -115,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST")
 
     p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (int8 or int4 weights)",
-                       description="Quantize every block projection and the head of a checkpoint (round to nearest: int8 per "
-                                   "output channel, or int4 in groups with zero points) and save it with its "
-                                   "tokenizer; load it like any checkpoint.")
+                       description="Quantize every block projection and the head of a checkpoint (round to "
+                                   "nearest: int8 per output channel, or int4 in groups with zero points) and save "
+                                   "it with its tokenizer; load it like any checkpoint.")
     p.add_argument("--bits", type=int, required=True, choices=[8, 4])
     p.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale and zero point (default 128)")
     p.add_argument("--head", default="int8", choices=["int8", "int4", "float"],
@@ -164,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
-                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; the head in int8)")
+                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; "
+                        "the head in int8)")
     p.add_argument("--quant-head", default=None, choices=["int8", "int4", "float"],
                    help="the head's format with --quant (default int8; float keeps it); without --quant, int8 / int4 "
                         "quantizes the float head of a quantized checkpoint (AWQ, GGUF)")
@@ -516,7 +519,8 @@ def cmd_info(args) -> int:
         f"vocab {c['vocab_size']}, context {c['max_position_embeddings']}, "
         f"{'tied' if info['tied_word_embeddings'] else 'untied'} head",
         f"parameters   {info['num_parameters']:,}",
-        *([f"quantized    {_describe_quant(info['quantization'], info['tied_word_embeddings'])}"] if info.get("quantization") else []),
+        *([f"quantized    {_describe_quant(info['quantization'], info['tied_word_embeddings'])}"]
+          if info.get("quantization") else []),
         "dtypes       " + ", ".join(f"{k}: {v:,}" for k, v in info["dtypes"].items()),
         f"weights      {_gib(info['weight_bytes'])} in memory as stored; "
         f"{_gib(info['num_parameters'] * 2)} in bfloat16",

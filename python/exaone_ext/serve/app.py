@@ -103,8 +103,8 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
     else:
         engine = engine_or_model_dir
         if quant is not None or quant_head is not None:
-            raise ValueError("create_app: quant and quant_head apply to a model loaded from a path; quantize the Engine's model "
-                             "(model.quantize) before serving it")
+            raise ValueError("create_app: quant and quant_head apply to a model loaded from a path; quantize the "
+                             "Engine's model (model.quantize) before serving it")
         for attr in ("add", "cancel", "step", "model", "tokenizer"):
             if not hasattr(engine, attr):
                 raise TypeError(f"create_app: engine_or_model_dir: expected an Engine or a checkpoint directory, "
