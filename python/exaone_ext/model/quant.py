@@ -168,15 +168,18 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 128, head: str 
     bits, head_bits = FORMATS[fmt], HEAD_FORMATS[head]
     if (bits == 4 or head_bits == 4) and (group_size <= 0 or group_size % 32):
         raise ValueError(f"quantize: group_size must be a positive multiple of 32, got {group_size!r}")
-    todo = list(projections(model)) + ([(model, "lm_head", model.lm_head)] if head_bits else [])
-    for parent, name, lin in todo:
+    # (parent, attribute, module, bits): everything checked before anything is replaced
+    todo = [(parent, name, lin, bits) for parent, name, lin in projections(model)]
+    if head_bits:
+        todo.append((model, "lm_head", model.lm_head, head_bits))
+    for parent, name, lin, b in todo:
         if type(lin) is not Linear:
             raise TypeError(f"quantize: {name} is a {type(lin).__name__}, expected a Linear")
-        if (head_bits if parent is model else bits) == 4 and lin.in_features % group_size:
+        if b == 4 and lin.in_features % group_size:
             raise ValueError(f"quantize: int4 needs {name}'s in_features ({lin.in_features}) to be a multiple of "
                              f"group_size ({group_size})")
-    for parent, name, lin in todo:
-        setattr(parent, name, QuantLinear.from_linear(lin, head_bits if parent is model else bits, group_size))
+    for parent, name, lin, b in todo:
+        setattr(parent, name, QuantLinear.from_linear(lin, b, group_size))
     if head_bits:
         _tie_quantized_head(model)
     model.config.extra["quantization_config"] = quantization_config(bits, group_size, head_bits)
