@@ -136,6 +136,23 @@ def test_quantized_head(tmp_path, tied):
     assert ((lq - lr).norm() / lr.norm()).item() < (0.03 if tied else 0.01)
 
 
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_quant_embedding_views_and_empty(tiny, head):
+    """The tied lookup on odd-but-legal ids: a strided view, zero ids, a whole forward of none; each
+    row the head's dequantised row, in the model's dtype."""
+    model = ExaoneForCausalLM.from_pretrained(tiny).quantize("int8", head=head)
+    wte = model.transformer.wte
+    rows = model.lm_head.dequantized_weight(model.lm_head.scales.dtype)        # [vocab, hidden]
+    ids = torch.randint(0, rows.shape[0], (3, 10))
+    view = ids[:, 1::3]                                                       # offset and step
+    assert not view.is_contiguous()
+    out = wte(view)
+    assert out.dtype == model.transformer.ln_f.weight.dtype and out.shape == (3, 3, rows.shape[1])
+    torch.testing.assert_close(out, rows[view], rtol=0, atol=0)
+    assert wte(torch.empty(2, 0, dtype=torch.long)).shape == (2, 0, rows.shape[1])
+    assert model(torch.empty(1, 0, dtype=torch.long)).shape == (1, 0, rows.shape[0])
+
+
 def test_quantize_head_choices_and_errors(tiny, tmp_path):
     m = ExaoneForCausalLM.from_pretrained(tiny).quantize("int8", head="int4")
     assert m.lm_head.bits == 4 and m.lm_head.group_size == 128
