@@ -8,12 +8,18 @@ small CPU. The tokenizer is a word-level one covering the whole vocabulary, so t
 generated id has text and arrives as its own SSE chunk. The server is uvicorn on 127.0.0.1 in a
 thread of this process; the clients are httpx streams in the same process.
 
-At each level N clients each send --requests streaming completions back to back (a prompt of
---prompt-tokens random ids, --max-tokens generated, ignore_eos). Client i starts i/N of one
-request's duration after the first, so that arrivals are spread out as they are in steady
-serving rather than all landing in the same step. Reported: generated tokens/s over the level's
-wall time, and the median / 90th-percentile time to first token (request sent -> first token
-received). Targets: tokens/s at 8 clients >= 4x that at 1; median TTFT at 8 <= 2x that at 1.
+At each level N clients each send streaming completions back to back (a prompt of
+--prompt-tokens random ids, --max-tokens generated, ignore_eos), a closed loop of N requests in
+flight. Client i starts i/N of one request's duration after the first, so that arrivals are
+spread out as they are in steady serving rather than all landing in the same step. The level is
+measured over a window of --seconds that opens when the last client has sent its first request
+(from then on N requests are always in flight: a client sends its next request as soon as one
+ends, until the window closes) and closes --seconds later. Reported: the generated tokens that
+reached the clients inside the window per second (every SSE chunk is timestamped on arrival;
+each request's chunks are checked against its usage count), requests completed, and the median /
+90th-percentile time to first token (request sent -> first token received) of the requests sent
+inside the window. Targets: tokens/s at 8 clients >= 4x that at 1; median TTFT at 8 <= 2x that
+at 1.
 
 --engine also drives the Engine directly (no HTTP) at each level: N rows decoding together
 (median ms per decode step, tokens/s, x one row), and a step in which one newcomer is admitted
@@ -26,7 +32,7 @@ arrives, once with its prefill in chunks of --prefill-chunk-size tokens, one per
 the longest wait between two tokens of a running row, and the long request's time to its first
 token.
 
-    python benchmarks/bench_server.py --layers 4 --levels 1 --requests 1 --long-prompt 4096
+    python benchmarks/bench_server.py --layers 4 --levels 1 --seconds 2 --long-prompt 4096
 """
 from __future__ import annotations
 
@@ -95,51 +101,72 @@ class ServerThread:
         self.thread.join(30)
 
 
-async def one_request(http, prompt, max_tokens) -> tuple[float, int]:
-    """(time to first token, tokens generated) of one streamed completion."""
+async def one_request(http, prompt, max_tokens) -> tuple[float, float, list[tuple[float, int]]]:
+    """(time sent, time to first token, [(arrival time, tokens)] per chunk) of one streamed completion."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, arrivals, usage = None, [], None
     async with http.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"status {r.status_code}: {await r.aread()}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
+            now = time.perf_counter()
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"])
-            if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                ttft = time.perf_counter() - start
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                if ttft is None:
+                    ttft = now - start
+                arrivals.append((now, len(chunk["choices"][0]["text"].split())))  # word-level: a word a token
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return ttft, tokens
+                usage = chunk["usage"]["completion_tokens"]
+    if usage != sum(n for _, n in arrivals):
+        raise RuntimeError(f"the chunks held {sum(n for _, n in arrivals)} tokens, the usage says {usage}")
+    return start, ttft, arrivals
 
 
-async def level(url, clients, requests, prompt_tokens, max_tokens, request_s, rng):
+async def level(url, clients, seconds, prompt_tokens, max_tokens, request_s, rng):
+    """N clients in a closed loop; tokens/s and TTFT over the window in which all N are in flight."""
     import httpx
 
-    ttfts, total = [], 0
+    done = []  # (sent, ttft, arrivals) of every request
+    t0 = time.perf_counter()
+    window_start = t0 + (clients - 1) * request_s / clients  # the last client's first request
+    window_end = window_start + seconds
 
     async def client(i):
-        nonlocal total
-        await asyncio.sleep(i * request_s / clients)
-        for _ in range(requests):
+        await asyncio.sleep(max(0.0, t0 + i * request_s / clients - time.perf_counter()))
+        while True:
             prompt = [rng.randrange(4, 1000) for _ in range(prompt_tokens)]
-            ttft, n = await one_request(http, prompt, max_tokens)
-            ttfts.append(ttft)
-            total += n
+            done.append(await one_request(http, prompt, max_tokens))
+            if time.perf_counter() >= window_end:
+                break
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
-        start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
-        wall = time.perf_counter() - start
-    ttfts.sort()
-    return {"clients": clients, "requests": clients * requests, "tokens": total, "seconds": wall,
-            "tokens_per_s": total / wall, "ttft_median_s": statistics.median(ttfts),
+    tokens = sum(n for _, _, arrivals in done for t, n in arrivals if window_start <= t < window_end)
+    completed = sum(1 for _, _, arrivals in done if window_start <= arrivals[-1][0] < window_end)
+    ttfts = sorted(ttft for sent, ttft, _ in done if window_start <= sent < window_end)
+    if not ttfts:
+        raise RuntimeError(f"no request was sent inside the {seconds} s window: lengthen --seconds")
+    return {"clients": clients, "requests": completed, "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "ttft_median_s": statistics.median(ttfts),
             "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]}
+
+
+async def warm_up(url, prompt_tokens, max_tokens, rng) -> float:
+    """One request alone, twice; the second one's duration (spaces the clients' starts)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as http:
+        for _ in range(2):
+            start = time.perf_counter()
+            await one_request(http, [rng.randrange(4, 1000) for _ in range(prompt_tokens)], max_tokens)
+    return time.perf_counter() - start
 
 
 def engine_levels(model, tokenizer, levels, max_batch, max_seq, prompt_tokens, steps, rng, mix) -> list[dict]:
@@ -211,7 +238,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=30, help="decoder layers (2.4B has 30)")
     p.add_argument("--levels", default="1,8,32", help="concurrent clients, comma-separated")
-    p.add_argument("--requests", type=int, default=3, help="requests per client at each level")
+    p.add_argument("--seconds", type=float, default=4.0,
+                   help="length of each level's window, in which all its clients have a request in flight")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the levels in turn this many times; figures are the medians over the rounds")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=None, help="engine rows (default: the largest level)")
@@ -249,22 +279,33 @@ def main(argv=None) -> int:
     rng = random.Random(0)
     try:
         # warm-up, and the length of one request alone (spaces the clients' starts)
-        start = time.perf_counter()
-        asyncio.run(level(server.url, 1, 1, args.prompt_tokens, args.max_tokens, 0.0, rng))
-        request_s = time.perf_counter() - start
+        request_s = asyncio.run(warm_up(server.url, args.prompt_tokens, args.max_tokens, rng))
         if not args.json:
-            print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'x1':>6} "
+            print(f"{'clients':>7} {'completed':>9} {'tokens':>7} {'window':>8} {'tok/s':>8} {'x1':>6} "
                   f"{'TTFT med':>9} {'TTFT p90':>9} {'TTFT x1':>8}", flush=True)
-        results = []
-        for n in levels:  # each level printed as it finishes
-            r = asyncio.run(level(server.url, n, args.requests, args.prompt_tokens, args.max_tokens, request_s, rng))
-            results.append(r)
-            base = results[0]
-            if not args.json:
-                print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['seconds']:>8.2f} "
-                      f"{r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / base['tokens_per_s']:>6.2f} "
+        rounds = []  # the levels in turn, --rounds times: slow spells of the machine hit every level
+        for k in range(args.rounds):
+            rounds.append([])
+            for n in levels:  # each level printed as it finishes
+                r = asyncio.run(level(server.url, n, args.seconds, args.prompt_tokens, args.max_tokens, request_s,
+                                      rng))
+                rounds[-1].append(r)
+                base = rounds[-1][0]
+                if not args.json:
+                    print(f"{r['clients']:>7} {r['requests']:>9} {r['tokens']:>7} {r['seconds']:>7.1f}s "
+                          f"{r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / base['tokens_per_s']:>6.2f} "
+                          f"{r['ttft_median_s'] * 1e3:>7.0f}ms {r['ttft_p90_s'] * 1e3:>7.0f}ms "
+                          f"{r['ttft_median_s'] / base['ttft_median_s']:>8.2f}", flush=True)
+        # per level, the median over the rounds of each figure
+        results = [{key: n if key == "clients" else statistics.median(rd[i][key] for rd in rounds)
+                    for key in rounds[0][i]} for i, n in enumerate(levels)]
+        if args.rounds > 1 and not args.json:
+            print(f"median of {args.rounds} rounds:")
+            for r in results:
+                print(f"{r['clients']:>7} {r['requests']:>9.1f} {r['tokens']:>7.1f} {r['seconds']:>7.1f}s "
+                      f"{r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / results[0]['tokens_per_s']:>6.2f} "
                       f"{r['ttft_median_s'] * 1e3:>7.0f}ms {r['ttft_p90_s'] * 1e3:>7.0f}ms "
-                      f"{r['ttft_median_s'] / base['ttft_median_s']:>8.2f}", flush=True)
+                      f"{r['ttft_median_s'] / results[0]['ttft_median_s']:>8.2f}", flush=True)
     finally:
         server.stop()
     engine_results = []

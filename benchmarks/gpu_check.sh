@@ -52,7 +52,7 @@ grep -v Warning "$OUT/bench_model.log" | tail -12 | tee -a "$OUT/summary.txt"
 
 # The server (continuous batching, CUDA graphs) at 1 / 8 / 32 clients, then the Engine alone.
 timeout ${SERVER_TIMEOUT:-150} $PY benchmarks/bench_server.py --device cuda --layers 30 --levels 1,8,32 \
-  --prompt-tokens 32 --max-tokens 32 --requests 2 --engine > "$OUT/bench_server.log" 2>&1
+  --prompt-tokens 32 --max-tokens 32 --seconds 6 --engine > "$OUT/bench_server.log" 2>&1
 echo "bench_server rc=$?" | tee -a "$OUT/summary.txt"
 tail -12 "$OUT/bench_server.log" | tee -a "$OUT/summary.txt"
 
