@@ -125,6 +125,38 @@ def test_gradients_in_forward_equal_recomputed_in_backward():
     torch.testing.assert_close(hh.grad, a[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_retained_graph_and_partial_backwards(reduction, dtype, device):
+    """Gradients made in forward: a second backward of a retained graph, and inputs asked for one at
+    a time, each get the gradient of that call alone (scaled by its incoming gradient once)."""
+    h, w, t = _inputs(45, 300, 32, dtype, device)
+    want = _run_with(ops.linear_cross_entropy, h, w, t, reduction, torch.tensor(1.0, device=device), chunk_size=16)
+    # bf16: the recomputing backward rounds scale * (softmax - onehot) to bf16 before its matmul, the
+    # forward's gradients are rounded and then scaled: the same to within a few bf16 roundings of the
+    # terms, which cancellation can make large against a small entry
+    def close(got, ref):
+        tol = dict(rtol=0, atol=3e-2 * float(ref.abs().max())) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, ref, **tol)
+
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = ops.linear_cross_entropy(hh, ww, t, reduction=reduction, chunk_size=16)
+    loss.mul(2.0).backward(retain_graph=True)
+    close(hh.grad, want[1] * 2)
+    close(ww.grad, want[2] * 2)
+    hh.grad = ww.grad = None
+    loss.mul(3.0).backward()
+    close(hh.grad, want[1] * 3)
+    close(ww.grad, want[2] * 3)
+    # one input at a time through autograd.grad, then the other
+    loss = ops.linear_cross_entropy(hh, ww, t, reduction=reduction, chunk_size=16)
+    (gh,) = torch.autograd.grad(loss, hh, retain_graph=True)
+    (gw,) = torch.autograd.grad(loss, ww, retain_graph=True)
+    gh2, gw2 = torch.autograd.grad(loss, (hh, ww))
+    for got, ref in ((gh, want[1]), (gw, want[2]), (gh2, want[1]), (gw2, want[2])):
+        close(got, ref)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck_float64(reduction, cpu_isa):
     h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)

@@ -100,7 +100,8 @@ struct ChunkGrads {
       weight_acc = at::zeros(w.sizes(), opts.dtype(at::kFloat));
       block = at::empty({std::min<int64_t>(kWeightBlock, w.size(0)), w.size(1)}, opts);
     } else if (gw) {
-      grad_weight = at::zeros(w.sizes(), opts);  // also the answer when there are no tokens
+      // the first chunk writes it (no pass of zeros over [V, D] first); zeros only without tokens
+      grad_weight = hidden.size(0) ? at::empty(w.sizes(), opts) : at::zeros(w.sizes(), opts);
     } else {
       grad_weight = at::empty({0}, opts);
     }
@@ -114,7 +115,8 @@ struct ChunkGrads {
     }
     if (!want_weight) return;
     if (!weight_acc.defined()) {
-      grad_weight.addmm_(g.t(), h);
+      if (begin == 0) at::mm_out(grad_weight, g.t(), h);
+      else grad_weight.addmm_(g.t(), h);
       return;
     }
     const int64_t vocab = weight.size(0);
