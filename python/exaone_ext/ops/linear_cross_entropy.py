@@ -99,12 +99,15 @@ def _setup(ctx, inputs, output):
     hidden, weight, targets, ignore_index, reduction, chunk_size, grad_hidden, grad_weight = inputs
     _, lse, gh, gw = output
     ctx.mark_non_differentiable(lse, gh, gw)
+    ctx.set_materialize_grads(False)  # else backward is handed zeros the size of gw ([V, D]) for nothing
     ctx.ignore_index, ctx.reduction, ctx.chunk_size = ignore_index, reduction, chunk_size
     ctx.have = (grad_hidden, grad_weight)
     ctx.save_for_backward(hidden, weight, targets, lse, gh if grad_hidden else None, gw if grad_weight else None)
 
 
 def _backward(ctx, grad_loss, _lse, _gh, _gw):
+    if grad_loss is None:  # the loss itself took no part in what is differentiated
+        return None, None, None, None, None, None, None, None
     hidden, weight, targets, lse, gh, gw = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dh = dw = None
