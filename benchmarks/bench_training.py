@@ -7,8 +7,10 @@ random tokens, trained with AdamW for a few steps: exaone_ext through the traine
 (packed rows, fused linear + cross-entropy on the hidden states with its gradients made in the
 forward, fused AdamW) and transformers' LlamaForCausalLM (SDPA attention) in a plain PyTorch loop
 (default AdamW; also shown with fused AdamW). Each side runs in a
-child process, so that its peak memory (resident set growth over the model and optimizer, CPU;
-torch.cuda.max_memory_allocated, GPU) is its own; the two alternate, best-of-rounds timing.
+child process, so that its peak memory (CPU: the peak resident set less the model, inputs,
+optimizer state and gradients; GPU: torch.cuda.max_memory_allocated over what the step keeps) is
+its own; the sides alternate, best-of-rounds timing. On CPU exaone_ext's side keeps freed memory
+for reuse as the trainer does ([train] keep_freed_memory); "exaone-malloc" is the same step without.
 """
 from __future__ import annotations
 
@@ -38,10 +40,12 @@ def child(args) -> dict:
                 vocab=args.vocab)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else None
-    if args.side == "exaone":
+    if args.side.startswith("exaone"):
         from exaone_ext import ExaoneConfig, ExaoneForCausalLM
         from exaone_ext.data import Row, collate
-        from exaone_ext.training import token_nll_sum
+        from exaone_ext.training import keep_freed_memory, token_nll_sum
+        if device.type == "cpu" and args.side == "exaone":
+            keep_freed_memory()  # as the trainer does on CPU ([train] keep_freed_memory, default true)
         config = ExaoneConfig(vocab_size=dims["vocab"], hidden_size=dims["hidden"], num_layers=dims["layers"],
                               num_attention_heads=dims["heads"], num_key_value_heads=dims["kv"],
                               head_dim=dims["head_dim"], intermediate_size=dims["inter"],
@@ -79,13 +83,19 @@ def child(args) -> dict:
         opt.step()
         return loss
 
+    rss0 = _rss_now_bytes() if device.type == "cpu" else 0
     step()  # warm-up; creates the optimizer state
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_now_bytes()
+        # the model and inputs (resident before the first step) plus what stays from step to step,
+        # counted exactly: the optimizer state and one gradient per parameter. (Not the resident set
+        # after the first step, which holds whatever of that step's memory the allocator kept.)
+        kept = sum(t.nbytes for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+        kept += sum(p.nbytes for p in model.parameters() if p.requires_grad)
+        base = rss0 + kept
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -123,7 +133,8 @@ def main() -> None:
     if args.side:
         print(json.dumps(child(args)))
         return
-    results = {"exaone": [], "hf": [], "hf-fused": []}
+    sides = ["exaone", "hf", "hf-fused"] + (["exaone-malloc"] if args.device == "cpu" else [])
+    results = {side: [] for side in sides}
     for _ in range(args.rounds):
         for side in results:
             cmd = [sys.executable, __file__, "--side", side] + [
@@ -137,8 +148,10 @@ def main() -> None:
     peak = {s: min(x["peak_extra_mb"] for x in r) for s, r in results.items()}
     print(f"training step, {args.layers} layers, hidden {args.hidden}, GQA 8/2, head dim 64, vocab {args.vocab}, "
           f"batch {args.batch} x {args.seq} tokens, {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}")
-    for s, name in (("exaone", "exaone_ext trainer step"), ("hf", "transformers LlamaForCausalLM (sdpa)"),
-                    ("hf-fused", "  the same with fused AdamW")):
+    for s, name in (("exaone", "exaone_ext trainer step"), ("exaone-malloc", "  the same, freed memory not kept"),
+                    ("hf", "transformers LlamaForCausalLM (sdpa)"), ("hf-fused", "  the same with fused AdamW")):
+        if s not in best:
+            continue
         print(f"  {name:38s} {best[s]['tokens_per_s']:9.1f} tok/s  step {best[s]['step_s']:.2f} s  "
               f"peak +{peak[s]:.0f} MB  loss {best[s]['loss']:.3f}")
     print(f"  speed-up {best['exaone']['tokens_per_s'] / best['hf']['tokens_per_s']:.2f}x "

@@ -44,8 +44,10 @@ def _weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
+# keep_freed_memory off: it is process-wide, and these trainers run inside the test session
+# (test_keep_freed_memory checks it in processes of its own)
 BASE = {"micro_batch": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "progress": False, "plot": False,
-        "grad_clip": 1.0}
+        "grad_clip": 1.0, "keep_freed_memory": False}
 
 
 def test_overfit_pretrain(tmp_path, ckpt):
@@ -250,3 +252,37 @@ def test_token_nll_sum_equals_summed_token_logps(ckpt):
     torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-5)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+_FAULTS = """
+import resource, sys, torch
+from exaone_ext.training import keep_freed_memory
+def faults():  # minor page faults of allocating, touching and freeing 64 MiB, five times
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 << 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+faults()
+before = faults()
+assert keep_freed_memory() and keep_freed_memory()
+faults()
+print(before, faults())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_keep_freed_memory(tmp_path, ckpt):
+    """Freed tensor memory is reused without page faults once kept (each in a process of its own:
+    the setting is process-wide); the trainer keeps it on CPU unless the recipe says not to."""
+    r = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = map(int, r.stdout.split())
+    assert before >= 5 * 16000 and after < 1000, (before, after)  # 16384 pages of 4 KiB per 64 MiB
+    data = _pretrain_data(tmp_path)
+    for keep in (True, False):
+        cfg = _recipe(tmp_path, ckpt, data, {**BASE, "steps": 1, "out_dir": "k", "device": "cpu", "keep_freed_memory": keep})
+        code = ("import sys; from exaone_ext.training import Trainer, load_config, memory; "
+                f"Trainer(load_config({cfg!r}), 'pretrain'); print(memory._applied)")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-1] == str(keep)

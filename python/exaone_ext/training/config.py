@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "grad_clip": ((float, int), 1.0), "seed": (int, 0), "precision": (str, "auto"),
         "activation_checkpointing": (bool, False), "save_every": (int, 0), "keep_checkpoints": (int, 2),
         "log_every": (int, 1), "distributed": (str, "ddp"), "device": (str, "auto"), "progress": (bool, True),
-        "plot": (bool, True),
+        "plot": (bool, True), "keep_freed_memory": (bool, True),
     },
     "preference": {
         "beta": ((float, int), None), "gamma": ((float, int), 0.5), "stages": (int, 1),
