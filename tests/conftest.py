@@ -28,6 +28,10 @@ import torch.utils._python_dispatch
 
 import exaone_ext
 
+# keep_freed_memory changes the whole process's malloc; the CLI and trainer tests run in this one
+# (tests/test_training.py::test_keep_freed_memory checks it in processes of their own)
+os.environ["EXAONE_EXT_KEEP_FREED_MEMORY"] = "0"
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CUDA = torch.cuda.is_available() and exaone_ext.build_info()["cuda"]
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])

@@ -274,15 +274,28 @@ print(before, faults())
 def test_keep_freed_memory(tmp_path, ckpt):
     """Freed tensor memory is reused without page faults once kept (each in a process of its own:
     the setting is process-wide); the trainer keeps it on CPU unless the recipe says not to."""
-    r = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "EXAONE_EXT_KEEP_FREED_MEMORY"}  # conftest's off switch
+    r = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     before, after = map(int, r.stdout.split())
     assert before >= 5 * 16000 and after < 1000, (before, after)  # 16384 pages of 4 KiB per 64 MiB
     data = _pretrain_data(tmp_path)
     for keep in (True, False):
         cfg = _recipe(tmp_path, ckpt, data, {**BASE, "steps": 1, "out_dir": "k", "device": "cpu", "keep_freed_memory": keep})
-        code = ("import sys; from exaone_ext.training import Trainer, load_config, memory; "
+        code = ("from exaone_ext import memory; from exaone_ext.training import Trainer, load_config; "
                 f"Trainer(load_config({cfg!r}), 'pretrain'); print(memory._applied)")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.split()[-1] == str(keep)
+    # the environment's off switch, and the CLI's on the CPU (its flag and the default)
+    code = "from exaone_ext import keep_freed_memory; print(keep_freed_memory())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**env, "EXAONE_EXT_KEEP_FREED_MEMORY": "0"})
+    assert r.returncode == 0 and r.stdout.split()[-1] == "False", r.stderr[-2000:]
+    for flag, want in (([], "True"), (["--no-keep-freed-memory"], "False")):
+        code = ("import sys; from exaone_ext import cli, memory; "
+                f"cli.main(['generate', '--model', {str(ckpt)!r}, '--device', 'cpu', '--max-new-tokens', '2', "
+                f"'--prompt', 'hello'] + {flag!r}); print(memory._applied)")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-1] == want

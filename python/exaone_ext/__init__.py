@@ -42,6 +42,7 @@ from . import model  # noqa: E402
 from .generation import GenerationConfig, generate, stream  # noqa: E402
 from .model import ExaoneConfig, ExaoneForCausalLM, KVCache  # noqa: E402
 from .tokenizer import ExaoneTokenizer  # noqa: E402
+from .memory import keep_freed_memory  # noqa: E402
 
 __all__ = ["build_info", "set_cpu_isa", "get_cpu_isa", "ops", "model", "ExaoneConfig", "ExaoneForCausalLM",
-           "KVCache", "ExaoneTokenizer", "GenerationConfig", "generate", "stream", "__version__"]
+           "KVCache", "ExaoneTokenizer", "GenerationConfig", "generate", "stream", "keep_freed_memory", "__version__"]

@@ -55,6 +55,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "quantizes the float head of a quantized checkpoint (AWQ, GGUF)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
+    _add_memory_arg(p)
+
+
+def _add_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                   help="on the CPU, hand freed memory back to the system at once (default: the process keeps it "
+                        "for reuse, so large tensors do not page-fault in again every prefill)")
+
+
+def _keep_memory_on_cpu(args, device) -> None:
+    if device.type == "cpu" and getattr(args, "keep_freed_memory", True):
+        from .memory import keep_freed_memory
+        keep_freed_memory()
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -163,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("EXAONE_EXT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $EXAONE_EXT_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: DIR's name)")
+    _add_memory_arg(p)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
@@ -270,6 +284,7 @@ def load(args):
     _check_model_path(path)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
+    _keep_memory_on_cpu(args, device)
     tokenizer = ExaoneTokenizer.from_pretrained(path)
     start = time.perf_counter()
     model = ExaoneForCausalLM.from_pretrained(path, dtype=dtype, device=device,
@@ -565,6 +580,7 @@ def cmd_serve(args) -> int:
         raise UserError(f"--max-waiting: expected an integer >= 0, got {args.max_waiting}")
     _check_model_path(args.model)
     device = _resolve_device(args.device)
+    _keep_memory_on_cpu(args, device)
     app = create_app(args.model, model_name=args.served_model_name, api_key=args.api_key or None,
                      max_batch=args.max_batch, max_waiting=args.max_waiting, device=device,
                      dtype=_resolve_dtype(args.dtype, device), max_seq_len=args.max_seq_len, quant=args.quant,

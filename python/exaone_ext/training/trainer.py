@@ -28,7 +28,7 @@ from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import ConfigError
 from .monitor import MetricsLog, Progress, plot_loss
 from .losses import dpo_loss, simpo_loss
-from .memory import keep_freed_memory
+from ..memory import keep_freed_memory
 from .objectives import document_logps, token_logps, token_nll_sum
 
 __all__ = ["Trainer", "OBJECTIVES"]
@@ -85,7 +85,7 @@ class Trainer:
                               f"training needs the float weights it was quantized from")
         self.device = self._device()
         if self.device.type == "cpu" and self.t.keep_freed_memory:
-            keep_freed_memory()  # each step's tensors reuse the last step's pages (see training.memory)
+            keep_freed_memory()  # each step's tensors reuse the last step's pages (exaone_ext.memory)
         self.scorer = scorer if scorer is not None else self._load_scorer()
         self.tokenizer = ExaoneTokenizer.from_pretrained(self.m.path)
 
