@@ -70,6 +70,7 @@ def _worker(rank: int, rdv: str, out_dir: str) -> None:
                   "before": sharded_before, "after_forward": after_forward, "all_blocks_sharded": all_blocks_sharded}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        dist.barrier()  # both ranks past every collective before the group is torn down
     finally:
         dist.destroy_process_group()
 

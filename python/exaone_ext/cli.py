@@ -559,8 +559,16 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import torch.distributed as dist
+
     from .training import Trainer, load_config
     final = Trainer(load_config(args.config), args.objective).train(resume=args.resume)
+    if dist.is_available() and dist.is_initialized():  # under torchrun: the Trainer joined the group
+        # every rank past its last collective, then the group torn down while the interpreter is whole
+        # (left to exit, the backend's threads can abort the process: "terminate called without an
+        # active exception"); not on an error, where another rank may never reach the barrier
+        dist.barrier()
+        dist.destroy_process_group()
     print(final)
     return 0
 
