@@ -158,6 +158,14 @@ async def level(url, clients, seconds, prompt_tokens, max_tokens, request_s, rng
             "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]}
 
 
+def _level_row(r: dict, base: dict) -> str:
+    """One level's line of the table; ratios against `base` (the one-client level)."""
+    return (f"{r['clients']:>7} {r['requests']:>9g} {r['tokens']:>7g} {r['seconds']:>7.1f}s "
+            f"{r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / base['tokens_per_s']:>6.2f} "
+            f"{r['ttft_median_s'] * 1e3:>7.0f}ms {r['ttft_p90_s'] * 1e3:>7.0f}ms "
+            f"{r['ttft_median_s'] / base['ttft_median_s']:>8.2f}")
+
+
 async def warm_up(url, prompt_tokens, max_tokens, rng) -> float:
     """One request alone, twice; the second one's duration (spaces the clients' starts)."""
     import httpx
@@ -292,20 +300,14 @@ def main(argv=None) -> int:
                 rounds[-1].append(r)
                 base = rounds[-1][0]
                 if not args.json:
-                    print(f"{r['clients']:>7} {r['requests']:>9} {r['tokens']:>7} {r['seconds']:>7.1f}s "
-                          f"{r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / base['tokens_per_s']:>6.2f} "
-                          f"{r['ttft_median_s'] * 1e3:>7.0f}ms {r['ttft_p90_s'] * 1e3:>7.0f}ms "
-                          f"{r['ttft_median_s'] / base['ttft_median_s']:>8.2f}", flush=True)
+                    print(_level_row(r, base), flush=True)
         # per level, the median over the rounds of each figure
         results = [{key: n if key == "clients" else statistics.median(rd[i][key] for rd in rounds)
                     for key in rounds[0][i]} for i, n in enumerate(levels)]
         if args.rounds > 1 and not args.json:
             print(f"median of {args.rounds} rounds:")
             for r in results:
-                print(f"{r['clients']:>7} {r['requests']:>9.1f} {r['tokens']:>7.1f} {r['seconds']:>7.1f}s "
-                      f"{r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / results[0]['tokens_per_s']:>6.2f} "
-                      f"{r['ttft_median_s'] * 1e3:>7.0f}ms {r['ttft_p90_s'] * 1e3:>7.0f}ms "
-                      f"{r['ttft_median_s'] / results[0]['ttft_median_s']:>8.2f}", flush=True)
+                print(_level_row(r, results[0]), flush=True)
     finally:
         server.stop()
     engine_results = []

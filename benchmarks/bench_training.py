@@ -43,7 +43,8 @@ def child(args) -> dict:
     if args.side.startswith("exaone"):
         from exaone_ext import ExaoneConfig, ExaoneForCausalLM
         from exaone_ext.data import Row, collate
-        from exaone_ext.training import keep_freed_memory, token_nll_sum
+        from exaone_ext import keep_freed_memory
+        from exaone_ext.training import token_nll_sum
         if device.type == "cpu" and args.side == "exaone":
             keep_freed_memory()  # as the trainer does on CPU ([train] keep_freed_memory, default true)
         config = ExaoneConfig(vocab_size=dims["vocab"], hidden_size=dims["hidden"], num_layers=dims["layers"],

@@ -256,7 +256,7 @@ def test_token_nll_sum_equals_summed_token_logps(ckpt):
 
 _FAULTS = """
 import resource, sys, torch
-from exaone_ext.training import keep_freed_memory
+from exaone_ext import keep_freed_memory
 def faults():  # minor page faults of allocating, touching and freeing 64 MiB, five times
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):

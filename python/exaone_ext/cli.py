@@ -47,6 +47,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                      help="show a loading progress bar (default: when stderr is a terminal)")
     bar.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--stats", action="store_true", help="print prefill / decode tokens per second on stderr")
+    _add_runtime_args(p)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """How a loaded model runs: shared by generate / chat / niah (_add_model_args) and serve."""
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; "
                         "the head in int8)")
@@ -55,17 +60,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "quantizes the float head of a quantized checkpoint (AWQ, GGUF)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
-    _add_memory_arg(p)
-
-
-def _add_memory_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="on the CPU, hand freed memory back to the system at once (default: the process keeps it "
                         "for reuse, so large tensors do not page-fault in again every prefill)")
 
 
 def _keep_memory_on_cpu(args, device) -> None:
-    if device.type == "cpu" and getattr(args, "keep_freed_memory", True):
+    if device.type == "cpu" and args.keep_freed_memory:
         from .memory import keep_freed_memory
         keep_freed_memory()
 
@@ -176,15 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("EXAONE_EXT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $EXAONE_EXT_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: DIR's name)")
-    _add_memory_arg(p)
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="on a GPU, launch every decode step op by op (default: replayed as CUDA graphs)")
-    p.add_argument("--quant", default=None, choices=["int8", "int4"],
-                   help="quantize the block projections after loading (int8 per channel, int4 in groups of 128; "
-                        "the head in int8)")
-    p.add_argument("--quant-head", default=None, choices=["int8", "int4", "float"],
-                   help="the head's format with --quant (default int8; float keeps it); without --quant, int8 / int4 "
-                        "quantizes the float head of a quantized checkpoint (AWQ, GGUF)")
+    _add_runtime_args(p)
     p.add_argument("--prefill-chunk-size", type=int, default=None, metavar="N",
                    help="prompt tokens per pass (default 8192): a longer prompt is prefilled N tokens per decode "
                         "step, so running requests keep streaming while it fills")

@@ -89,8 +89,10 @@ def create_app(engine_or_model_dir, *, model_name: str | None = None, api_key: s
     """
     if quant is not None and quant not in ("int8", "int4"):
         raise ValueError(f"create_app: quant: expected 'int8', 'int4' or None, got {quant!r}")
-    if quant_head not in (None, "int8", "int4", "float"):
-        raise ValueError(f"create_app: quant_head: expected 'int8', 'int4', 'float' or None, got {quant_head!r}")
+    from ..model.quant import QUANT_HEAD_CHOICES
+    if quant_head not in (None, *QUANT_HEAD_CHOICES):  # checked before a model is loaded
+        raise ValueError(f"create_app: quant_head: expected {', '.join(map(repr, QUANT_HEAD_CHOICES))} or None, "
+                         f"got {quant_head!r}")
     if isinstance(engine_or_model_dir, (str, os.PathLike)):
         model_dir = os.fspath(engine_or_model_dir)
         engine = _load_engine(model_dir, device, dtype, max_batch, max_seq_len, quant, cuda_graphs, prefill_chunk_size,

@@ -8,10 +8,9 @@ CLI: exaone-ext train pretrain|sft|dpo|simpo --config FILE [--resume]; many proc
 from .checkpoint import latest_checkpoint
 from .config import ConfigError, check_config, load_config
 from .losses import causal_lm_loss, dpo_loss, sequence_logps, simpo_loss
-from ..memory import keep_freed_memory
 from .objectives import document_logps, token_logps, token_nll_sum
 from .trainer import OBJECTIVES, Trainer, lr_factor
 
 __all__ = ["ConfigError", "OBJECTIVES", "Trainer", "causal_lm_loss", "check_config", "document_logps", "dpo_loss",
-           "keep_freed_memory", "latest_checkpoint", "load_config", "lr_factor", "sequence_logps", "simpo_loss",
-           "token_logps", "token_nll_sum"]
+           "latest_checkpoint", "load_config", "lr_factor", "sequence_logps", "simpo_loss", "token_logps",
+           "token_nll_sum"]
