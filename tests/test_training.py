@@ -262,11 +262,13 @@ def faults():  # minor page faults of allocating, touching and freeing 64 MiB, f
     for _ in range(5):
         torch.ones(16 << 20)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+# the fewest faults of several rounds: where a freed block lands beside the interpreter's own small
+# allocations varies, so one round may miss a reuse that the next makes
 faults()
-before = faults()
+before = min(faults() for _ in range(3))
 assert keep_freed_memory() and keep_freed_memory()
 faults()
-print(before, faults())
+print(before, min(faults() for _ in range(5)))
 """
 
 
