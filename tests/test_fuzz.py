@@ -218,9 +218,10 @@ def finite(*ts) -> bool:
     return all(bool(t.isfinite().all()) for t in ts if t.is_floating_point())
 
 
-def check_close(name, out, ref64, ref_same):
+def check_close(name, out, ref64, ref_same, allowance=None):
     """out vs the float64 reference, within conftest's rule on the elements where both references
-    are finite; NaN wherever the float64 reference is NaN; matching infinities."""
+    are finite (plus `allowance`, elementwise, for designed roundings); NaN wherever the float64
+    reference is NaN; matching infinities."""
     from conftest import assert_error_within_pytorch
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert out.dtype == ref_same.dtype, f"{name}: dtype {out.dtype} != {ref_same.dtype}"
@@ -235,7 +236,8 @@ def check_close(name, out, ref64, ref_same):
     if both.any():
         # rounding to a 16-bit dtype that PyTorch happens to get exactly right is not held against us
         floor = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
-        assert_error_within_pytorch(out[both], r[both], ref_same[both], name=name, floor=floor[out.dtype])
+        assert_error_within_pytorch(out[both], r[both], ref_same[both], name=name, floor=floor[out.dtype],
+                                    extra=None if allowance is None else allowance[both.cpu()])
 
 
 def expect_error(fn, *names):
@@ -280,12 +282,13 @@ def three_ways(op, ref, args, diff, n_grad_outputs=None):
     return res
 
 
-def compare(name, res):
+def compare(name, res, extra=None):
+    """extra: {output index: elementwise allowance} (check_close)."""
     kern, r64, rsame = res
     assert len(kern) == len(r64) == len(rsame)
     for j, (a, b, c) in enumerate(zip(kern, r64, rsame)):
         if a.is_floating_point():
-            check_close(f"{name}[{j}]", a, b, c)
+            check_close(f"{name}[{j}]", a, b, c, (extra or {}).get(j))
         else:
             assert torch.equal(a, b), f"{name}[{j}]"
 
@@ -499,6 +502,24 @@ def attn_inputs(ex, dtype, lead_q, lead_k, hq, hk, d, nan_key_ok):
     return q, k, v
 
 
+def attn_extra(res, q, k, v, scale, allowed):
+    """The allowances of conftest.attention_rounding_bounds for flash attention's outputs [out, lse,
+    dq, dk, dv] (out only without gradients); None where an input is not finite. dout is the
+    gradient three_ways drew (generator seeded 1234, float64 rounded to the dtype)."""
+    from conftest import attention_products_rounded, attention_rounding_bounds
+    out = res[0][0]
+    if not finite(q, k, v) or out.dtype == torch.float64:
+        return None
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1234), dtype=torch.float64).to(out.dtype)
+    b = attention_rounding_bounds(q, k, v, dout.reshape(q.shape), out.reshape(q.shape),
+                                  q.shape[-1] ** -0.5 if scale is None else scale, allowed, out.dtype,
+                                  products_rounded=attention_products_rounded(out.device, out.dtype))
+    if not all(torch.isfinite(t).all() for t in b.values()):
+        return None
+    names = {0: "out"} if len(res[0]) < 5 else {0: "out", 2: "dq", 3: "dk", 4: "dv"}
+    return {j: b[n].reshape(res[0][j].shape) for j, n in names.items()}
+
+
 def check_flash_attn(ex):
     from exaone_ext import ops
     from exaone_ext.ops import reference
@@ -529,7 +550,8 @@ def check_flash_attn(ex):
     res = three_ways(lambda q, k, v: ops.flash_attn(q, k, v, causal, scale, return_lse=True),
                      lambda q, k, v: reference.flash_attn(q, k, v, causal, scale, return_lse=True),
                      [q, k, v], diff=(0, 1, 2), n_grad_outputs=1)  # the LSE is not differentiable
-    compare("flash_attn", res)
+    from conftest import causal_mask
+    compare("flash_attn", res, attn_extra(res, q, k, v, scale, causal_mask(sq, sk, causal, b)))
 
 
 def check_flash_attn_varlen(ex):
@@ -578,7 +600,12 @@ def check_flash_attn_varlen(ex):
                      lambda q, k, v: reference.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal,
                                                                  return_lse=True),
                      [q, k, v], diff=(0, 1, 2), n_grad_outputs=1)
-    compare("flash_attn_varlen", res)
+    allowed = torch.zeros(total_q, total_k, dtype=torch.bool)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    from conftest import causal_mask
+    for i in range(n):
+        allowed[cq[i]:cq[i + 1], ck[i]:ck[i + 1]] = causal_mask(cq[i + 1] - cq[i], ck[i + 1] - ck[i], causal)[0]
+    compare("flash_attn_varlen", res, attn_extra(res, q[None], k[None], v[None], None, allowed[None]))
 
 
 def check_flash_attn_with_kvcache(ex):

@@ -269,14 +269,12 @@ void scores_narrow_rows(int64_t M, float* St, int64_t Mp, const float* Qn, int64
 
 #if defined(EXAONE_VEC_AVX512)
 // ---- bfloat16 tile products on AVX512-BF16 (vdpbf16ps: 32 bf16 products per instruction, float
-// accumulation). Only used when the CPU reports avx512bf16; the functions carry the target
-// attribute themselves, the rest of this file is compiled without it.
+// accumulation). Only used when the CPU reports avx512bf16 (and set_avx512bf16 has not turned it
+// off); the functions carry the target attribute themselves, the rest of this file is compiled
+// without it.
 #define EXAONE_TARGET_BF16 __attribute__((target("avx512bf16")))
 
-inline bool cpu_bf16_dot() {
-  static const bool ok = cpu_has("avx512bf16");
-  return ok;
-}
+inline bool cpu_bf16_dot() { return avx512bf16_allowed(); }
 
 inline uint32_t load_u32(const void* p) {
   uint32_t x;

@@ -123,6 +123,11 @@ bool avx512bf16_active() {
 #endif
 }
 
+bool avx512bf16_allowed() {
+  static const bool has = cpu_has("avx512bf16");
+  return has && avx512bf16_slot().load(std::memory_order_relaxed);
+}
+
 bool set_avx512bf16(bool enabled) { return avx512bf16_slot().exchange(enabled); }
 
 std::vector<std::string> cpu_features() {

@@ -23,6 +23,9 @@ bool cpu_has(const char* feature);        // e.g. "avx512bf16", "amx_tile"
 // CPU reports avx512bf16, unless turned off with set_avx512bf16(false) (tests, comparisons).
 bool avx512bf16_active();
 bool set_avx512bf16(bool enabled);  // returns the previous setting
+// The same switch for the kernels that carry the avx512bf16 target attribute themselves (attention's
+// bf16 tile products, the bf16 decode kernel): the CPU reports avx512bf16 and the switch is on.
+bool avx512bf16_allowed();
 
 }  // namespace exaone_ext::cpu
 

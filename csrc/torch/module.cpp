@@ -118,6 +118,16 @@ py::dict build_info() {
   d["cpu_extra_kernels"] = extra;
   d["cpu_avx512bf16_active"] = exaone_ext::cpu::avx512bf16_active();
   d["cpu_attention_decode"] = exaone_ext::attn_decode_kernels();
+  // the tile products of bfloat16 flash attention (forward and backward): bf16 pairs on vdpbf16ps (P
+  // and dS rounded to bfloat16 on the way in) or float32
+  d["cpu_attention_bf16_products"] =
+#if defined(EXAONE_HAVE_AVX512)
+      exaone_ext::cpu::active_isa() == exaone_ext::cpu::Isa::kAvx512 && exaone_ext::cpu::avx512bf16_allowed()
+          ? "avx512bf16"
+          : "float32";
+#else
+      "float32";
+#endif
   d["cpu_isa_best"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::best_isa());
   d["cpu_isa"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa());
   d["cpu_features"] = exaone_ext::cpu::cpu_features();
@@ -168,8 +178,8 @@ PYBIND11_MODULE(_C, m) {
         "Allow (True) or forbid the CPU decode-attention kernels (one pass over the KV cache for all kv heads); "
         "forbidden, decode calls take the general kernel. Returns the previous setting.");
   m.def("_set_cpu_avx512bf16", &exaone_ext::cpu::set_avx512bf16, py::arg("enabled"),
-        "Allow (True) or forbid the AVX512-BF16 variant of the elementwise CPU kernels (SwiGLU, RMSNorm) in place of "
-        "avx512; returns the previous setting.");
+        "Allow (True) or forbid the AVX512-BF16 variants of the CPU kernels in place of avx512 (SwiGLU, RMSNorm, "
+        "attention's bfloat16 tile products, the bfloat16 decode kernel); returns the previous setting.");
   m.def("_advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"),
         "Advise transparent huge pages for the whole 2 MiB pages of a CPU buffer not yet touched; returns the bytes advised.");
   exaone_ext::register_text_bindings(m);

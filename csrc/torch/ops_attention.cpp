@@ -265,8 +265,7 @@ struct DecodeKernel {
 DecodeKernel decode_kernel(const AttnParams& p) {
   if (!g_decode.load(std::memory_order_relaxed) || !cpu::attn_decode_rows_ok(p.seq_q, p.group())) return {};
 #if defined(EXAONE_HAVE_AVX512BF16)
-  static const bool has_bf16 = cpu::cpu_has("avx512bf16");
-  if (has_bf16 && cpu::active_isa() == cpu::Isa::kAvx512 && p.dtype == DType::kBFloat16 && p.head_dim % 16 == 0 &&
+  if (cpu::avx512bf16_allowed() && cpu::active_isa() == cpu::Isa::kAvx512 && p.dtype == DType::kBFloat16 && p.head_dim % 16 == 0 &&
       p.k_row_stride % 2 == 0 && p.v_row_stride % 2 == 0 && p.k_head_stride % 2 == 0 && p.v_head_stride % 2 == 0)
     return {cpu::avx512bf16::attn_decode, cpu::attn_decode_scratch_bytes(p)};
 #endif
@@ -355,7 +354,7 @@ std::string attn_decode_kernels() {
   if (cpu::active_isa() >= cpu::Isa::kAvx2) bf16 = other = "avx2";
 #endif
 #if defined(EXAONE_HAVE_AVX512BF16)
-  if (cpu::cpu_has("avx512bf16") && cpu::active_isa() == cpu::Isa::kAvx512) bf16 = "avx512bf16";
+  if (cpu::avx512bf16_allowed() && cpu::active_isa() == cpu::Isa::kAvx512) bf16 = "avx512bf16";
 #endif
   return "bfloat16: " + bf16 + ", float32 / float16: " + other;
 }
