@@ -10,7 +10,9 @@ verdict would move with the CPU). Per op, the yardstick is:
   linear (k = in_features)     the same plus a float32 dot product of in_features terms; dx: out_features,
                                dweight: rows of x
   attention (k = keys)         the same plus float32 sums over the keys (out, lse, dq), over the queries of
-                               a kv head (dk, dv)
+                               a kv head (dk, dv), plus, per element, the roundings flash attention makes
+                               by design (attention_rounding_bounds: D from the stored 16-bit output, P and
+                               dS rounded into 16-bit tile products where the kernel does that)
 where "a float32 sum of k terms" is u32 * sqrt(k) * rms(result): what a well-ordered accumulation (a
 few interleaved partial sums, blocked or pairwise) loses; one running sum over thousands of products
 loses more, and is what the rule is there to catch. Oracles: the float64 plain-PyTorch references
