@@ -120,7 +120,7 @@ def assert_error_within(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: 
 
 
 def attention_rounding_bounds(q, k, v, dout, out, scale: float, allowed: torch.Tensor, dtype: torch.dtype, *,
-                              products_rounded: bool) -> dict[str, torch.Tensor]:
+                              products_rounded: bool, logits: bool = False) -> dict[str, torch.Tensor]:
     """Elementwise allowances (float64) for the roundings flash attention makes by design, from the
     float64 quantities of the inputs and the kernel's own stored output `out`:
 
@@ -132,6 +132,11 @@ def attention_rounding_bounds(q, k, v, dout, out, scale: float, allowed: torch.T
          AVX512-BF16 CPUs; 16-bit MMA operands on GPUs): each term of P . V, P^T . dout, dS . K,
          dS^T . Q is off by up to u |term| (u = UNIT_ROUNDOFF[dtype]); independent roundings add up as
          u sqrt(sum term^2), the model error_budget uses for a sum of k terms.
+      logits: P = exp(S - lse) is recomputed in the backward from the logits and the saved float32
+         log-sum-exp, so with large logits (a drawn softmax scale) P carries their rounding: relative
+         error e = 2 u_acc sqrt(d) |scale| max_j sum |q k_j| per query row, into P . V (through
+         V_j - out), P^T . dout and dS = P (dP - D). Off by default: the tests with ordinary logits
+         keep the scalar budget's float32 terms tight.
 
     q [b, sq, hq, d], k / v [b, sk, hk, d], dout / out [b, sq, hq, d]; allowed[b, sq, sk]: which keys
     each query sees (causal, sequence boundaries). Returns {"out", "dq", "dk", "dv"} of the inputs' shapes;
@@ -154,10 +159,21 @@ def attention_rounding_bounds(q, k, v, dout, out, scale: float, allowed: torch.T
     dq = (abs(scale) * torch.einsum("bhqk,bkhd->bqhd", p * d_off, ke)).abs()
     dk = (abs(scale) * per_kv_head(torch.einsum("bhqk,bqhd->bkhd", p * d_off, q))).abs()
     res = {"out": torch.zeros_like(out), "dq": dq, "dk": dk, "dv": torch.zeros_like(v)}
+    if logits:
+        u_acc = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
+        qk = torch.einsum("bqhd,bkhd->bhqk", q.abs(), ke.abs()).masked_fill(~allowed.cpu()[:, None], 0.0)
+        e = 2 * u_acc * math.sqrt(d) * abs(scale) * qk.amax(-1, keepdim=True)  # [b, h, q, 1]
+        pe = p * e
+        res["out"] = torch.einsum("bhqk,bqkhd->bqhd", pe, (ve[:, None] - o[:, :, None]).abs())
+        res["dv"] = per_kv_head(torch.einsum("bhqk,bqhd->bkhd", pe, dout.abs()))
+        dsa = pe * (dp - (dout * o).sum(-1).transpose(1, 2)[..., None]).abs()
+        res["dq"] = dq + abs(scale) * torch.einsum("bhqk,bkhd->bqhd", dsa, ke.abs())
+        res["dk"] = dk + abs(scale) * per_kv_head(torch.einsum("bhqk,bqhd->bkhd", dsa, q.abs()))
     if products_rounded and dtype != torch.float64:
         u = UNIT_ROUNDOFF[dtype]
-        res["out"] = u * torch.einsum("bhqk,bkhd->bqhd", p.square(), ve.square()).sqrt()
-        res["dv"] = u * per_kv_head(torch.einsum("bhqk,bqhd->bkhd", p.square(), dout.square())).sqrt()
+        res["out"] = res["out"] + u * torch.einsum("bhqk,bkhd->bqhd", p.square(), ve.square()).sqrt()
+        res["dv"] = res["dv"] + u * per_kv_head(torch.einsum("bhqk,bqhd->bkhd", p.square(), dout.square())).sqrt()
+        dq, dk = res["dq"], res["dk"]
         res["dq"] = dq + u * abs(scale) * torch.einsum("bhqk,bkhd->bqhd", ds.square(), ke.square()).sqrt()
         res["dk"] = dk + u * abs(scale) * per_kv_head(torch.einsum("bhqk,bqhd->bkhd", ds.square(), q.square())).sqrt()
     return res

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "cpu/attention.h"
@@ -728,6 +729,33 @@ void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b
       pack_vnni(dOv, reinterpret_cast<const bf16*>(Qb + mp_max * d), d, M, d);
     }
 #endif
+    if constexpr (std::is_same_v<A, double>) {
+      // float64 (gradcheck): the forward saved the log-sum-exp in float32, which would leave P with
+      // float32's relative error; recompute it in float64 (online max and sum over the key blocks)
+      A* m_run = dQt;  // the dS . K tile is free until the key loop
+      A* l_run = dQt + mp_max;
+      for (int64_t c = 0; c < M; ++c) {
+        m_run[c] = -std::numeric_limits<A>::infinity();
+        l_run[c] = 0;
+      }
+      for (int64_t kb = 0; kb < kmax; kb += BK) {
+        const int64_t nk = std::min(BK, kmax - kb);
+        for (int64_t j = 0; j < nk; ++j) load_row(Kf + j * d, kbase + (kb + j) * p.k_row_stride, d, A(1));
+        gemm(St, Mp, Kf, d, 1, Qt, Mp, nk, Mp, d, false);
+        for (int64_t c = 0; c < M; ++c) {
+          const int64_t jn = std::min(nk, std::max<int64_t>(0, cend[c] - kb));
+          if (jn == 0) continue;
+          A m = m_run[c];
+          for (int64_t j = 0; j < jn; ++j) m = std::max(m, St[j * Mp + c]);
+          A l = l_run[c] * std::exp(m_run[c] - m);
+          for (int64_t j = 0; j < jn; ++j) l += std::exp(St[j * Mp + c] - m);
+          m_run[c] = m;
+          l_run[c] = l;
+        }
+      }
+      for (int64_t c = 0; c < M; ++c)
+        if (l_run[c] > 0) lse_c[c] = m_run[c] + std::log(l_run[c]);
+    }
     std::fill(dQ, dQ + M * d, A(0));
     for (int64_t kb = 0; kb < kmax; kb += BK) {
       const int64_t nk = std::min(BK, kmax - kb);
