@@ -89,6 +89,24 @@ def test_other_head_dims_and_scale(d):
     _check_dense((1, 40, 50, 6, 2, d), torch.bfloat16, False, "cpu", scale=-0.05)
 
 
+@pytest.mark.parametrize("shape", [s for s in SHAPES if isinstance(s, tuple)] + [(1, 200, 300, 8, 2, 96)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_engines(shape, causal, attn_engine):
+    # bfloat16 forward and backward with each engine of the tile products (the kernels' vdpbf16ps, or
+    # oneDNN's brgemm: AMX where the CPU has it), on every shape above and one wider than a tile
+    if exaone_ext.build_info()["cpu_attention_bf16_products"] == "float32":
+        pytest.skip("no bfloat16 tile products on this CPU (float32 tiles: the other tests cover them)")
+    _check_dense(shape, torch.bfloat16, causal, "cpu")
+    lens_q, lens_k = [5, 0, 70, 1], [9, 3, 64, 1]
+    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, 8, 2, 80, torch.bfloat16)
+    out = ops.flash_attn_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
+    for i in range(len(lens_q)):
+        a, b, c = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i])
+        want = ops.flash_attn(q[None, a:b], k[None, c:int(cu_k[i + 1])], v[None, c:int(cu_k[i + 1])], causal=causal)[0]
+        assert torch.equal(out[a:b], want), "varlen differs from its sequences run alone"
+
+
 def test_float64_backward_to_float64_precision():
     # the forward saves the log-sum-exp in float32; the float64 backward recomputes it, or P = exp(S -
     # lse) would carry float32's relative error (6e-8 in dv for one query and one key)

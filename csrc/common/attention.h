@@ -53,6 +53,13 @@ struct AttnParams {
   const int32_t* cu_seqlens_k = nullptr;   // varlen
   const int32_t* cache_seqlens = nullptr;  // kv-cache decode: valid keys per sequence
 
+  // CPU, bfloat16 on AVX512-BF16: an outside engine for the tile products, handed in by the torch
+  // layer (oneDNN's brgemm micro-kernels: AMX tiles where the CPU has them); null: the kernels' own
+  // vdpbf16ps products. C[M][N] (+= when add) A . B: A [M][K] row-major (lda elements), B in pairs
+  // along K ([K / 2][ldb][2]), K even, C row-major (ldc floats).
+  void (*bf16_gemm)(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                    const uint16_t* A, const uint16_t* B, float* C) = nullptr;
+
   int64_t group() const { return q_heads / kv_heads; }
 };
 

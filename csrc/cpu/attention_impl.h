@@ -384,6 +384,18 @@ inline void pack_prob_pairs(uint16_t* dst, const float* St, int64_t Mp, int64_t 
   }
 }
 
+// Pairs [np][Mp] (u32: two bf16 along the keys, from pack_prob_pairs) to rows [M][ldr] of pairs:
+// the row-major A operand (P or dS, [M][2 np] bf16) of an outside engine's product.
+inline void pairs_to_rows(uint32_t* R, int64_t ldr, const uint32_t* pairs, int64_t Mp, int64_t M, int64_t np) {
+  constexpr int64_t kB = 16;  // square blocks: both sides stay in a few cache lines
+  for (int64_t c0 = 0; c0 < M; c0 += kB)
+    for (int64_t k0 = 0; k0 < np; k0 += kB) {
+      const int64_t c1 = std::min(M, c0 + kB), k1 = std::min(np, k0 + kB);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t kp = k0; kp < k1; ++kp) R[c * ldr + kp] = pairs[kp * Mp + c];
+    }
+}
+
 constexpr int64_t kPrefetchRows = 8;
 
 // Narrow-block scores on bf16 (decode): S^T[j][r] = dot(q[r], K[j]) with vdpbf16ps along head_dim,
@@ -552,8 +564,12 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
         pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
       } else if (dot16) {
         // S^T = K . Q^T on bf16 pairs (K rows read in place), then the scale in float
-        gemm_bf16(St, Mp, reinterpret_cast<const uint16_t*>(kbase + kb * p.k_row_stride), p.k_row_stride / 2, 1,
-                  reinterpret_cast<const uint16_t*>(Qp), 2 * Mp, nk, Mp, d / 2, false);
+        const uint16_t* kt = reinterpret_cast<const uint16_t*>(kbase + kb * p.k_row_stride);
+        if (p.bf16_gemm)
+          p.bf16_gemm(nk, Mp, d, p.k_row_stride, Mp, Mp, false, kt, reinterpret_cast<const uint16_t*>(Qp), St);
+        else
+          gemm_bf16(St, Mp, kt, p.k_row_stride / 2, 1, reinterpret_cast<const uint16_t*>(Qp), 2 * Mp, nk, Mp, d / 2,
+                    false);
         scale_row(St, nk * Mp, scale);
         pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
       }
@@ -595,7 +611,14 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       } else if (dot16) {
 #if defined(EXAONE_VEC_AVX512)
         pack_prob_pairs(Pp, St, Mp, nk);
-        gemm_bf16(O, d, Pp, 1, Mp, Vp, 2 * d, M, d, (nk + 1) / 2, true);
+        const int64_t np = (nk + 1) / 2;
+        if (p.bf16_gemm) {  // P as rows [M][2 np] (in the scores' tile, free now)
+          uint32_t* Pr = reinterpret_cast<uint32_t*>(St);
+          pairs_to_rows(Pr, np, reinterpret_cast<const uint32_t*>(Pp), Mp, M, np);
+          p.bf16_gemm(M, d, 2 * np, 2 * np, d, d, true, reinterpret_cast<const uint16_t*>(Pr), Vp, O);
+        } else {
+          gemm_bf16(O, d, Pp, 1, Mp, Vp, 2 * d, M, d, np, true);
+        }
 #endif
       } else {
         gemm(O, d, St, 1, Mp, vt, vld, M, d, nk, true);
@@ -764,14 +787,22 @@ void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b
         const T* kt = kbase + kb * p.k_row_stride;
         const T* vt = vbase + kb * p.v_row_stride;
         pack_vnni(Kv, reinterpret_cast<const bf16*>(kt), p.k_row_stride, nk, d);
+        const uint16_t* kt16 = reinterpret_cast<const uint16_t*>(kt);
+        const uint16_t* vt16 = reinterpret_cast<const uint16_t*>(vt);
         // S^T exactly as the forward computes it, then P^T = exp(S^T - lse)
-        gemm_bf16(St, Mp, reinterpret_cast<const uint16_t*>(kt), p.k_row_stride / 2, 1,
-                  reinterpret_cast<const uint16_t*>(Qp), 2 * Mp, nk, Mp, d / 2, false);
+        if (p.bf16_gemm)
+          p.bf16_gemm(nk, Mp, d, p.k_row_stride, Mp, Mp, false, kt16, reinterpret_cast<const uint16_t*>(Qp), St);
+        else
+          gemm_bf16(St, Mp, kt16, p.k_row_stride / 2, 1, reinterpret_cast<const uint16_t*>(Qp), 2 * Mp, nk, Mp, d / 2,
+                    false);
         scale_row(St, nk * Mp, scale);
         exp_cols(St, nk, Mp, A(1), lse_c, static_cast<A*>(nullptr));
         if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(0));
-        gemm_bf16(dPt, Mp, reinterpret_cast<const uint16_t*>(vt), p.v_row_stride / 2, 1,
-                  reinterpret_cast<const uint16_t*>(dOp), 2 * Mp, nk, Mp, d / 2, false);
+        if (p.bf16_gemm)
+          p.bf16_gemm(nk, Mp, d, p.v_row_stride, Mp, Mp, false, vt16, reinterpret_cast<const uint16_t*>(dOp), dPt);
+        else
+          gemm_bf16(dPt, Mp, vt16, p.v_row_stride / 2, 1, reinterpret_cast<const uint16_t*>(dOp), 2 * Mp, nk, Mp,
+                    d / 2, false);
         grad_scores(dPt, St, nk, Mp, D_c);
         for (int64_t x = 0; x < nk * Mp; x += W) {
           Vec::load(St + x).store(reinterpret_cast<bf16*>(Pb) + x);
@@ -779,9 +810,18 @@ void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b
         }
         pack_prob_pairs(dSp, dPt, Mp, nk);
         const int64_t mpairs = (M + 1) / 2;  // an odd M pairs with a zero row of the packed Q / dO
-        gemm_bf16(dVt, d, Pb, Mp / 2, 1, dOv, 2 * d, nk, d, mpairs, false);  // P^T . dO
-        gemm_bf16(dKt, d, dSb, Mp / 2, 1, Qv, 2 * d, nk, d, mpairs, false);  // dS^T . Q
-        gemm_bf16(dQt, d, dSp, 1, Mp, Kv, 2 * d, M, d, (nk + 1) / 2, false);  // dS . K
+        const int64_t np = (nk + 1) / 2;
+        if (p.bf16_gemm) {
+          p.bf16_gemm(nk, d, 2 * mpairs, Mp, d, d, false, Pb, dOv, dVt);   // P^T . dO
+          p.bf16_gemm(nk, d, 2 * mpairs, Mp, d, d, false, dSb, Qv, dKt);  // dS^T . Q
+          uint32_t* dSr = reinterpret_cast<uint32_t*>(Pb);  // dS as rows [M][2 np] (P's tile is free now)
+          pairs_to_rows(dSr, np, reinterpret_cast<const uint32_t*>(dSp), Mp, M, np);
+          p.bf16_gemm(M, d, 2 * np, 2 * np, d, d, false, reinterpret_cast<const uint16_t*>(dSr), Kv, dQt);  // dS . K
+        } else {
+          gemm_bf16(dVt, d, Pb, Mp / 2, 1, dOv, 2 * d, nk, d, mpairs, false);  // P^T . dO
+          gemm_bf16(dKt, d, dSb, Mp / 2, 1, Qv, 2 * d, nk, d, mpairs, false);  // dS^T . Q
+          gemm_bf16(dQt, d, dSp, 1, Mp, Kv, 2 * d, M, d, np, false);  // dS . K
+        }
         for (int64_t j = 0; j < nk; ++j) {
           add_row(dv_acc + (kb + j) * d, dVt + j * d, d, A(1));
           add_row(dk_acc + (kb + j) * d, dKt + j * d, d, A(1));

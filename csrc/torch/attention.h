@@ -43,6 +43,12 @@ namespace exaone_ext {
 bool set_attn_decode(bool enabled);
 // Which kernel a CPU decode call takes now, per cache dtype, in words (build_info()).
 std::string attn_decode_kernels();
+// The engine of CPU bfloat16 flash attention's tile products (forward and backward): oneDNN's
+// brgemm ("oneDNN brgemm (AMX)" where the CPU has AMX-BF16: the default there), the kernels' own
+// "avx512bf16" products, or "float32" tiles. set_attn_brgemm: -1 the default, 0 never, 1 wherever
+// brgemm works (AVX-512 with oneDNN); returns the previous mode.
+int set_attn_brgemm(int mode);
+std::string attn_bf16_products();
 
 // Dense copies of the varlen offsets the params point at (the caller keeps them while the kernels run).
 struct VarlenOffsets {

@@ -118,16 +118,9 @@ py::dict build_info() {
   d["cpu_extra_kernels"] = extra;
   d["cpu_avx512bf16_active"] = exaone_ext::cpu::avx512bf16_active();
   d["cpu_attention_decode"] = exaone_ext::attn_decode_kernels();
-  // the tile products of bfloat16 flash attention (forward and backward): bf16 pairs on vdpbf16ps (P
-  // and dS rounded to bfloat16 on the way in) or float32
-  d["cpu_attention_bf16_products"] =
-#if defined(EXAONE_HAVE_AVX512)
-      exaone_ext::cpu::active_isa() == exaone_ext::cpu::Isa::kAvx512 && exaone_ext::cpu::avx512bf16_allowed()
-          ? "avx512bf16"
-          : "float32";
-#else
-      "float32";
-#endif
+  // the engine of bfloat16 flash attention's tile products (forward and backward): oneDNN brgemm
+  // (AMX) or the kernels' own vdpbf16ps (both take P and dS rounded to bfloat16), or float32 tiles
+  d["cpu_attention_bf16_products"] = exaone_ext::attn_bf16_products();
   d["cpu_isa_best"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::best_isa());
   d["cpu_isa"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa());
   d["cpu_features"] = exaone_ext::cpu::cpu_features();
@@ -174,6 +167,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_quant_int_dot", &exaone_ext::set_quant_int_dot, py::arg("enabled"),
         "Allow (True) or forbid linear_int4 on CPU to multiply 16-bit x as integers with the weight's nibbles "
         "(integer multiply-adds); returns the previous setting.");
+  m.def("_set_attn_brgemm", &exaone_ext::set_attn_brgemm, py::arg("mode"),
+        "CPU bfloat16 attention's tile products through oneDNN's brgemm: -1 where the CPU has AMX-BF16 (the "
+        "default), 0 never, 1 wherever brgemm works (AVX-512); returns the previous mode.");
   m.def("_set_attn_decode", &exaone_ext::set_attn_decode, py::arg("enabled"),
         "Allow (True) or forbid the CPU decode-attention kernels (one pass over the KV cache for all kv heads); "
         "forbidden, decode calls take the general kernel. Returns the previous setting.");

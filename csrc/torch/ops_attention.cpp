@@ -1,8 +1,10 @@
 // exaone_ext flash-attention ops: schemas and the CPU implementations. The checks, allocations and
 // parameter filling live in torch/attention.cpp (shared with the CUDA registration); here the work
 // is cut into items and spread over ATen's threads, then the ISA-dispatched kernels run.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -11,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <atomic>
 #include <memory>
 #include <string>
@@ -23,16 +26,70 @@
 namespace exaone_ext {
 namespace {
 
+// ---- the bfloat16 tile products through oneDNN's brgemm --------------------------------------------
+// torch's at::native::cpublas::brgemm runs oneDNN's batch-reduce GEMM micro-kernels: AMX tiles on
+// CPUs with AMX-BF16 (several times what vdpbf16ps gives), AVX512-BF16 / AVX-512 code elsewhere. The
+// CPU kernels stay torch-free: they get this function through AttnParams::bf16_gemm.
+void brgemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                 const uint16_t* A, const uint16_t* B, float* C) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, reinterpret_cast<const at::BFloat16*>(A),
+                              reinterpret_cast<const at::BFloat16*>(B), C, /*is_vnni=*/true);
+}
+
+// Whether brgemm works here: one small product in the layout the kernels use, against plain loops
+// (it needs oneDNN built in and enabled, and AVX-512; anything else, or any error, means no).
+bool brgemm_works() {
+  static const bool ok = [] {
+    try {
+      constexpr int64_t M = 3, N = 16, K = 6;
+      uint16_t a[M * K], b[K * N];
+      float c[M * N], want[M * N] = {};
+      auto bf = [](float x) { uint32_t u; std::memcpy(&u, &x, 4); return uint16_t(u >> 16); };  // exact values
+      for (int64_t i = 0; i < M * K; ++i) a[i] = bf(float(i % 5) - 2.0f);
+      for (int64_t i = 0; i < K * N; ++i) b[i] = bf(float(i % 7) - 3.0f);
+      auto val = [](uint16_t h) { uint32_t u = uint32_t(h) << 16; float x; std::memcpy(&x, &u, 4); return x; };
+      for (int64_t i = 0; i < M; ++i)  // B[k][n] sits at b[(k / 2) * 2 * N + 2 * n + k % 2]
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t k = 0; k < K; ++k) want[i * N + n] += val(a[i * K + k]) * val(b[(k / 2) * 2 * N + 2 * n + k % 2]);
+      brgemm_bf16(M, N, K, K, N, N, false, a, b, c);
+      at::native::cpublas::brgemm_release(true);
+      for (int64_t i = 0; i < M * N; ++i)
+        if (c[i] != want[i]) return false;
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// -1: the default (on where the CPU has AMX-BF16), 0: off, 1: on wherever brgemm works.
+std::atomic<int> g_brgemm{-1};
+
+bool brgemm_on() {
+  const int mode = g_brgemm.load(std::memory_order_relaxed);
+  if (mode == 0 || cpu::active_isa() != cpu::Isa::kAvx512 || !cpu::avx512bf16_allowed()) return false;
+  if (mode < 0 && !(cpu::cpu_has("amx_bf16") && cpu::cpu_has("amx_tile"))) return false;
+  return at::globalContext().userEnabledMkldnn() && brgemm_works();
+}
+
+// The engine for p's bf16 tile products (null: the kernels' own), chosen once per call.
+void set_bf16_engine(AttnParams& p) {
+  p.bf16_gemm = p.dtype == DType::kBFloat16 && brgemm_on() ? &brgemm_bf16 : nullptr;
+}
+
 // Runs n items over ATen's threads, each thread pulling the next item (the caller orders them so
-// that the cheap ones come last). The result never depends on which thread ran an item.
+// that the cheap ones come last). The result never depends on which thread ran an item. A thread
+// that ran brgemm hands back its hardware context (AMX tile configuration) when done.
 template <typename F>
-void run_items(int64_t n, int64_t scratch_bytes, const F& f) {
+void run_items(int64_t n, int64_t scratch_bytes, const F& f, bool brgemm = false) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::unique_ptr<char[]> scratch(new char[scratch_bytes]);
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) f(t, scratch.get());
+    if (brgemm) at::native::cpublas::brgemm_release(true);
   });
 }
 
@@ -85,9 +142,10 @@ std::vector<std::pair<int64_t, int64_t>> seq_lengths(const AttnParams& p, int64_
 
 // Forward over (sequence, kv head, query block[, key split]). With nsplit > 1 the key range is cut
 // into nsplit parts whose partial results go to part_out / part_lse (split s at offset s * part_size).
-void run_fwd(const AttnParams& p, int64_t batch, int64_t nsplit, int64_t split_keys, float* part_out,
+void run_fwd(AttnParams p, int64_t batch, int64_t nsplit, int64_t split_keys, float* part_out,
              float* part_lse, int64_t part_size) {
   if (batch == 0 || p.q_heads == 0) return;
+  set_bf16_engine(p);
   const int64_t g = p.group(), bq = cpu::attn_block_q(g);
   const auto lens = seq_lengths(p, batch);
   std::vector<FwdItem> items;
@@ -119,7 +177,7 @@ void run_fwd(const AttnParams& p, int64_t batch, int64_t nsplit, int64_t split_k
     float* po = part_out ? part_out + it.split * part_size * p.head_dim : nullptr;
     float* pl = part_out ? part_lse + it.split * part_size : nullptr;
     fwd_kernel(p, it.b, it.kvh, it.q0, it.q1, it.k0, it.k1, po, pl, scratch);
-  });
+  }, p.bf16_gemm != nullptr);
 }
 
 // Backward: items (sequence, kv head, split); split s owns query blocks s, s + nsplit, ... (writes
@@ -127,6 +185,7 @@ void run_fwd(const AttnParams& p, int64_t batch, int64_t nsplit, int64_t split_k
 // the accumulators are summed in split order afterwards (deterministic, no atomics).
 void run_bwd(AttnBwdParams bp, int64_t batch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              const at::Tensor& dout, const at::Tensor& out, at::Tensor& dk, at::Tensor& dv) {
+  set_bf16_engine(bp.fwd);
   const AttnParams& p = bp.fwd;
   if (batch == 0 || p.q_heads == 0 || dout.numel() == 0 || dk.numel() == 0) return;
   const auto keep_kv = use_heads_major_kv(bp.fwd, k, v);
@@ -166,7 +225,7 @@ void run_bwd(AttnBwdParams bp, int64_t batch, const at::Tensor& q, const at::Ten
     } else {
       EXAONE_CPU_DISPATCH(attn_bwd_rows, bp, dk_base + off, dv_base + off, it.b, it.kvh, it.s, nsplit, scratch);
     }
-  });
+  }, p.bf16_gemm != nullptr);
   // [kv_heads, rows_k, d] -> [rows_k, kv_heads, d] -> the shape of dk / dv
   auto finish = [&](at::Tensor& acc_t, at::Tensor& grad, double mul) {
     const at::Tensor total = (nsplit == 1 ? acc_t[0] : acc_t.sum(0)).permute({1, 0, 2});
@@ -346,6 +405,17 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 bool set_attn_decode(bool enabled) { return g_decode.exchange(enabled); }
+
+int set_attn_brgemm(int mode) { return g_brgemm.exchange(mode < 0 ? -1 : mode > 0 ? 1 : 0); }
+
+std::string attn_bf16_products() {
+  if (brgemm_on())
+    return cpu::cpu_has("amx_bf16") ? "oneDNN brgemm (AMX)" : "oneDNN brgemm (AVX-512)";
+#if defined(EXAONE_HAVE_AVX512)
+  if (cpu::active_isa() == cpu::Isa::kAvx512 && cpu::avx512bf16_allowed()) return "avx512bf16";
+#endif
+  return "float32";
+}
 
 std::string attn_decode_kernels() {
   if (!g_decode.load()) return "general (decode kernels off)";
