@@ -259,7 +259,8 @@ def expect_error(fn, *names):
 def three_ways(op, ref, args, diff, n_grad_outputs=None):
     """[kernel, float64 reference, same-dtype reference] lists of op(*args)'s outputs, followed, when
     every input is finite, by the gradients of sum(outputs[:n_grad_outputs] * g) w.r.t. args[diff]
-    (g random, the same for all three). The kernel gets the drawn views themselves."""
+    (g random, the same values for all three: rounded to the kernel's output dtype). The kernel gets
+    the drawn views themselves."""
     def leaf(a, i, dtype=None):
         if not (isinstance(a, torch.Tensor) and a.is_floating_point()):
             return a
@@ -269,14 +270,18 @@ def three_ways(op, ref, args, diff, n_grad_outputs=None):
             (ref, [leaf(a, i, torch.float64) for i, a in enumerate(args)]),
             (ref, [leaf(a, i) for i, a in enumerate(args)])]
     with_grads = bool(diff) and finite(*[a for a in args if isinstance(a, torch.Tensor)])
-    res = []
+    res, g_dtypes = [], None
     for fn, inputs in runs:
         outs = fn(*inputs)
         outs = list(outs) if isinstance(outs, tuple) else [outs]
         if with_grads:
             gen = torch.Generator().manual_seed(1234)
             used = outs[:n_grad_outputs]
-            gs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in used]
+            # the same upstream gradient for all three: drawn in float64, rounded to the kernel's output
+            # dtype (what the kernel gets), then given to each run in its own dtype (exactly)
+            g_dtypes = g_dtypes or [o.dtype for o in used]
+            gs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(gd).to(o.dtype)
+                  for o, gd in zip(used, g_dtypes)]
             leaves = [inputs[i] for i in diff]
             # an empty output may come without a graph (the references build some with new_empty)
             pairs = [(o, g) for o, g in zip(used, gs) if o.requires_grad]

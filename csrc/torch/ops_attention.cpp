@@ -36,25 +36,35 @@ void brgemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int6
                               reinterpret_cast<const at::BFloat16*>(B), C, /*is_vnni=*/true);
 }
 
-// Whether brgemm works here: one small product in the layout the kernels use, against plain loops
-// (it needs oneDNN built in and enabled, and AVX-512; anything else, or any error, means no).
+// Whether brgemm works here: products of the shapes and strides the kernels use (a full tile, a
+// ragged one, add into C), against plain loops, exactly (small integers: every sum is exact). It
+// needs oneDNN built in and enabled, and AVX-512; anything else, or any error, means no, and the
+// kernels keep their own products.
 bool brgemm_works() {
   static const bool ok = [] {
+    auto bf = [](float x) { uint32_t u; std::memcpy(&u, &x, 4); return uint16_t(u >> 16); };
+    auto val = [](uint16_t h) { uint32_t u = uint32_t(h) << 16; float x; std::memcpy(&x, &u, 4); return x; };
+    struct Case { int64_t M, N, K, lda, ldb, ldc; bool add; };
+    const Case cases[] = {{64, 64, 80, 80, 64, 64, false}, {37, 80, 64, 64, 80, 80, true},
+                          {3, 128, 18, 18, 128, 128, false}, {64, 16, 128, 256, 16, 16, true}};
     try {
-      constexpr int64_t M = 3, N = 16, K = 6;
-      uint16_t a[M * K], b[K * N];
-      float c[M * N], want[M * N] = {};
-      auto bf = [](float x) { uint32_t u; std::memcpy(&u, &x, 4); return uint16_t(u >> 16); };  // exact values
-      for (int64_t i = 0; i < M * K; ++i) a[i] = bf(float(i % 5) - 2.0f);
-      for (int64_t i = 0; i < K * N; ++i) b[i] = bf(float(i % 7) - 3.0f);
-      auto val = [](uint16_t h) { uint32_t u = uint32_t(h) << 16; float x; std::memcpy(&x, &u, 4); return x; };
-      for (int64_t i = 0; i < M; ++i)  // B[k][n] sits at b[(k / 2) * 2 * N + 2 * n + k % 2]
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t k = 0; k < K; ++k) want[i * N + n] += val(a[i * K + k]) * val(b[(k / 2) * 2 * N + 2 * n + k % 2]);
-      brgemm_bf16(M, N, K, K, N, N, false, a, b, c);
-      at::native::cpublas::brgemm_release(true);
-      for (int64_t i = 0; i < M * N; ++i)
-        if (c[i] != want[i]) return false;
+      for (const Case& t : cases) {
+        std::vector<uint16_t> a(size_t(t.M * t.lda)), b(size_t(t.K / 2 * t.ldb * 2));
+        std::vector<float> c(size_t(t.M * t.ldc)), want(c.size());
+        for (size_t i = 0; i < a.size(); ++i) a[i] = bf(float(int64_t(i * 7 % 5)) - 2.0f);
+        for (size_t i = 0; i < b.size(); ++i) b[i] = bf(float(int64_t(i * 3 % 7)) - 3.0f);
+        for (size_t i = 0; i < c.size(); ++i) c[i] = want[i] = float(int64_t(i % 3));
+        for (int64_t i = 0; i < t.M; ++i)  // B[k][n] sits at b[(k / 2) * 2 * ldb + 2 * n + k % 2]
+          for (int64_t n = 0; n < t.N; ++n) {
+            float sum = t.add ? want[size_t(i * t.ldc + n)] : 0.0f;
+            for (int64_t k = 0; k < t.K; ++k)
+              sum += val(a[size_t(i * t.lda + k)]) * val(b[size_t((k / 2) * 2 * t.ldb + 2 * n + k % 2)]);
+            want[size_t(i * t.ldc + n)] = sum;
+          }
+        brgemm_bf16(t.M, t.N, t.K, t.lda, t.ldb, t.ldc, t.add, a.data(), b.data(), c.data());
+        at::native::cpublas::brgemm_release(true);
+        if (c != want) return false;  // also: nothing written outside the N columns of each row
+      }
       return true;
     } catch (...) {
       return false;
