@@ -384,16 +384,44 @@ inline void pack_prob_pairs(uint16_t* dst, const float* St, int64_t Mp, int64_t 
   }
 }
 
-// Pairs [np][Mp] (u32: two bf16 along the keys, from pack_prob_pairs) to rows [M][ldr] of pairs:
-// the row-major A operand (P or dS, [M][2 np] bf16) of an outside engine's product.
-inline void pairs_to_rows(uint32_t* R, int64_t ldr, const uint32_t* pairs, int64_t Mp, int64_t M, int64_t np) {
-  constexpr int64_t kB = 16;  // square blocks: both sides stay in a few cache lines
-  for (int64_t c0 = 0; c0 < M; c0 += kB)
-    for (int64_t k0 = 0; k0 < np; k0 += kB) {
-      const int64_t c1 = std::min(M, c0 + kB), k1 = std::min(np, k0 + kB);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t kp = k0; kp < k1; ++kp) R[c * ldr + kp] = pairs[kp * Mp + c];
+// dst[c][r] = src[r][c] for a 16 x 16 block of 32-bit elements (rows lds / ldd elements apart).
+inline void transpose16x16_u32(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * lds);
+  for (int i = 0; i < 8; ++i) {  // 32-bit elements of row pairs
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 64-bit pieces
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
     }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * ldd, r[i]);
+}
+
+// Pairs [np][Mp] (u32: two bf16 along the keys, from pack_prob_pairs) to rows [M][ldr] of pairs:
+// the row-major A operand (P or dS, [M][2 np] bf16) of an outside engine's product. Whole 16 x 16
+// blocks are transposed in registers (rows M..Mp-1 of R, inside the caller's tile, get padding);
+// the pairs past the last whole block of 16 one by one.
+inline void pairs_to_rows(uint32_t* R, int64_t ldr, const uint32_t* pairs, int64_t Mp, int64_t M, int64_t np) {
+  const int64_t np16 = np / 16 * 16;
+  for (int64_t c0 = 0; c0 < M; c0 += 16) {
+    for (int64_t k0 = 0; k0 < np16; k0 += 16) transpose16x16_u32(pairs + k0 * Mp + c0, Mp, R + c0 * ldr + k0, ldr);
+    const int64_t c1 = std::min(M, c0 + 16);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t kp = np16; kp < np; ++kp) R[c * ldr + kp] = pairs[kp * Mp + c];
+  }
 }
 
 constexpr int64_t kPrefetchRows = 8;
