@@ -79,7 +79,8 @@ std::atomic<int> g_brgemm{-1};
 bool brgemm_on() {
   const int mode = g_brgemm.load(std::memory_order_relaxed);
   if (mode == 0 || cpu::active_isa() != cpu::Isa::kAvx512 || !cpu::avx512bf16_allowed()) return false;
-  if (mode < 0 && !(cpu::cpu_has("amx_bf16") && cpu::cpu_has("amx_tile"))) return false;
+  static const bool amx = cpu::cpu_has("amx_bf16") && cpu::cpu_has("amx_tile");
+  if (mode < 0 && !amx) return false;
   return at::globalContext().userEnabledMkldnn() && brgemm_works();
 }
 
