@@ -560,3 +560,39 @@ def test_hugepage_weights_keep_values_and_ties(tied):
         assert moved == sum(before[n].nbytes for n in big if not (tied and n == "lm_head.weight"))
     with torch.no_grad():
         assert torch.equal(model(ids), logits)
+
+
+def test_training_step_under_bf16_autocast():
+    # torch.autocast(bf16) as the trainer's precision = "bf16" uses it: the kernels get one dtype
+    # (projections, attention and the fused loss cast as F.linear / SDPA are; the float32 residual
+    # stream meets a projection's bf16 output in add_rms_norm, promoted), the loss stays near the
+    # float32 one, and the float32 parameters get float32 gradients
+    from exaone_ext import ops
+    from exaone_ext.data import Row, collate
+    from exaone_ext.training import token_nll_sum
+    config = ExaoneConfig(vocab_size=256, hidden_size=128, num_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=64, intermediate_size=192, max_position_embeddings=256)
+    model = ExaoneForCausalLM(config)
+    model.reset_parameters()
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    batch = collate([Row(r.tolist(), r[1:].tolist() + [-100], [17, 23]) for r in tokens])
+    loss32 = token_nll_sum(model, batch)
+    grads32 = torch.autograd.grad(loss32, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = token_nll_sum(model, batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.dtype == torch.float32 and abs(loss.item() - loss32.item()) < 0.01 * abs(loss32.item())
+    for g, g32 in zip(grads, grads32):
+        assert g.dtype == torch.float32
+        assert (g - g32).norm() <= 0.05 * g32.norm() + 1e-6
+    # the ops themselves: as F.linear under autocast
+    x, w = torch.randn(5, 64), torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.linear(x, w).dtype == torch.nn.functional.linear(x, w).dtype == torch.bfloat16
+        assert ops.linear_cat(x, [w, w[:8]]).dtype == torch.bfloat16
+        q = torch.randn(1, 9, 2, 64)
+        assert ops.flash_attn(q, q[:, :, :1], q[:, :, :1]).dtype == torch.bfloat16
+        y, h = ops.add_rms_norm(torch.randn(3, 64).bfloat16(), torch.randn(3, 64), torch.ones(64))
+        assert h.dtype == torch.float32
+    with pytest.raises(TypeError, match="add_rms_norm"):  # outside autocast a mixed pair is still an error
+        ops.add_rms_norm(torch.randn(3, 64).bfloat16(), torch.randn(3, 64), torch.ones(64))

@@ -18,6 +18,19 @@ def has_kernel(device: torch.device | str) -> bool:
     return kind == "cpu" or (kind == "cuda" and _CUDA_BUILT) or kind == "meta"
 
 
+def autocast(*tensors):
+    """Inside torch.autocast for the tensors' device: the floating tensors (not float64) cast to the
+    autocast dtype, as torch's own matmul-like ops are (F.linear, SDPA), so that a model under
+    autocast hands the kernels one dtype; the casts are differentiable (gradients of float32 weights
+    come back in float32). Outside autocast, or for None, unchanged."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or first.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dt = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
 def check_tensor(x, name: str, op: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"exaone_ext.{op}: '{name}' must be a torch.Tensor, got {type(x).__name__}")

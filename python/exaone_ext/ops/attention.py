@@ -17,7 +17,7 @@ import torch
 
 from .. import _C
 from . import reference
-from ._dispatch import check_float, check_int, check_tensor, has_kernel
+from ._dispatch import autocast, check_float, check_int, check_tensor, has_kernel
 
 _ops = torch.ops.exaone_ext
 
@@ -46,6 +46,7 @@ def flash_attn(q, k, v, causal: bool = True, softmax_scale: float | None = None,
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
         check_tensor(x, name, "flash_attn")
     scale = _scale(q, softmax_scale, "flash_attn")
+    q, k, v = autocast(q, k, v)  # under torch.autocast its dtype, as SDPA
     if not has_kernel(q.device):
         return reference.flash_attn(q, k, v, causal, softmax_scale, return_lse)
     out, lse = _ops.flash_attn_fwd(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), bool(causal),
@@ -63,6 +64,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     scale = _scale(q, softmax_scale, "flash_attn_varlen")
     max_seqlen_q = check_int(max_seqlen_q, "max_seqlen_q", "flash_attn_varlen")
     max_seqlen_k = check_int(max_seqlen_k, "max_seqlen_k", "flash_attn_varlen")
+    q, k, v = autocast(q, k, v)
     if not has_kernel(q.device):
         return reference.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            causal, softmax_scale, return_lse)

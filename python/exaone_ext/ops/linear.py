@@ -6,7 +6,7 @@ import math
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel
+from ._dispatch import autocast, check_tensor, has_kernel
 
 _ops = torch.ops.exaone_ext
 
@@ -14,12 +14,14 @@ _ops = torch.ops.exaone_ext
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T -> [..., out], the same as nn.Linear(in, out, bias=False).
 
-    Same dtype (float32, bfloat16, float16; float64 on CPU) and device for both. On CPU, up to 16
+    Same dtype (float32, bfloat16, float16; float64 on CPU) and device for both (under torch.autocast
+    both are cast to its dtype first, as F.linear is). On CPU, up to 16
     rows of x (decode) stream the weight once at memory bandwidth with float32 accumulation; more
     rows (prefill) and CUDA use the library matrix multiply. Differentiable in both inputs.
     """
     check_tensor(x, "x", "linear")
     check_tensor(weight, "weight", "linear")
+    x, weight = autocast(x, weight)
     if not has_kernel(x.device):
         return reference.linear(x, weight)
     return _ops.linear(x, weight)
@@ -36,6 +38,7 @@ def linear_cat(x: torch.Tensor, weights: list[torch.Tensor] | tuple[torch.Tensor
                         f"got {type(weights).__name__}")
     for i, w in enumerate(weights):
         check_tensor(w, f"weights[{i}]", "linear_cat")
+    x, *weights = autocast(x, *weights)
     if not has_kernel(x.device):
         return reference.linear_cat(x, list(weights))
     return _ops.linear_cat(x, list(weights))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel
+from ._dispatch import autocast, check_tensor, has_kernel
 
 _ops = torch.ops.exaone_ext
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -62,6 +62,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          f"{tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"exaone_ext.{op}: 'weight' must be [vocab, hidden_size], got shape {tuple(weight.shape)}")
+    hidden, weight = autocast(hidden, weight)  # under torch.autocast: the logits' matmul in its dtype
     if not has_kernel(hidden.device):
         return reference.linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size)
     h = hidden.reshape(-1, hidden.shape[-1])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel
+from ._dispatch import autocast, check_tensor, has_kernel
 
 _ops = torch.ops.exaone_ext
 
@@ -20,6 +20,7 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     """
     for t, name in ((x, "x"), (qweight, "qweight"), (scales, "scales")):
         check_tensor(t, name, "linear_int8")
+    x, = autocast(x)
     if not has_kernel(x.device):
         return reference.linear_int8(x, qweight, scales)
     return _ops.linear_int8(x, qweight, scales)
@@ -37,6 +38,7 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         check_tensor(t, name, "linear_int4")
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"exaone_ext.linear_int4: 'group_size' must be an int, got {type(group_size).__name__}")
+    x, = autocast(x)
     if not has_kernel(x.device):
         return reference.linear_int4(x, qweight, scales, zeros, group_size)
     return _ops.linear_int4(x, qweight, scales, zeros, group_size)

@@ -46,8 +46,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual (in x's dtype), y = rms_norm(h, weight, eps), in one pass. Returns (y, h).
 
-    x, residual: [..., hidden], same shape and dtype; weight: [hidden]. Differentiable in x,
-    residual and weight; the gradient reaching h is the norm's plus the one of the returned h.
+    x, residual: [..., hidden], same shape and dtype (under torch.autocast, different dtypes are
+    promoted to the wider one); weight: [hidden]. Differentiable in x, residual and weight; the
+    gradient reaching h is the norm's plus the one of the returned h.
     """
     check_tensor(x, "x", "add_rms_norm")
     check_tensor(residual, "residual", "add_rms_norm")
@@ -55,6 +56,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     _check_device(residual, "residual", x, "add_rms_norm")
     _check_device(weight, "weight", x, "add_rms_norm")
     eps = _check_eps(eps, "add_rms_norm")
+    if x.dtype != residual.dtype and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        # under torch.autocast a projection's 16-bit output meets the float32 residual stream: the
+        # sum in the wider dtype, as `residual + x` would be (the stream stays float32)
+        wide = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(wide), residual.to(wide)
     if not has_kernel(x.device):
         return reference.add_rms_norm(x, residual, weight, eps)
     y, h, _ = _ops.add_rms_norm(x, residual, weight, eps)
