@@ -59,6 +59,16 @@ def test_overfit_pretrain(tmp_path, ckpt):
     assert os.path.isfile(os.path.join(final, "tokenizer.json"))
 
 
+def test_overfit_pretrain_bf16_on_cpu(tmp_path, ckpt):
+    # precision = "bf16": torch.autocast on the CPU too (the ops take its dtype as F.linear does)
+    cfg = _recipe(tmp_path, ckpt, _pretrain_data(tmp_path),
+                  {**BASE, "out_dir": "run", "steps": 40, "precision": "bf16"})
+    final = Trainer(load_config(cfg), "pretrain").train()
+    losses = _losses(tmp_path / "run")
+    assert losses[0] > 4.0 and losses[-1] < 0.5, losses
+    assert all(t.dtype == torch.float32 for t in _weights(final).values())  # float32 master weights
+
+
 def test_overfit_sft(tmp_path, ckpt):
     f = tmp_path / "sft.jsonl"
     rows = [{"messages": [{"role": "user", "content": "Capital of Korea?"}, {"role": "assistant", "content": "Seoul."}]},
