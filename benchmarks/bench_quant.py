@@ -18,6 +18,7 @@ import time
 
 import torch
 
+import exaone_ext
 from exaone_ext import _C, ops
 from exaone_ext.ops import reference
 
@@ -41,10 +42,10 @@ def make_weights(fmt: str, k: int, n: int):
     w = torch.randn(n, k) / k**0.5
     if fmt == "bf16":
         t = (w.to(torch.bfloat16),)
-    elif fmt == "int8":
+    elif fmt.startswith("int8"):  # int8, int8-novnni
         q, s = reference.quantize_int8(w)
         t = (q, s.to(torch.bfloat16))
-    else:  # int4, int4-widened
+    else:  # int4, int4-widened, int4-novnni
         q, s, z = reference.quantize_int4(w, 128)
         t = (q, s.to(torch.bfloat16), z)
     return t, sum(a.nbytes for a in t)
@@ -59,7 +60,20 @@ def linear_int4_widened(x, *args):
         _C._set_quant_int_dot(before)
 
 
+def _without_vnni(fn):
+    """fn with the AVX512-VNNI variant of the integer paths turned off (the avx512 code's multiply-adds)."""
+    def run(x, *args):
+        before = _C._set_cpu_avx512vnni(False)
+        try:
+            return fn(x, *args)
+        finally:
+            _C._set_cpu_avx512vnni(before)
+    return run
+
+
 FNS = {"bf16": ops.linear, "int8": ops.linear_int8, "int4": ops.linear_int4, "int4-widened": linear_int4_widened}
+if exaone_ext.build_info()["cpu_avx512vnni_active"]:  # this CPU runs the VNNI variant: also time it off
+    FNS.update({"int8-novnni": _without_vnni(ops.linear_int8), "int4-novnni": _without_vnni(ops.linear_int4)})
 
 
 def time_calls(fn, x, copies, calls: int) -> float:

@@ -11,10 +11,12 @@ set(_avx2_flags -mavx2 -mfma -mf16c -mbmi2)
 check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512vl -mavx512dq" EXAONE_CC_HAS_AVX512)
 check_cxx_compiler_flag("-mavx2 -mfma -mf16c" EXAONE_CC_HAS_AVX2)
 check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16" EXAONE_CC_HAS_AVX512BF16)
+check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni" EXAONE_CC_HAS_AVX512VNNI)
 
 add_library(exaone_cpu_isa INTERFACE)
 file(GLOB _avx512_src CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/*_avx512.cpp")
 file(GLOB _avx512bf16_src CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/*_avx512bf16.cpp")
+file(GLOB _avx512vnni_src CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/*_avx512vnni.cpp")
 file(GLOB _avx2_src CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/*_avx2.cpp")
 
 function(exaone_isa_objects name flags sources define)
@@ -32,6 +34,10 @@ endif()
 # Kernels using AVX512-BF16 instructions on top of AVX-512 (run only when the CPU reports avx512bf16).
 if(EXAONE_CC_HAS_AVX512 AND EXAONE_CC_HAS_AVX512BF16 AND _avx512bf16_src)
   exaone_isa_objects(exaone_cpu_avx512bf16 "${_avx512_flags};-mavx512bf16" "${_avx512bf16_src}" EXAONE_HAVE_AVX512BF16)
+endif()
+# Kernels using AVX512-VNNI integer dot products on top of AVX-512 (run only when the CPU reports avx512vnni).
+if(EXAONE_CC_HAS_AVX512 AND EXAONE_CC_HAS_AVX512VNNI AND _avx512vnni_src)
+  exaone_isa_objects(exaone_cpu_avx512vnni "${_avx512_flags};-mavx512vnni" "${_avx512vnni_src}" EXAONE_HAVE_AVX512VNNI)
 endif()
 if(EXAONE_CC_HAS_AVX2 AND _avx2_src)
   exaone_isa_objects(exaone_cpu_avx2 "${_avx2_flags}" "${_avx2_src}" EXAONE_HAVE_AVX2)

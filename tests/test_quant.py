@@ -56,6 +56,17 @@ def test_int4_matches_reference(m, k, n, group, dtype, device, cpu_isa):
 
 INT_DOT_ISAS = [i for i in ("avx512", "avx2") if i in exaone_ext.build_info()["cpu_isa_compiled"]
                 and i in CPU_ISAS]
+# the integer paths' AVX512-VNNI variant (vpdpbusd / vpdpwssd), where the build and the CPU have it;
+# "avx512" then runs without it
+if "avx512" in INT_DOT_ISAS and "avx512vnni" in exaone_ext.build_info()["cpu_extra_kernels"] \
+        and "avx512vnni" in exaone_ext.build_info()["cpu_features"]:
+    INT_DOT_ISAS = ["avx512vnni"] + INT_DOT_ISAS
+
+
+def _use_isa(isa):
+    """Select a variant of INT_DOT_ISAS (or "auto"); returns the VNNI switch's previous setting."""
+    exaone_ext.set_cpu_isa("avx512" if isa == "avx512vnni" else isa)
+    return _C._set_cpu_avx512vnni(isa in ("avx512vnni", "auto"))
 
 
 @pytest.fixture(params=[True, False], ids=["int-dot", "widened"])
@@ -74,7 +85,7 @@ def int_dot(request):
 def test_int4_both_cpu_paths(isa, group, groups, m, dtype, int_dot):
     """Every unpacking order of the integer path (steps of 128, a 64, a trailing 32), blocks of 8, 4
     and 1 features (n = 13), 1 to 16 rows, scales in x's dtype and in float32."""
-    exaone_ext.set_cpu_isa(isa)
+    _use_isa(isa)
     try:
         k, n = group * groups, 13
         q, s, z = _int4(n, k, "cpu", group, dtype if groups == 2 else torch.float32)
@@ -83,7 +94,7 @@ def test_int4_both_cpu_paths(isa, group, groups, m, dtype, int_dot):
         _check(out, x, reference.dequantize_int4(q, s.double(), z, group, torch.float64),
                reference.linear_int4(x, q, s, z, group))
     finally:
-        exaone_ext.set_cpu_isa("auto")
+        _use_isa("auto")
 
 
 @pytest.mark.parametrize("outlier", [100.0, 1000.0])
@@ -128,7 +139,7 @@ def test_int8_both_cpu_paths(isa, k, m, dtype, int_dot):
     + 48, 16 alone), k not a multiple of 16 (264 = 16 x 16 + 8: the float path), blocks of 8, 4 and 1
     features (n = 13), tiles of 1, 2 and 4 rows (16 rows: the float path on both), contiguous and
     padded weight rows."""
-    exaone_ext.set_cpu_isa(isa)
+    _use_isa(isa)
     try:
         q, s = _int8(13, k, "cpu", dtype if m == 3 else torch.float32)
         x = torch.randn(m, k).to(dtype)
@@ -138,7 +149,7 @@ def test_int8_both_cpu_paths(isa, k, m, dtype, int_dot):
         qpad[:, :k] = q
         _check(ops.linear_int8(x, qpad[:, :k], s), x, w64, reference.linear_int8(x, q, s))
     finally:
-        exaone_ext.set_cpu_isa("auto")
+        _use_isa("auto")
 
 
 @pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")

@@ -130,6 +130,24 @@ bool avx512bf16_allowed() {
 
 bool set_avx512bf16(bool enabled) { return avx512bf16_slot().exchange(enabled); }
 
+namespace {
+std::atomic<bool>& avx512vnni_slot() {
+  static std::atomic<bool> slot{true};
+  return slot;
+}
+}  // namespace
+
+bool avx512vnni_active() {
+#if defined(EXAONE_HAVE_AVX512VNNI)
+  static const bool has = cpu_has("avx512vnni") && best_isa() == Isa::kAvx512;
+  return has && active_isa() == Isa::kAvx512 && avx512vnni_slot().load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+bool set_avx512vnni(bool enabled) { return avx512vnni_slot().exchange(enabled); }
+
 std::vector<std::string> cpu_features() {
   std::vector<std::string> out;
   for (const char* f : {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512bf16",

@@ -26,6 +26,11 @@ bool set_avx512bf16(bool enabled);  // returns the previous setting
 // The same switch for the kernels that carry the avx512bf16 target attribute themselves (attention's
 // bf16 tile products, the bf16 decode kernel): the CPU reports avx512bf16 and the switch is on.
 bool avx512bf16_allowed();
+// The integer paths of the quantized linear also have a variant compiled with AVX512-VNNI
+// (csrc/cpu/quant_linear_avx512vnni.cpp), run in place of avx512 when that is active, the build has it
+// and the CPU reports avx512vnni, unless turned off with set_avx512vnni(false) (tests, comparisons).
+bool avx512vnni_active();
+bool set_avx512vnni(bool enabled);  // returns the previous setting
 
 }  // namespace exaone_ext::cpu
 

@@ -59,6 +59,9 @@ inline constexpr int64_t kX8IntMaxRows = 4;
 
 // y's columns [n_begin, n_end), for all m rows (m up to any size; meant for up to ~16).
 EXAONE_DECLARE_ISA_KERNEL(void, quant_linear_rows, (const exaone_ext::QuantLinearArgs& a, int64_t n_begin, int64_t n_end))
+namespace exaone_ext::cpu::avx512vnni {  // cpu/isa.h: avx512vnni_active()
+void quant_linear_rows(const exaone_ext::QuantLinearArgs& a, int64_t n_begin, int64_t n_end);
+}
 // Fills xq, xs and xsum (shapes as in QuantLinearArgs) from a.x for every row; returns false, with
 // nothing to use, where this variant has no integer path (portable code) or where x is not
 // representable that way (a non-finite value, or a group whose largest magnitude is below 1e-30),

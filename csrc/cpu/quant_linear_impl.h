@@ -280,6 +280,45 @@ bool prepare_x8_impl(const QuantLinearArgs& a, int16_t* xw, float* xs) {
 // the group's hi parts, its lo parts G further, in kernel order): s[j] gets 8 partial sums of
 // q * (128 * hi + lo). The nibbles are unpacked once for all MT rows; x is read through memory
 // operands from L1. Inlined and unrolled so that the sums stay in registers.
+#if defined(__AVX512VNNI__)
+// The AVX512-VNNI variant: vpdpbusd sums four nibble x byte products straight into 32 bits, so the
+// high and low halves of x each keep one 32-bit sum per row over the group (no 16-bit stage, no
+// widening multiply-adds), combined as 128 * high + low at the end. Same nibble / x order.
+template <int MT, int kG>
+__attribute__((always_inline)) inline void dots4i(const uint8_t* q, const int8_t* const* xq, int64_t group, __m256i* s) {
+  const int64_t G = kG ? kG : group;
+  const __m256i nib = _mm256_set1_epi8(15);
+  auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  __m256i sh[MT], sl[MT];
+#pragma GCC unroll 16
+  for (int j = 0; j < MT; ++j) sh[j] = sl[j] = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 64 <= G; i += 64) {  // 32 bytes: low nibbles against x[i..i+31], high ones x[i+32..i+63]
+    const __m256i b = ld(q + i / 2);
+    const __m256i w0 = _mm256_and_si256(b, nib), w1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+#pragma GCC unroll 16
+    for (int j = 0; j < MT; ++j) {
+      const int8_t* xh = xq[j] + i;
+      const int8_t* xl = xh + G;
+      sh[j] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(sh[j], w0, ld(xh)), w1, ld(xh + 32));
+      sl[j] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(sl[j], w0, ld(xl)), w1, ld(xl + 32));
+    }
+  }
+  if (i < G) {  // 32 left: one 16-byte load
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i / 2));
+    const __m128i n16 = _mm_set1_epi8(15);
+    const __m256i w0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), n16), _mm_and_si128(b, n16));
+#pragma GCC unroll 16
+    for (int j = 0; j < MT; ++j) {
+      const int8_t* xh = xq[j] + i;
+      sh[j] = _mm256_dpbusd_epi32(sh[j], w0, ld(xh));
+      sl[j] = _mm256_dpbusd_epi32(sl[j], w0, ld(xh + G));
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < MT; ++j) s[j] = _mm256_add_epi32(_mm256_slli_epi32(sh[j], 7), sl[j]);
+}
+#else
 template <int MT, int kG>
 __attribute__((always_inline)) inline void dots4i(const uint8_t* q, const int8_t* const* xq, int64_t group, __m256i* s) {
   const int64_t G = kG ? kG : group;
@@ -331,6 +370,7 @@ __attribute__((always_inline)) inline void dots4i(const uint8_t* q, const int8_t
     i += full ? 64 : 32;
   }
 }
+#endif  // __AVX512VNNI__
 
 // Four consecutive scales as float32.
 inline __m128 load4_scales(const float* p) { return _mm_loadu_ps(p); }
@@ -527,7 +567,11 @@ void block8i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
           const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c)));
 #pragma GCC unroll 16
           for (int j = 0; j < MT; ++j)
+#if defined(__AVX512VNNI__)
+            sum[j] = _mm256_dpwssd_epi32(sum[j], w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xw[j] + c)));
+#else
             sum[j] = _mm256_add_epi32(sum[j], _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xw[j] + c))));
+#endif
         }
 #pragma GCC unroll 16
         for (int j = 0; j < MT; ++j) acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[j]), sx[j], acc[r][j]);

@@ -22,6 +22,9 @@
 #if defined(__AVX512BF16__)
 // csrc/cpu/*_avx512bf16.cpp: the AVX-512 code with float -> bf16 conversion by vcvtneps2bf16
 #define EXAONE_ISA avx512bf16
+#elif defined(__AVX512VNNI__)
+// csrc/cpu/*_avx512vnni.cpp: the AVX-512 code with integer dot products by vpdpbusd / vpdpwssd
+#define EXAONE_ISA avx512vnni
 #else
 #define EXAONE_ISA avx512
 #endif

@@ -115,8 +115,12 @@ py::dict build_info() {
 #if defined(EXAONE_HAVE_AVX512BF16)
   extra.append("avx512bf16");
 #endif
+#if defined(EXAONE_HAVE_AVX512VNNI)
+  extra.append("avx512vnni");
+#endif
   d["cpu_extra_kernels"] = extra;
   d["cpu_avx512bf16_active"] = exaone_ext::cpu::avx512bf16_active();
+  d["cpu_avx512vnni_active"] = exaone_ext::cpu::avx512vnni_active();  // the quantized linear's integer paths
   d["cpu_attention_decode"] = exaone_ext::attn_decode_kernels();
   // the engine of bfloat16 flash attention's tile products (forward and backward): oneDNN brgemm
   // (AMX) or the kernels' own vdpbf16ps (both take P and dS rounded to bfloat16), or float32 tiles
@@ -167,6 +171,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_quant_int_dot", &exaone_ext::set_quant_int_dot, py::arg("enabled"),
         "Allow (True) or forbid linear_int4 on CPU to multiply 16-bit x as integers with the weight's nibbles "
         "(integer multiply-adds); returns the previous setting.");
+  m.def("_set_cpu_avx512vnni", &exaone_ext::cpu::set_avx512vnni, py::arg("enabled"),
+        "Allow (True) or forbid the AVX512-VNNI variant of the quantized linear's integer paths in place of avx512; "
+        "returns the previous setting.");
   m.def("_set_attn_brgemm", &exaone_ext::set_attn_brgemm, py::arg("mode"),
         "CPU bfloat16 attention's tile products through oneDNN's brgemm: -1 where the CPU has AMX-BF16 (the "
         "default), 0 never, 1 wherever brgemm works (AVX-512); returns the previous mode.");

@@ -177,12 +177,20 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, QuantLinearArgs base, const std
   }
   std::atomic<int64_t> next{0};
   const int64_t n_chunks = int64_t(chunks.size());
+  const bool vnni = cpu::avx512vnni_active();  // the integer paths on vpdpbusd / vpdpwssd
   at::parallel_for(0, std::min(threads, n_chunks), 1, [&](int64_t, int64_t) {
     for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n_chunks;
          c = next.fetch_add(1, std::memory_order_relaxed)) {
+#if defined(EXAONE_HAVE_AVX512VNNI)
+      if (vnni) {
+        cpu::avx512vnni::quant_linear_rows(a, chunks[c].first, chunks[c].second);
+        continue;
+      }
+#endif
       EXAONE_CPU_DISPATCH(quant_linear_rows, a, chunks[c].first, chunks[c].second);
     }
   });
+  (void)vnni;
   return y.view(out_shape);
 }
 
