@@ -108,45 +108,47 @@ bool cpu_has(const char* feature) {
 }
 
 namespace {
-std::atomic<bool>& avx512bf16_slot() {
-  static std::atomic<bool> slot{true};
-  return slot;
+// Switches of the variants compiled on top of avx512 with one more extension (tests turn them off).
+std::atomic<bool> g_avx512bf16{true};
+std::atomic<bool> g_avx512vnni{true};
+
+// Such a variant runs when the build has it, the CPU reports the feature (and avx512 is its best
+// variant), avx512 is active and the switch is on.
+bool extension_active(bool built, bool cpu, const std::atomic<bool>& on) {
+  return built && cpu && best_isa() == Isa::kAvx512 && active_isa() == Isa::kAvx512 &&
+         on.load(std::memory_order_relaxed);
 }
+
+#if defined(EXAONE_HAVE_AVX512BF16)
+constexpr bool kBuiltBf16 = true;
+#else
+constexpr bool kBuiltBf16 = false;
+#endif
+#if defined(EXAONE_HAVE_AVX512VNNI)
+constexpr bool kBuiltVnni = true;
+#else
+constexpr bool kBuiltVnni = false;
+#endif
 }  // namespace
 
 bool avx512bf16_active() {
-#if defined(EXAONE_HAVE_AVX512BF16)
-  static const bool has = cpu_has("avx512bf16") && best_isa() == Isa::kAvx512;
-  return has && active_isa() == Isa::kAvx512 && avx512bf16_slot().load(std::memory_order_relaxed);
-#else
-  return false;
-#endif
+  static const bool cpu = cpu_has("avx512bf16");
+  return extension_active(kBuiltBf16, cpu, g_avx512bf16);
 }
 
 bool avx512bf16_allowed() {
-  static const bool has = cpu_has("avx512bf16");
-  return has && avx512bf16_slot().load(std::memory_order_relaxed);
+  static const bool cpu = cpu_has("avx512bf16");
+  return cpu && g_avx512bf16.load(std::memory_order_relaxed);
 }
 
-bool set_avx512bf16(bool enabled) { return avx512bf16_slot().exchange(enabled); }
-
-namespace {
-std::atomic<bool>& avx512vnni_slot() {
-  static std::atomic<bool> slot{true};
-  return slot;
-}
-}  // namespace
+bool set_avx512bf16(bool enabled) { return g_avx512bf16.exchange(enabled); }
 
 bool avx512vnni_active() {
-#if defined(EXAONE_HAVE_AVX512VNNI)
-  static const bool has = cpu_has("avx512vnni") && best_isa() == Isa::kAvx512;
-  return has && active_isa() == Isa::kAvx512 && avx512vnni_slot().load(std::memory_order_relaxed);
-#else
-  return false;
-#endif
+  static const bool cpu = cpu_has("avx512vnni");
+  return extension_active(kBuiltVnni, cpu, g_avx512vnni);
 }
 
-bool set_avx512vnni(bool enabled) { return avx512vnni_slot().exchange(enabled); }
+bool set_avx512vnni(bool enabled) { return g_avx512vnni.exchange(enabled); }
 
 std::vector<std::string> cpu_features() {
   std::vector<std::string> out;
