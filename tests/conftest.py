@@ -187,6 +187,16 @@ def causal_mask(sq: int, sk: int, causal: bool, batch: int = 1) -> torch.Tensor:
     return allowed.expand(batch, sq, sk)
 
 
+def varlen_mask(cu_q, cu_k, causal: bool, total_q: int, total_k: int) -> torch.Tensor:
+    """allowed[1, total_q, total_k] of packed sequences: each query sees its own sequence's keys
+    (bottom-right causal within it); rows outside every sequence see none."""
+    allowed = torch.zeros(total_q, total_k, dtype=torch.bool)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        allowed[cq[i]:cq[i + 1], ck[i]:ck[i + 1]] = causal_mask(cq[i + 1] - cq[i], ck[i + 1] - ck[i], causal)[0]
+    return allowed[None]
+
+
 def attention_products_rounded(device, dtype: torch.dtype) -> bool:
     """Whether flash attention on `device` takes P and dS rounded to `dtype` into its tile products now:
     16-bit dtypes on CUDA; bfloat16 on CPUs where bf16 products are active (AVX512-BF16, or oneDNN's

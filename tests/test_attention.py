@@ -7,7 +7,7 @@ import exaone_ext
 from exaone_ext import ops
 from exaone_ext.ops import reference
 from conftest import (CUDA, DEVICES, DTYPES, assert_error_within, attention_products_rounded, attention_rounding_bounds,
-                      causal_mask)
+                      causal_mask, varlen_mask)
 
 _ops = torch.ops.exaone_ext
 
@@ -158,16 +158,6 @@ def _packed(lens_q, lens_k, hq, hk, d, dtype, device="cpu", lead=0):
     return q, k, v, cu_q, cu_k
 
 
-def _varlen_mask(cu_q, cu_k, causal, total_q, total_k):
-    """allowed[1, total_q, total_k] of packed sequences: each query sees its own sequence's keys
-    (bottom-right causal within it); rows outside every sequence see none."""
-    allowed = torch.zeros(total_q, total_k, dtype=torch.bool)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    for i in range(len(cq) - 1):
-        allowed[cq[i]:cq[i + 1], ck[i]:ck[i + 1]] = causal_mask(cq[i + 1] - cq[i], ck[i + 1] - ck[i], causal)[0]
-    return allowed[None]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_matches_reference(dtype, causal, device):
@@ -188,7 +178,7 @@ def test_varlen_matches_reference(dtype, causal, device):
     ref_lp, lse_lp = reference.flash_attn_varlen(*llp, cu_q, cu_k, mq, mk, causal=causal, return_lse=True)
     dout = torch.randn_like(out)
     extra = {n: t[0] for n, t in attention_rounding_bounds(
-        q[None], k[None], v[None], dout[None], out[None], q.shape[-1] ** -0.5, _varlen_mask(cu_q, cu_k, causal, q.shape[0], k.shape[0]),
+        q[None], k[None], v[None], dout[None], out[None], q.shape[-1] ** -0.5, varlen_mask(cu_q, cu_k, causal, q.shape[0], k.shape[0]),
         dtype, products_rounded=attention_products_rounded(device, dtype)).items()}
     assert_error_within(out, ref64, ref_lp, "out", k=mk, extra=extra["out"])
     _assert_lse(lse, lse64, lse_lp, k=mk)

@@ -652,12 +652,9 @@ def check_flash_attn_varlen(ex):
                      lambda q, k, v: reference.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal,
                                                                  return_lse=True),
                      [q, k, v], diff=(0, 1, 2), n_grad_outputs=1)
-    allowed = torch.zeros(total_q, total_k, dtype=torch.bool)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    from conftest import causal_mask
-    for i in range(n):
-        allowed[cq[i]:cq[i + 1], ck[i]:ck[i + 1]] = causal_mask(cq[i + 1] - cq[i], ck[i + 1] - ck[i], causal)[0]
-    compare("flash_attn_varlen", res, attn_extra(res, q[None], k[None], v[None], None, allowed[None]))
+    from conftest import varlen_mask
+    compare("flash_attn_varlen", res,
+            attn_extra(res, q[None], k[None], v[None], None, varlen_mask(cu_q, cu_k, causal, total_q, total_k)))
 
 
 def check_flash_attn_with_kvcache(ex):

@@ -424,6 +424,25 @@ inline void pairs_to_rows(uint32_t* R, int64_t ldr, const uint32_t* pairs, int64
   }
 }
 
+// C[M][N] (+)= A . B on bf16: A row-major (lda elements), B in pairs along K ([K / 2][ldb][2]), K even;
+// the outside engine of p where it has one (AttnParams::bf16_gemm), else vdpbf16ps.
+inline void product_bf16(const AttnParams& p, float* C, int64_t ldc, const uint16_t* A, int64_t lda,
+                         const uint16_t* B, int64_t ldb, int64_t M, int64_t N, int64_t K, bool add) {
+  if (p.bf16_gemm) p.bf16_gemm(M, N, K, lda, ldb, ldc, add, A, B, C);
+  else gemm_bf16(C, ldc, A, lda / 2, 1, B, 2 * ldb, M, N, K / 2, add);
+}
+
+// As product_bf16 with A = P (or dS) given as np pairs along K per row ([np][Mp], from
+// pack_prob_pairs): vdpbf16ps reads them as they are; an outside engine gets them as rows [M][2 np],
+// transposed into `rows` (a free tile of at least Mp * np pairs).
+inline void product_pairs_bf16(const AttnParams& p, float* C, int64_t ldc, const uint16_t* pairs, int64_t Mp,
+                               uint32_t* rows, const uint16_t* B, int64_t ldb, int64_t M, int64_t N, int64_t np,
+                               bool add) {
+  if (!p.bf16_gemm) return gemm_bf16(C, ldc, pairs, 1, Mp, B, 2 * ldb, M, N, np, add);
+  pairs_to_rows(rows, np, reinterpret_cast<const uint32_t*>(pairs), Mp, M, np);
+  p.bf16_gemm(M, N, 2 * np, 2 * np, ldb, ldc, add, reinterpret_cast<const uint16_t*>(rows), B, C);
+}
+
 constexpr int64_t kPrefetchRows = 8;
 
 // Narrow-block scores on bf16 (decode): S^T[j][r] = dot(q[r], K[j]) with vdpbf16ps along head_dim,
@@ -592,12 +611,8 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
         pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
       } else if (dot16) {
         // S^T = K . Q^T on bf16 pairs (K rows read in place), then the scale in float
-        const uint16_t* kt = reinterpret_cast<const uint16_t*>(kbase + kb * p.k_row_stride);
-        if (p.bf16_gemm)
-          p.bf16_gemm(nk, Mp, d, p.k_row_stride, Mp, Mp, false, kt, reinterpret_cast<const uint16_t*>(Qp), St);
-        else
-          gemm_bf16(St, Mp, kt, p.k_row_stride / 2, 1, reinterpret_cast<const uint16_t*>(Qp), 2 * Mp, nk, Mp, d / 2,
-                    false);
+        product_bf16(p, St, Mp, reinterpret_cast<const uint16_t*>(kbase + kb * p.k_row_stride), p.k_row_stride,
+                     reinterpret_cast<const uint16_t*>(Qp), Mp, nk, Mp, d, false);
         scale_row(St, nk * Mp, scale);
         pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
       }
@@ -638,15 +653,8 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
         gemm(O, d, St, 1, Mp, vbase + kb * p.v_row_stride, p.v_row_stride, M, d, nk, true);
       } else if (dot16) {
 #if defined(EXAONE_VEC_AVX512)
-        pack_prob_pairs(Pp, St, Mp, nk);
-        const int64_t np = (nk + 1) / 2;
-        if (p.bf16_gemm) {  // P as rows [M][2 np] (in the scores' tile, free now)
-          uint32_t* Pr = reinterpret_cast<uint32_t*>(St);
-          pairs_to_rows(Pr, np, reinterpret_cast<const uint32_t*>(Pp), Mp, M, np);
-          p.bf16_gemm(M, d, 2 * np, 2 * np, d, d, true, reinterpret_cast<const uint16_t*>(Pr), Vp, O);
-        } else {
-          gemm_bf16(O, d, Pp, 1, Mp, Vp, 2 * d, M, d, np, true);
-        }
+        pack_prob_pairs(Pp, St, Mp, nk);  // (an outside engine's rows of P go to the scores' tile, free now)
+        product_pairs_bf16(p, O, d, Pp, Mp, reinterpret_cast<uint32_t*>(St), Vp, d, M, d, (nk + 1) / 2, true);
 #endif
       } else {
         gemm(O, d, St, 1, Mp, vt, vld, M, d, nk, true);
@@ -815,22 +823,14 @@ void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b
         const T* kt = kbase + kb * p.k_row_stride;
         const T* vt = vbase + kb * p.v_row_stride;
         pack_vnni(Kv, reinterpret_cast<const bf16*>(kt), p.k_row_stride, nk, d);
-        const uint16_t* kt16 = reinterpret_cast<const uint16_t*>(kt);
-        const uint16_t* vt16 = reinterpret_cast<const uint16_t*>(vt);
         // S^T exactly as the forward computes it, then P^T = exp(S^T - lse)
-        if (p.bf16_gemm)
-          p.bf16_gemm(nk, Mp, d, p.k_row_stride, Mp, Mp, false, kt16, reinterpret_cast<const uint16_t*>(Qp), St);
-        else
-          gemm_bf16(St, Mp, kt16, p.k_row_stride / 2, 1, reinterpret_cast<const uint16_t*>(Qp), 2 * Mp, nk, Mp, d / 2,
-                    false);
+        product_bf16(p, St, Mp, reinterpret_cast<const uint16_t*>(kt), p.k_row_stride,
+                     reinterpret_cast<const uint16_t*>(Qp), Mp, nk, Mp, d, false);
         scale_row(St, nk * Mp, scale);
         exp_cols(St, nk, Mp, A(1), lse_c, static_cast<A*>(nullptr));
         if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(0));
-        if (p.bf16_gemm)
-          p.bf16_gemm(nk, Mp, d, p.v_row_stride, Mp, Mp, false, vt16, reinterpret_cast<const uint16_t*>(dOp), dPt);
-        else
-          gemm_bf16(dPt, Mp, vt16, p.v_row_stride / 2, 1, reinterpret_cast<const uint16_t*>(dOp), 2 * Mp, nk, Mp,
-                    d / 2, false);
+        product_bf16(p, dPt, Mp, reinterpret_cast<const uint16_t*>(vt), p.v_row_stride,
+                     reinterpret_cast<const uint16_t*>(dOp), Mp, nk, Mp, d, false);
         grad_scores(dPt, St, nk, Mp, D_c);
         for (int64_t x = 0; x < nk * Mp; x += W) {
           Vec::load(St + x).store(reinterpret_cast<bf16*>(Pb) + x);
@@ -838,18 +838,10 @@ void bwd_rows(const AttnBwdParams& bp, void* dk_acc_v, void* dv_acc_v, int64_t b
         }
         pack_prob_pairs(dSp, dPt, Mp, nk);
         const int64_t mpairs = (M + 1) / 2;  // an odd M pairs with a zero row of the packed Q / dO
-        const int64_t np = (nk + 1) / 2;
-        if (p.bf16_gemm) {
-          p.bf16_gemm(nk, d, 2 * mpairs, Mp, d, d, false, Pb, dOv, dVt);   // P^T . dO
-          p.bf16_gemm(nk, d, 2 * mpairs, Mp, d, d, false, dSb, Qv, dKt);  // dS^T . Q
-          uint32_t* dSr = reinterpret_cast<uint32_t*>(Pb);  // dS as rows [M][2 np] (P's tile is free now)
-          pairs_to_rows(dSr, np, reinterpret_cast<const uint32_t*>(dSp), Mp, M, np);
-          p.bf16_gemm(M, d, 2 * np, 2 * np, d, d, false, reinterpret_cast<const uint16_t*>(dSr), Kv, dQt);  // dS . K
-        } else {
-          gemm_bf16(dVt, d, Pb, Mp / 2, 1, dOv, 2 * d, nk, d, mpairs, false);  // P^T . dO
-          gemm_bf16(dKt, d, dSb, Mp / 2, 1, Qv, 2 * d, nk, d, mpairs, false);  // dS^T . Q
-          gemm_bf16(dQt, d, dSp, 1, Mp, Kv, 2 * d, M, d, np, false);  // dS . K
-        }
+        product_bf16(p, dVt, d, Pb, Mp, dOv, d, nk, d, 2 * mpairs, false);   // P^T . dO
+        product_bf16(p, dKt, d, dSb, Mp, Qv, d, nk, d, 2 * mpairs, false);  // dS^T . Q
+        // dS . K (an outside engine's rows of dS go to P's tile, free now)
+        product_pairs_bf16(p, dQt, d, dSp, Mp, reinterpret_cast<uint32_t*>(Pb), Kv, d, M, d, (nk + 1) / 2, false);
         for (int64_t j = 0; j < nk; ++j) {
           add_row(dv_acc + (kb + j) * d, dVt + j * d, d, A(1));
           add_row(dk_acc + (kb + j) * d, dKt + j * d, d, A(1));

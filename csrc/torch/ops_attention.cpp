@@ -76,11 +76,15 @@ bool brgemm_works() {
 // -1: the default (on where the CPU has AMX-BF16), 0: off, 1: on wherever brgemm works.
 std::atomic<int> g_brgemm{-1};
 
+bool cpu_amx_bf16() {
+  static const bool amx = cpu::cpu_has("amx_bf16") && cpu::cpu_has("amx_tile");
+  return amx;
+}
+
 bool brgemm_on() {
   const int mode = g_brgemm.load(std::memory_order_relaxed);
   if (mode == 0 || cpu::active_isa() != cpu::Isa::kAvx512 || !cpu::avx512bf16_allowed()) return false;
-  static const bool amx = cpu::cpu_has("amx_bf16") && cpu::cpu_has("amx_tile");
-  if (mode < 0 && !amx) return false;
+  if (mode < 0 && !cpu_amx_bf16()) return false;
   return at::globalContext().userEnabledMkldnn() && brgemm_works();
 }
 
@@ -421,7 +425,7 @@ int set_attn_brgemm(int mode) { return g_brgemm.exchange(mode < 0 ? -1 : mode > 
 
 std::string attn_bf16_products() {
   if (brgemm_on())
-    return cpu::cpu_has("amx_bf16") ? "oneDNN brgemm (AMX)" : "oneDNN brgemm (AVX-512)";
+    return cpu_amx_bf16() ? "oneDNN brgemm (AMX)" : "oneDNN brgemm (AVX-512)";
 #if defined(EXAONE_HAVE_AVX512)
   if (cpu::active_isa() == cpu::Isa::kAvx512 && cpu::avx512bf16_allowed()) return "avx512bf16";
 #endif
