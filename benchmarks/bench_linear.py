@@ -7,7 +7,9 @@ second and their fraction of the read bandwidth measured in the same run.
 
 On the CPU a third implementation, "widen", is exaone_ext with the AVX2 pair-order tiles for several
 rows of bf16 turned off (every weight widened one by one, the kernel they replaced): the speed-up
-over it is what those tiles bring (none at one row, or where the CPU variant is not AVX2).
+over it is what those tiles bring (none at one row, or where the CPU variant is not AVX2). A fourth,
+"no-brgemm", is exaone_ext with oneDNN's brgemm off for 16-64 rows (the streaming kernel at 16,
+at::matmul above): the speed-up over it is what brgemm brings where it runs (AVX512-BF16 or AMX).
 """
 import pytest
 import torch
@@ -18,7 +20,7 @@ from exaone_ext import _C, ops
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (name, in_features, out_features) of the 2.4B model: MLP gate/up, MLP down, LM head
 SHAPES = [("c_fc", 2560, 7168), ("c_proj", 7168, 2560), ("lm_head", 2560, 102400)]
-ROWS = [1, 4, 8, 16]  # decode batch: tokens per step
+ROWS = [1, 4, 8, 16, 32]  # decode batch: tokens per step
 
 
 def linear_widen(x, w):
@@ -30,9 +32,19 @@ def linear_widen(x, w):
         _C._set_linear_bf16_pairs(before)
 
 
+def linear_no_brgemm(x, w):
+    """ops.linear with oneDNN's brgemm off."""
+    before = _C._set_linear_brgemm(0)
+    try:
+        return ops.linear(x, w)
+    finally:
+        _C._set_linear_brgemm(before)
+
+
 IMPLS = {"exaone_ext": ops.linear, "torch": F.linear}
 if DEVICE == "cpu":
     IMPLS["widen"] = linear_widen
+    IMPLS["no-brgemm"] = linear_no_brgemm
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

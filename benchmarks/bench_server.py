@@ -16,7 +16,8 @@ measured over a window of --seconds that opens when the last client has sent its
 (from then on N requests are always in flight: a client sends its next request as soon as one
 ends, until the window closes) and closes --seconds later. Reported: the generated tokens that
 reached the clients inside the window per second (every SSE chunk is timestamped on arrival;
-each request's chunks are checked against its usage count), requests completed, and the median /
+each request's chunks are checked against its usage count; a generated special id has no
+text), requests completed, and the median /
 90th-percentile time to first token (request sent -> first token received) of the requests sent
 inside the window. Targets: tokens/s at 8 clients >= 4x that at 1; median TTFT at 8 <= 2x that
 at 1.
@@ -123,8 +124,11 @@ async def one_request(http, prompt, max_tokens) -> tuple[float, float, list[tupl
                 arrivals.append((now, len(chunk["choices"][0]["text"].split())))  # word-level: a word a token
             if chunk.get("usage"):
                 usage = chunk["usage"]["completion_tokens"]
-    if usage != sum(n for _, n in arrivals):
-        raise RuntimeError(f"the chunks held {sum(n for _, n in arrivals)} tokens, the usage says {usage}")
+    # A generated special id (0-3: the random model draws one about once in 25600 tokens) is
+    # skipped by the text stream, so a request may show a word or two fewer than its usage; never more.
+    words = sum(n for _, n in arrivals)
+    if usage is None or not 0 <= usage - words <= 2:
+        raise RuntimeError(f"the chunks held {words} tokens, the usage says {usage}")
     return start, ttft, arrivals
 
 

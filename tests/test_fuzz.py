@@ -91,7 +91,8 @@ def _child(log_path: str, ops: list[str]) -> None:
 
     import exaone_ext  # noqa: F401
     from conftest import ATTN_BRGEMM, CPU_VARIANTS
-    # "brgemm": avx512 with AVX512-BF16 and attention's bf16 tile products through oneDNN's brgemm
+    # "brgemm": avx512 with AVX512-BF16, attention's bf16 tile products and bf16 linear's 16-64 rows
+    # through oneDNN's brgemm (the other variants have both off)
     variants = CPU_VARIANTS + (["brgemm"] if ATTN_BRGEMM else [])
 
     log = open(log_path, "a", buffering=1)
@@ -167,6 +168,7 @@ class Example:
             bf16 = self.isa in ("avx512bf16", "brgemm")
             before_isa, before_bf16 = exaone_ext.get_cpu_isa(), _C._set_cpu_avx512bf16(bf16)
             before_brgemm = _C._set_attn_brgemm(1 if self.isa == "brgemm" else 0)
+            before_linear = _C._set_linear_brgemm(1 if self.isa == "brgemm" else 0)
             exaone_ext.set_cpu_isa("avx512" if bf16 else self.isa)
             try:
                 yield
@@ -174,6 +176,7 @@ class Example:
                 exaone_ext.set_cpu_isa(before_isa)
                 _C._set_cpu_avx512bf16(before_bf16)
                 _C._set_attn_brgemm(before_brgemm)
+                _C._set_linear_brgemm(before_linear)
         return ctx()
 
     # ---- tensors ----

@@ -16,11 +16,27 @@ from conftest import CPU_ISAS, CUDA, DEVICES, DTYPES, assert_error_within
 # kernel is a variant of its own for bfloat16 ("avx512bf16": avx512 with the dot kernel on; "avx512"
 # then runs bfloat16 through convert + FMA). On AVX2, several rows against bfloat16 weights take tiles
 # that split the weights into even / odd elements against x in pair order; "avx2-widen" is avx2 with
-# those off (every weight widened one by one, as for one row).
+# those off (every weight widened one by one, as for one row). "brgemm": bfloat16 with 16-64 rows
+# through oneDNN's brgemm (the weight rows read in place as its A; AMX tiles where the CPU has them),
+# the default wherever brgemm works; the other variants run with it off, so that their own kernels
+# (and at::matmul) are what they test.
 HAS_BF16_DOT = ("avx512bf16" in exaone_ext.build_info()["cpu_extra_kernels"]
                 and "avx512bf16" in exaone_ext.build_info()["cpu_features"])
-LINEAR_VARIANTS = (["avx512bf16"] if HAS_BF16_DOT else []) + CPU_ISAS + (["avx2-widen"] if "avx2" in CPU_ISAS else [])
-BF16_ONLY_VARIANTS = ("avx512bf16", "avx2-widen")
+
+
+def _linear_brgemm_available() -> bool:
+    before = _C._set_linear_brgemm(1)
+    try:
+        return exaone_ext.build_info()["cpu_linear_bf16_rows"].startswith("oneDNN brgemm")
+    finally:
+        _C._set_linear_brgemm(before)
+
+
+HAS_BRGEMM = _linear_brgemm_available()
+LINEAR_VARIANTS = ((["avx512bf16"] if HAS_BF16_DOT else []) + (["brgemm"] if HAS_BRGEMM else []) + CPU_ISAS
+                   + (["avx2-widen"] if "avx2" in CPU_ISAS else []))
+BF16_ONLY_VARIANTS = ("avx512bf16", "avx2-widen", "brgemm")
+BRGEMM_ROWS = (16, 64)  # the rows that take brgemm where it is on
 # (variant, dtype): the dot and widen variants only for bfloat16, where they differ from their ISA's
 VARIANT_DTYPES = [(v, d) for v in LINEAR_VARIANTS for d in DTYPES if v not in BF16_ONLY_VARIANTS or d == torch.bfloat16]
 _FEATURES = set(exaone_ext.build_info()["cpu_features"])
@@ -35,24 +51,31 @@ def stream_max_rows(variant: str, dtype: torch.dtype) -> int:
     return 16 if variant == "avx512bf16" else STREAM_MAX_ROWS[dtype]
 
 
-# rows 1, 2, 3, 7 and the kernel's limit
+def variant_rows(variant: str, dtype: torch.dtype) -> tuple[int, ...]:
+    """Rows 1, 2, 3, 7 and the kernel's limit; brgemm: its first rows, ragged ones (x padded to a
+    multiple of 16 rows), and its limit."""
+    return (16, 17, 31, 64) if variant == "brgemm" else (1, 2, 3, 7, stream_max_rows(variant, dtype))
+
+
 VARIANT_DTYPE_ROWS = [pytest.param(v, d, m, id=f"{v}-{str(d)[6:]}-{m}") for v, d in VARIANT_DTYPES
-                      for m in (1, 2, 3, 7, stream_max_rows(v, d))]
+                      for m in variant_rows(v, d)]
 
 
 @contextlib.contextmanager
 def linear_variant(variant: str):
     """Runs the block on one CPU linear variant (the ISA, and the bf16 dot kernel on or off)."""
     before_isa = exaone_ext.get_cpu_isa()
-    before_dot = _C._set_linear_bf16_dot(variant == "avx512bf16")
+    before_dot = _C._set_linear_bf16_dot(variant in ("avx512bf16", "brgemm"))
     before_pairs = _C._set_linear_bf16_pairs(variant != "avx2-widen")
-    exaone_ext.set_cpu_isa({"avx512bf16": "avx512", "avx2-widen": "avx2"}.get(variant, variant))
+    before_brgemm = _C._set_linear_brgemm(1 if variant == "brgemm" else 0)
+    exaone_ext.set_cpu_isa({"avx512bf16": "avx512", "avx2-widen": "avx2", "brgemm": "avx512"}.get(variant, variant))
     try:
         yield
     finally:
         exaone_ext.set_cpu_isa(before_isa)
         _C._set_linear_bf16_dot(before_dot)
         _C._set_linear_bf16_pairs(before_pairs)
+        _C._set_linear_brgemm(before_brgemm)
 
 
 @pytest.fixture(params=LINEAR_VARIANTS)
@@ -85,6 +108,37 @@ def test_forward_kernel_matches_reference(m, k, n, variant_name, dtype):
     w = (torch.randn(n, k) / k**0.5).to(dtype)
     with linear_variant(variant_name):
         _check(x, w)
+
+
+def test_brgemm_is_the_default_for_bf16_rows_where_it_works():
+    """16-64 bfloat16 rows take oneDNN's brgemm by default wherever it works (build_info names the
+    engine); switched off, the report falls back to the streaming kernels' variant."""
+    engine = exaone_ext.build_info()["cpu_linear_bf16_rows"]
+    assert engine.startswith("oneDNN brgemm") == HAS_BRGEMM, engine
+    before = _C._set_linear_brgemm(0)
+    try:
+        assert not exaone_ext.build_info()["cpu_linear_bf16_rows"].startswith("oneDNN")
+    finally:
+        _C._set_linear_brgemm(before)
+    assert before == 1
+
+
+@pytest.mark.skipif(not HAS_BRGEMM, reason="oneDNN's brgemm does not run bfloat16 on this CPU")
+@pytest.mark.parametrize("m", [15, 16, 40, 64, 65])
+def test_brgemm_rows_match_the_other_engines(m):
+    """At the edges of brgemm's rows, the default (brgemm where in range) and brgemm off (streaming
+    kernel or at::matmul) both meet the error rule, on the 2.4B model's widest input (k = 7168)."""
+    x = torch.randn(m, 7168).bfloat16()
+    w = (torch.randn(96, 7168) / 7168**0.5).bfloat16()
+    ref = F.linear(x.double(), w.double())
+    on = ops.linear(x, w)
+    before = _C._set_linear_brgemm(0)
+    try:
+        off = ops.linear(x, w)
+    finally:
+        _C._set_linear_brgemm(before)
+    assert_error_within(on, ref, name="out (default)", k=7168)
+    assert_error_within(off, ref, name="out (brgemm off)", k=7168)
 
 
 @pytest.mark.parametrize("m", [1, 3])
@@ -148,7 +202,7 @@ def test_non_contiguous_inputs(device, cpu_isa):
     torch.testing.assert_close(ops.linear(x, wpad), F.linear(x, wpad), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("m", [1, 2, 5, 20])
 def test_padded_weight_rows_bf16(m, device, variant):
     """Weight rows further apart than in_features (a slice of a wider matrix): the kernels walk them
     by stride, and the sequential one-row kernel must not read the padding into its sums."""
@@ -171,7 +225,7 @@ def test_special_values(cpu_isa):
     assert torch.isnan(out[1]).all()
 
 
-@pytest.mark.parametrize("m", [2, 3, 7])
+@pytest.mark.parametrize("m", [2, 3, 7, 20])
 def test_special_values_bf16_rows(m, variant):
     """inf / NaN in x and in the weight, at even and odd positions and in the tail past the last
     pair group (k = 40: two groups of 16, then 8), through every several-row bf16 path: the same
@@ -257,7 +311,8 @@ def test_reference_used_without_kernel(no_kernel):
 
 # ---- linear_cat: x @ cat(weights).T without concatenating the weights ----------------------------------
 # every variant through the streaming kernels; at::matmul's rows once
-LINEAR_CAT_CASES = ([pytest.param(v, d, m, id=f"{v}-{str(d)[6:]}-{m}") for v, d in VARIANT_DTYPES for m in (1, 3, 16)]
+LINEAR_CAT_CASES = ([pytest.param(v, d, m, id=f"{v}-{str(d)[6:]}-{m}") for v, d in VARIANT_DTYPES
+                     for m in ((16, 40) if v == "brgemm" else (1, 3, 16))]
                     + [pytest.param(CPU_ISAS[0], d, m, id=f"matmul-{str(d)[6:]}-{m}") for d in DTYPES for m in (17, 300)])
 
 

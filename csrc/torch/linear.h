@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <string>
 #include <vector>
 
 namespace exaone_ext {
@@ -20,6 +21,11 @@ bool set_linear_bf16_dot(bool enabled);
 // Whether several rows of x against bfloat16 weights may take the AVX2 pair-order tiles
 // (LinearArgs::x_pairs); for tests and comparisons. Returns the previous setting.
 bool set_linear_bf16_pairs(bool enabled);
+// Whether 2-16 rows of x against bfloat16 weights go through oneDNN's brgemm (AMX tiles where the
+// CPU has them): 0 never (the default), -1 where the CPU has AMX-BF16, 1 wherever brgemm works
+// (AVX-512); returns the previous mode. linear_bf16_rows_engine: what such a call runs on, in words.
+int set_linear_brgemm(int mode);
+std::string linear_bf16_rows_engine();
 
 // A 2-D weight whose rows have a unit last stride and do not overlap: as it is, else a contiguous copy.
 inline at::Tensor weight_rows_of(const at::Tensor& t) {

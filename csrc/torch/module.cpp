@@ -125,6 +125,7 @@ py::dict build_info() {
   // the engine of bfloat16 flash attention's tile products (forward and backward): oneDNN brgemm
   // (AMX) or the kernels' own vdpbf16ps (both take P and dS rounded to bfloat16), or float32 tiles
   d["cpu_attention_bf16_products"] = exaone_ext::attn_bf16_products();
+  d["cpu_linear_bf16_rows"] = exaone_ext::linear_bf16_rows_engine();
   d["cpu_isa_best"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::best_isa());
   d["cpu_isa"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa());
   d["cpu_features"] = exaone_ext::cpu::cpu_features();
@@ -177,6 +178,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_attn_brgemm", &exaone_ext::set_attn_brgemm, py::arg("mode"),
         "CPU bfloat16 attention's tile products through oneDNN's brgemm: -1 where the CPU has AMX-BF16 (the "
         "default), 0 never, 1 wherever brgemm works (AVX-512); returns the previous mode.");
+  m.def("_set_linear_brgemm", &exaone_ext::set_linear_brgemm, py::arg("mode"),
+        "2-16 rows of CPU bfloat16 linear through oneDNN's brgemm (weight rows as A, read in place): 0 never "
+        "(the default), -1 where the CPU has AMX-BF16, 1 wherever brgemm works (AVX-512); returns the previous mode.");
   m.def("_set_attn_decode", &exaone_ext::set_attn_decode, py::arg("enabled"),
         "Allow (True) or forbid the CPU decode-attention kernels (one pass over the KV cache for all kv heads); "
         "forbidden, decode calls take the general kernel. Returns the previous setting.");

@@ -1,10 +1,8 @@
 // exaone_ext flash-attention ops: schemas and the CPU implementations. The checks, allocations and
 // parameter filling live in torch/attention.cpp (shared with the CUDA registration); here the work
 // is cut into items and spread over ATen's threads, then the ISA-dispatched kernels run.
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -13,7 +11,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <atomic>
 #include <memory>
 #include <string>
@@ -21,72 +18,17 @@
 
 #include "cpu/attention.h"
 #include "torch/attention.h"
+#include "torch/brgemm.h"
 #include "torch/common.h"
 
 namespace exaone_ext {
 namespace {
 
-// ---- the bfloat16 tile products through oneDNN's brgemm --------------------------------------------
-// torch's at::native::cpublas::brgemm runs oneDNN's batch-reduce GEMM micro-kernels: AMX tiles on
-// CPUs with AMX-BF16 (several times what vdpbf16ps gives), AVX512-BF16 / AVX-512 code elsewhere. The
-// CPU kernels stay torch-free: they get this function through AttnParams::bf16_gemm.
-void brgemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
-                 const uint16_t* A, const uint16_t* B, float* C) {
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, reinterpret_cast<const at::BFloat16*>(A),
-                              reinterpret_cast<const at::BFloat16*>(B), C, /*is_vnni=*/true);
-}
-
-// Whether brgemm works here: products of the shapes and strides the kernels use (a full tile, a
-// ragged one, add into C), against plain loops, exactly (small integers: every sum is exact). It
-// needs oneDNN built in and enabled, and AVX-512; anything else, or any error, means no, and the
-// kernels keep their own products.
-bool brgemm_works() {
-  static const bool ok = [] {
-    auto bf = [](float x) { uint32_t u; std::memcpy(&u, &x, 4); return uint16_t(u >> 16); };
-    auto val = [](uint16_t h) { uint32_t u = uint32_t(h) << 16; float x; std::memcpy(&x, &u, 4); return x; };
-    struct Case { int64_t M, N, K, lda, ldb, ldc; bool add; };
-    const Case cases[] = {{64, 64, 80, 80, 64, 64, false}, {37, 80, 64, 64, 80, 80, true},
-                          {3, 128, 18, 18, 128, 128, false}, {64, 16, 128, 256, 16, 16, true}};
-    try {
-      for (const Case& t : cases) {
-        std::vector<uint16_t> a(size_t(t.M * t.lda)), b(size_t(t.K / 2 * t.ldb * 2));
-        std::vector<float> c(size_t(t.M * t.ldc)), want(c.size());
-        for (size_t i = 0; i < a.size(); ++i) a[i] = bf(float(int64_t(i * 7 % 5)) - 2.0f);
-        for (size_t i = 0; i < b.size(); ++i) b[i] = bf(float(int64_t(i * 3 % 7)) - 3.0f);
-        for (size_t i = 0; i < c.size(); ++i) c[i] = want[i] = float(int64_t(i % 3));
-        for (int64_t i = 0; i < t.M; ++i)  // B[k][n] sits at b[(k / 2) * 2 * ldb + 2 * n + k % 2]
-          for (int64_t n = 0; n < t.N; ++n) {
-            float sum = t.add ? want[size_t(i * t.ldc + n)] : 0.0f;
-            for (int64_t k = 0; k < t.K; ++k)
-              sum += val(a[size_t(i * t.lda + k)]) * val(b[size_t((k / 2) * 2 * t.ldb + 2 * n + k % 2)]);
-            want[size_t(i * t.ldc + n)] = sum;
-          }
-        brgemm_bf16(t.M, t.N, t.K, t.lda, t.ldb, t.ldc, t.add, a.data(), b.data(), c.data());
-        at::native::cpublas::brgemm_release(true);
-        if (c != want) return false;  // also: nothing written outside the N columns of each row
-      }
-      return true;
-    } catch (...) {
-      return false;
-    }
-  }();
-  return ok;
-}
-
+// ---- the bfloat16 tile products: the kernels' own, or oneDNN's brgemm (torch/brgemm.h) -----------
 // -1: the default (on where the CPU has AMX-BF16), 0: off, 1: on wherever brgemm works.
 std::atomic<int> g_brgemm{-1};
 
-bool cpu_amx_bf16() {
-  static const bool amx = cpu::cpu_has("amx_bf16") && cpu::cpu_has("amx_tile");
-  return amx;
-}
-
-bool brgemm_on() {
-  const int mode = g_brgemm.load(std::memory_order_relaxed);
-  if (mode == 0 || cpu::active_isa() != cpu::Isa::kAvx512 || !cpu::avx512bf16_allowed()) return false;
-  if (mode < 0 && !cpu_amx_bf16()) return false;
-  return at::globalContext().userEnabledMkldnn() && brgemm_works();
-}
+bool brgemm_on() { return brgemm_allowed(g_brgemm.load(std::memory_order_relaxed)); }
 
 // The engine for p's bf16 tile products (null: the kernels' own), chosen once per call.
 void set_bf16_engine(AttnParams& p) {
@@ -104,7 +46,7 @@ void run_items(int64_t n, int64_t scratch_bytes, const F& f, bool brgemm = false
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::unique_ptr<char[]> scratch(new char[scratch_bytes]);
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) f(t, scratch.get());
-    if (brgemm) at::native::cpublas::brgemm_release(true);
+    if (brgemm) brgemm_release();
   });
 }
 
@@ -421,11 +363,10 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
 
 bool set_attn_decode(bool enabled) { return g_decode.exchange(enabled); }
 
-int set_attn_brgemm(int mode) { return g_brgemm.exchange(mode < 0 ? -1 : mode > 0 ? 1 : 0); }
+int set_attn_brgemm(int mode) { return g_brgemm.exchange(brgemm_mode(mode)); }
 
 std::string attn_bf16_products() {
-  if (brgemm_on())
-    return cpu_amx_bf16() ? "oneDNN brgemm (AMX)" : "oneDNN brgemm (AVX-512)";
+  if (brgemm_on()) return brgemm_engine_name();
 #if defined(EXAONE_HAVE_AVX512)
   if (cpu::active_isa() == cpu::Isa::kAvx512 && cpu::avx512bf16_allowed()) return "avx512bf16";
 #endif
