@@ -212,6 +212,28 @@ def test_quantized_checkpoint_round_trip(tiny, tmp_path, fmt, naming):
         back.quantize("int8")
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_projection_groups_take_one_call(tiny, fmt, monkeypatch):
+    """q/k/v and gate/up of a quantized model go through linear_int8_cat / linear_int4_cat (one call
+    each), and the logits are bit for bit those of calling each projection on its own."""
+    from exaone_ext import ops
+    model = ExaoneForCausalLM.from_pretrained(tiny).quantize(fmt)
+    ids = _ids(tiny)
+    name = f"linear_{fmt}_cat"
+    calls = []
+    real = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    from exaone_ext.model import modeling
+    monkeypatch.setattr(modeling, "_OPS", {key: modeling._resolve_ops(*key) for key in modeling._OPS})
+    with torch.no_grad():
+        grouped = model(ids)
+        assert len(calls) == 2 * model.config.num_layers
+        monkeypatch.setattr(QuantLinear, "grouped", None)
+        separate = model(ids)
+    assert len(calls) == 2 * model.config.num_layers
+    assert torch.equal(grouped, separate)
+
+
 def _awq_pack(values):
     """uint8 [rows, cols] (4-bit) -> int32 [rows, cols / 8]: nibble j of word c holds column
     8c + (0, 2, 4, 6, 1, 3, 5, 7)[j] (AWQ's GEMM packing)."""

@@ -312,6 +312,111 @@ def test_bad_inputs_raise_clear_errors():
         ops.linear_int4(x, q4, s4, z4, 128.0)
 
 
+# ---- linear_int8_cat / linear_int4_cat: several quantized weights of one input in one call ------------
+def _cat_weights(fmt, k, device, outs=(130, 1, 64, 33), scale_dtype=torch.float32, group=128):
+    """Weights of several sizes (not multiples of the kernels' block of 4, one of a single row)."""
+    make = (lambda n: _int8(n, k, device, scale_dtype)) if fmt == "int8" else (lambda n: _int4(n, k, device, group, scale_dtype))
+    return [make(n) for n in outs]
+
+
+def _cat_call(fn_ops, fmt, x, ws, group=128):
+    if fmt == "int8":
+        return fn_ops.linear_int8_cat(x, [q for q, _ in ws], [s for _, s in ws])
+    return fn_ops.linear_int4_cat(x, [w[0] for w in ws], [w[1] for w in ws], [w[2] for w in ws], group)
+
+
+def _single_call(fmt, x, w, group=128):
+    return ops.linear_int8(x, *w) if fmt == "int8" else ops.linear_int4(x, *w, group)
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cat_equals_separate_calls(m, fmt, dtype, device, cpu_isa):
+    """Each weight's columns are exactly what the single op gives for it alone (streaming and tiled
+    rows, every CPU variant), and the whole meets the error rule against float64."""
+    k = 256
+    ws = _cat_weights(fmt, k, device, scale_dtype=dtype if m == 2 else torch.float32)
+    x = torch.randn(m, k, device=device).to(dtype)
+    out = _cat_call(ops, fmt, x, ws)
+    assert out.shape == (m, 228) and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, torch.cat([_single_call(fmt, x, w) for w in ws], -1))
+    w64 = torch.cat([q.double() * s.double()[:, None] if fmt == "int8"
+                     else reference.dequantize_int4(q, s.double(), *rest, 128, torch.float64)
+                     for q, s, *rest in ws])
+    _check(out, x, w64, _cat_call(reference, fmt, x, ws))
+
+
+@pytest.mark.parametrize("isa", INT_DOT_ISAS)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_cat_integer_paths(isa, m, int_dot):
+    """The integer paths (x quantized once for all the weights) on each variant: the same columns as
+    the single ops."""
+    before = _use_isa(isa)
+    try:
+        for fmt in ("int8", "int4"):
+            ws = _cat_weights(fmt, 384, "cpu", outs=(40, 9, 24), scale_dtype=torch.bfloat16)
+            x = torch.randn(m, 384).bfloat16()
+            assert torch.equal(_cat_call(ops, fmt, x, ws), torch.cat([_single_call(fmt, x, w) for w in ws], -1))
+    finally:
+        exaone_ext.set_cpu_isa("auto")
+        _C._set_cpu_avx512vnni(before)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cat_gradient_in_x(fmt, device):
+    ws = _cat_weights(fmt, 256, device, outs=(24, 8))
+    x = torch.randn(2, 3, 256, device=device, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = _cat_call(ops, fmt, x, ws), _cat_call(reference, fmt, xr, ws)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr.backward(dy)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_cat_opcheck():
+    w8 = _cat_weights("int8", 128, "cpu", outs=(12, 5))
+    w4 = _cat_weights("int4", 128, "cpu", outs=(12, 5))
+    quick = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for m in (1, 20):
+        x = torch.randn(m, 128, dtype=torch.bfloat16)
+        torch.library.opcheck(torch.ops.exaone_ext.linear_int8_cat, (x, [q for q, _ in w8], [s for _, s in w8]),
+                              test_utils=quick)
+        torch.library.opcheck(torch.ops.exaone_ext.linear_int4_cat,
+                              (x, [w[0] for w in w4], [w[1] for w in w4], [w[2] for w in w4], 128), test_utils=quick)
+
+
+def test_cat_bad_inputs_name_the_weight():
+    x = torch.randn(2, 256)
+    (q8a, s8a), (q8b, s8b) = _cat_weights("int8", 256, "cpu", outs=(12, 4))
+    (q4a, s4a, z4a), (q4b, s4b, z4b) = _cat_weights("int4", 256, "cpu", outs=(12, 4))
+    with pytest.raises(ValueError, match=r"linear_int8_cat: 'qweights' must hold at least one tensor, got none"):
+        ops.linear_int8_cat(x, [], [])
+    with pytest.raises(ValueError, match=r"linear_int8_cat: 'scales' must hold as many tensors as 'qweights' \(2\), "
+                                         r"got 1"):
+        ops.linear_int8_cat(x, [q8a, q8b], [s8a])
+    with pytest.raises(ValueError, match=r"linear_int8_cat: weight 1 of the lists: 'scales' must have shape "
+                                         r"\[out_features\]"):
+        ops.linear_int8_cat(x, [q8a, q8b], [s8a, s8a])
+    with pytest.raises(TypeError, match=r"linear_int8_cat: weight 0 of the lists: 'qweight' must be int8"):
+        ops.linear_int8_cat(x, [q8a.float(), q8b], [s8a, s8b])
+    with pytest.raises(TypeError, match=r"linear_int8_cat: 'qweights' must be a list or tuple of tensors, got Tensor"):
+        ops.linear_int8_cat(x, q8a, [s8a])
+    with pytest.raises(TypeError, match=r"linear_int8_cat: 'scales\[1\]' must be a torch.Tensor"):
+        ops.linear_int8_cat(x, [q8a, q8b], [s8a, 1.0])
+    with pytest.raises(ValueError, match=r"linear_int4_cat: 'zeros' must hold as many tensors as 'qweights' \(2\), "
+                                         r"got 3"):
+        ops.linear_int4_cat(x, [q4a, q4b], [s4a, s4b], [z4a, z4b, z4b])
+    with pytest.raises(ValueError, match=r"linear_int4_cat: weight 1 of the lists: 'qweight' must have in_features / 2"):
+        ops.linear_int4_cat(x, [q4a, q4b[:, :64]], [s4a, s4b], [z4a, z4b])
+    with pytest.raises(ValueError, match=r"linear_int4_cat: weight 0 of the lists: 'group_size' must be a positive "
+                                         r"multiple of 32, got 100"):
+        ops.linear_int4_cat(x, [q4a, q4b], [s4a, s4b], [z4a, z4b], 100)
+    with pytest.raises(TypeError, match=r"linear_int4_cat: 'group_size' must be an int"):
+        ops.linear_int4_cat(x, [q4a, q4b], [s4a, s4b], [z4a, z4b], 128.0)
+
+
 def test_quantizers_round_to_nearest():
     w = torch.randn(33, 256)
     q, s = reference.quantize_int8(w)

@@ -11,6 +11,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "cpu/quant_linear.h"
 #include "torch/common.h"
@@ -92,6 +96,65 @@ std::vector<int64_t> check_linear_int4(const at::Tensor& x, const at::Tensor& qw
 
 namespace {
 
+// The message of a per-weight check, prefixed with the cat op and which weight of the lists is
+// wrong; the same exception type.
+template <typename F>
+auto named_check(const char* op, size_t i, F&& check) {
+  const auto named = [&](const c10::Error& e) {
+    std::string msg = e.msg();
+    msg = msg.substr(0, msg.find('\n'));
+    const std::string single = std::string("exaone_ext.") + std::string(op).substr(0, std::string(op).size() - 4) + ": ";
+    if (msg.rfind(single, 0) == 0) msg = msg.substr(single.size());
+    return std::string("exaone_ext.") + op + ": weight " + std::to_string(i) + " of the lists: " + msg;
+  };
+  try {
+    return check();
+  } catch (const c10::TypeError& e) {
+    TORCH_CHECK_TYPE(false, named(e));
+  } catch (const c10::Error& e) {
+    TORCH_CHECK_VALUE(false, named(e));
+  }
+}
+
+void check_lists(const char* op, std::initializer_list<std::pair<const char*, size_t>> lists) {
+  const auto& first = *lists.begin();
+  TORCH_CHECK_VALUE(first.second > 0, "exaone_ext.", op, ": '", first.first, "' must hold at least one tensor, got none");
+  for (const auto& l : lists)
+    TORCH_CHECK_VALUE(l.second == first.second, "exaone_ext.", op, ": '", l.first, "' must hold as many tensors as '",
+                      first.first, "' (", first.second, "), got ", l.second);
+}
+
+}  // namespace
+
+std::vector<int64_t> check_linear_int8_cat(const at::Tensor& x, at::TensorList qweights, at::TensorList scales) {
+  constexpr const char* op = "linear_int8_cat";
+  check_lists(op, {{"qweights", qweights.size()}, {"scales", scales.size()}});
+  std::vector<int64_t> shape;
+  int64_t total = 0;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    shape = named_check(op, i, [&] { return check_linear_int8(x, qweights[i], scales[i]); });
+    total += qweights[i].size(0);
+  }
+  shape.back() = total;
+  return shape;
+}
+
+std::vector<int64_t> check_linear_int4_cat(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                                           at::TensorList zeros, int64_t group_size) {
+  constexpr const char* op = "linear_int4_cat";
+  check_lists(op, {{"qweights", qweights.size()}, {"scales", scales.size()}, {"zeros", zeros.size()}});
+  std::vector<int64_t> shape;
+  int64_t total = 0;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    shape = named_check(op, i, [&] { return check_linear_int4(x, qweights[i], scales[i], zeros[i], group_size); });
+    total += qweights[i].size(0);
+  }
+  shape.back() = total;
+  return shape;
+}
+
+namespace {
+
 std::atomic<bool> g_int_dot{true};
 
 }  // namespace
@@ -100,47 +163,57 @@ bool set_quant_int_dot(bool enabled) { return g_int_dot.exchange(enabled); }
 
 namespace {
 
-// y = x @ W.T for the weight described by base (pointers to q, scales, zeros filled in).
-at::Tensor quant_linear_cpu(const at::Tensor& x, QuantLinearArgs base, const std::vector<int64_t>& out_shape) {
-  const int64_t K = base.k, N = base.n;
+// y = x @ cat(W_i).T for the weights described by bases (pointers to q, scales, zeros filled in;
+// the same bits and group), each into its own columns of y, in one parallel pass: x is converted
+// (and for the integer paths quantized) once, and chunks of every weight go to the threads in turn.
+at::Tensor quant_linear_cpu(const at::Tensor& x, std::vector<QuantLinearArgs> bases, const std::vector<int64_t>& out_shape) {
+  const char* op = bases[0].bits == 8 ? "linear_int8" : "linear_int4";
+  const int64_t K = bases[0].k;
+  int64_t N = 0;
+  for (const QuantLinearArgs& b : bases) N += b.n;
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
   if (M == 0 || N == 0 || K == 0) return at::zeros(out_shape, x.options());
-  base.m = M;
-  base.y_dtype = kernel_dtype(x, base.bits == 8 ? "linear_int8" : "linear_int4", "x", false);
-  const int64_t row_bytes = base.q_stride;
+  const DType y_dtype = kernel_dtype(x, op, "x", false);
+  for (QuantLinearArgs& b : bases) {
+    b.m = M;
+    b.y_dtype = y_dtype;
+  }
 
   // where the CPU's 16-bit matmul is slow (no instructions for x's type), 16-bit x streams through
   // kQuantStreamMaxRowsNonNative rows and the tiles above are float32
-  const bool f32 = base.y_dtype != DType::kFloat32 && !cpu_native_16bit_matmul(x.scalar_type());
+  const bool f32 = y_dtype != DType::kFloat32 && !cpu_native_16bit_matmul(x.scalar_type());
   if (M > (f32 ? kQuantStreamMaxRowsNonNative : kQuantStreamMaxRows)) {
-    const DType tile_dtype = f32 ? DType::kFloat32 : base.y_dtype;
+    const DType tile_dtype = f32 ? DType::kFloat32 : y_dtype;
     const at::Tensor x2 = f32 ? x.reshape({M, K}).to(at::kFloat) : x.reshape({M, K});
-    at::Tensor y = linear_tiled(x2, N, [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
-      char* out = static_cast<char*>(tile.data_ptr());
-      const int64_t es = tile.element_size();
-      at::parallel_for(n0, n1, std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(1, row_bytes)),
-                       [&](int64_t b, int64_t e) {
-                         EXAONE_CPU_DISPATCH(quant_dequant_rows, base, b, e, out + (b - n0) * K * es, tile_dtype);
-                       });
-    });
+    std::vector<at::Tensor> parts;
+    for (const QuantLinearArgs& base : bases) {
+      const int64_t row_bytes = base.q_stride;
+      parts.push_back(linear_tiled(x2, base.n, [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
+        char* out = static_cast<char*>(tile.data_ptr());
+        const int64_t es = tile.element_size();
+        at::parallel_for(n0, n1, std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(1, row_bytes)),
+                         [&](int64_t b, int64_t e) {
+                           EXAONE_CPU_DISPATCH(quant_dequant_rows, base, b, e, out + (b - n0) * K * es, tile_dtype);
+                         });
+      }));
+    }
+    at::Tensor y = parts.size() == 1 ? parts[0] : at::cat(parts, -1);
     return (f32 ? y.to(x.scalar_type()) : y).view(out_shape);
   }
 
   const at::Tensor xk = x.reshape({M, K}).to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
-  QuantLinearArgs a = base;
+  QuantLinearArgs a = bases[0];
   a.x = xk.const_data_ptr<float>();
   a.x_stride = K;
-  a.y = y.data_ptr();
-  a.y_stride = N;
   // 16-bit x: x as 15-bit integers per group / block (cpu/quant_linear.h) where the variant has
   // integer multiply-adds, which keep up with memory where widening the weights to float32 does
   // not (AVX2, one row: int4 1.6-1.8x, int8 1.1-1.4x). int8 above 4 rows keeps the float path, whose
   // 3-row tiles hold x in registers (Zen 3, 2560 -> 102400 at 6 / 8 rows: 0.96x / 0.92x otherwise).
   at::Tensor xq;
-  const bool int_dot = base.y_dtype != DType::kFloat32 && g_int_dot.load(std::memory_order_relaxed);
-  if (base.bits == 8 && int_dot && M <= kX8IntMaxRows) {
+  const bool int_dot = y_dtype != DType::kFloat32 && g_int_dot.load(std::memory_order_relaxed);
+  if (a.bits == 8 && int_dot && M <= kX8IntMaxRows) {
     const int64_t blocks = (K + kX8Block - 1) / kX8Block;
     xq = at::empty({M * (2 * K + 4 * blocks)}, x.options().dtype(at::kChar));
     auto* xw = reinterpret_cast<int16_t*>(xq.data_ptr<int8_t>());
@@ -150,8 +223,8 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, QuantLinearArgs base, const std
       a.xs = xs;
     }
   }
-  if (base.bits == 4 && int_dot) {
-    const int64_t groups = K / base.group;
+  if (a.bits == 4 && int_dot) {
+    const int64_t groups = K / a.group;
     xq = at::empty({M * (2 * K + 8 * groups)}, x.options().dtype(at::kChar));
     int8_t* parts = xq.data_ptr<int8_t>();
     auto* xs = reinterpret_cast<float*>(parts + M * 2 * K);
@@ -162,18 +235,31 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, QuantLinearArgs base, const std
       a.xsum = xsum;
     }
   }
-  // Chunks of whole blocks handed out one at a time, shrinking as the work runs out (as in
-  // ops_linear.cpp: large first for fewer stream restarts, small last so the threads finish together).
+  // One QuantLinearArgs per weight, writing its columns of y. Chunks of whole blocks (never across
+  // two weights) handed out one at a time, shrinking as the work runs out (as in ops_linear.cpp:
+  // large first for fewer stream restarts, small last so the threads finish together).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block_bytes = kQuantRowBlock * row_bytes;
-  std::vector<std::pair<int64_t, int64_t>> chunks;
-  int64_t remaining = N * row_bytes;
-  for (int64_t n0 = 0; n0 < N;) {
-    const int64_t bytes = std::clamp<int64_t>(remaining / (4 * threads), int64_t(128) << 10, int64_t(8) << 20);
-    const int64_t n1 = std::min(N, n0 + std::max<int64_t>(1, bytes / block_bytes) * kQuantRowBlock);
-    chunks.emplace_back(n0, n1);
-    remaining -= (n1 - n0) * row_bytes;
-    n0 = n1;
+  struct Chunk { int64_t weight, n0, n1; };
+  std::vector<QuantLinearArgs> args;
+  std::vector<Chunk> chunks;
+  int64_t remaining = 0;
+  for (const QuantLinearArgs& b : bases) remaining += b.n * b.q_stride;
+  int64_t col = 0;
+  for (const QuantLinearArgs& base : bases) {
+    QuantLinearArgs w = base;
+    w.x = a.x, w.x_stride = a.x_stride, w.xw = a.xw, w.xq = a.xq, w.xs = a.xs, w.xsum = a.xsum;
+    w.y = static_cast<char*>(y.data_ptr()) + col * y.element_size();
+    w.y_stride = N;
+    const int64_t block_bytes = kQuantRowBlock * w.q_stride;
+    for (int64_t n0 = 0; n0 < w.n;) {
+      const int64_t bytes = std::clamp<int64_t>(remaining / (4 * threads), int64_t(128) << 10, int64_t(8) << 20);
+      const int64_t n1 = std::min(w.n, n0 + std::max<int64_t>(1, bytes / block_bytes) * kQuantRowBlock);
+      chunks.push_back({int64_t(args.size()), n0, n1});
+      remaining -= (n1 - n0) * w.q_stride;
+      n0 = n1;
+    }
+    args.push_back(w);
+    col += w.n;
   }
   std::atomic<int64_t> next{0};
   const int64_t n_chunks = int64_t(chunks.size());
@@ -181,13 +267,14 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, QuantLinearArgs base, const std
   at::parallel_for(0, std::min(threads, n_chunks), 1, [&](int64_t, int64_t) {
     for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n_chunks;
          c = next.fetch_add(1, std::memory_order_relaxed)) {
+      const Chunk& ch = chunks[c];
 #if defined(EXAONE_HAVE_AVX512VNNI)
       if (vnni) {
-        cpu::avx512vnni::quant_linear_rows(a, chunks[c].first, chunks[c].second);
+        cpu::avx512vnni::quant_linear_rows(args[ch.weight], ch.n0, ch.n1);
         continue;
       }
 #endif
-      EXAONE_CPU_DISPATCH(quant_linear_rows, a, chunks[c].first, chunks[c].second);
+      EXAONE_CPU_DISPATCH(quant_linear_rows, args[ch.weight], ch.n0, ch.n1);
     }
   });
   (void)vnni;
@@ -198,7 +285,7 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const std::vector<int64_t> shape = check_linear_int8(x, qweight, scales);
   QuantLinearArgs a{};
   const QuantWeightTensors keep = fill_quant_weight(a, 8, qweight, scales, at::Tensor(), qweight.size(1), 0, "linear_int8");
-  return quant_linear_cpu(x, a, shape);
+  return quant_linear_cpu(x, {a}, shape);
 }
 
 at::Tensor linear_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -206,7 +293,27 @@ at::Tensor linear_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const std::vector<int64_t> shape = check_linear_int4(x, qweight, scales, zeros, group_size);
   QuantLinearArgs a{};
   const QuantWeightTensors keep = fill_quant_weight(a, 4, qweight, scales, zeros, x.size(-1), group_size, "linear_int4");
-  return quant_linear_cpu(x, a, shape);
+  return quant_linear_cpu(x, {a}, shape);
+}
+
+at::Tensor linear_int8_cat_cpu(const at::Tensor& x, at::TensorList qweights, at::TensorList scales) {
+  const std::vector<int64_t> shape = check_linear_int8_cat(x, qweights, scales);
+  std::vector<QuantLinearArgs> args(qweights.size());
+  std::vector<QuantWeightTensors> keep;
+  for (size_t i = 0; i < qweights.size(); ++i)
+    keep.push_back(fill_quant_weight(args[i], 8, qweights[i], scales[i], at::Tensor(), x.size(-1), 0, "linear_int8_cat"));
+  return quant_linear_cpu(x, std::move(args), shape);
+}
+
+at::Tensor linear_int4_cat_cpu(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                               at::TensorList zeros, int64_t group_size) {
+  const std::vector<int64_t> shape = check_linear_int4_cat(x, qweights, scales, zeros, group_size);
+  std::vector<QuantLinearArgs> args(qweights.size());
+  std::vector<QuantWeightTensors> keep;
+  for (size_t i = 0; i < qweights.size(); ++i)
+    keep.push_back(fill_quant_weight(args[i], 4, qweights[i], scales[i], zeros[i], x.size(-1), group_size,
+                                     "linear_int4_cat"));
+  return quant_linear_cpu(x, std::move(args), shape);
 }
 
 }  // namespace
@@ -215,9 +322,13 @@ at::Tensor linear_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size=128) -> Tensor");
+  m.def("linear_int8_cat(Tensor x, Tensor[] qweights, Tensor[] scales) -> Tensor");
+  m.def("linear_int4_cat(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor[] zeros, int group_size=128) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(exaone_ext, CPU, m) {
   m.impl("linear_int8", &exaone_ext::linear_int8_cpu);
   m.impl("linear_int4", &exaone_ext::linear_int4_cpu);
+  m.impl("linear_int8_cat", &exaone_ext::linear_int8_cat_cpu);
+  m.impl("linear_int4_cat", &exaone_ext::linear_int4_cat_cpu);
 }

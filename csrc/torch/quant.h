@@ -21,6 +21,13 @@ std::vector<int64_t> check_linear_int8(const at::Tensor& x, const at::Tensor& qw
 std::vector<int64_t> check_linear_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                        const at::Tensor& zeros, int64_t group_size);
 
+// linear_int8_cat / linear_int4_cat: x and lists of the single op's weight tensors (at least one,
+// the lists equally long), each checked as by the single op (the error names the weight's place in
+// the lists); returns x's shape with the last dimension replaced by the sum of out_features.
+std::vector<int64_t> check_linear_int8_cat(const at::Tensor& x, at::TensorList qweights, at::TensorList scales);
+std::vector<int64_t> check_linear_int4_cat(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                                           at::TensorList zeros, int64_t group_size);
+
 // Up to this many rows of x the weight-streaming kernels run; above, linear_tiled (torch/linear.h).
 // 16-bit x on a CPU without instructions for its type (torch/linear.h cpu_native_16bit_matmul):
 // up to 64 rows (int4 on Zen 3 at 2560 <-> 7168: streaming 32 rows in two passes 10-13 ms, float32

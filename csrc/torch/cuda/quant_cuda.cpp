@@ -1,4 +1,4 @@
-// CUDA registration of exaone_ext::linear_int8 / linear_int4: the shared checks (torch/quant.h), a
+// CUDA registration of exaone_ext::linear_int8 / linear_int4 (and their _cat forms): the shared checks (torch/quant.h), a
 // device guard, then the GEMV of csrc/cuda/quant_linear.cu for up to 16 rows of x, or tiles of the
 // weight dequantised on the device and multiplied by cuBLAS (linear_tiled) above.
 #include <ATen/Functions.h>
@@ -52,10 +52,29 @@ at::Tensor linear_int4_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   return quant_linear_cuda(x, a, shape);
 }
 
+// The cat ops: one GEMV (or tiled product) per weight, into its columns of y.
+at::Tensor linear_int8_cat_cuda(const at::Tensor& x, at::TensorList qweights, at::TensorList scales) {
+  const std::vector<int64_t> shape = check_linear_int8_cat(x, qweights, scales);
+  std::vector<at::Tensor> parts;
+  for (size_t i = 0; i < qweights.size(); ++i) parts.push_back(linear_int8_cuda(x, qweights[i], scales[i]));
+  return parts.size() == 1 ? parts[0].view(shape) : at::cat(parts, -1).view(shape);
+}
+
+at::Tensor linear_int4_cat_cuda(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                                at::TensorList zeros, int64_t group_size) {
+  const std::vector<int64_t> shape = check_linear_int4_cat(x, qweights, scales, zeros, group_size);
+  std::vector<at::Tensor> parts;
+  for (size_t i = 0; i < qweights.size(); ++i)
+    parts.push_back(linear_int4_cuda(x, qweights[i], scales[i], zeros[i], group_size));
+  return parts.size() == 1 ? parts[0].view(shape) : at::cat(parts, -1).view(shape);
+}
+
 }  // namespace
 }  // namespace exaone_ext
 
 TORCH_LIBRARY_IMPL(exaone_ext, CUDA, m) {
   m.impl("linear_int8", &exaone_ext::linear_int8_cuda);
   m.impl("linear_int4", &exaone_ext::linear_int4_cuda);
+  m.impl("linear_int8_cat", &exaone_ext::linear_int8_cat_cuda);
+  m.impl("linear_int4_cat", &exaone_ext::linear_int4_cat_cuda);
 }

@@ -37,7 +37,14 @@ class Linear(nn.Module):
 def linear_group(x: torch.Tensor, modules: list[nn.Module], ops) -> torch.Tensor:
     """The outputs of several projections of the same input, concatenated along the last dim:
     [..., sum of out_features]. One ops.linear_cat (a single pass over x for all the weights) when
-    every module is a plain Linear, else each module called in turn."""
+    every module is a plain Linear; modules of another type that has a `grouped(x, modules, ops)`
+    static method (the quantized linear) go through it when it takes them (it returns None when it
+    does not); else each module is called in turn."""
     if all(type(m) is Linear for m in modules):
         return ops.linear_cat(x, [m.weight for m in modules])
+    grouped = getattr(type(modules[0]), "grouped", None)
+    if grouped is not None:
+        out = grouped(x, modules, ops)
+        if out is not None:
+            return out
     return torch.cat([m(x) for m in modules], dim=-1)

@@ -29,7 +29,7 @@ from .config import ExaoneConfig
 from .kv_cache import KVCache, LayerKVCache
 from .layers import Linear, linear_group
 
-_OP_NAMES = ("linear", "linear_cat", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
+_OP_NAMES = ("linear", "linear_cat", "linear_int8_cat", "linear_int4_cat", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
              "flash_attn_varlen", "flash_attn_with_kvcache")
 _ATTENTION_OPS = ("flash_attn", "flash_attn_varlen", "flash_attn_with_kvcache")
 

@@ -65,13 +65,29 @@ class QuantLinear(nn.Module):
             m.qweight, m.scales, m.qzeros = q, s.to(w.dtype), z
         return m
 
+    def _scales_for(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scales if self.scales.dtype in (x.dtype, torch.float32) else self.scales.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
         ops = _kernel_ops if self.use_kernels else _reference_ops
-        scales = self.scales if self.scales.dtype in (x.dtype, torch.float32) else self.scales.to(x.dtype)
         if self.bits == 8:
-            return ops.linear_int8(x, self.qweight, scales)
-        return ops.linear_int4(x, self.qweight, scales, self.qzeros, self.group_size)
+            return ops.linear_int8(x, self.qweight, self._scales_for(x))
+        return ops.linear_int4(x, self.qweight, self._scales_for(x), self.qzeros, self.group_size)
+
+    @staticmethod
+    def grouped(x: torch.Tensor, modules: list[nn.Module], ops) -> torch.Tensor | None:
+        """Several QuantLinear of the same input in one call (layers.linear_group): the outputs
+        concatenated, through linear_int8_cat / linear_int4_cat (one pass over x, the weights streamed
+        together). None when the modules differ in kind, bits or group size."""
+        first = modules[0]
+        if any(type(m) is not QuantLinear or m.bits != first.bits or (m.bits == 4 and m.group_size != first.group_size)
+               for m in modules):
+            return None
+        qweights, scales = [m.qweight for m in modules], [m._scales_for(x) for m in modules]
+        if first.bits == 8:
+            return ops.linear_int8_cat(x, qweights, scales)
+        return ops.linear_int4_cat(x, qweights, scales, [m.qzeros for m in modules], first.group_size)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [out, in] in dtype."""

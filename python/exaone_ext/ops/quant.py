@@ -44,6 +44,44 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return _ops.linear_int4(x, qweight, scales, zeros, group_size)
 
 
+def _tensor_list(ts, name: str, op: str) -> list[torch.Tensor]:
+    if not isinstance(ts, (list, tuple)):
+        raise TypeError(f"exaone_ext.{op}: '{name}' must be a list or tuple of tensors, got {type(ts).__name__}")
+    for i, t in enumerate(ts):
+        check_tensor(t, f"{name}[{i}]", op)
+    return list(ts)
+
+
+def linear_int8_cat(x: torch.Tensor, qweights, scales) -> torch.Tensor:
+    """x [..., in] @ cat(W_i).T -> [..., sum of out_i] for int8 weights (qweights[i], scales[i] as
+    linear_int8 takes them), without concatenating them: e.g. a layer's q, k and v projections in
+    one call. On CPU the weights stream in one parallel pass (x converted once); each weight's
+    outputs are the same as linear_int8 gives for it alone. Differentiable in x only."""
+    check_tensor(x, "x", "linear_int8_cat")
+    qweights, scales = _tensor_list(qweights, "qweights", "linear_int8_cat"), _tensor_list(scales, "scales", "linear_int8_cat")
+    x, = autocast(x)
+    if not has_kernel(x.device):
+        return reference.linear_int8_cat(x, qweights, scales)
+    return _ops.linear_int8_cat(x, qweights, scales)
+
+
+def linear_int4_cat(x: torch.Tensor, qweights, scales, zeros, group_size: int = 128) -> torch.Tensor:
+    """x [..., in] @ cat(W_i).T -> [..., sum of out_i] for int4 weights (qweights[i], scales[i],
+    zeros[i] as linear_int4 takes them, one group_size), without concatenating them. On CPU the
+    weights stream in one parallel pass (x converted once); each weight's outputs are the same as
+    linear_int4 gives for it alone. Differentiable in x only."""
+    op = "linear_int4_cat"
+    check_tensor(x, "x", op)
+    qweights, scales, zeros = (_tensor_list(qweights, "qweights", op), _tensor_list(scales, "scales", op),
+                               _tensor_list(zeros, "zeros", op))
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"exaone_ext.{op}: 'group_size' must be an int, got {type(group_size).__name__}")
+    x, = autocast(x)
+    if not has_kernel(x.device):
+        return reference.linear_int4_cat(x, qweights, scales, zeros, group_size)
+    return _ops.linear_int4_cat(x, qweights, scales, zeros, group_size)
+
+
 @torch.library.register_fake("exaone_ext::linear_int8")
 def _(x, qweight, scales):
     torch._check(qweight.dim() == 2, lambda: "exaone_ext.linear_int8: 'qweight' must be 2-dimensional")
@@ -58,6 +96,29 @@ def _(x, qweight, scales, zeros, group_size=128):
     torch._check(x.shape[-1] == 2 * qweight.shape[1],
                  lambda: "exaone_ext.linear_int4: the last dimension of 'x' must be twice qweight's columns")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _cat_out_features(x, qweights, op):
+    torch._check(len(qweights) > 0, lambda: f"exaone_ext.{op}: 'qweights' must hold at least one tensor")
+    for q in qweights:
+        torch._check(q.dim() == 2, lambda: f"exaone_ext.{op}: every qweight must be 2-dimensional")
+    return x.new_empty((*x.shape[:-1], sum(q.shape[0] for q in qweights)))
+
+
+@torch.library.register_fake("exaone_ext::linear_int8_cat")
+def _(x, qweights, scales):
+    for q in qweights:
+        torch._check(x.shape[-1] == q.shape[1] if q.dim() == 2 else False,
+                     lambda: "exaone_ext.linear_int8_cat: the last dimension of 'x' must equal in_features of every qweight")
+    return _cat_out_features(x, qweights, "linear_int8_cat")
+
+
+@torch.library.register_fake("exaone_ext::linear_int4_cat")
+def _(x, qweights, scales, zeros, group_size=128):
+    for q in qweights:
+        torch._check(x.shape[-1] == 2 * q.shape[1] if q.dim() == 2 else False,
+                     lambda: "exaone_ext.linear_int4_cat: the last dimension of 'x' must be twice every qweight's columns")
+    return _cat_out_features(x, qweights, "linear_int4_cat")
 
 
 def _setup(ctx, inputs, output):
@@ -80,3 +141,31 @@ def _backward(ctx, grad):
 
 torch.library.register_autograd("exaone_ext::linear_int8", _backward, setup_context=_setup)
 torch.library.register_autograd("exaone_ext::linear_int4", _backward, setup_context=_setup)
+
+
+def _setup_cat(ctx, inputs, output):
+    # the quantized weights (never given a gradient) and, for int4, group_size
+    ctx.n_inputs = len(inputs)
+    ctx.n_weights = len(inputs[1])
+    ctx.group_size = inputs[4] if len(inputs) == 5 else None
+    ctx.save_for_backward(*[t for lst in inputs[1:4] for t in lst])
+
+
+def _backward_cat(ctx, grad):
+    dx = None
+    if ctx.needs_input_grad[0]:
+        n, saved = ctx.n_weights, ctx.saved_tensors
+        if ctx.group_size is None:
+            ws = [reference.dequantize_int8(saved[i], saved[n + i], dtype=grad.dtype) for i in range(n)]
+        else:
+            ws = [reference.dequantize_int4(saved[i], saved[n + i], saved[2 * n + i], ctx.group_size, dtype=grad.dtype)
+                  for i in range(n)]
+        dx = torch.matmul(grad, torch.cat(ws))                             # [..., sum out] @ [sum out, in]
+    # a list of Nones for each list of weight tensors, and nothing more: the structure torch's wrapper
+    # of ops with tensor lists checks (it adds the trailing None itself; test_cat_gradient_in_x)
+    lists = 2 if ctx.group_size is None else 3
+    return (dx,) + tuple([None] * ctx.n_weights for _ in range(lists))
+
+
+torch.library.register_autograd("exaone_ext::linear_int8_cat", _backward_cat, setup_context=_setup_cat)
+torch.library.register_autograd("exaone_ext::linear_int4_cat", _backward_cat, setup_context=_setup_cat)

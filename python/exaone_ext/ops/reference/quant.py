@@ -83,3 +83,15 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                 group_size: int = 128) -> torch.Tensor:
     """x [..., in] @ dequantize_int4(qweight, scales, zeros, group_size).T -> [..., out] in x's dtype."""
     return F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype))
+
+
+def linear_int8_cat(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
+    """x [..., in] @ cat(dequantised weights).T -> [..., sum of out_i]: each weight's outputs in turn."""
+    return torch.cat([linear_int8(x, q, s) for q, s in zip(qweights, scales, strict=True)], dim=-1)
+
+
+def linear_int4_cat(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
+                    zeros: list[torch.Tensor], group_size: int = 128) -> torch.Tensor:
+    """x [..., in] @ cat(dequantised weights).T -> [..., sum of out_i]: each weight's outputs in turn."""
+    return torch.cat([linear_int4(x, q, s, z, group_size) for q, s, z in zip(qweights, scales, zeros, strict=True)],
+                     dim=-1)
