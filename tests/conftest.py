@@ -270,18 +270,22 @@ def cpu_variant(request):
     _C._set_cpu_avx512bf16(before_bf16)
 
 
-def _brgemm_available() -> bool:
+def _brgemm_available(switch: str, info_key: str) -> bool:
+    """Whether oneDNN's brgemm runs bfloat16 here: the op family's switch (`_C.<switch>`) set to
+    "wherever it works", then build_info's report of its engine."""
     from exaone_ext import _C
-    before = _C._set_attn_brgemm(1)
+    before = getattr(_C, switch)(1)
     try:
-        return exaone_ext.build_info()["cpu_attention_bf16_products"].startswith("oneDNN brgemm")
+        return exaone_ext.build_info()[info_key].startswith("oneDNN brgemm")
     finally:
-        _C._set_attn_brgemm(before)
+        getattr(_C, switch)(before)
 
 
 # Engines of CPU bfloat16 attention's tile products: the kernels' own, and oneDNN's brgemm (the
 # default where the CPU has AMX-BF16; it runs wherever oneDNN has AVX-512, so it is tested there too).
-ATTN_BRGEMM = _brgemm_available()
+ATTN_BRGEMM = _brgemm_available("_set_attn_brgemm", "cpu_attention_bf16_products")
+# bfloat16 linear's 16-64 rows through brgemm (the default wherever it runs)
+LINEAR_BRGEMM = _brgemm_available("_set_linear_brgemm", "cpu_linear_bf16_rows")
 ATTN_ENGINES = ["own"] + (["brgemm"] if ATTN_BRGEMM else [])
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import exaone_ext
 from exaone_ext import _C, ops
 from exaone_ext.ops import reference
-from conftest import CPU_ISAS, CUDA, DEVICES, DTYPES, assert_error_within
+from conftest import CPU_ISAS, CUDA, DEVICES, DTYPES, LINEAR_BRGEMM, assert_error_within
 
 # The weight-streaming kernels (one per CPU variant) take up to 16 rows of x (8 for bfloat16 through
 # convert + FMA where the CPU's matmul has bf16 instructions, 64 for a 16-bit type where it has none);
@@ -23,16 +23,7 @@ from conftest import CPU_ISAS, CUDA, DEVICES, DTYPES, assert_error_within
 HAS_BF16_DOT = ("avx512bf16" in exaone_ext.build_info()["cpu_extra_kernels"]
                 and "avx512bf16" in exaone_ext.build_info()["cpu_features"])
 
-
-def _linear_brgemm_available() -> bool:
-    before = _C._set_linear_brgemm(1)
-    try:
-        return exaone_ext.build_info()["cpu_linear_bf16_rows"].startswith("oneDNN brgemm")
-    finally:
-        _C._set_linear_brgemm(before)
-
-
-HAS_BRGEMM = _linear_brgemm_available()
+HAS_BRGEMM = LINEAR_BRGEMM
 LINEAR_VARIANTS = ((["avx512bf16"] if HAS_BF16_DOT else []) + (["brgemm"] if HAS_BRGEMM else []) + CPU_ISAS
                    + (["avx2-widen"] if "avx2" in CPU_ISAS else []))
 BF16_ONLY_VARIANTS = ("avx512bf16", "avx2-widen", "brgemm")
