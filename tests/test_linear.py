@@ -43,9 +43,9 @@ def stream_max_rows(variant: str, dtype: torch.dtype) -> int:
 
 
 def variant_rows(variant: str, dtype: torch.dtype) -> tuple[int, ...]:
-    """Rows 1, 2, 3, 7 and the kernel's limit; brgemm: its first rows, ragged ones (x padded to a
+    """Rows 1-4, 7 and the kernel's limit; brgemm: its first rows, ragged ones (x padded to a
     multiple of 16 rows), and its limit."""
-    return (16, 17, 31, 64) if variant == "brgemm" else (1, 2, 3, 7, stream_max_rows(variant, dtype))
+    return (16, 17, 31, 64) if variant == "brgemm" else (1, 2, 3, 4, 7, stream_max_rows(variant, dtype))
 
 
 VARIANT_DTYPE_ROWS = [pytest.param(v, d, m, id=f"{v}-{str(d)[6:]}-{m}") for v, d in VARIANT_DTYPES
