@@ -363,6 +363,28 @@ def test_cat_integer_paths(isa, m, int_dot):
         _C._set_cpu_avx512vnni(before)
 
 
+@pytest.mark.parametrize("brgemm", [1, 0], ids=["brgemm", "no-brgemm"])
+@pytest.mark.parametrize("m", [16, 40, 64])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_bf16_rows_through_brgemm_or_tiles(fmt, m, brgemm):
+    """16-64 rows of bfloat16 x: dequantised tiles of 32 weight rows multiplied by oneDNN's brgemm
+    where it runs (the default), else the streaming kernel (16) or 8 MiB tiles through at::mm; both
+    meet the error rule, across weights of ragged sizes (the cat op) and k past one brgemm depth."""
+    before = _C._set_linear_brgemm(brgemm)
+    try:
+        k = 1280
+        ws = _cat_weights(fmt, k, "cpu", outs=(70, 1, 33), scale_dtype=torch.bfloat16)
+        x = torch.randn(m, k).bfloat16()
+        out = _cat_call(ops, fmt, x, ws)
+        assert torch.equal(out, torch.cat([_single_call(fmt, x, w) for w in ws], -1))
+        w64 = torch.cat([q.double() * s.double()[:, None] if fmt == "int8"
+                         else reference.dequantize_int4(q, s.double(), *rest, 128, torch.float64)
+                         for q, s, *rest in ws])
+        _check(out, x, w64, _cat_call(reference, fmt, x, ws))
+    finally:
+        _C._set_linear_brgemm(before)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_cat_gradient_in_x(fmt, device):
     ws = _cat_weights(fmt, 256, device, outs=(24, 8))

@@ -2,8 +2,11 @@
 #include "torch/brgemm.h"
 
 #include <ATen/Context.h>
+#include <ATen/Functions.h>
+#include <c10/util/BFloat16.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -65,6 +68,22 @@ bool brgemm_allowed(int mode) {
   if (mode == 0 || cpu::active_isa() != cpu::Isa::kAvx512 || !cpu::avx512bf16_allowed()) return false;
   if (mode < 0 && !cpu_amx_bf16()) return false;
   return at::globalContext().userEnabledMkldnn() && brgemm_works();
+}
+
+at::Tensor brgemm_x_vnni(const at::Tensor& x2, int64_t& mp) {
+  const int64_t m = x2.size(0), k = x2.size(1);
+  mp = (m + kBrgemmRowAlign - 1) / kBrgemmRowAlign * kBrgemmRowAlign;
+  return at::constant_pad_nd(x2, {0, 0, 0, mp - m}).view({mp, k / 2, 2}).permute({1, 0, 2}).contiguous();
+}
+
+void brgemm_features(const uint16_t* w, int64_t lda, int64_t nb, int64_t k, const uint16_t* x_vnni, int64_t m,
+                     int64_t mp, float* c, uint16_t* y, int64_t y_stride) {
+  for (int64_t k0 = 0; k0 < k; k0 += kBrgemmDepth)
+    brgemm_bf16(nb, mp, std::min(kBrgemmDepth, k - k0), lda, mp, mp, k0 > 0, w + k0, x_vnni + k0 * mp, c);
+  for (int64_t r = 0; r < m; ++r) {
+    auto* out = reinterpret_cast<c10::BFloat16*>(y + r * y_stride);
+    for (int64_t i = 0; i < nb; ++i) out[i] = c10::BFloat16(c[i * mp + r]);  // rounded to nearest even
+  }
 }
 
 const char* brgemm_engine_name() { return cpu_amx_bf16() ? "oneDNN brgemm (AMX)" : "oneDNN brgemm (AVX-512)"; }

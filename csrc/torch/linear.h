@@ -26,6 +26,12 @@ bool set_linear_bf16_pairs(bool enabled);
 // (AVX-512); returns the previous mode. linear_bf16_rows_engine: what such a call runs on, in words.
 int set_linear_brgemm(int mode);
 std::string linear_bf16_rows_engine();
+// Rows of bfloat16 x that take brgemm (linear, and the quantized linears' dequantised tiles):
+// [kBrgemmMinRows, kBrgemmMaxRows]. linear_brgemm_rows: whether m rows of k go through it now (the
+// range, an even k, the switch and the CPU).
+inline constexpr int64_t kBrgemmMinRows = 16;
+inline constexpr int64_t kBrgemmMaxRows = 64;
+bool linear_brgemm_rows(int64_t m, int64_t k);
 
 // A 2-D weight whose rows have a unit last stride and do not overlap: as it is, else a contiguous copy.
 inline at::Tensor weight_rows_of(const at::Tensor& t) {

@@ -7,7 +7,6 @@
 // they go to at::matmul (oneDNN), which blocks for cache reuse.
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -82,40 +81,20 @@ std::atomic<bool> g_bf16_pairs{true};
 // works (the default), -1 only where the CPU has AMX-BF16, 0 never.
 std::atomic<int> g_linear_brgemm{1};
 
-// The products are y^T = W x^T: the weight rows are brgemm's A, read where they lie (no copy or
-// reordering of the weight, which oneDNN's own matmul does on every call), x^T in VNNI pairs its B
-// (padded with zero rows to a multiple of kBrgemmRowAlign: a ragged N ran at the speed of the next
-// multiple of 16 or slower). Each call takes kBrgemmFeatures output features over kBrgemmDepth
-// elements of k, accumulating in C across k.
-// Measured on a Zen 4 (brgemm's AVX-512 code, 2 threads, 2.4B shapes 2560 -> 102400, 2560 -> 14336,
-// 7168 -> 2560): 32 features x 1024 of k read the weight fastest of 16-64 x 256, 1024 or all of k
-// (all of k at once: 2-4x slower for k = 7168, 32-64 rows streamed at once far apart); against the
-// streaming kernel brgemm is 0.6-0.85x at 2-10 rows, mixed at 12-15 and 1.1-1.25x at 16; against
+// Against the streaming kernel brgemm (torch/brgemm.h; on a Zen 4, its AVX-512 code, 2 threads,
+// the 2.4B shapes) is 0.6-0.85x at 2-10 rows, mixed at 12-15 and 1.1-1.25x at 16; against
 // at::matmul level at 17, 1.1-1.45x at 24-48, 1.1-1.2x at 64 and level at 65-256. Hence
-// [kBrgemmMinRows, kBrgemmMaxRows]. Where AMX makes brgemm's products cheap (not measured) the
-// same range is at least as good: the rows it leaves are bound by reading the weight.
-constexpr int64_t kBrgemmFeatures = 32;
-constexpr int64_t kBrgemmDepth = 1024;
-constexpr int64_t kBrgemmRowAlign = 16;
-constexpr int64_t kBrgemmMinRows = 16;
-constexpr int64_t kBrgemmMaxRows = 64;
+// [kBrgemmMinRows, kBrgemmMaxRows] (torch/linear.h). Where AMX makes brgemm's products cheap (not
+// measured) the same range is at least as good: the rows it leaves are bound by reading the weight.
 
 // Output features [n0, n1) of a (bfloat16 weight and y) for its a.m rows through brgemm; x_vnni is
-// x^T in pairs padded to mp rows ([k / 2][mp][2]), c scratch of kBrgemmFeatures * mp floats.
+// x^T in pairs padded to mp rows, c scratch of kBrgemmFeatures * mp floats.
 void linear_rows_brgemm(const LinearArgs& a, const uint16_t* x_vnni, int64_t mp, int64_t n0, int64_t n1, float* c) {
   const auto* w = static_cast<const uint16_t*>(a.w);
-  auto* y = static_cast<c10::BFloat16*>(a.y);
-  for (int64_t b = n0; b < n1; b += kBrgemmFeatures) {
-    const int64_t nb = std::min(kBrgemmFeatures, n1 - b);
-    for (int64_t k0 = 0; k0 < a.k; k0 += kBrgemmDepth) {
-      const int64_t kb = std::min(kBrgemmDepth, a.k - k0);
-      brgemm_bf16(nb, mp, kb, a.w_stride, mp, mp, k0 > 0, w + b * a.w_stride + k0, x_vnni + k0 * mp, c);
-    }
-    for (int64_t m = 0; m < a.m; ++m) {
-      c10::BFloat16* out = y + m * a.y_stride + b;
-      for (int64_t i = 0; i < nb; ++i) out[i] = c10::BFloat16(c[i * mp + m]);  // rounded to nearest even
-    }
-  }
+  auto* y = static_cast<uint16_t*>(a.y);
+  for (int64_t b = n0; b < n1; b += kBrgemmFeatures)
+    brgemm_features(w + b * a.w_stride, a.w_stride, std::min(kBrgemmFeatures, n1 - b), a.k, x_vnni, a.m, mp, c,
+                    y + b, a.y_stride);
 }
 
 bool bf16_dot_available() {
@@ -145,8 +124,7 @@ at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& w
   const bool native = half && cpu_native_16bit_matmul(x.scalar_type());
   const int64_t max_rows = half && !native ? kStreamMaxRowsNonNative
                            : dt == DType::kBFloat16 && !dot ? kStreamMaxRowsBf16Fma : kStreamMaxRows;
-  const bool use_brgemm = dt == DType::kBFloat16 && M >= kBrgemmMinRows && M <= kBrgemmMaxRows && K % 2 == 0 &&
-                          brgemm_allowed(g_linear_brgemm.load(std::memory_order_relaxed));
+  const bool use_brgemm = dt == DType::kBFloat16 && linear_brgemm_rows(M, K);
   if (M > max_rows && !use_brgemm) {
     if (half && !native) {
       // float32 GEMMs over float32 tiles of the weight (converted ~8 MiB at a time), rounded once
@@ -178,9 +156,8 @@ at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& w
   }
   // Several bfloat16 rows through brgemm (AMX tiles where the CPU has them): x^T in VNNI pairs.
   at::Tensor x_vnni;
-  const int64_t mp = (M + kBrgemmRowAlign - 1) / kBrgemmRowAlign * kBrgemmRowAlign;
-  if (use_brgemm)
-    x_vnni = at::constant_pad_nd(x.reshape({M, K}), {0, 0, 0, mp - M}).view({mp, K / 2, 2}).permute({1, 0, 2}).contiguous();
+  int64_t mp = 0;
+  if (use_brgemm) x_vnni = brgemm_x_vnni(x.reshape({M, K}), mp);
   const auto* xv = x_vnni.defined() ? static_cast<const uint16_t*>(x_vnni.const_data_ptr()) : nullptr;
   at::Tensor y = at::empty({M, N}, x.options());
   // One LinearArgs per weight, writing its columns of y. Work is cut into chunks of whole blocks of
@@ -261,6 +238,11 @@ at::Tensor linear_cat_cpu(const at::Tensor& x, at::TensorList weights) {
 bool set_linear_bf16_dot(bool enabled) { return g_bf16_dot.exchange(enabled); }
 bool set_linear_bf16_pairs(bool enabled) { return g_bf16_pairs.exchange(enabled); }
 int set_linear_brgemm(int mode) { return g_linear_brgemm.exchange(brgemm_mode(mode)); }
+
+bool linear_brgemm_rows(int64_t m, int64_t k) {
+  return m >= kBrgemmMinRows && m <= kBrgemmMaxRows && k % 2 == 0 &&
+         brgemm_allowed(g_linear_brgemm.load(std::memory_order_relaxed));
+}
 
 std::string linear_bf16_rows_engine() {
   if (brgemm_allowed(g_linear_brgemm.load())) return brgemm_engine_name();

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/quant_linear.h"
+#include "torch/brgemm.h"
 #include "torch/common.h"
 #include "torch/quant.h"
 
@@ -163,6 +164,44 @@ bool set_quant_int_dot(bool enabled) { return g_int_dot.exchange(enabled); }
 
 namespace {
 
+// y = x @ cat(W_i).T for M rows of bfloat16 x through brgemm on tiles of kBrgemmFeatures dequantised
+// weight rows (see quant_linear_cpu). Measured on a Zen 4 (AVX-512 brgemm, 2 threads) in the table
+// of README "Quantized weights".
+at::Tensor quant_linear_brgemm(const at::Tensor& x, const std::vector<QuantLinearArgs>& bases, int64_t M, int64_t N,
+                               const std::vector<int64_t>& out_shape) {
+  const int64_t K = bases[0].k;
+  int64_t mp = 0;
+  const at::Tensor x_vnni = brgemm_x_vnni(x.reshape({M, K}), mp);
+  const auto* xv = static_cast<const uint16_t*>(x_vnni.const_data_ptr());
+  at::Tensor y = at::empty({M, N}, x.options());
+  auto* y0 = static_cast<uint16_t*>(y.data_ptr());
+  struct Block { int64_t weight, n0, col; };
+  std::vector<Block> blocks;
+  int64_t col = 0;
+  for (size_t w = 0; w < bases.size(); ++w) {
+    for (int64_t n0 = 0; n0 < bases[w].n; n0 += kBrgemmFeatures) blocks.push_back({int64_t(w), n0, col + n0});
+    col += bases[w].n;
+  }
+  const int64_t n_blocks = int64_t(blocks.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), n_blocks), 1, [&](int64_t, int64_t) {
+    thread_local std::vector<uint16_t> tile;  // kBrgemmFeatures dequantised rows, bfloat16
+    thread_local std::vector<float> c;        // brgemm's C: kBrgemmFeatures x mp
+    if (tile.size() < size_t(kBrgemmFeatures * K)) tile.resize(size_t(kBrgemmFeatures * K));
+    if (c.size() < size_t(kBrgemmFeatures * mp)) c.resize(size_t(kBrgemmFeatures * mp));
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n_blocks;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      const Block& b = blocks[i];
+      const QuantLinearArgs& a = bases[b.weight];
+      const int64_t nb = std::min(kBrgemmFeatures, a.n - b.n0);
+      EXAONE_CPU_DISPATCH(quant_dequant_rows, a, b.n0, b.n0 + nb, tile.data(), DType::kBFloat16);
+      brgemm_features(tile.data(), K, nb, K, xv, M, mp, c.data(), y0 + b.col, N);
+    }
+    brgemm_release();
+  });
+  return y.view(out_shape);
+}
+
 // y = x @ cat(W_i).T for the weights described by bases (pointers to q, scales, zeros filled in;
 // the same bits and group), each into its own columns of y, in one parallel pass: x is converted
 // (and for the integer paths quantized) once, and chunks of every weight go to the threads in turn.
@@ -179,6 +218,12 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, std::vector<QuantLinearArgs> ba
     b.m = M;
     b.y_dtype = y_dtype;
   }
+
+  // 16-64 rows of bfloat16 x where brgemm runs (linear_brgemm_rows, as for 16-bit weights): each
+  // thread expands kBrgemmFeatures weight rows at a time into a bfloat16 tile in its own cache and
+  // multiplies it by brgemm (tile as A, x^T in VNNI pairs as B), so no dequantised tile goes through
+  // memory and oneDNN reorders nothing.
+  if (y_dtype == DType::kBFloat16 && linear_brgemm_rows(M, K)) return quant_linear_brgemm(x, bases, M, N, out_shape);
 
   // where the CPU's 16-bit matmul is slow (no instructions for x's type), 16-bit x streams through
   // kQuantStreamMaxRowsNonNative rows and the tiles above are float32
