@@ -36,6 +36,26 @@ inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* arg, 
   return DType::kFloat32;
 }
 
+// Runs check() (an argument check of a single-weight op) for one weight of a list op: an error it
+// raises is raised again with the same exception type, its first line's `single` prefix (e.g.
+// "exaone_ext.linear: ") replaced by `where` (e.g. "exaone_ext.linear_cat: weights[1]: ").
+template <typename F>
+auto checked_for(const std::string& single, const std::string& where, F&& check) {
+  const auto renamed = [&](const c10::Error& e) {
+    std::string msg = e.msg();
+    msg = msg.substr(0, msg.find('\n'));
+    if (msg.rfind(single, 0) == 0) msg = msg.substr(single.size());
+    return where + msg;
+  };
+  try {
+    return check();
+  } catch (const c10::TypeError& e) {
+    TORCH_CHECK_TYPE(false, renamed(e));
+  } catch (const c10::Error& e) {
+    TORCH_CHECK_VALUE(false, renamed(e));
+  }
+}
+
 inline void check_defined(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK_VALUE(t.defined(), "exaone_ext.", op, ": '", arg, "' is an undefined tensor");
 }

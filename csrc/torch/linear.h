@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace exaone_ext {
@@ -21,9 +22,9 @@ bool set_linear_bf16_dot(bool enabled);
 // Whether several rows of x against bfloat16 weights may take the AVX2 pair-order tiles
 // (LinearArgs::x_pairs); for tests and comparisons. Returns the previous setting.
 bool set_linear_bf16_pairs(bool enabled);
-// Whether 2-16 rows of x against bfloat16 weights go through oneDNN's brgemm (AMX tiles where the
-// CPU has them): 0 never (the default), -1 where the CPU has AMX-BF16, 1 wherever brgemm works
-// (AVX-512); returns the previous mode. linear_bf16_rows_engine: what such a call runs on, in words.
+// Whether 16-64 rows of x against bfloat16 weights go through oneDNN's brgemm (AMX tiles where the
+// CPU has them): 1 wherever brgemm works (AVX-512; the default), -1 where the CPU has AMX-BF16, 0
+// never; returns the previous mode. linear_bf16_rows_engine: what such a call runs on, in words.
 int set_linear_brgemm(int mode);
 std::string linear_bf16_rows_engine();
 // Rows of bfloat16 x that take brgemm (linear, and the quantized linears' dequantised tiles):
@@ -42,6 +43,23 @@ inline at::Tensor weight_rows_of(const at::Tensor& t) {
 // them (AVX512-BF16 or AMX-BF16; AVX512-FP16). Where it does not, it runs at a fraction of its
 // float32 rate (a quarter on a Zen 3 core), and many-row products go through float32 tiles.
 bool cpu_native_16bit_matmul(at::ScalarType dtype);
+
+// The weight-streaming ops' work plan (linear, linear_cat, the quantized linears): each weight's
+// output features cut into chunks of whole blocks of block_rows features (never across two
+// weights), to be handed out to the threads one at a time, so that a thread delayed by the OS (a
+// shared machine) leaves its share to the others. Chunk sizes shrink as the work runs out (a
+// quarter of what is left per thread, between 128 KiB and 8 MiB of weight): large chunks first,
+// since every chunk start costs a stream restart (its first block is not prefetched; on the
+// lm_head, 524 MB, 256 KiB chunks read at 38 GB/s where 8 MiB ones read at 42-44 GB/s against a
+// 1 GiB sum at 43-48 GB/s), and small ones last, so that the threads finish together (with equal
+// chunks of a quarter of each thread's share, the projections of a layer, 13-73 MB, read 5-10%
+// below the lm_head's rate; shrinking chunks took 2-8% of that back).
+// weights: (output features, bytes per feature) of each weight in turn.
+struct WeightChunk {
+  int64_t weight, n0, n1;
+};
+std::vector<WeightChunk> stream_chunks(const std::vector<std::pair<int64_t, int64_t>>& weights, int64_t block_rows,
+                                       int64_t threads);
 
 // x2 [M, K] @ W.T -> [M, n] in x2's dtype, W never held whole: fill(n0, n1, tile) writes W's rows
 // [n0, n1) into the first n1 - n0 rows of tile ([rows, K], x2's dtype, contiguous; about 8 MiB),

@@ -179,8 +179,9 @@ PYBIND11_MODULE(_C, m) {
         "CPU bfloat16 attention's tile products through oneDNN's brgemm: -1 where the CPU has AMX-BF16 (the "
         "default), 0 never, 1 wherever brgemm works (AVX-512); returns the previous mode.");
   m.def("_set_linear_brgemm", &exaone_ext::set_linear_brgemm, py::arg("mode"),
-        "2-16 rows of CPU bfloat16 linear through oneDNN's brgemm (weight rows as A, read in place): 0 never "
-        "(the default), -1 where the CPU has AMX-BF16, 1 wherever brgemm works (AVX-512); returns the previous mode.");
+        "16-64 rows of CPU bfloat16 linear (and of the quantized linears' dequantised tiles) through oneDNN's "
+        "brgemm (weight rows as A, read in place): 1 wherever brgemm works (AVX-512, the default), -1 where the "
+        "CPU has AMX-BF16, 0 never; returns the previous mode.");
   m.def("_set_attn_decode", &exaone_ext::set_attn_decode, py::arg("enabled"),
         "Allow (True) or forbid the CPU decode-attention kernels (one pass over the KV cache for all kv heads); "
         "forbidden, decode calls take the general kernel. Returns the previous setting.");

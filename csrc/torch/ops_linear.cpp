@@ -41,21 +41,9 @@ std::vector<int64_t> check_linear_cat(const at::Tensor& x, const std::vector<at:
   std::vector<int64_t> shape;
   int64_t total = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
-    // check_linear's message, saying which weight of the list is wrong; the same exception type
-    const auto named = [&](const c10::Error& e) {
-      std::string msg = e.msg();
-      msg = msg.substr(0, msg.find('\n'));
-      const std::string prefix = "exaone_ext.linear: ";
-      if (msg.rfind(prefix, 0) == 0) msg = msg.substr(prefix.size());
-      return "exaone_ext.linear_cat: weights[" + std::to_string(i) + "]: " + msg;
-    };
-    try {
-      shape = check_linear(x, weights[i]);
-    } catch (const c10::TypeError& e) {
-      TORCH_CHECK_TYPE(false, named(e));
-    } catch (const c10::Error& e) {
-      TORCH_CHECK_VALUE(false, named(e));
-    }
+    // check_linear's message, saying which weight of the list is wrong
+    shape = checked_for("exaone_ext.linear: ", "exaone_ext.linear_cat: weights[" + std::to_string(i) + "]: ",
+                        [&] { return check_linear(x, weights[i]); });
     total += weights[i].size(0);
   }
   shape.back() = total;
@@ -160,22 +148,11 @@ at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& w
   if (use_brgemm) x_vnni = brgemm_x_vnni(x.reshape({M, K}), mp);
   const auto* xv = x_vnni.defined() ? static_cast<const uint16_t*>(x_vnni.const_data_ptr()) : nullptr;
   at::Tensor y = at::empty({M, N}, x.options());
-  // One LinearArgs per weight, writing its columns of y. Work is cut into chunks of whole blocks of
-  // output features (never across two weights) handed out to the threads one at a time, so that a
-  // thread delayed by the OS (a shared machine) leaves its share to the others. Chunk sizes shrink
-  // as the work runs out (a quarter of what is left per thread, between 128 KiB and 8 MiB of weight):
-  // large chunks first, since every chunk start costs a stream restart (its first block is not
-  // prefetched; on the lm_head, 524 MB, 256 KiB chunks read at 38 GB/s where 8 MiB ones read at
-  // 42-44 GB/s against a 1 GiB sum at 43-48 GB/s), and small ones last, so that the threads finish
-  // together (with equal chunks of a quarter of each thread's share, the projections of a layer,
-  // 13-73 MB, read 5-10% below the lm_head's rate; shrinking chunks took 2-8% of that back).
+  // One LinearArgs per weight, writing its columns of y; chunks of them handed out in turn (stream_chunks).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  struct Chunk { int64_t weight, n0, n1; };
   std::vector<at::Tensor> ws;
   std::vector<LinearArgs> args;
-  std::vector<Chunk> chunks;
-  int64_t remaining = 0;
-  for (const at::Tensor& w : weights) remaining += w.numel() * int64_t(w.element_size());
+  std::vector<std::pair<int64_t, int64_t>> sizes;
   int64_t col = 0;
   for (const at::Tensor& weight : weights) {
     const at::Tensor w = weight_rows_of(weight);
@@ -184,20 +161,14 @@ at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& w
                               static_cast<char*>(y.data_ptr()) + col * y.element_size(), N,
                               x_pairs.defined() ? x_pairs.const_data_ptr<float>() : nullptr,
                               x_pairs.defined() ? G : 0});
-    const int64_t block_bytes = kLinearRowBlock * K * int64_t(w.element_size());
-    for (int64_t n0 = 0; n0 < n;) {
-      const int64_t bytes = std::clamp<int64_t>(remaining / (4 * threads), int64_t(128) << 10, int64_t(8) << 20);
-      const int64_t n1 = std::min(n, n0 + std::max<int64_t>(1, bytes / block_bytes) * kLinearRowBlock);
-      chunks.push_back({int64_t(ws.size()), n0, n1});
-      remaining -= (n1 - n0) * K * int64_t(w.element_size());
-      n0 = n1;
-    }
+    sizes.emplace_back(n, K * int64_t(w.element_size()));
     ws.push_back(w);
     col += n;
   }
+  const std::vector<WeightChunk> chunks = stream_chunks(sizes, kLinearRowBlock, threads);
   std::atomic<int64_t> next{0};
   thread_local std::vector<float> brgemm_c;  // brgemm's C: kBrgemmFeatures x mp
-  const auto run = [&](const Chunk& c) {
+  const auto run = [&](const WeightChunk& c) {
     const LinearArgs& a = args[c.weight];
     if (xv) {
       linear_rows_brgemm(a, xv, mp, c.n0, c.n1, brgemm_c.data());
@@ -248,6 +219,25 @@ std::string linear_bf16_rows_engine() {
   if (brgemm_allowed(g_linear_brgemm.load())) return brgemm_engine_name();
   if (bf16_dot_available()) return "avx512bf16";
   return cpu::isa_name(cpu::active_isa());
+}
+
+std::vector<WeightChunk> stream_chunks(const std::vector<std::pair<int64_t, int64_t>>& weights, int64_t block_rows,
+                                       int64_t threads) {
+  std::vector<WeightChunk> chunks;
+  int64_t remaining = 0;
+  for (const auto& [n, row_bytes] : weights) remaining += n * row_bytes;
+  for (size_t w = 0; w < weights.size(); ++w) {
+    const auto [n, row_bytes] = weights[w];
+    const int64_t block_bytes = std::max<int64_t>(1, block_rows * row_bytes);
+    for (int64_t n0 = 0; n0 < n;) {
+      const int64_t bytes = std::clamp<int64_t>(remaining / (4 * threads), int64_t(128) << 10, int64_t(8) << 20);
+      const int64_t n1 = std::min(n, n0 + std::max<int64_t>(1, bytes / block_bytes) * block_rows);
+      chunks.push_back({int64_t(w), n0, n1});
+      remaining -= (n1 - n0) * row_bytes;
+      n0 = n1;
+    }
+  }
+  return chunks;
 }
 
 bool cpu_native_16bit_matmul(at::ScalarType dtype) {

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -97,24 +98,12 @@ std::vector<int64_t> check_linear_int4(const at::Tensor& x, const at::Tensor& qw
 
 namespace {
 
-// The message of a per-weight check, prefixed with the cat op and which weight of the lists is
-// wrong; the same exception type.
+// A per-weight check of a cat op: the single op's message, naming the weight's place in the lists.
 template <typename F>
 auto named_check(const char* op, size_t i, F&& check) {
-  const auto named = [&](const c10::Error& e) {
-    std::string msg = e.msg();
-    msg = msg.substr(0, msg.find('\n'));
-    const std::string single = std::string("exaone_ext.") + std::string(op).substr(0, std::string(op).size() - 4) + ": ";
-    if (msg.rfind(single, 0) == 0) msg = msg.substr(single.size());
-    return std::string("exaone_ext.") + op + ": weight " + std::to_string(i) + " of the lists: " + msg;
-  };
-  try {
-    return check();
-  } catch (const c10::TypeError& e) {
-    TORCH_CHECK_TYPE(false, named(e));
-  } catch (const c10::Error& e) {
-    TORCH_CHECK_VALUE(false, named(e));
-  }
+  const std::string single(op, std::strlen(op) - 4);  // "linear_int8_cat" -> "linear_int8"
+  return checked_for("exaone_ext." + single + ": ",
+                     std::string("exaone_ext.") + op + ": weight " + std::to_string(i) + " of the lists: ", check);
 }
 
 void check_lists(const char* op, std::initializer_list<std::pair<const char*, size_t>> lists) {
@@ -165,8 +154,8 @@ bool set_quant_int_dot(bool enabled) { return g_int_dot.exchange(enabled); }
 namespace {
 
 // y = x @ cat(W_i).T for M rows of bfloat16 x through brgemm on tiles of kBrgemmFeatures dequantised
-// weight rows (see quant_linear_cpu). Measured on a Zen 4 (AVX-512 brgemm, 2 threads) in the table
-// of README "Quantized weights".
+// weight rows (see quant_linear_cpu). Figures (Zen 4, AVX-512 brgemm, 2 threads): README "Quantized
+// weights".
 at::Tensor quant_linear_brgemm(const at::Tensor& x, const std::vector<QuantLinearArgs>& bases, int64_t M, int64_t N,
                                const std::vector<int64_t>& out_shape) {
   const int64_t K = bases[0].k;
@@ -280,39 +269,29 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, std::vector<QuantLinearArgs> ba
       a.xsum = xsum;
     }
   }
-  // One QuantLinearArgs per weight, writing its columns of y. Chunks of whole blocks (never across
-  // two weights) handed out one at a time, shrinking as the work runs out (as in ops_linear.cpp:
-  // large first for fewer stream restarts, small last so the threads finish together).
+  // One QuantLinearArgs per weight, writing its columns of y; chunks of them handed out in turn
+  // (stream_chunks, as for linear).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  struct Chunk { int64_t weight, n0, n1; };
   std::vector<QuantLinearArgs> args;
-  std::vector<Chunk> chunks;
-  int64_t remaining = 0;
-  for (const QuantLinearArgs& b : bases) remaining += b.n * b.q_stride;
+  std::vector<std::pair<int64_t, int64_t>> sizes;
   int64_t col = 0;
   for (const QuantLinearArgs& base : bases) {
     QuantLinearArgs w = base;
     w.x = a.x, w.x_stride = a.x_stride, w.xw = a.xw, w.xq = a.xq, w.xs = a.xs, w.xsum = a.xsum;
     w.y = static_cast<char*>(y.data_ptr()) + col * y.element_size();
     w.y_stride = N;
-    const int64_t block_bytes = kQuantRowBlock * w.q_stride;
-    for (int64_t n0 = 0; n0 < w.n;) {
-      const int64_t bytes = std::clamp<int64_t>(remaining / (4 * threads), int64_t(128) << 10, int64_t(8) << 20);
-      const int64_t n1 = std::min(w.n, n0 + std::max<int64_t>(1, bytes / block_bytes) * kQuantRowBlock);
-      chunks.push_back({int64_t(args.size()), n0, n1});
-      remaining -= (n1 - n0) * w.q_stride;
-      n0 = n1;
-    }
     args.push_back(w);
+    sizes.emplace_back(w.n, w.q_stride);
     col += w.n;
   }
+  const std::vector<WeightChunk> chunks = stream_chunks(sizes, kQuantRowBlock, threads);
   std::atomic<int64_t> next{0};
   const int64_t n_chunks = int64_t(chunks.size());
   const bool vnni = cpu::avx512vnni_active();  // the integer paths on vpdpbusd / vpdpwssd
   at::parallel_for(0, std::min(threads, n_chunks), 1, [&](int64_t, int64_t) {
     for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n_chunks;
          c = next.fetch_add(1, std::memory_order_relaxed)) {
-      const Chunk& ch = chunks[c];
+      const WeightChunk& ch = chunks[c];
 #if defined(EXAONE_HAVE_AVX512VNNI)
       if (vnni) {
         cpu::avx512vnni::quant_linear_rows(args[ch.weight], ch.n0, ch.n1);
