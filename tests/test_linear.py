@@ -119,7 +119,7 @@ def test_brgemm_is_the_default_for_bf16_rows_where_it_works():
 def test_brgemm_rows_match_the_other_engines(m):
     """At the edges of brgemm's rows, the default (brgemm where in range) and brgemm off (streaming
     kernel or at::matmul) both meet the error rule, on the 2.4B model's widest input (k = 7168)."""
-    x = torch.randn(m, 7168).bfloat16()
+    x = torch.randn(m, 2, 7168 + 5).bfloat16()[:, 1, 5:]   # a strided view at an offset
     w = (torch.randn(96, 7168) / 7168**0.5).bfloat16()
     ref = F.linear(x.double(), w.double())
     on = ops.linear(x, w)
@@ -130,6 +130,19 @@ def test_brgemm_rows_match_the_other_engines(m):
         _C._set_linear_brgemm(before)
     assert_error_within(on, ref, name="out (default)", k=7168)
     assert_error_within(off, ref, name="out (brgemm off)", k=7168)
+
+
+@pytest.mark.skipif(not HAS_BRGEMM, reason="oneDNN's brgemm does not run bfloat16 on this CPU")
+def test_brgemm_rows_special_values_and_empty():
+    """brgemm's rows: inf / NaN in x give what float64 gives (the zero rows x is padded with must not
+    leak into real rows), and a weight without rows gives an empty result."""
+    x = torch.randn(20, 96).bfloat16()
+    w = torch.randn(40, 96).bfloat16()
+    x[3, 7], x[19, 0] = float("nan"), float("inf")
+    out, ref = ops.linear(x, w), F.linear(x.double(), w.double())
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert torch.isfinite(out[:3]).all() and torch.isfinite(out[4:19]).all()
+    assert ops.linear(x, w[:0]).shape == (20, 0)
 
 
 @pytest.mark.parametrize("m", [1, 3])

@@ -385,6 +385,25 @@ def test_bf16_rows_through_brgemm_or_tiles(fmt, m, brgemm):
         _C._set_linear_brgemm(before)
 
 
+@pytest.mark.parametrize("m", [0, 1, 3, 20])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cat_odd_inputs(fmt, m):
+    """x a strided view at an offset, NaN / inf in it, a weight of zero rows in the lists, and no
+    rows at all: the same columns as the single ops (NaN where they have NaN)."""
+    k = 256
+    ws = _cat_weights(fmt, k, "cpu", outs=(20, 0, 9), scale_dtype=torch.bfloat16)
+    base = torch.randn(2 * m + 1, k + 8).bfloat16()
+    x = base[1::2, 3:3 + k]                                   # rows every other one, from column 3
+    if m:
+        x[0, 5], x[m - 1, 100] = float("nan"), float("inf")
+    out = _cat_call(ops, fmt, x, ws)
+    assert out.shape == (m, 29)
+    torch.testing.assert_close(out, torch.cat([_single_call(fmt, x, w) for w in ws], -1), rtol=0, atol=0,
+                               equal_nan=True)
+    if m:
+        assert out[0].isnan().all()
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_cat_gradient_in_x(fmt, device):
     ws = _cat_weights(fmt, 256, device, outs=(24, 8))
