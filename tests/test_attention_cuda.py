@@ -207,6 +207,44 @@ def test_kvcache_long_single_sequence(dtype):
     _kvcache_case(dtype, 1, 40, 8, 80, 32768, [20001], 1, False)
 
 
+@pytest.fixture(params=[True, False], ids=["key-split", "64-row"])
+def key_split(request):
+    """Both block shapes of the tensor-core forward for decode rows (seq_q * group <= 16)."""
+    from exaone_ext import _C
+    previous = _C._set_cuda_attn_key_split(request.param)
+    yield request.param
+    _C._set_cuda_attn_key_split(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+def test_decode_block_shapes(head_dim, dtype, key_split):
+    """Decode on both forward block shapes: groups of 1, 4, 5, 8 and 16 with 1-4 new tokens (4 to 16
+    packed rows), ragged caches with an empty one and one long enough for split-KV; dense single rows
+    causal and not with their LSE; NaN keys and values in a split."""
+    torch.manual_seed(0)
+    for hq, hk, s_new in [(32, 8, 1), (40, 8, 3), (8, 1, 2), (4, 4, 4), (16, 1, 1)]:
+        _kvcache_case(dtype, 3, hq, hk, head_dim, 3000, [0, 17, 2999 - s_new], s_new, True)
+    _kvcache_case(dtype, 2, 32, 8, head_dim, 300, [0, 40], 1, False)  # a cache with no key at all
+    for causal in (True, False):
+        q, k, v = _rand(2, 1, 32, head_dim, dtype=dtype), _rand(2, 700, 8, head_dim, dtype=dtype), \
+            _rand(2, 700, 8, head_dim, dtype=dtype)
+        out, lse = ops.flash_attn(q, k, v, causal=causal, return_lse=True)
+        out64, lse64 = reference.flash_attn(q.double(), k.double(), v.double(), causal, return_lse=True)
+        out_lp, lse_lp = reference.flash_attn(q, k, v, causal, return_lse=True)
+        _within(out, out64, out_lp, "out", 700)
+        _check_lse(lse, lse64, lse_lp, k=700)
+    # a NaN key makes its rows NaN; a NaN value only its column (split-KV over 2900 keys)
+    kc, vc = _rand(1, 3000, 2, head_dim, dtype=dtype), _rand(1, 3000, 2, head_dim, dtype=dtype)
+    lens = torch.tensor([2900], dtype=torch.int32, device=DEV)
+    q = _rand(1, 1, 8, head_dim, dtype=dtype)
+    kc[0, 2100, 0, 3] = float("nan")
+    vc[0, 2500, 1, 1] = float("nan")
+    out = ops.flash_attn_with_kvcache(q, kc, vc, lens)
+    assert out[0, 0, :4].isnan().all(), "a NaN key of kv head 0 did not reach its query heads"
+    assert out[0, 0, 4:, 1].isnan().all() and out[0, 0, 4:, 0].isfinite().all() and out[0, 0, 4:, 2:].isfinite().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_prefill_equals_full(dtype):
     """Filling a cache chunk by chunk and attending each chunk to the cache equals one full causal pass."""

@@ -22,6 +22,9 @@
 #include "torch/linear.h"
 #include "torch/quant.h"
 #include "torch/text_module.h"
+#if EXAONE_EXT_WITH_CUDA
+#include "cuda/attention/flash_attn.h"
+#endif
 
 namespace py = pybind11;
 
@@ -185,6 +188,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_attn_decode", &exaone_ext::set_attn_decode, py::arg("enabled"),
         "Allow (True) or forbid the CPU decode-attention kernels (one pass over the KV cache for all kv heads); "
         "forbidden, decode calls take the general kernel. Returns the previous setting.");
+  m.def(
+      "_set_cuda_attn_key_split",
+      [](bool enabled) {
+#if EXAONE_EXT_WITH_CUDA
+        return exaone_ext::cuda::flash_attn_set_key_split(enabled);
+#else
+        (void)enabled;
+        return false;
+#endif
+      },
+      py::arg("enabled"),
+      "Allow (True, the default) or forbid the CUDA tensor-core attention forward's 16-row blocks, whose four "
+      "warps split each key tile, for sequences of at most 16 packed query rows (decode); forbidden, they take "
+      "the 64-row blocks. Returns the previous setting (False, doing nothing, in a build without CUDA).");
   m.def("_set_cpu_avx512bf16", &exaone_ext::cpu::set_avx512bf16, py::arg("enabled"),
         "Allow (True) or forbid the AVX512-BF16 variants of the CPU kernels in place of avx512 (SwiGLU, RMSNorm, "
         "attention's bfloat16 tile products, the bfloat16 decode kernel); returns the previous setting.");

@@ -165,13 +165,29 @@ __global__ void bwd_dq_convert_kernel(const AttnBwdParams bp, const BwdScratch s
 }  // namespace
 }  // namespace attn
 
+namespace {
+std::atomic<bool> g_key_split{true};
+}  // namespace
+
+bool flash_attn_set_key_split(bool enabled) { return g_key_split.exchange(enabled); }
+
+int flash_attn_fwd_block_rows(const AttnParams& p) {
+  return g_key_split.load(std::memory_order_relaxed) && p.q_heads > 0 && p.kv_heads > 0 &&
+                 p.seq_q * p.group() <= 16
+             ? 16
+             : 64;
+}
+
 FwdSplit flash_attn_split_plan(const AttnParams& p) {
   FwdSplit s;
   if (p.cu_seqlens_q || p.batch <= 0 || p.seq_q <= 0 || p.seq_k <= 0 || p.q_heads <= 0 || p.kv_heads <= 0) return s;
+  const int64_t rows = flash_attn_fwd_block_rows(p);
   const int64_t blocks = attn::uses_mma(p.dtype, p.head_dim)
-                             ? (p.seq_q * p.group() + 63) / 64 * p.kv_heads * p.batch
+                             ? (p.seq_q * p.group() + rows - 1) / rows * p.kv_heads * p.batch
                              : (p.seq_q + 3) / 4 * p.q_heads * p.batch;
-  const int64_t target = 2 * int64_t(attn::sm_count());
+  // Enough blocks to fill the device twice over; four times for the 16-row (decode) blocks, which
+  // only stream the cache, so that the last wave's idle SMs cost little.
+  const int64_t target = (rows == 16 ? 4 : 2) * int64_t(attn::sm_count());
   if (blocks >= target) return s;
   int64_t splits = (target + blocks - 1) / blocks;
   const int64_t by_length = (p.seq_k + 255) / 256;  // at least 256 keys per split

@@ -25,6 +25,13 @@ struct FwdSplit {
   float* lse_partial = nullptr;
 };
 
+// The tensor-core forward's block shape (fwd_mma.cuh): 16 packed q rows with the four warps splitting
+// each key tile when every sequence has at most 16 packed rows (seq_q * group: decode), else 64 rows
+// with a warp per 16. flash_attn_set_key_split(false) keeps 64 everywhere (comparisons, or setting
+// the variant aside); returns the previous setting.
+bool flash_attn_set_key_split(bool enabled);
+int flash_attn_fwd_block_rows(const AttnParams& p);
+
 // How many splits the forward of p should use: enough blocks to fill the device twice over when the
 // (batch, heads, query rows) grid alone would not, each split at least 256 keys. p.seq_k is the
 // largest key length any sequence can have (the cache capacity for a kv cache). Queries the device

@@ -1,12 +1,19 @@
 // Forward attention on tensor cores (FlashAttention-2 scheme), bfloat16 / float16, head dim D.
 //
-// Block = (64 packed q rows, kv head hk, sequence b [, split]). The packed rows pr = i * g + hh
+// Block = (kRows packed q rows, kv head hk, sequence b [, split]). The packed rows pr = i * g + hh
 // (common/attention_layout.h) put all g query heads of the group in one block, so each K/V tile is
-// read once per group, and a single decode token of a GQA group fills g rows. 4 warps, 16 rows
-// each. Q is staged through shared memory into registers once; K/V tiles of 64 keys are double
-// buffered in shared memory with cp.async. S = Q K^T and O += P V run on mma.sync with the online
-// softmax in registers (exp2 with the scale folded in). Causal: the key range of the block ends at
-// the last visible key of its last row; only tiles crossing a row's limit are masked.
+// read once per group, and a single decode token of a GQA group fills g rows. 4 warps. Q is staged
+// through shared memory into registers once; K/V tiles of 64 keys are double buffered in shared
+// memory with cp.async. S = Q K^T and O += P V run on mma.sync with the online softmax in registers
+// (exp2 with the scale folded in). Causal: the key range of the block ends at the last visible key
+// of its last row; only tiles crossing a row's limit are masked.
+//
+// Two shapes of block (fwd_block_rows): kRows = 64, each warp 16 rows against all 64 keys of a tile
+// (prefill); kRows = 16 when a sequence has at most 16 packed rows (decode: g rows per token), where
+// the rows of one warp would leave three warps idle and one warp's products would bound the key
+// stream: every warp takes the same 16 rows against its own 16 keys of each tile, keeps its own
+// softmax state, and the four partial results are merged through shared memory at the end (the
+// SplitLse rule within a block).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -18,40 +25,48 @@
 
 namespace exaone_ext::cuda::attn {
 
-constexpr int kFwdRows = 64;  // packed q rows per block
 constexpr int kFwdKeys = 64;  // keys per tile
-constexpr int kFwdThreads = 128;
+constexpr int kFwdWarps = 4;
+constexpr int kFwdThreads = 32 * kFwdWarps;
 
-template <int D>
+template <int D, int kRows>
 struct FwdSmem {
   static constexpr int kStride = D + 8;
-  static constexpr size_t kBytes = size_t(kFwdRows + 4 * kFwdKeys) * kStride * sizeof(uint16_t);  // Q, 2x K, 2x V
+  static constexpr size_t kBytes = size_t(kRows + 4 * kFwdKeys) * kStride * sizeof(uint16_t);  // Q, 2x K, 2x V
+  // the key-split merge reuses the K buffers for every warp's float32 rows and the V buffers for m / l
+  static_assert(kRows == 64 || size_t(kFwdWarps) * kRows * D * sizeof(float) <= size_t(2) * kFwdKeys * kStride * 2,
+                "key-split merge rows fit in the K buffers");
 };
 
-template <typename T, int D>
+template <typename T, int D, int kRows>
 __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p, const FwdSplit sp, const bool aligned) {
   static_assert(D % 16 == 0, "head dim must be a multiple of 16 on tensor cores");
-  constexpr int SD = FwdSmem<D>::kStride;
+  static_assert(kRows == 64 || kRows == 16, "a block is 64 rows (a warp per 16) or 16 rows (a warp per 16 keys)");
+  constexpr bool kKeySplit = kRows == 16;
+  constexpr int kWarpKeys = kKeySplit ? kFwdKeys / kFwdWarps : kFwdKeys;  // keys of a tile this warp multiplies
+  constexpr int SD = FwdSmem<D, kRows>::kStride;
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* sQ = smem;
-  uint16_t* sK = sQ + kFwdRows * SD;  // buffer n at sK + n * kFwdKeys * SD
+  uint16_t* sK = sQ + kRows * SD;  // buffer n at sK + n * kFwdKeys * SD
   uint16_t* sV = sK + 2 * kFwdKeys * SD;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
+  const int row0 = kKeySplit ? 0 : warp * 16;         // this warp's first row in the block
+  const int key0 = kKeySplit ? warp * kWarpKeys : 0;  // and its first key in each tile
   const int64_t hk = blockIdx.y;
   const int64_t b = blockIdx.z / sp.num_splits;
   const int64_t split = blockIdx.z % sp.num_splits;
   const int64_t g = attn_group(p);
   const SeqRange r = seq_range(p, b);
   const int64_t rows_total = r.len_q * g;  // packed rows of this sequence
-  const int64_t m0 = int64_t(blockIdx.x) * kFwdRows;
+  const int64_t m0 = int64_t(blockIdx.x) * kRows;
   if (m0 >= rows_total) return;  // uniform over the block
 
   // Keys of this block: the split's range, cut at the last key any of its rows may see.
   const int64_t kv_begin = sp.num_splits > 1 ? split * sp.keys_per_split : 0;
   int64_t kv_split_end = sp.num_splits > 1 ? kv_begin + sp.keys_per_split : r.len_k;
   if (kv_split_end > r.len_k) kv_split_end = r.len_k;
-  const int64_t last_row = (m0 + kFwdRows < rows_total ? m0 + kFwdRows : rows_total) - 1;
+  const int64_t last_row = (m0 + kRows < rows_total ? m0 + kRows : rows_total) - 1;
   int64_t kv_end = attn_key_limit(p.causal, last_row / g, r.len_q, r.len_k);
   if (kv_end > kv_split_end) kv_end = kv_split_end;
   int64_t min_limit = attn_key_limit(p.causal, m0 / g, r.len_q, r.len_k);  // the block's first row sees least
@@ -63,7 +78,7 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
   const T* v = static_cast<const T*>(p.v);
 
   // Q rows (packed) -> shared.
-  load_tile<D, SD, kFwdThreads>(sQ, kFwdRows, aligned, [&](int row) -> const void* {
+  load_tile<D, SD, kFwdThreads>(sQ, kRows, aligned, [&](int row) -> const void* {
     const int64_t pr = m0 + row, i = pr / g;
     if (i >= r.len_q) return nullptr;
     return q + attn_row_offset(p, r, b, i, hk * g + pr % g, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
@@ -86,12 +101,12 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
   cp_async_wait<0>();
   __syncthreads();
 
-  // This thread's two rows: warp * 16 + gid (+ 8).
-  const bool warp_active = m0 + warp * 16 < rows_total;
+  // This thread's two rows: row0 + gid (+ 8).
+  const bool warp_active = m0 + row0 < rows_total;
   int64_t limit[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
-    const int64_t pr = m0 + warp * 16 + gid + 8 * h2;
+    const int64_t pr = m0 + row0 + gid + 8 * h2;
     limit[h2] = attn_key_limit(p.causal, pr / g, r.len_q, r.len_k);
     if (limit[h2] > kv_split_end) limit[h2] = kv_split_end;
   }
@@ -99,7 +114,7 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
   uint32_t qf[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const uint16_t* q0 = sQ + (warp * 16 + gid) * SD + kk * 16 + tig * 2;
+    const uint16_t* q0 = sQ + (row0 + gid) * SD + kk * 16 + tig * 2;
     qf[kk][0] = lds_pair(q0);
     qf[kk][1] = lds_pair(q0 + 8 * SD);
     qf[kk][2] = lds_pair(q0 + 8);
@@ -125,18 +140,19 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
     if (warp_active) {
       const uint16_t* tK = sK + buf * kFwdKeys * SD;
       const uint16_t* tV = sV + buf * kFwdKeys * SD;
-      float s[kFwdKeys / 8][4];
+      float s[kWarpKeys / 8][4];
 #pragma unroll
-      for (int nt = 0; nt < kFwdKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      // B fragments of K^T for key tiles nt, nt + 1: matrices (keys nt*8.., d kk*16..), (.., d + 8),
-      // (keys (nt+1)*8.., d kk*16..), (.., d + 8); lane supplies row lane % 8 of matrix lane / 8.
+      for (int nt = 0; nt < kWarpKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      // B fragments of K^T for key tiles nt, nt + 1 (of this warp's keys): matrices (keys nt*8..,
+      // d kk*16..), (.., d + 8), (keys (nt+1)*8.., d kk*16..), (.., d + 8); lane supplies row lane % 8
+      // of matrix lane / 8.
       const int mi = lane / 8, mr = lane % 8;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-        for (int nt = 0; nt < kFwdKeys / 8; nt += 2) {
+        for (int nt = 0; nt < kWarpKeys / 8; nt += 2) {
           uint32_t kb[4];
-          ldmatrix_x4(kb, tK + ((nt + (mi >> 1)) * 8 + mr) * SD + kk * 16 + (mi & 1) * 8);
+          ldmatrix_x4(kb, tK + (key0 + (nt + (mi >> 1)) * 8 + mr) * SD + kk * 16 + (mi & 1) * 8);
           mma_16816<T>(s[nt], qf[kk], kb[0], kb[1]);
           mma_16816<T>(s[nt + 1], qf[kk], kb[2], kb[3]);
         }
@@ -146,11 +162,11 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
       const bool need_mask = n0 + kFwdKeys > min_limit;
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int nt = 0; nt < kFwdKeys / 8; ++nt) {
+      for (int nt = 0; nt < kWarpKeys / 8; ++nt) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           float x = s[nt][c] * p.scale;
-          if (need_mask && n0 + nt * 8 + tig * 2 + (c & 1) >= limit[c >> 1]) x = -INFINITY;
+          if (need_mask && n0 + key0 + nt * 8 + tig * 2 + (c & 1) >= limit[c >> 1]) x = -INFINITY;
           s[nt][c] = x;
           mx[c >> 1] = fmaxf(mx[c >> 1], x);
         }
@@ -163,7 +179,7 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
       }
       float rowsum[2] = {0.f, 0.f};
 #pragma unroll
-      for (int nt = 0; nt < kFwdKeys / 8; ++nt) {
+      for (int nt = 0; nt < kWarpKeys / 8; ++nt) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const float e = fast_exp2(fmaf(s[nt][c], kLog2e, -base[c >> 1]));
@@ -181,7 +197,7 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
 
       // O += P V: P's C fragments become A fragments; V (keys x D) is read column-wise.
 #pragma unroll
-      for (int kt = 0; kt < kFwdKeys / 16; ++kt) {
+      for (int kt = 0; kt < kWarpKeys / 16; ++kt) {
         uint32_t a[4];
         a[0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
         a[1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
@@ -192,7 +208,7 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt += 2) {
           uint32_t vb[4];
-          ldmatrix_x4_trans(vb, tV + (kt * 16 + (mi & 1) * 8 + mr) * SD + (dt + (mi >> 1)) * 8);
+          ldmatrix_x4_trans(vb, tV + (key0 + kt * 16 + (mi & 1) * 8 + mr) * SD + (dt + (mi >> 1)) * 8);
           mma_16816<T>(o[dt], a, vb[0], vb[1]);
           mma_16816<T>(o[dt + 1], a, vb[2], vb[3]);
         }
@@ -202,12 +218,73 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_mma_kernel(const AttnParams p
   }
   cp_async_wait<0>();
 
-  if (!warp_active) return;
   T* out = static_cast<T*>(p.out);
+  if constexpr (kKeySplit) {
+    // Merge the four warps' results for the block's 16 rows: every warp's (m, l) into shared memory,
+    // then its rows rescaled to the largest m, then each thread sums the warps for its elements.
+    __syncthreads();  // every warp is past its last read of the K / V buffers
+    float* red_o = reinterpret_cast<float*>(sK);  // [warp][row][D]
+    float* red_m = reinterpret_cast<float*>(sV);  // [warp][row]
+    float* red_l = red_m + kFwdWarps * kRows;
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const float l = quad_sum(sm[h2].l);
+      if (tig == 0) {
+        red_m[warp * kRows + gid + 8 * h2] = sm[h2].m;
+        red_l[warp * kRows + gid + 8 * h2] = l;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int row = gid + 8 * h2;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kFwdWarps; ++w) mx = fmaxf(mx, red_m[w * kRows + row]);
+      // a warp that saw no key of this row (m = -inf) contributes nothing; o is then all zero
+      const float f = sm[h2].m == -INFINITY ? 0.f : expf(sm[h2].m - mx);
+      float* dst = red_o + (warp * kRows + row) * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        dst[dt * 8 + tig * 2] = o[dt][2 * h2] * f;
+        dst[dt * 8 + tig * 2 + 1] = o[dt][2 * h2 + 1] * f;
+      }
+    }
+    __syncthreads();
+    for (int e = tid; e < kRows * D; e += kFwdThreads) {
+      const int row = e / D, d = e - row * D;
+      const int64_t pr = m0 + row;
+      if (pr >= rows_total) continue;
+      OnlineSoftmax fin;
+#pragma unroll
+      for (int w = 0; w < kFwdWarps; ++w) fin.m = fmaxf(fin.m, red_m[w * kRows + row]);
+      float acc = 0.f;
+#pragma unroll
+      for (int w = 0; w < kFwdWarps; ++w) {
+        const float mw = red_m[w * kRows + row];
+        // NaN * 0 stays NaN: a NaN sum of one warp reaches the row, as over all keys
+        fin.l += red_l[w * kRows + row] * (mw == -INFINITY ? 0.f : expf(mw - fin.m));
+        acc += red_o[(w * kRows + row) * D + d];
+      }
+      const int64_t i = pr / g, h = hk * g + pr % g;
+      const float val = acc * fin.inv_l();
+      if (sp.num_splits > 1) {
+        const int64_t srow = ((split * p.batch + b) * p.q_heads + h) * p.seq_q + i;
+        sp.out_partial[srow * D + d] = val;
+        if (d == 0) sp.lse_partial[srow] = fin.lse();
+      } else {
+        st(out + attn_row_offset(p, r, b, i, h, p.o_batch_stride, p.o_row_stride, p.o_head_stride) + d, val);
+        if (d == 0 && p.lse) p.lse[attn_lse_offset(p, r, b, i, h)] = fin.lse();
+      }
+    }
+    return;
+  }
+
+  if (!warp_active) return;
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
     sm[h2].l = quad_sum(sm[h2].l);
-    const int64_t pr = m0 + warp * 16 + gid + 8 * h2, i = pr / g, h = hk * g + pr % g;
+    const int64_t pr = m0 + row0 + gid + 8 * h2, i = pr / g, h = hk * g + pr % g;
     if (i >= r.len_q) continue;
     const float inv = sm[h2].inv_l(), lse = sm[h2].lse();
     if (sp.num_splits > 1) {
@@ -244,16 +321,24 @@ void launch_fwd_mma(const AttnParams& p, const FwdSplit& sp, cudaStream_t stream
   const bool aligned = rows_aligned_16(p.q, {p.q_batch_stride, p.q_row_stride, p.q_head_stride}, 2) &&
                        rows_aligned_16(p.k, {p.k_batch_stride, p.k_row_stride, p.k_head_stride}, 2) &&
                        rows_aligned_16(p.v, {p.v_batch_stride, p.v_row_stride, p.v_head_stride}, 2);
-  const int64_t blocks_x = (p.seq_q * attn_group(p) + kFwdRows - 1) / kFwdRows;
+  const int rows = flash_attn_fwd_block_rows(p);
+  const int64_t blocks_x = (p.seq_q * attn_group(p) + rows - 1) / rows;
   const int64_t blocks_z = p.batch * sp.num_splits;
   if (blocks_x > 0x7fffffff || p.kv_heads > 65535 || blocks_z > 65535)
     throw std::invalid_argument("exaone_ext: attention grid too large for one launch");
-  auto kernel = fwd_mma_kernel<T, D>;
-  constexpr size_t smem = FwdSmem<D>::kBytes;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
-    check_launch("flash_attn forward (shared memory attribute)");
-  kernel<<<dim3(unsigned(blocks_x), unsigned(p.kv_heads), unsigned(blocks_z)), kFwdThreads, smem, stream>>>(p, sp,
-                                                                                                        aligned);
+  auto launch = [&]<int kRows>() {
+    auto kernel = fwd_mma_kernel<T, D, kRows>;
+    constexpr size_t smem = FwdSmem<D, kRows>::kBytes;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
+      check_launch("flash_attn forward (shared memory attribute)");
+    kernel<<<dim3(unsigned(blocks_x), unsigned(p.kv_heads), unsigned(blocks_z)), kFwdThreads, smem, stream>>>(
+        p, sp, aligned);
+  };
+  if (rows == 16) {
+    launch.template operator()<16>();
+  } else {
+    launch.template operator()<64>();
+  }
   check_launch("flash_attn forward");
 }
 
