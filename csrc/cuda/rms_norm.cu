@@ -1,7 +1,10 @@
 // RMSNorm forward and backward on CUDA.
 //
-// Forward: one warp per row when a row is at most kWarpPacks packs (several rows per block),
-// otherwise one block per row. A pack is N elements moved as one 16-byte access when every
+// Forward: one warp per row when a row is at most kWarpPacks packs (several rows per block);
+// rows of up to kResidentThreads * 8 packs (the model's hidden sizes) take the resident kernel:
+// enough blocks to fill the device, each keeping its columns of the weight in registers and walking
+// rows with the row's values held in registers between the sum of squares and the scaling (x read
+// once, h never read back); longer rows get one block per row. A pack is N elements moved as one 16-byte access when every
 // pointer and stride allows, else one element. Each thread visits the same columns in both
 // passes, so the second pass (and, for add_rms_norm, the read back of h it wrote) is its own data.
 // Backward: stage one, one block per fixed chunk of rows: dx for each row and that chunk's partial
@@ -17,6 +20,7 @@ namespace {
 constexpr int kWarpPacks = 64;      // rows of at most this many packs get one warp
 constexpr int kRowsPerBlock = 4;    // warps (rows) per block in the warp-per-row forward
 constexpr int kMaxThreads = 512;
+constexpr int kResidentThreads = 256;  // most threads of a resident block (packs per thread 1, 2, 4 or 8)
 
 template <typename T> __device__ __forceinline__ float rnd(float v) { return v; }
 template <> __device__ __forceinline__ float rnd<bf16>(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
@@ -109,6 +113,59 @@ __global__ void rms_norm_fwd_kernel(RmsNormArgs a) {
   }
 }
 
+// Resident forward: thread t owns packs t, t + blockDim, ... (kPacks of them) of every row; the
+// block walks rows blockIdx.x, + gridDim.x, ... with the weight loaded once.
+template <typename T, int N, int kPacks, bool kAdd>
+__global__ void __launch_bounds__(kResidentThreads) rms_norm_fwd_resident_kernel(RmsNormArgs a) {
+  __shared__ float smem[32];
+  const int64_t n = a.cols;
+  const int tid = threadIdx.x;
+  float wv[kPacks][N];
+  bool has[kPacks];
+#pragma unroll
+  for (int k = 0; k < kPacks; ++k) {
+    const int64_t c = (int64_t(k) * blockDim.x + tid) * N;
+    has[k] = c < n;
+    if (has[k]) {
+      load_weight<N>(static_cast<const float*>(a.weight) + c, wv[k]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) wv[k][j] = 0.f;
+    }
+  }
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const T* x = static_cast<const T*>(a.x) + row * a.x_stride;
+    T* y = static_cast<T*>(a.y) + row * n;
+    float xv[kPacks][N];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      const int64_t c = (int64_t(k) * blockDim.x + tid) * N;
+      if (!has[k]) continue;
+      load_pack<T, N>(x + c, xv[k]);
+      if constexpr (kAdd) {
+        float rv[N];
+        load_pack<T, N>(static_cast<const T*>(a.residual) + row * a.residual_stride + c, rv);
+#pragma unroll
+        for (int j = 0; j < N; ++j) xv[k][j] = rnd<T>(xv[k][j] + rv[j]);
+        store_pack<T, N>(static_cast<T*>(a.h) + row * n + c, xv[k]);
+      }
+#pragma unroll
+      for (int j = 0; j < N; ++j) ss += xv[k][j] * xv[k][j];
+    }
+    ss = row_sum<true>(ss, smem);
+    const float rstd = float(1.0 / sqrt(double(ss) / double(n) + a.eps));  // as the other kernels
+    if (tid == 0) static_cast<float*>(a.rstd)[row] = rstd;
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      if (!has[k]) continue;
+#pragma unroll
+      for (int j = 0; j < N; ++j) xv[k][j] = wv[k][j] * rnd<T>(xv[k][j] * rstd);
+      store_pack<T, N>(y + (int64_t(k) * blockDim.x + tid) * N, xv[k]);
+    }
+  }
+}
+
 // One block per chunk of rows: dx, and the chunk's partial weight gradient in dw_partial[chunk].
 template <typename T, int N>
 __global__ void rms_norm_bwd_kernel(RmsNormBackwardArgs a) {
@@ -174,12 +231,39 @@ int threads_for(int64_t packs) {
   return int(t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t));
 }
 
+// Blocks for the resident kernel: as many as fit on the device at once, never more than rows.
+template <typename Kernel>
+unsigned resident_blocks(Kernel kernel, int threads, int64_t rows) {
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess || per_sm <= 0) {
+    cudaGetLastError();
+    per_sm = 1;
+  }
+  const int64_t blocks = int64_t(per_sm) * device_sm_count();
+  return unsigned(rows < blocks ? rows : blocks);
+}
+
 template <typename T, int N, bool kAdd>
 void launch_forward(const RmsNormArgs& a, cudaStream_t stream) {
   const int64_t packs = (a.cols + N - 1) / N;
   if (packs <= kWarpPacks) {
     const unsigned blocks = unsigned((a.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     rms_norm_fwd_kernel<T, N, kAdd, false><<<blocks, 32 * kRowsPerBlock, 0, stream>>>(a);
+  } else if (packs <= 8 * kResidentThreads) {
+    auto launch = [&]<int kPacks>() {
+      const int threads = int((packs + kPacks - 1) / kPacks + 31) / 32 * 32;
+      auto kernel = rms_norm_fwd_resident_kernel<T, N, kPacks, kAdd>;
+      kernel<<<resident_blocks(kernel, threads, a.rows), threads, 0, stream>>>(a);
+    };
+    if (packs <= kResidentThreads) {
+      launch.template operator()<1>();
+    } else if (packs <= 2 * kResidentThreads) {
+      launch.template operator()<2>();
+    } else if (packs <= 4 * kResidentThreads) {
+      launch.template operator()<4>();
+    } else {
+      launch.template operator()<8>();
+    }
   } else {
     rms_norm_fwd_kernel<T, N, kAdd, true><<<unsigned(a.rows), threads_for(packs), 0, stream>>>(a);
   }

@@ -1,8 +1,10 @@
-// RoPE on CUDA. The fused rotation is one grid-stride launch over (token, head of q then k,
-// column chunk): q and k share the launch and the table row of the token's position. A thread
-// moves N elements of each half (rotate-half) or N interleaved elements with 16-byte accesses
-// where alignment allows, else one pair. The pair rotation and the llama3 frequencies are
+// RoPE on CUDA. Where 16-byte accesses are allowed the fused rotation walks tokens, a block per
+// token at a time: the token's position is read once, thread t keeps one column chunk (N elements
+// of each half, rotate-half, or N interleaved elements) and that chunk's cos / sin in registers and
+// rotates it in heads t / chunks, + heads per pass, ... of q then k. Otherwise one grid-stride
+// launch over (token, head, pair) moves one pair per thread. The pair rotation and the llama3 frequencies are
 // common/rope.h, shared with the CPU kernels.
+#include <algorithm>
 #include <cmath>
 
 #include "common/rope.h"
@@ -47,44 +49,83 @@ __device__ __forceinline__ Item locate(const RopeArgs& a, int64_t head_item, uns
   return it;
 }
 
-// N columns of each half per thread (rotate-half), or N interleaved elements (N even).
+// Token-major: blockDim.x = chunks * heads per pass (see rope_apply).
+// table_vec: the cos / sin rows allow 16-byte loads of a chunk's entries.
 template <typename T, int N, bool Interleaved>
-__global__ void rope_vec_kernel(RopeArgs a, unsigned long long* bad) {
-  const int64_t half = a.head_dim / 2;
-  const int64_t chunks = (Interleaved ? a.head_dim : half) / N;
-  const int64_t total = a.batch * a.seq * (a.q_heads + a.k_heads) * chunks;
+__global__ void rope_vec_kernel(RopeArgs a, unsigned long long* bad, bool table_vec) {
+  const int half = int(a.head_dim / 2);
+  const int chunks = (Interleaved ? 2 * half : half) / N;
+  const int per_pass = int(blockDim.x) / chunks;
+  const int chunk = int(threadIdx.x) % chunks, h0 = int(threadIdx.x) / chunks;
+  const int heads = int(a.q_heads + a.k_heads);
+  const int col = chunk * N;                     // first element of this thread's chunk (of the first half)
+  const int tcol = Interleaved ? col / 2 : col;  // its first table column
   const float sign = a.inverse ? -1.f : 1.f;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t head_item = i / chunks, col = (i - head_item * chunks) * N;
-    const Item it = locate<T>(a, head_item, bad);
-    const T* x = static_cast<const T*>(it.x);
-    T* y = static_cast<T*>(it.y);
-    if constexpr (Interleaved) {
-      float v[N], o[N];
-      if (it.ok) {
-        load_pack<T, N>(x + col, v);
+  const int64_t tokens = a.batch * a.seq;
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    const int64_t b = t / a.seq, s = t - b * a.seq;
+    const int64_t p = a.pos[b * a.pos_sb + s * a.pos_ss];
+    const bool ok = p >= 0 && p < a.table_rows;
+    if (!ok && threadIdx.x == 0 && atomicCAS(bad, 0ull, 1ull) == 0ull) bad[1] = static_cast<unsigned long long>(p);
+    constexpr int kT = Interleaved ? N / 2 : N;  // table entries of a chunk
+    float c[kT], sn[kT];
+    if (ok) {
+      const float* cp = a.cos + p * a.cos_stride + tcol;
+      const float* sp = a.sin + p * a.sin_stride + tcol;
+      if constexpr (kT % 4 == 0) {
+        if (table_vec) {
 #pragma unroll
-        for (int j = 0; j < N; j += 2)
-          rope_rotate_pair(v[j], v[j + 1], it.cos[col / 2 + j / 2], sign * it.sin[col / 2 + j / 2], o[j], o[j + 1]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < N; ++j) o[j] = NAN;
+          for (int j = 0; j < kT; j += 4) {
+            const float4 cv = *reinterpret_cast<const float4*>(cp + j);
+            const float4 sv = *reinterpret_cast<const float4*>(sp + j);
+            c[j] = cv.x; c[j + 1] = cv.y; c[j + 2] = cv.z; c[j + 3] = cv.w;
+            sn[j] = sv.x; sn[j + 1] = sv.y; sn[j + 2] = sv.z; sn[j + 3] = sv.w;
+          }
+        }
       }
-      store_pack<T, N>(y + col, o);
-    } else {
-      float x1[N], x2[N], o1[N], o2[N];
-      if (it.ok) {
-        load_pack<T, N>(x + col, x1);
-        load_pack<T, N>(x + half + col, x2);
+      if (!(kT % 4 == 0 && table_vec)) {
 #pragma unroll
-        for (int j = 0; j < N; ++j)
-          rope_rotate_pair(x1[j], x2[j], it.cos[col + j], sign * it.sin[col + j], o1[j], o2[j]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < N; ++j) o1[j] = o2[j] = NAN;
+        for (int j = 0; j < kT; ++j) {
+          c[j] = cp[j];
+          sn[j] = sp[j];
+        }
       }
-      store_pack<T, N>(y + col, o1);
-      store_pack<T, N>(y + half + col, o2);
+#pragma unroll
+      for (int j = 0; j < kT; ++j) sn[j] *= sign;
+    }
+    const T* qrow = static_cast<const T*>(a.q) + b * a.q_sb + s * a.q_ss;
+    const T* krow = static_cast<const T*>(a.k) + b * a.k_sb + s * a.k_ss;
+    T* qout = static_cast<T*>(a.q_out) + t * a.q_heads * a.head_dim;
+    T* kout = static_cast<T*>(a.k_out) + t * a.k_heads * a.head_dim;
+    for (int h = h0; h < heads; h += per_pass) {
+      const bool is_q = h < a.q_heads;
+      const T* x = is_q ? qrow + h * a.q_sh : krow + (h - a.q_heads) * a.k_sh;
+      T* y = is_q ? qout + int64_t(h) * a.head_dim : kout + int64_t(h - a.q_heads) * a.head_dim;
+      if constexpr (Interleaved) {
+        float v[N], o[N];
+        if (ok) {
+          load_pack<T, N>(x + col, v);
+#pragma unroll
+          for (int j = 0; j < N; j += 2) rope_rotate_pair(v[j], v[j + 1], c[j / 2], sn[j / 2], o[j], o[j + 1]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < N; ++j) o[j] = NAN;
+        }
+        store_pack<T, N>(y + col, o);
+      } else {
+        float x1[N], x2[N], o1[N], o2[N];
+        if (ok) {
+          load_pack<T, N>(x + col, x1);
+          load_pack<T, N>(x + half + col, x2);
+#pragma unroll
+          for (int j = 0; j < N; ++j) rope_rotate_pair(x1[j], x2[j], c[j], sn[j], o1[j], o2[j]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < N; ++j) o1[j] = o2[j] = NAN;
+        }
+        store_pack<T, N>(y + col, o1);
+        store_pack<T, N>(y + half + col, o2);
+      }
     }
   }
 }
@@ -132,10 +173,22 @@ void rope_apply(const RopeArgs& a, unsigned long long* bad, cudaStream_t stream)
     constexpr int W = 16 / sizeof(T);
     const int w = vector_width<T>(a.interleaved ? a.head_dim : half, {a.q, a.k, a.q_out, a.k_out},
                                   {a.q_sb, a.q_ss, a.q_sh, a.k_sb, a.k_ss, a.k_sh, half});
-    if (w == W && a.interleaved) {
-      rope_vec_kernel<T, W, true><<<grid_for(head_items * (a.head_dim / W), kThreads), kThreads, 0, stream>>>(a, bad);
-    } else if (w == W) {
-      rope_vec_kernel<T, W, false><<<grid_for(head_items * (half / W), kThreads), kThreads, 0, stream>>>(a, bad);
+    const int64_t heads = a.q_heads + a.k_heads, tokens = a.batch * a.seq;
+    const int64_t chunks = (a.interleaved ? a.head_dim : half) / W;
+    if (w == W && chunks <= kThreads && heads <= 0x7fffffffLL) {
+      // a block: every chunk of as many heads as fit in kThreads threads
+      const int64_t per_pass = std::min<int64_t>(heads, kThreads / chunks);
+      const int threads = int(chunks * per_pass);
+      const unsigned blocks = unsigned(std::min<int64_t>(tokens, int64_t(device_sm_count()) * (2048 / threads)));
+      // chunks start at multiples of 4 table entries (W >= 4 elements: 2 interleaved pairs at least)
+      const bool table_vec = reinterpret_cast<uintptr_t>(a.cos) % 16 == 0 &&
+                             reinterpret_cast<uintptr_t>(a.sin) % 16 == 0 && a.cos_stride % 4 == 0 &&
+                             a.sin_stride % 4 == 0;
+      if (a.interleaved) {
+        rope_vec_kernel<T, W, true><<<blocks, threads, 0, stream>>>(a, bad, table_vec);
+      } else {
+        rope_vec_kernel<T, W, false><<<blocks, threads, 0, stream>>>(a, bad, table_vec);
+      }
     } else {
       rope_pair_kernel<T><<<grid_for(head_items * half, kThreads), kThreads, 0, stream>>>(a, bad);
     }

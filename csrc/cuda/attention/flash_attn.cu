@@ -44,22 +44,6 @@ void check_head_dim(int64_t d) {
                                 std::to_string(d));
 }
 
-int sm_count() {
-  static std::atomic<int> cache[64];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) check_launch("cudaGetDevice");
-  if (dev < 0 || dev >= 64) dev = 0;
-  int n = cache[dev].load(std::memory_order_relaxed);
-  if (n == 0) {
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
-      cudaGetLastError();
-      n = 108;
-    }
-    cache[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 template <typename T>
 void fwd_by_dim(const AttnParams& p, const FwdSplit& sp, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
@@ -187,7 +171,7 @@ FwdSplit flash_attn_split_plan(const AttnParams& p) {
                              : (p.seq_q + 3) / 4 * p.q_heads * p.batch;
   // Enough blocks to fill the device twice over; four times for the 16-row (decode) blocks, which
   // only stream the cache, so that the last wave's idle SMs cost little.
-  const int64_t target = (rows == 16 ? 4 : 2) * int64_t(attn::sm_count());
+  const int64_t target = (rows == 16 ? 4 : 2) * int64_t(device_sm_count());
   if (blocks >= target) return s;
   int64_t splits = (target + blocks - 1) / blocks;
   const int64_t by_length = (p.seq_k + 255) / 256;  // at least 256 keys per split
