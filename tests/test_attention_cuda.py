@@ -207,6 +207,35 @@ def test_kvcache_long_single_sequence(dtype):
     _kvcache_case(dtype, 1, 40, 8, 80, 32768, [20001], 1, False)
 
 
+@pytest.fixture(params=[1, 0], ids=["128-row", "64-row"])
+def wide_rows(request):
+    """Both block shapes of the tensor-core forward for more than 16 packed rows (the automatic rule
+    takes 128 rows only for grids that fill the GPU, which few test shapes do)."""
+    from exaone_ext import _C
+    previous = _C._set_cuda_attn_wide_rows(request.param)
+    yield request.param
+    _C._set_cuda_attn_wide_rows(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+@pytest.mark.parametrize("seqs", [(17, 17), (97, 97), (1025, 1025), (128, 1025), (97, 17), (5, 300)])
+def test_forward_block_shapes(seqs, head_dim, causal, dtype, wide_rows):
+    """The forward (out and LSE) on the 128- and 64-row blocks: partial last blocks, bottom-right
+    causal, rows that see no key, groups of 1, 4 and 8, and a split-KV grid (5 x 300, one kv head)."""
+    torch.manual_seed(0)
+    sq, sk = seqs
+    for hq, hk in [(4, 4), (8, 2), (8, 1)]:
+        q, k, v = _rand(2, sq, hq, head_dim, dtype=dtype), _rand(2, sk, hk, head_dim, dtype=dtype), \
+            _rand(2, sk, hk, head_dim, dtype=dtype)
+        out, lse = ops.flash_attn(q, k, v, causal=causal, return_lse=True)
+        out64, lse64 = reference.flash_attn(q.double(), k.double(), v.double(), causal, return_lse=True)
+        out_lp, lse_lp = reference.flash_attn(q, k, v, causal, return_lse=True)
+        _within(out, out64, out_lp, f"out {hq}/{hk}", sk)
+        _check_lse(lse, lse64, lse_lp, k=sk)
+
+
 @pytest.fixture(params=[True, False], ids=["key-split", "64-row"])
 def key_split(request):
     """Both block shapes of the tensor-core forward for decode rows (seq_q * group <= 16)."""

@@ -287,3 +287,12 @@ def test_float64_attention_keeps_the_scale_exact(d):
     lens = torch.tensor([2], dtype=torch.int32)
     kv = ops.flash_attn_with_kvcache(q.detach(), k.detach(), v.detach(), lens, causal=False)
     torch.testing.assert_close(kv, ref.detach(), atol=1e-13, rtol=1e-12)
+
+
+def test_cuda_attention_switches_refuse_bad_modes():
+    """The CUDA forward's block-shape switch names its modes (in every build, with or without CUDA)."""
+    from exaone_ext import _C
+    with pytest.raises(ValueError, match="wide-row mode must be -1"):
+        _C._set_cuda_attn_wide_rows(2)
+    previous = _C._set_cuda_attn_wide_rows(-1)
+    assert previous in (-1, 0, 1) and _C._set_cuda_attn_wide_rows(previous) == -1

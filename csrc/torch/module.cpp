@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <locale>
+#include <stdexcept>
 #include <string>
 
 #include "common/attention.h"
@@ -202,6 +203,22 @@ PYBIND11_MODULE(_C, m) {
       "Allow (True, the default) or forbid the CUDA tensor-core attention forward's 16-row blocks, whose four "
       "warps split each key tile, for sequences of at most 16 packed query rows (decode); forbidden, they take "
       "the 64-row blocks. Returns the previous setting (False, doing nothing, in a build without CUDA).");
+  m.def(
+      "_set_cuda_attn_wide_rows",
+      [](int mode) {
+#if EXAONE_EXT_WITH_CUDA
+        return exaone_ext::cuda::flash_attn_set_wide_rows(mode);
+#else
+        if (mode < -1 || mode > 1)
+          throw std::invalid_argument("exaone_ext: wide-row mode must be -1 (automatic), 0 (never) or 1 (always), got " +
+                                      std::to_string(mode));
+        return -1;
+#endif
+      },
+      py::arg("mode"),
+      "The CUDA tensor-core attention forward's 128-row blocks (each warp two 16-row groups, 32-key tiles): -1 "
+      "where they still give every SM a block (the default), 0 never (64-row blocks), 1 for every call of more "
+      "than 16 packed rows. Returns the previous mode (-1, doing nothing, in a build without CUDA).");
   m.def("_set_cpu_avx512bf16", &exaone_ext::cpu::set_avx512bf16, py::arg("enabled"),
         "Allow (True) or forbid the AVX512-BF16 variants of the CPU kernels in place of avx512 (SwiGLU, RMSNorm, "
         "attention's bfloat16 tile products, the bfloat16 decode kernel); returns the previous setting.");

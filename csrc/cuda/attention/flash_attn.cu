@@ -151,15 +151,26 @@ __global__ void bwd_dq_convert_kernel(const AttnBwdParams bp, const BwdScratch s
 
 namespace {
 std::atomic<bool> g_key_split{true};
+std::atomic<int> g_wide_rows{-1};
 }  // namespace
 
 bool flash_attn_set_key_split(bool enabled) { return g_key_split.exchange(enabled); }
+int flash_attn_set_wide_rows(int mode) {
+  if (mode < -1 || mode > 1)
+    throw std::invalid_argument("exaone_ext: wide-row mode must be -1 (automatic), 0 (never) or 1 (always), got " +
+                                std::to_string(mode));
+  return g_wide_rows.exchange(mode);
+}
 
 int flash_attn_fwd_block_rows(const AttnParams& p) {
-  return g_key_split.load(std::memory_order_relaxed) && p.q_heads > 0 && p.kv_heads > 0 &&
-                 p.seq_q * p.group() <= 16
-             ? 16
-             : 64;
+  if (p.q_heads <= 0 || p.kv_heads <= 0) return 64;
+  const int64_t rows = p.seq_q * p.group();
+  if (rows <= 16 && g_key_split.load(std::memory_order_relaxed)) return 16;
+  // automatic: 128 rows while they still give a block to every SM (fewer would leave SMs idle)
+  const int wide = g_wide_rows.load(std::memory_order_relaxed);
+  if (wide == 1 || (wide == -1 && (rows + 127) / 128 * p.kv_heads * p.batch >= int64_t(device_sm_count())))
+    return 128;
+  return 64;
 }
 
 FwdSplit flash_attn_split_plan(const AttnParams& p) {

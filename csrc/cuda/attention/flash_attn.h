@@ -25,11 +25,14 @@ struct FwdSplit {
   float* lse_partial = nullptr;
 };
 
-// The tensor-core forward's block shape (fwd_mma.cuh): 16 packed q rows with the four warps splitting
-// each key tile when every sequence has at most 16 packed rows (seq_q * group: decode), else 64 rows
-// with a warp per 16. flash_attn_set_key_split(false) keeps 64 everywhere (comparisons, or setting
-// the variant aside); returns the previous setting.
+// The tensor-core forward's block shape (fwd_mma.cuh), in packed q rows: 16, with the four warps
+// splitting each key tile, when every sequence has at most 16 packed rows (seq_q * group: decode);
+// 128, each warp two 16-row groups (K / V fragments read once for both), when that still gives every
+// SM a block; else 64, a warp per 16 rows. flash_attn_set_key_split(false) sets the 16-row shape
+// aside; flash_attn_set_wide_rows(mode) chooses the 128-row one: -1 by the rule above (the default),
+// 0 never, 1 for every call of more than 16 rows (tests). Each returns its previous setting.
 bool flash_attn_set_key_split(bool enabled);
+int flash_attn_set_wide_rows(int mode);
 int flash_attn_fwd_block_rows(const AttnParams& p);
 
 // How many splits the forward of p should use: enough blocks to fill the device twice over when the
