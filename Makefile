@@ -5,7 +5,8 @@
 #   make test        set up .venv, build and install the package, run the fast complete pass (every
 #                    kernel and path; the tests marked slow left out), then cuda-check
 #   make test-all    make test, then the slow tests (make test-slow): the whole suite
-#   make cuda-check  compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no torch, no GPU)
+#   make cuda-check  compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no torch, no GPU) and
+#                    print ptxas's registers and spills of the hot kernels (all: build/cuda-check/ptxas.txt)
 #   make cuda-build  build and import the full CUDA extension against torch==2.14.1 (CUDA 13) in .venv-cuda
 #   make bench       run the CPU benchmarks (pytest-benchmark)
 SHELL := /bin/bash
@@ -72,11 +73,15 @@ define CU_RULE
 build/cuda-check/sm_$(1)/%.o: csrc/%.cu $(CU_HDRS)
 	@mkdir -p $$(dir $$@)
 	@echo "nvcc sm_$(1) $$<"
-	@$(NVCC) -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_$(1),code=sm_$(1) -c $$< -o $$@
+	@$(NVCC) -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_$(1),code=sm_$(1) -Xptxas -v \
+	  -c $$< -o $$@ 2> $$@.ptxas.log || { cat $$@.ptxas.log; rm -f $$@; exit 1; }
 endef
 $(foreach a,$(CUDA_ARCHS),$(eval $(call CU_RULE,$(a))))
 
 cuda-check: $(CU_OBJS)
+	@$(PYTHON) cmake/ptxas_report.py build/cuda-check > build/cuda-check/ptxas.txt; rc=$$?; \
+	 grep -E "mma_kernel|resident|SPILLS|ptxas report|held to no|^  " build/cuda-check/ptxas.txt; \
+	 echo "(every kernel: build/cuda-check/ptxas.txt)"; exit $$rc
 	@echo "cuda-check: all $(words $(CU_SRCS)) .cu files compile for sm $(CUDA_ARCHS)"
 
 cuda-build:

@@ -30,7 +30,7 @@ struct BwdSmem {
   static constexpr int kDsStride = kBwdRows + 8;
   static constexpr size_t kTileBytes = size_t(2 * kBwdKeys + 2 * kBwdRows) * kStride * sizeof(uint16_t);  // K V Q dO
   static constexpr size_t kBytes = kTileBytes + size_t(kBwdKeys) * kDsStride * sizeof(uint16_t)          // dS^T
-                                   + 2 * kBwdRows * sizeof(float) + kBwdRows * sizeof(int64_t);  // lse, D, limit
+                                   + 2 * kBwdRows * sizeof(float) + kBwdRows * sizeof(int);  // lse, D, limit
 };
 
 // acc (this warp's 16 rows of sA x kBwdRows rows of sB) = sA . sB^T over the head dim D: both
@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
   uint16_t* sQ = sV + kBwdKeys * SD;
   uint16_t* sdO = sQ + kBwdRows * SD;
   uint16_t* sdS = sdO + kBwdRows * SD;  // dS^T [keys][rows]
-  int64_t* sLimit = reinterpret_cast<int64_t*>(sdS + kBwdKeys * SS);  // 8-byte aligned: offsets are multiples of 16 B
+  // each row's key limit (32 bits: a sequence's keys are far fewer than 2^31)
+  int* sLimit = reinterpret_cast<int*>(sdS + kBwdKeys * SS);  // 4-byte aligned: offsets are multiples of 16 B
   float* sLse = reinterpret_cast<float*>(sLimit + kBwdRows);
   float* sDsum = sLse + kBwdRows;
 
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
     if (tid < kBwdRows) {
       const int64_t pr = m0 + tid, i = pr / g, h = hk * g + pr % g;
       const bool valid = i < r.len_q;
-      sLimit[tid] = valid ? attn_key_limit(p.causal, i, r.len_q, r.len_k) : 0;  // 0: sees nothing
+      sLimit[tid] = valid ? int(attn_key_limit(p.causal, i, r.len_q, r.len_k)) : 0;  // 0: sees nothing
       sLse[tid] = valid ? p.lse[attn_lse_offset(p, r, b, i, h)] : 0.f;
       sDsum[tid] = valid ? sc.dsum[attn_q_row(p, r, b, i) * p.q_heads + h] : 0.f;
     }
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_mma_kernel(const AttnBwdParam
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int row = nt * 8 + tig * 2 + (c & 1);
-        const int64_t j = n0 + warp * 16 + gid + 8 * (c >> 1);
+        const int j = int(n0) + warp * 16 + gid + 8 * (c >> 1);
         st[nt][c] = j < sLimit[row] ? fast_exp2(fmaf(st[nt][c], scale_log2, -sLse[row] * kLog2e)) : 0.f;
       }
     }
