@@ -15,6 +15,8 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "common/dtypes.h"
 
@@ -25,6 +27,14 @@ namespace exaone_ext {
 // quotes kAttnHeadDimsText, and read by Python through build_info()["attention_head_dims"].
 inline constexpr int64_t kAttnHeadDims[] = {64, 80, 96, 128, 256};
 inline constexpr const char kAttnHeadDimsText[] = "64, 80, 96, 128, 256";
+
+// The CUDA forward's 128-row switch (cuda/attention/flash_attn.h): -1 automatic, 0 never, 1 always.
+inline int checked_wide_rows_mode(int mode) {
+  if (mode < -1 || mode > 1)
+    throw std::invalid_argument("exaone_ext: wide-row mode must be -1 (automatic), 0 (never) or 1 (always), got " +
+                                std::to_string(mode));
+  return mode;
+}
 
 inline bool attn_head_dim_supported(int64_t d) {
   for (int64_t h : kAttnHeadDims)

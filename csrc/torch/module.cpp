@@ -14,7 +14,6 @@
 #include <cstdint>
 #include <cstring>
 #include <locale>
-#include <stdexcept>
 #include <string>
 
 #include "common/attention.h"
@@ -209,9 +208,7 @@ PYBIND11_MODULE(_C, m) {
 #if EXAONE_EXT_WITH_CUDA
         return exaone_ext::cuda::flash_attn_set_wide_rows(mode);
 #else
-        if (mode < -1 || mode > 1)
-          throw std::invalid_argument("exaone_ext: wide-row mode must be -1 (automatic), 0 (never) or 1 (always), got " +
-                                      std::to_string(mode));
+        exaone_ext::checked_wide_rows_mode(mode);
         return -1;
 #endif
       },

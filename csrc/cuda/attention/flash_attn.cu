@@ -155,12 +155,7 @@ std::atomic<int> g_wide_rows{-1};
 }  // namespace
 
 bool flash_attn_set_key_split(bool enabled) { return g_key_split.exchange(enabled); }
-int flash_attn_set_wide_rows(int mode) {
-  if (mode < -1 || mode > 1)
-    throw std::invalid_argument("exaone_ext: wide-row mode must be -1 (automatic), 0 (never) or 1 (always), got " +
-                                std::to_string(mode));
-  return g_wide_rows.exchange(mode);
-}
+int flash_attn_set_wide_rows(int mode) { return g_wide_rows.exchange(checked_wide_rows_mode(mode)); }
 
 int flash_attn_fwd_block_rows(const AttnParams& p) {
   if (p.q_heads <= 0 || p.kv_heads <= 0) return 64;
