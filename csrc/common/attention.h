@@ -70,6 +70,14 @@ struct AttnParams {
   void (*bf16_gemm)(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                     const uint16_t* A, const uint16_t* B, float* C) = nullptr;
 
+  // CPU, with bf16_gemm: v transposed per kv head, [.., kv_heads, head_dim, keys] with keys
+  // contiguous (rows vt_dim_stride apart; varlen: the packed key rows as columns), made by the torch
+  // layer for the wide forward blocks, so that O^T += V^T . P^T reads V^T in place as the product's
+  // A and the probabilities in the pairs they are formed in (no per-block packing or transposing).
+  // Null: the forward packs V per block.
+  const void* vt = nullptr;
+  int64_t vt_batch_stride = 0, vt_head_stride = 0, vt_dim_stride = 0;
+
   int64_t group() const { return q_heads / kv_heads; }
 };
 

@@ -384,6 +384,54 @@ inline void pack_prob_pairs(uint16_t* dst, const float* St, int64_t Mp, int64_t 
   }
 }
 
+// O^T [d][Mp]: column c times alpha[c] (16 columns at a time, skipped where all 16 are 1).
+inline void scale_cols(float* Ot, int64_t d, int64_t Mp, const float* alpha) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t c = 0; c < Mp; c += 16) {
+    const __m512 a = _mm512_loadu_ps(alpha + c);
+    if (_mm512_cmp_ps_mask(a, one, _CMP_EQ_OQ) == 0xffff) continue;
+    for (int64_t x = 0; x < d; ++x) _mm512_storeu_ps(Ot + x * Mp + c, _mm512_mul_ps(_mm512_loadu_ps(Ot + x * Mp + c), a));
+  }
+}
+
+// P^T in bf16 pairs along the keys from the float scores S^T [nk][Mp] in one pass:
+// P = exp(S * mul - sub[c]) (mul > 0: the softmax scale folded in), colsum[c] += its float sum,
+// dst[kp][c] = (P[2kp][c], P[2kp + 1][c]) rounded to nearest even (vcvtne2ps2bf16: a probability
+// below 2^-126 becomes 0 rather than a bf16 denormal); the missing key of an odd nk is 0.
+EXAONE_TARGET_BF16 inline void exp_to_pairs(const float* St, int64_t nk, int64_t Mp, float mul, const float* sub,
+                                            float* colsum, uint16_t* dst) {
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  const Vec m = Vec::set1(mul);
+  const int64_t np = (nk + 1) / 2;
+  for (int64_t c = 0; c < Mp; c += 16) {
+    const Vec nsb = Vec::zero() - Vec::load(sub + c);
+    Vec s0 = Vec::zero(), s1 = Vec::zero();
+    for (int64_t kp = 0; kp < np; ++kp) {
+      const Vec e0 = vexp(fmadd(Vec::load(St + 2 * kp * Mp + c), m, nsb));
+      const Vec e1 = 2 * kp + 1 < nk ? vexp(fmadd(Vec::load(St + (2 * kp + 1) * Mp + c), m, nsb)) : Vec::zero();
+      s0 = s0 + e0;
+      s1 = s1 + e1;
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1.v, e0.v);  // e0 low half, e1 high half
+      _mm512_storeu_si512(dst + (kp * Mp + c) * 2, _mm512_permutexvar_epi16(idx, both));
+    }
+    (Vec::load(colsum + c) + s0 + s1).store(colsum + c);
+  }
+}
+
+// O^T [d][Mp] += v^T . p for the last key of an odd tile: v its column of V^T (d values ldv apart),
+// p its probabilities as the low halves of the pairs (as the product of the other keys reads them).
+inline void add_last_key_t(float* Ot, int64_t d, int64_t Mp, const uint16_t* v, int64_t ldv, const uint16_t* pairs) {
+  for (int64_t c = 0; c < Mp; c += 16) {
+    const __m512 pr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(pairs + 2 * c), 16));
+    for (int64_t x = 0; x < d; ++x) {
+      const __m512 vx = _mm512_set1_ps(float_from_bits(uint32_t(v[x * ldv]) << 16));
+      _mm512_storeu_ps(Ot + x * Mp + c, _mm512_fmadd_ps(vx, pr, _mm512_loadu_ps(Ot + x * Mp + c)));
+    }
+  }
+}
+
 // dst[c][r] = src[r][c] for a 16 x 16 block of 32-bit elements (rows lds / ldd elements apart).
 inline void transpose16x16_u32(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
   __m512i r[16], t[16];
@@ -557,10 +605,14 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
     // a narrow block (decode) reads K and V in place; a wide one packs tiles for the micro-kernel
     const bool narrow = !std::is_same_v<A, double> && M <= kNarrowRows;
     // bfloat16 with AVX512-BF16: Q^T, V and P as bf16 pairs, products by vdpbf16ps
-    bool dot16 = false;
+    bool dot16 = false, vt_path = false;
+    A vt_mul = A(1);  // the scale, when the O^T path folds it into the exponent
 #if defined(EXAONE_VEC_AVX512)
     if constexpr (std::is_same_v<T, bf16>)
       dot16 = cpu_bf16_dot() && p.k_row_stride % 2 == 0 && p.v_row_stride % 2 == 0;
+    // O^T [d][Mp] += V^T . P^T through the outside engine, V^T read in place (AttnParams::vt)
+    vt_path = dot16 && !narrow && p.bf16_gemm && p.vt;
+    if (vt_path && scale > A(0)) vt_mul = scale;
     uint16_t* Qb = reinterpret_cast<uint16_t*>(Qn);  // narrow: [M][d] unscaled bf16 rows of q
     uint32_t* Qp = reinterpret_cast<uint32_t*>(Qt);  // [d / 2][Mp] pairs of unscaled q
     uint16_t* Vp = reinterpret_cast<uint16_t*>(Vf);  // [nk / 2][d][2]
@@ -581,7 +633,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
         load_row(Qn + c * d, qr, d, scale);
       } else if (dot16) {
 #if defined(EXAONE_VEC_AVX512)
-        for (int64_t x = 0; x < d / 2; ++x) Qp[x * Mp + c] = load_u32(qr + 2 * x);
+        std::memcpy(Qn + c * (d / 2), qr, d * sizeof(T));  // staged as [Mp][d / 2] pairs, transposed below
 #endif
       } else {
         for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = A(to_float(qr[x])) * scale;
@@ -591,6 +643,18 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       cend[c] = 0;
       for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = 0;
     }
+#if defined(EXAONE_VEC_AVX512)
+    if (dot16 && !narrow) {  // the staged pairs [Mp][d / 2] (rows past M zero) to Qp [d / 2][Mp]
+      uint32_t* Qs = reinterpret_cast<uint32_t*>(Qn);
+      const int64_t dp = d / 2, dp16 = dp / 16 * 16;
+      std::fill(Qs + M * dp, Qs + Mp * dp, 0u);
+      for (int64_t c0 = 0; c0 < Mp; c0 += 16) {
+        for (int64_t x0 = 0; x0 < dp16; x0 += 16) transpose16x16_u32(Qs + c0 * dp + x0, dp, Qp + x0 * Mp + c0, Mp);
+        for (int64_t x = dp16; x < dp; ++x)
+          for (int64_t c = c0; c < c0 + 16; ++c) Qp[x * Mp + c] = Qs[c * dp + x];
+      }
+    }
+#endif
     for (int64_t c = 0; c < Mp; ++c) { m[c] = -INFINITY; l[c] = 0; }
     std::fill(O, O + M * d, A(0));
 
@@ -613,8 +677,35 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
         // S^T = K . Q^T on bf16 pairs (K rows read in place), then the scale in float
         product_bf16(p, St, Mp, reinterpret_cast<const uint16_t*>(kbase + kb * p.k_row_stride), p.k_row_stride,
                      reinterpret_cast<const uint16_t*>(Qp), Mp, nk, Mp, d, false);
-        scale_row(St, nk * Mp, scale);
-        pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
+        if (vt_mul == A(1)) scale_row(St, nk * Mp, scale);
+        if (!vt_path) pack_vnni(Vp, reinterpret_cast<const bf16*>(vbase + kb * p.v_row_stride), p.v_row_stride, nk, d);
+      }
+#endif
+#if defined(EXAONE_VEC_AVX512)
+      if constexpr (std::is_same_v<A, float>) {
+        if (vt_path) {
+          // the scale folds into the exponent (scale > 0: the max of the scaled scores is the scaled max)
+          if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(-INFINITY));
+          col_max(St, nk, Mp, alpha);
+          for (int64_t c = 0; c < Mp; ++c) {
+            const A mn = std::max(m[c], alpha[c] * vt_mul);
+            const A mu = mn == -INFINITY ? A(0) : mn;
+            const A a = std::exp(m[c] - mu);
+            m[c] = mn;
+            msub[c] = mu;
+            l[c] *= a;
+            alpha[c] = a;
+          }
+          exp_to_pairs(St, nk, Mp, vt_mul, msub, l, Pp);
+          scale_cols(O, d, Mp, alpha);  // O^T [d][Mp]
+          // O^T += V^T . P^T: V^T read in place as A, the pairs as B; an odd last key on its own
+          const uint16_t* vtb = static_cast<const uint16_t*>(p.vt) + b * p.vt_batch_stride + kvh * p.vt_head_stride +
+                                sr.k_start + kb;
+          const int64_t even = nk / 2 * 2;
+          if (even > 0) p.bf16_gemm(d, Mp, even, p.vt_dim_stride, Mp, Mp, true, vtb, Pp, O);
+          if (even < nk) add_last_key_t(O, d, Mp, vtb + even, p.vt_dim_stride, Pp + even * Mp);
+          continue;
+        }
       }
 #endif
       const A* kt = Kf;  // K / V tile in the accumulation type
@@ -661,6 +752,17 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       }
     }
 
+#if defined(EXAONE_VEC_AVX512)
+    if (vt_path) {  // O^T [d][Mp] back to rows [Mp][d] (d and Mp multiples of 16), through the free Qn
+      if constexpr (std::is_same_v<A, float>) {
+        for (int64_t x0 = 0; x0 < d; x0 += 16)
+          for (int64_t c0 = 0; c0 < Mp; c0 += 16)
+            transpose16x16_u32(reinterpret_cast<const uint32_t*>(O + x0 * Mp + c0), Mp,
+                               reinterpret_cast<uint32_t*>(Qn + c0 * d + x0), d);
+        std::copy(Qn, Qn + M * d, O);
+      }
+    }
+#endif
     for (int64_t c = 0; c < M; ++c) {
       const int64_t i = qs + c / g, head = kvh * g + c % g;
       // l == 0: the row saw no key (zeros, lse -inf). A NaN score makes l NaN, and the NaN must

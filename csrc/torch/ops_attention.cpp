@@ -82,6 +82,26 @@ std::pair<at::Tensor, at::Tensor> use_heads_major_kv(AttnParams& p, const at::Te
   return {kh, vh};
 }
 
+// With brgemm on bfloat16 (set_bf16_engine first): v transposed per kv head for the forward's wide
+// blocks (AttnParams::vt), [.., kv_heads, head_dim, keys] with keys contiguous; the rows are padded
+// so that they are not a multiple of 4 KiB apart (the product reads head_dim of them at once, which
+// would all fall in the same cache sets). One pass over v, next to the O(seq^2) products.
+at::Tensor use_transposed_v(AttnParams& p, const at::Tensor& v) {
+  if (!p.bf16_gemm || p.dtype != DType::kBFloat16 || v.numel() == 0) return {};
+  const bool dense = v.dim() == 4;
+  const int64_t keys = v.size(-3);
+  const int64_t padded = (keys + 63) / 64 * 64 + 32;
+  at::Tensor vt = dense ? at::empty({v.size(0), p.kv_heads, p.head_dim, padded}, v.options())
+                        : at::empty({p.kv_heads, p.head_dim, padded}, v.options());
+  const at::Tensor src = dense ? v.permute({0, 2, 3, 1}) : v.permute({1, 2, 0});
+  vt.narrow(-1, 0, keys).copy_(src);
+  p.vt = vt.const_data_ptr();
+  p.vt_batch_stride = dense ? vt.stride(0) : 0;
+  p.vt_head_stride = vt.stride(-3);
+  p.vt_dim_stride = vt.stride(-2);
+  return vt;
+}
+
 struct FwdItem {
   int64_t b, kvh, q0, q1, k0, k1, split;
   double cost;
@@ -202,6 +222,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
   at::Tensor out, lse;
   AttnParams p = prepare_flash_attn_fwd(q, k, v, causal, softmax_scale, out, lse);
   const auto keep = use_heads_major_kv(p, k, v);
+  set_bf16_engine(p);
+  const at::Tensor keep_vt = use_transposed_v(p, v);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
   return {out, lse};
 }
@@ -215,6 +237,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
   AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                causal, softmax_scale, out, lse, offsets);
   const auto keep = use_heads_major_kv(p, k, v);
+  set_bf16_engine(p);
+  const at::Tensor keep_vt = use_transposed_v(p, v);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
   return {out, lse};
 }
