@@ -394,29 +394,97 @@ inline void scale_cols(float* Ot, int64_t d, int64_t Mp, const float* alpha) {
   }
 }
 
+// 2^t to float precision (8.7e-8 relative on [0, 1) in float arithmetic, as vexp): t = n + f with
+// n = floor(t), f in [0, 1) (vreduceps), 2^f by a degree-6 polynomial fitted for relative error,
+// times 2^n by vscalefps. Below -160 the result is 0; NaN propagates.
+inline Vec exp2_f32(Vec t) {
+  t = max(Vec::set1(-160.f), t);
+  const Vec f = frac_floor(t);
+  Vec p = Vec::set1(2.120031713275239e-4f);
+  p = fmadd(p, f, Vec::set1(1.2580584734678268e-3f));
+  p = fmadd(p, f, Vec::set1(9.664114564657211e-3f));
+  p = fmadd(p, f, Vec::set1(5.549038201570511e-2f));
+  p = fmadd(p, f, Vec::set1(2.402283251285553e-1f));
+  p = fmadd(p, f, Vec::set1(6.931471228599548e-1f));
+  p = fmadd(p, f, Vec::set1(1.0f));
+  return scale_pow2(p, t);
+}
+
 // P^T in bf16 pairs along the keys from the float scores S^T [nk][Mp] in one pass:
-// P = exp(S * mul - sub[c]) (mul > 0: the softmax scale folded in), colsum[c] += its float sum,
+// P = exp(S * mul - sub[c]) (mul > 0: the softmax scale folded in; as 2^(S * mul log2 e - sub[c] log2 e)),
+// colsum[c] += its float sum,
 // dst[kp][c] = (P[2kp][c], P[2kp + 1][c]) rounded to nearest even (vcvtne2ps2bf16: a probability
 // below 2^-126 becomes 0 rather than a bf16 denormal); the missing key of an odd nk is 0.
-EXAONE_TARGET_BF16 inline void exp_to_pairs(const float* St, int64_t nk, int64_t Mp, float mul, const float* sub,
-                                            float* colsum, uint16_t* dst) {
+template <int NC>
+EXAONE_TARGET_BF16 inline void exp_to_pairs_cols(const float* St, int64_t nk, int64_t Mp, Vec m, const float* sub,
+                                                 float* colsum, uint16_t* dst) {
   alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  constexpr float kLog2e = 1.44269504088896341f;
   const __m512i idx = _mm512_load_si512(kIdx);
-  const Vec m = Vec::set1(mul);
-  const int64_t np = (nk + 1) / 2;
-  for (int64_t c = 0; c < Mp; c += 16) {
-    const Vec nsb = Vec::zero() - Vec::load(sub + c);
-    Vec s0 = Vec::zero(), s1 = Vec::zero();
-    for (int64_t kp = 0; kp < np; ++kp) {
-      const Vec e0 = vexp(fmadd(Vec::load(St + 2 * kp * Mp + c), m, nsb));
-      const Vec e1 = 2 * kp + 1 < nk ? vexp(fmadd(Vec::load(St + (2 * kp + 1) * Mp + c), m, nsb)) : Vec::zero();
-      s0 = s0 + e0;
-      s1 = s1 + e1;
+  Vec nsb[NC], s0[NC], s1[NC];
+  for (int q = 0; q < NC; ++q) {
+    nsb[q] = Vec::zero() - Vec::load(sub + 16 * q) * Vec::set1(kLog2e);
+    s0[q] = s1[q] = Vec::zero();
+  }
+  // NC column groups side by side along each pair of rows: independent chains, rows read in order
+  for (int64_t kp = 0; kp < nk / 2; ++kp) {
+    const float* r0 = St + 2 * kp * Mp;
+#pragma GCC unroll 4
+    for (int q = 0; q < NC; ++q) {
+      const Vec e0 = exp2_f32(fmadd(Vec::load(r0 + 16 * q), m, nsb[q]));
+      const Vec e1 = exp2_f32(fmadd(Vec::load(r0 + Mp + 16 * q), m, nsb[q]));
+      s0[q] = s0[q] + e0;
+      s1[q] = s1[q] + e1;
       const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1.v, e0.v);  // e0 low half, e1 high half
-      _mm512_storeu_si512(dst + (kp * Mp + c) * 2, _mm512_permutexvar_epi16(idx, both));
+      _mm512_storeu_si512(dst + (kp * Mp + 16 * q) * 2, _mm512_permutexvar_epi16(idx, both));
     }
-    (Vec::load(colsum + c) + s0 + s1).store(colsum + c);
+  }
+  if (nk % 2) {  // the last key pairs with a zero
+    const int64_t kp = nk / 2;
+    for (int q = 0; q < NC; ++q) {
+      const Vec e0 = exp2_f32(fmadd(Vec::load(St + 2 * kp * Mp + 16 * q), m, nsb[q]));
+      s0[q] = s0[q] + e0;
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), e0.v);
+      _mm512_storeu_si512(dst + (kp * Mp + 16 * q) * 2, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+  for (int q = 0; q < NC; ++q) (Vec::load(colsum + 16 * q) + s0[q] + s1[q]).store(colsum + 16 * q);
+}
+
+// mx[c] = max_j S[j][c] as col_max, with up to four groups of 16 columns side by side along each
+// row (independent chains; the rows read in order).
+template <int NC>
+inline void col_max_rows(const float* S, int64_t nk, int64_t Mp, float* mx) {
+  Vec m[NC];
+  for (int q = 0; q < NC; ++q) m[q] = Vec::load(S + 16 * q);
+  for (int64_t j = 1; j < nk; ++j)
+#pragma GCC unroll 4
+    for (int q = 0; q < NC; ++q) m[q] = max(m[q], Vec::load(S + j * Mp + 16 * q));
+  for (int q = 0; q < NC; ++q) m[q].store(mx + 16 * q);
+}
+
+inline void col_max_wide(const float* S, int64_t nk, int64_t Mp, float* mx) {
+  for (int64_t c = 0; c < Mp; c += 64) {
+    switch (std::min<int64_t>(4, (Mp - c) / 16)) {
+      case 1: col_max_rows<1>(S + c, nk, Mp, mx + c); break;
+      case 2: col_max_rows<2>(S + c, nk, Mp, mx + c); break;
+      case 3: col_max_rows<3>(S + c, nk, Mp, mx + c); break;
+      default: col_max_rows<4>(S + c, nk, Mp, mx + c); break;
+    }
+  }
+}
+
+EXAONE_TARGET_BF16 inline void exp_to_pairs(const float* St, int64_t nk, int64_t Mp, float mul, const float* sub,
+                                            float* colsum, uint16_t* dst) {
+  const Vec m = Vec::set1(mul * 1.44269504088896341f);
+  for (int64_t c = 0; c < Mp; c += 64) {
+    switch (std::min<int64_t>(4, (Mp - c) / 16)) {
+      case 1: exp_to_pairs_cols<1>(St + c, nk, Mp, m, sub + c, colsum + c, dst + 2 * c); break;
+      case 2: exp_to_pairs_cols<2>(St + c, nk, Mp, m, sub + c, colsum + c, dst + 2 * c); break;
+      case 3: exp_to_pairs_cols<3>(St + c, nk, Mp, m, sub + c, colsum + c, dst + 2 * c); break;
+      default: exp_to_pairs_cols<4>(St + c, nk, Mp, m, sub + c, colsum + c, dst + 2 * c); break;
+    }
   }
 }
 
@@ -432,10 +500,10 @@ inline void add_last_key_t(float* Ot, int64_t d, int64_t Mp, const uint16_t* v, 
   }
 }
 
-// dst[c][r] = src[r][c] for a 16 x 16 block of 32-bit elements (rows lds / ldd elements apart).
-inline void transpose16x16_u32(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
+// dst[c][r] = row[r][c] for a 16 x 16 block of 32-bit elements (16 rows anywhere, dst rows ldd apart).
+inline void transpose16x16_u32_rows(const uint32_t* const* row, uint32_t* dst, int64_t ldd) {
   __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * lds);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(row[i]);
   for (int i = 0; i < 8; ++i) {  // 32-bit elements of row pairs
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
@@ -456,6 +524,13 @@ inline void transpose16x16_u32(const uint32_t* src, int64_t lds, uint32_t* dst, 
     r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
   }
   for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * ldd, r[i]);
+}
+
+// dst[c][r] = src[r][c] for a 16 x 16 block of 32-bit elements (rows lds / ldd elements apart).
+inline void transpose16x16_u32(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
+  const uint32_t* row[16];
+  for (int i = 0; i < 16; ++i) row[i] = src + i * lds;
+  transpose16x16_u32_rows(row, dst, ldd);
 }
 
 // Pairs [np][Mp] (u32: two bf16 along the keys, from pack_prob_pairs) to rows [M][ldr] of pairs:
@@ -575,17 +650,21 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
   q_end = std::min(q_end, len_q);
   k_end = std::min(k_end, len_k);
   k_begin = std::max<int64_t>(k_begin, 0);
-  const int64_t bq = attn_block_q(g);
+  // the O^T path (bf16, an outside engine, V^T handed in) works on tiles of kAttnVtBlockK keys and
+  // kAttnVtBlockRows rows (the torch layer cuts the query blocks with attn_fwd_vt too)
+  const bool vt_ok = std::is_same_v<T, bf16> && attn_fwd_vt(p);
+  const int64_t bq = attn_block_q(g, vt_ok);
   const int64_t mp_max = round_up(bq * g, lanes<A>());
 
+  const int64_t bk_max = vt_ok ? kAttnVtBlockK : BK;
   Carve cv(scratch, attn_scratch_bytes(g, d));
   A* Qt = cv.take<A>(d * mp_max);
   A* O = cv.take<A>(mp_max * d);
-  A* St = cv.take<A>(BK * mp_max);
+  A* St = cv.take<A>(bk_max * mp_max);
   A* Kf = cv.take<A>(BK * d);
   A* Vf = cv.take<A>(BK * d);
   A* Qn = cv.take<A>(mp_max * d);
-  uint16_t* Pp = cv.take<uint16_t>(BK * mp_max);  // bf16 probability pairs (AVX512-BF16 path)
+  uint16_t* Pp = cv.take<uint16_t>(bk_max * mp_max);  // bf16 probability pairs (AVX512-BF16 path)
   A* m = cv.take<A>(mp_max);
   A* l = cv.take<A>(mp_max);
   A* msub = cv.take<A>(mp_max);
@@ -611,7 +690,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
     if constexpr (std::is_same_v<T, bf16>)
       dot16 = cpu_bf16_dot() && p.k_row_stride % 2 == 0 && p.v_row_stride % 2 == 0;
     // O^T [d][Mp] += V^T . P^T through the outside engine, V^T read in place (AttnParams::vt)
-    vt_path = dot16 && !narrow && p.bf16_gemm && p.vt;
+    vt_path = dot16 && !narrow && vt_ok;
     if (vt_path && scale > A(0)) vt_mul = scale;
     uint16_t* Qb = reinterpret_cast<uint16_t*>(Qn);  // narrow: [M][d] unscaled bf16 rows of q
     uint32_t* Qp = reinterpret_cast<uint32_t*>(Qt);  // [d / 2][Mp] pairs of unscaled q
@@ -633,7 +712,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
         load_row(Qn + c * d, qr, d, scale);
       } else if (dot16) {
 #if defined(EXAONE_VEC_AVX512)
-        std::memcpy(Qn + c * (d / 2), qr, d * sizeof(T));  // staged as [Mp][d / 2] pairs, transposed below
+        // (the pairs of q rows go to Qp by 16 x 16 transposes below)
 #endif
       } else {
         for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = A(to_float(qr[x])) * scale;
@@ -644,22 +723,32 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       for (int64_t x = 0; x < d; ++x) Qt[x * Mp + c] = 0;
     }
 #if defined(EXAONE_VEC_AVX512)
-    if (dot16 && !narrow) {  // the staged pairs [Mp][d / 2] (rows past M zero) to Qp [d / 2][Mp]
-      uint32_t* Qs = reinterpret_cast<uint32_t*>(Qn);
+    if (dot16 && !narrow) {  // q rows as pairs [M][d / 2] (rows past M zero) to Qp [d / 2][Mp]
+      alignas(64) static const uint32_t kZeroRow[128] = {};  // a zero row of pairs: head dims up to 256
       const int64_t dp = d / 2, dp16 = dp / 16 * 16;
-      std::fill(Qs + M * dp, Qs + Mp * dp, 0u);
       for (int64_t c0 = 0; c0 < Mp; c0 += 16) {
-        for (int64_t x0 = 0; x0 < dp16; x0 += 16) transpose16x16_u32(Qs + c0 * dp + x0, dp, Qp + x0 * Mp + c0, Mp);
+        const uint32_t* row[16];
+        for (int64_t r = 0; r < 16; ++r) {
+          const int64_t c = c0 + r;
+          row[r] = c < M ? reinterpret_cast<const uint32_t*>(qbase + (qs + c / g) * p.q_row_stride + (c % g) * p.q_head_stride)
+                         : kZeroRow;
+        }
+        for (int64_t x0 = 0; x0 < dp16; x0 += 16) {
+          const uint32_t* at[16];
+          for (int r = 0; r < 16; ++r) at[r] = row[r] + x0;
+          transpose16x16_u32_rows(at, Qp + x0 * Mp + c0, Mp);
+        }
         for (int64_t x = dp16; x < dp; ++x)
-          for (int64_t c = c0; c < c0 + 16; ++c) Qp[x * Mp + c] = Qs[c * dp + x];
+          for (int64_t r = 0; r < 16; ++r) Qp[x * Mp + c0 + r] = load_u32(reinterpret_cast<const T*>(row[r]) + 2 * x);
       }
     }
 #endif
     for (int64_t c = 0; c < Mp; ++c) { m[c] = -INFINITY; l[c] = 0; }
-    std::fill(O, O + M * d, A(0));
+    std::fill(O, O + (vt_path ? Mp : M) * d, A(0));  // O^T path: [d][Mp]
 
-    for (int64_t kb = k_begin; kb < kmax; kb += BK) {
-      const int64_t nk = std::min(BK, kmax - kb);
+    const int64_t step = vt_path ? bk_max : BK;
+    for (int64_t kb = k_begin; kb < kmax; kb += step) {
+      const int64_t nk = std::min(step, kmax - kb);
       // Scores S^T = K . (scale Q)^T by one of three routes: narrow blocks (decode) read K / V rows
       // in place; bf16 with AVX512-BF16 works on bf16 pairs; otherwise K / V tiles are converted to
       // the accumulation type (float / double tiles are used in place).
@@ -686,7 +775,7 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
         if (vt_path) {
           // the scale folds into the exponent (scale > 0: the max of the scaled scores is the scaled max)
           if (kb + nk > kmin) mask_cols(St, nk, Mp, M, cend, kb, A(-INFINITY));
-          col_max(St, nk, Mp, alpha);
+          col_max_wide(St, nk, Mp, alpha);
           for (int64_t c = 0; c < Mp; ++c) {
             const A mn = std::max(m[c], alpha[c] * vt_mul);
             const A mu = mn == -INFINITY ? A(0) : mn;
@@ -759,10 +848,10 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
           for (int64_t c0 = 0; c0 < Mp; c0 += 16)
             transpose16x16_u32(reinterpret_cast<const uint32_t*>(O + x0 * Mp + c0), Mp,
                                reinterpret_cast<uint32_t*>(Qn + c0 * d + x0), d);
-        std::copy(Qn, Qn + M * d, O);
       }
     }
 #endif
+    const A* Orow = vt_path ? Qn : O;  // the finished rows [M][d]
     for (int64_t c = 0; c < M; ++c) {
       const int64_t i = qs + c / g, head = kvh * g + c % g;
       // l == 0: the row saw no key (zeros, lse -inf). A NaN score makes l NaN, and the NaN must
@@ -771,12 +860,12 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
       const float lse = l[c] == A(0) ? -INFINITY : float(m[c] + std::log(l[c]));
       if (part_out) {
         const int64_t r = (b * p.seq_q + i) * hq + head;
-        store_row(part_out + r * d, O + c * d, d, inv);
+        store_row(part_out + r * d, Orow + c * d, d, inv);
         part_lse[r] = lse;
       } else {
         T* o = static_cast<T*>(p.out) + b * p.o_batch_stride + (sr.q_start + i) * p.o_row_stride +
                head * p.o_head_stride;
-        store_row(o, O + c * d, d, inv);
+        store_row(o, Orow + c * d, d, inv);
         if (p.lse) p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + sr.q_start + i] = lse;
       }
     }

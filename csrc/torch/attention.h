@@ -41,6 +41,9 @@ namespace exaone_ext {
 // CPU decode kernels (torch/ops_attention.cpp): allow (true) or forbid the kernels that read a KV
 // cache once over all kv heads for few query rows (AVX512-BF16, AVX2); returns the previous setting.
 bool set_attn_decode(bool enabled);
+// CPU attention's per-thread scratch filled with all-ones bytes (NaN in every float type) before the
+// kernels run (tests: a read of scratch no kernel wrote shows as NaN); returns the previous setting.
+bool set_attn_poison_scratch(bool enabled);
 // Which kernel a CPU decode call takes now, per cache dtype, in words (build_info()).
 std::string attn_decode_kernels();
 // The engine of CPU bfloat16 flash attention's tile products (forward and backward): oneDNN's

@@ -178,6 +178,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_cpu_avx512vnni", &exaone_ext::cpu::set_avx512vnni, py::arg("enabled"),
         "Allow (True) or forbid the AVX512-VNNI variant of the quantized linear's integer paths in place of avx512; "
         "returns the previous setting.");
+  m.def("_set_attn_poison_scratch", &exaone_ext::set_attn_poison_scratch, py::arg("enabled"),
+        "Fill CPU attention's scratch with NaN bytes before the kernels run (tests: reads of scratch no kernel "
+        "wrote show as NaN); returns the previous setting.");
   m.def("_set_attn_brgemm", &exaone_ext::set_attn_brgemm, py::arg("mode"),
         "CPU bfloat16 attention's tile products through oneDNN's brgemm: -1 where the CPU has AMX-BF16 (the "
         "default), 0 never, 1 wherever brgemm works (AVX-512); returns the previous mode.");

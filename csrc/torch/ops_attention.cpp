@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <atomic>
 #include <memory>
 #include <string>
@@ -38,13 +39,19 @@ void set_bf16_engine(AttnParams& p) {
 // Runs n items over ATen's threads, each thread pulling the next item (the caller orders them so
 // that the cheap ones come last). The result never depends on which thread ran an item. A thread
 // that ran brgemm hands back its hardware context (AMX tile configuration) when done.
+std::atomic<bool> g_poison_scratch{false};
+
 template <typename F>
 void run_items(int64_t n, int64_t scratch_bytes, const F& f, bool brgemm = false) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const bool poison = g_poison_scratch.load(std::memory_order_relaxed);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::unique_ptr<char[]> scratch(new char[scratch_bytes]);
+    // all-ones bytes are NaN in float, bfloat16 and float64: a read of scratch the kernel never
+    // wrote then shows in the result instead of passing with whatever the allocator left there
+    if (poison) std::memset(scratch.get(), 0xff, size_t(scratch_bytes));
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) f(t, scratch.get());
     if (brgemm) brgemm_release();
   });
@@ -72,13 +79,19 @@ void point_at(const at::Tensor& t, bool dense, const void*& ptr, int64_t& bs, in
   hs = t.stride(-3);
 }
 
-// Head-major copies of k and v, kept alive by the returned tensors, with p pointing at them.
-std::pair<at::Tensor, at::Tensor> use_heads_major_kv(AttnParams& p, const at::Tensor& k, const at::Tensor& v) {
+// Head-major copies of k and v (v_too false: k only; the forward's O^T path reads V^T, and its
+// narrow blocks the few V rows they need in place), kept alive by the returned tensors, with p
+// pointing at them.
+std::pair<at::Tensor, at::Tensor> use_heads_major_kv(AttnParams& p, const at::Tensor& k, const at::Tensor& v,
+                                                     bool v_too = true) {
   if (p.kv_heads <= 1 || k.numel() == 0) return {};
-  at::Tensor kh = heads_major(k), vh = heads_major(v);
   const bool dense = k.dim() == 4;
+  at::Tensor kh = heads_major(k), vh;
   point_at(kh, dense, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-  point_at(vh, dense, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  if (v_too) {
+    vh = heads_major(v);
+    point_at(vh, dense, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  }
   return {kh, vh};
 }
 
@@ -91,14 +104,31 @@ at::Tensor use_transposed_v(AttnParams& p, const at::Tensor& v) {
   const bool dense = v.dim() == 4;
   const int64_t keys = v.size(-3);
   const int64_t padded = (keys + 63) / 64 * 64 + 32;
-  at::Tensor vt = dense ? at::empty({v.size(0), p.kv_heads, p.head_dim, padded}, v.options())
-                        : at::empty({p.kv_heads, p.head_dim, padded}, v.options());
-  const at::Tensor src = dense ? v.permute({0, 2, 3, 1}) : v.permute({1, 2, 0});
-  vt.narrow(-1, 0, keys).copy_(src);
+  const int64_t batch = dense ? v.size(0) : 1, d = p.head_dim;
+  at::Tensor vt = dense ? at::empty({batch, p.kv_heads, d, padded}, v.options())
+                        : at::empty({p.kv_heads, d, padded}, v.options());
   p.vt = vt.const_data_ptr();
   p.vt_batch_stride = dense ? vt.stride(0) : 0;
   p.vt_head_stride = vt.stride(-3);
   p.vt_dim_stride = vt.stride(-2);
+  // Transposed in tiles of 32 keys x head_dim (a tile of v rows stays in L1 while its columns are
+  // written out as 64-byte runs): at::copy_ of the permuted view gathers one element per cache line
+  // of v, several times slower at head dim 128.
+  const uint16_t* src = static_cast<const uint16_t*>(v.const_data_ptr());
+  uint16_t* dst = static_cast<uint16_t*>(vt.data_ptr());
+  const int64_t vbs = dense ? v.stride(0) : 0, vrs = v.stride(-3), vhs = v.stride(-2);
+  constexpr int64_t kTile = 32;
+  const int64_t tiles = (keys + kTile - 1) / kTile, heads = batch * p.kv_heads;
+  at::parallel_for(0, heads * tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / tiles, j0 = t % tiles * kTile, b = bh / p.kv_heads, h = bh % p.kv_heads;
+      const int64_t nj = std::min(kTile, keys - j0);
+      const uint16_t* s = src + b * vbs + h * vhs + j0 * vrs;
+      uint16_t* o = dst + b * p.vt_batch_stride + h * p.vt_head_stride + j0;
+      for (int64_t x = 0; x < d; ++x)
+        for (int64_t j = 0; j < nj; ++j) o[x * p.vt_dim_stride + j] = s[j * vrs + x];
+    }
+  });
   return vt;
 }
 
@@ -123,7 +153,8 @@ void run_fwd(AttnParams p, int64_t batch, int64_t nsplit, int64_t split_keys, fl
              float* part_lse, int64_t part_size) {
   if (batch == 0 || p.q_heads == 0) return;
   set_bf16_engine(p);
-  const int64_t g = p.group(), bq = cpu::attn_block_q(g);
+  if (!p.bf16_gemm) p.vt = nullptr;
+  const int64_t g = p.group(), bq = cpu::attn_block_q(g, cpu::attn_fwd_vt(p));
   const auto lens = seq_lengths(p, batch);
   std::vector<FwdItem> items;
   for (int64_t b = 0; b < batch; ++b) {
@@ -221,9 +252,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
                                                       bool causal, double softmax_scale) {
   at::Tensor out, lse;
   AttnParams p = prepare_flash_attn_fwd(q, k, v, causal, softmax_scale, out, lse);
-  const auto keep = use_heads_major_kv(p, k, v);
   set_bf16_engine(p);
   const at::Tensor keep_vt = use_transposed_v(p, v);
+  const auto keep = use_heads_major_kv(p, k, v, /*v_too=*/!p.vt);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
   return {out, lse};
 }
@@ -236,9 +267,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
   VarlenOffsets offsets;
   AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                causal, softmax_scale, out, lse, offsets);
-  const auto keep = use_heads_major_kv(p, k, v);
   set_bf16_engine(p);
   const at::Tensor keep_vt = use_transposed_v(p, v);
+  const auto keep = use_heads_major_kv(p, k, v, /*v_too=*/!p.vt);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
   return {out, lse};
 }
@@ -386,6 +417,8 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 bool set_attn_decode(bool enabled) { return g_decode.exchange(enabled); }
+
+bool set_attn_poison_scratch(bool enabled) { return g_poison_scratch.exchange(enabled); }
 
 int set_attn_brgemm(int mode) { return g_brgemm.exchange(brgemm_mode(mode)); }
 
