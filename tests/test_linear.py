@@ -27,7 +27,8 @@ HAS_BRGEMM = LINEAR_BRGEMM
 LINEAR_VARIANTS = ((["avx512bf16"] if HAS_BF16_DOT else []) + (["brgemm"] if HAS_BRGEMM else []) + CPU_ISAS
                    + (["avx2-widen"] if "avx2" in CPU_ISAS else []))
 BF16_ONLY_VARIANTS = ("avx512bf16", "avx2-widen", "brgemm")
-BRGEMM_ROWS = (16, 64)  # the rows that take brgemm where it is on
+# the rows that take brgemm where it is on: 16-64, from 6 where the CPU has AMX-BF16
+BRGEMM_ROWS = tuple(exaone_ext.build_info()["cpu_linear_brgemm_rows"])
 # (variant, dtype): the dot and widen variants only for bfloat16, where they differ from their ISA's
 VARIANT_DTYPES = [(v, d) for v in LINEAR_VARIANTS for d in DTYPES if v not in BF16_ONLY_VARIANTS or d == torch.bfloat16]
 _FEATURES = set(exaone_ext.build_info()["cpu_features"])
@@ -45,7 +46,9 @@ def stream_max_rows(variant: str, dtype: torch.dtype) -> int:
 def variant_rows(variant: str, dtype: torch.dtype) -> tuple[int, ...]:
     """Rows 1-4, 7 and the kernel's limit; brgemm: its first rows, ragged ones (x padded to a
     multiple of 16 rows), and its limit."""
-    return (16, 17, 31, 64) if variant == "brgemm" else (1, 2, 3, 4, 7, stream_max_rows(variant, dtype))
+    first, last = BRGEMM_ROWS
+    return tuple(sorted({first, first + 1, 17, 31, last})) if variant == "brgemm" else (
+        1, 2, 3, 4, 7, stream_max_rows(variant, dtype))
 
 
 VARIANT_DTYPE_ROWS = [pytest.param(v, d, m, id=f"{v}-{str(d)[6:]}-{m}") for v, d in VARIANT_DTYPES
@@ -115,7 +118,7 @@ def test_brgemm_is_the_default_for_bf16_rows_where_it_works():
 
 
 @pytest.mark.skipif(not HAS_BRGEMM, reason="oneDNN's brgemm does not run bfloat16 on this CPU")
-@pytest.mark.parametrize("m", [15, 16, 40, 64, 65])
+@pytest.mark.parametrize("m", sorted({BRGEMM_ROWS[0] - 1, BRGEMM_ROWS[0], 15, 16, 40, 64, 65}))
 def test_brgemm_rows_match_the_other_engines(m):
     """At the edges of brgemm's rows, the default (brgemm where in range) and brgemm off (streaming
     kernel or at::matmul) both meet the error rule, on the 2.4B model's widest input (k = 7168)."""

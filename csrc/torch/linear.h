@@ -32,7 +32,12 @@ std::string linear_bf16_rows_engine();
 // range, an even k, the switch and the CPU).
 inline constexpr int64_t kBrgemmMinRows = 16;
 inline constexpr int64_t kBrgemmMaxRows = 64;
-bool linear_brgemm_rows(int64_t m, int64_t k);
+// Where the CPU has AMX-BF16 the 16-bit-weight linear starts brgemm at kBrgemmMinRowsAmx rows (its
+// tiles then beat the streaming kernel from 5-6 rows); the quantized linears keep kBrgemmMinRows.
+inline constexpr int64_t kBrgemmMinRowsAmx = 6;
+bool linear_brgemm_rows(int64_t m, int64_t k, int64_t min_rows = kBrgemmMinRows);
+// The first row count of bfloat16 x that takes brgemm in ops.linear on this CPU.
+int64_t linear_brgemm_min_rows();
 
 // A 2-D weight whose rows have a unit last stride and do not overlap: as it is, else a contiguous copy.
 inline at::Tensor weight_rows_of(const at::Tensor& t) {

@@ -129,6 +129,8 @@ py::dict build_info() {
   // (AMX) or the kernels' own vdpbf16ps (both take P and dS rounded to bfloat16), or float32 tiles
   d["cpu_attention_bf16_products"] = exaone_ext::attn_bf16_products();
   d["cpu_linear_bf16_rows"] = exaone_ext::linear_bf16_rows_engine();
+  // the rows of bfloat16 x that take that engine in ops.linear (first, last) where it is brgemm
+  d["cpu_linear_brgemm_rows"] = py::make_tuple(exaone_ext::linear_brgemm_min_rows(), exaone_ext::kBrgemmMaxRows);
   d["cpu_isa_best"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::best_isa());
   d["cpu_isa"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa());
   d["cpu_features"] = exaone_ext::cpu::cpu_features();

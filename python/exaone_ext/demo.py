@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     print(f"exaone_ext {info['version']} | torch {info['torch_version']} | CUDA kernels: "
           f"{'sm ' + ','.join(info['cuda_archs']) if info['cuda'] else 'not built'} | CPU kernels: "
           f"{info['cpu_isa']} ({', '.join(info['cpu_features']) or 'no vector extensions'}) | bf16 attention "
-          f"products: {info['cpu_attention_bf16_products']} | bf16 linear 16-64 rows: {info['cpu_linear_bf16_rows']} "
+          f"products: {info['cpu_attention_bf16_products']} | bf16 linear "
+          f"{'-'.join(map(str, info['cpu_linear_brgemm_rows']))} rows: {info['cpu_linear_bf16_rows']} "
           f"| threads {info['threads']}")
     if not args.skip_ops:
         show_ops(args.tokens, args.repeats)
