@@ -241,6 +241,27 @@ def test_kvcache_matches_reference(dtype, s_new, device):
                                atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [80, 128])
+def test_kvcache_chunked_prefill(dtype, d, attn_engine):
+    """A chunk of 70 new tokens against ragged caches (a chunked prefill: the forward's wide blocks,
+    on brgemm's O^T path with V^T of the filled rows where that engine runs). The rows past each
+    sequence's length hold NaN: nothing may read them."""
+    b, max_seq, hq, hk, s_new = 3, 400, 8, 2, 70
+    lens = torch.tensor([0, 129, 301], dtype=torch.int32)
+    k_cache = torch.randn(b, max_seq, hk, d).to(dtype)
+    v_cache = torch.randn(b, max_seq, hk, d).to(dtype)
+    for i, n in enumerate(lens.tolist()):
+        k_cache[i, n:] = float("nan")
+        v_cache[i, n:] = float("nan")
+    q, k_new, v_new = _qkv(b, s_new, s_new, hq, hk, d, dtype, "cpu")
+    out = ops.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), lens, k_new, v_new)
+    ref64 = reference.flash_attn_with_kvcache(q.double(), k_cache.double(), v_cache.double(), lens, k_new.double(),
+                                              v_new.double())
+    ref_lp = reference.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), lens, k_new, v_new)
+    assert_error_within(out, ref64, ref_lp, "out", k=301 + s_new, acc_dtype=P_DTYPE.get(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kvcache_split_kv_long_cache(dtype, attn_decode):
     # one sequence, one kv head, a long cache: the keys are split across threads and combined

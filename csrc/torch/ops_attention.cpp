@@ -99,10 +99,12 @@ std::pair<at::Tensor, at::Tensor> use_heads_major_kv(AttnParams& p, const at::Te
 // blocks (AttnParams::vt), [.., kv_heads, head_dim, keys] with keys contiguous; the rows are padded
 // so that they are not a multiple of 4 KiB apart (the product reads head_dim of them at once, which
 // would all fall in the same cache sets). One pass over v, next to the O(seq^2) products.
-at::Tensor use_transposed_v(AttnParams& p, const at::Tensor& v) {
+// `keys`: the leading keys of v that are read (a KV cache's filled rows), -1 all.
+at::Tensor use_transposed_v(AttnParams& p, const at::Tensor& v, int64_t keys = -1) {
   if (!p.bf16_gemm || p.dtype != DType::kBFloat16 || v.numel() == 0) return {};
   const bool dense = v.dim() == 4;
-  const int64_t keys = v.size(-3);
+  keys = keys < 0 ? v.size(-3) : std::min(keys, v.size(-3));
+  if (keys == 0) return {};
   const int64_t padded = (keys + 63) / 64 * 64 + 32;
   const int64_t batch = dense ? v.size(0) : 1, d = p.head_dim;
   at::Tensor vt = dense ? at::empty({batch, p.kv_heads, d, padded}, v.options())
@@ -131,6 +133,9 @@ at::Tensor use_transposed_v(AttnParams& p, const at::Tensor& v) {
   });
   return vt;
 }
+
+// Query positions from which a KV-cache call (chunked prefill) transposes V for the O^T path.
+constexpr int64_t kVtMinQueries = 64;
 
 struct FwdItem {
   int64_t b, kvh, q0, q1, k0, k1, split;
@@ -378,8 +383,8 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
                                   const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale,
                                   std::optional<int64_t> cache_seqlens_max) {
   at::Tensor out, lens;
-  const AttnParams p = prepare_flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                                  softmax_scale, cache_seqlens_max, out, lens);
+  AttnParams p = prepare_flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
+                                            softmax_scale, cache_seqlens_max, out, lens);
   const int64_t batch = p.batch;
   if (batch == 0 || p.seq_q == 0) return out;
   if (const DecodeKernel kernel = decode_kernel(p); kernel.fn) {
@@ -395,6 +400,13 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
   constexpr int64_t kSplitKeys = 512;
   int64_t max_len = 0;
   for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]);
+  // A chunked prefill (many query rows against the cache) takes the forward's O^T path on brgemm
+  // like a dense call: V^T of the filled rows, one pass over them, against seq_q times as much work.
+  at::Tensor keep_vt;
+  if (p.seq_q >= kVtMinQueries) {
+    set_bf16_engine(p);
+    keep_vt = use_transposed_v(p, v_cache, max_len);
+  }
   const int64_t part_floats = batch * p.seq_q * p.q_heads * (p.head_dim + 1);
   const int64_t max_splits = std::max<int64_t>(1, (int64_t(32) << 20) / 4 / std::max<int64_t>(part_floats, 1));
   int64_t nsplit = std::min((max_len + kSplitKeys - 1) / kSplitKeys, max_splits);
