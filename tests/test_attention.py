@@ -6,7 +6,7 @@ import torch
 import exaone_ext
 from exaone_ext import ops
 from exaone_ext.ops import reference
-from conftest import (CUDA, DEVICES, DTYPES, assert_error_within, attention_products_rounded, attention_rounding_bounds,
+from conftest import (ATTN_BRGEMM, CUDA, DEVICES, DTYPES, assert_error_within, attention_products_rounded, attention_rounding_bounds,
                       causal_mask, varlen_mask)
 
 _ops = torch.ops.exaone_ext
@@ -568,3 +568,29 @@ def test_kvcache_unchecked_lengths_stay_inside_the_caches_cuda():
     kr, vr = kc.clone(), vc.clone()
     ref = reference.flash_attn_with_kvcache(q[:1], kr[:1], vr[:1], lens[:1], kn[:1], vn[:1])
     torch.testing.assert_close(out[:1].float(), ref.float(), atol=2e-2, rtol=0)
+
+
+def _cpuinfo_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them, read here independently of the package."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.skipif(not _cpuinfo_flags(), reason="no /proc/cpuinfo flags to compare with")
+def test_bf16_engines_follow_the_cpu():
+    """Where Linux reports AMX tiles with bf16 (and oneDNN's brgemm works), bfloat16 attention's tile
+    products and the decode-time linear from 6 rows run on brgemm's AMX code by default; elsewhere
+    attention keeps the kernels' own products and the linear starts brgemm at 16 rows."""
+    info = exaone_ext.build_info()
+    amx_flags = {"amx_tile", "amx_bf16"} <= _cpuinfo_flags()
+    amx = amx_flags and ATTN_BRGEMM and info["cpu_isa"] == "avx512"
+    assert info["cpu_attention_bf16_products"].startswith("oneDNN brgemm (AMX)") == amx, info
+    assert tuple(info["cpu_linear_brgemm_rows"]) == (6 if amx_flags else 16, 64), info
+    if amx:
+        assert info["cpu_linear_bf16_rows"] == "oneDNN brgemm (AMX)", info

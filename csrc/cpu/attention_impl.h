@@ -726,12 +726,17 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
     if (dot16 && !narrow) {  // q rows as pairs [M][d / 2] (rows past M zero) to Qp [d / 2][Mp]
       alignas(64) static const uint32_t kZeroRow[128] = {};  // a zero row of pairs: head dims up to 256
       const int64_t dp = d / 2, dp16 = dp / 16 * 16;
+      auto q_row = [&](int64_t c) {
+        return c < M ? reinterpret_cast<const uint32_t*>(qbase + (qs + c / g) * p.q_row_stride + (c % g) * p.q_head_stride)
+                     : kZeroRow;
+      };
       for (int64_t c0 = 0; c0 < Mp; c0 += 16) {
         const uint32_t* row[16];
-        for (int64_t r = 0; r < 16; ++r) {
-          const int64_t c = c0 + r;
-          row[r] = c < M ? reinterpret_cast<const uint32_t*>(qbase + (qs + c / g) * p.q_row_stride + (c % g) * p.q_head_stride)
-                         : kZeroRow;
+        for (int64_t r = 0; r < 16; ++r) row[r] = q_row(c0 + r);
+        // the next 16 rows (far apart in q: each its own stream) requested while these are moved
+        for (int64_t r = 0; r < 16 && c0 + 16 + r < M; ++r) {
+          const char* next = reinterpret_cast<const char*>(q_row(c0 + 16 + r));
+          for (int64_t x = 0; x < d * int64_t(sizeof(T)); x += 64) _mm_prefetch(next + x, _MM_HINT_T0);
         }
         for (int64_t x0 = 0; x0 < dp16; x0 += 16) {
           const uint32_t* at[16];
