@@ -394,22 +394,6 @@ inline void scale_cols(float* Ot, int64_t d, int64_t Mp, const float* alpha) {
   }
 }
 
-// 2^t to float precision (8.7e-8 relative on [0, 1) in float arithmetic, as vexp): t = n + f with
-// n = floor(t), f in [0, 1) (vreduceps), 2^f by a degree-6 polynomial fitted for relative error,
-// times 2^n by vscalefps. Below -160 the result is 0; NaN propagates.
-inline Vec exp2_f32(Vec t) {
-  t = max(Vec::set1(-160.f), t);
-  const Vec f = frac_floor(t);
-  Vec p = Vec::set1(2.120031713275239e-4f);
-  p = fmadd(p, f, Vec::set1(1.2580584734678268e-3f));
-  p = fmadd(p, f, Vec::set1(9.664114564657211e-3f));
-  p = fmadd(p, f, Vec::set1(5.549038201570511e-2f));
-  p = fmadd(p, f, Vec::set1(2.402283251285553e-1f));
-  p = fmadd(p, f, Vec::set1(6.931471228599548e-1f));
-  p = fmadd(p, f, Vec::set1(1.0f));
-  return scale_pow2(p, t);
-}
-
 // P^T in bf16 pairs along the keys from the float scores S^T [nk][Mp] in one pass:
 // P = exp(S * mul - sub[c]) (mul > 0: the softmax scale folded in; as 2^(S * mul log2 e - sub[c] log2 e)),
 // colsum[c] += its float sum,

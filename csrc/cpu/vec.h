@@ -11,7 +11,7 @@
 //   Vec::size                   lanes (16 for AVX-512, 8 for AVX2, 1 for the portable fallback)
 //   Vec::load(p) / store(p)     float, bf16 or f16 memory; 16-bit types converted in registers
 //   Vec::load(p, n) / store(p, n)  the first n < size lanes (tails)
-//   + - * /, fmadd, max, min, vexp, reduce_add, reduce_max
+//   + - * /, fmadd, max, min, vexp, reduce_add, reduce_max; exp2_f32 (AVX-512: vscalefps)
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -268,6 +268,24 @@ inline Vec vsigmoid(Vec x) {
   Vec xc = min(Vec::set1(88.f), max(Vec::set1(-88.f), x));
   return recip(Vec::set1(1.0f) + vexp(Vec::zero() - xc));
 }
+
+// 2^t to float precision (8.7e-8 relative on [0, 1) in float arithmetic, as vexp): t = n + f with
+// n = floor(t), f in [0, 1) (vreduceps), 2^f by a degree-6 polynomial fitted for relative error,
+// times 2^n by vscalefps (AVX-512 only). Below -160 the result is 0; NaN propagates.
+#if defined(EXAONE_VEC_HAS_SCALEF)
+inline Vec exp2_f32(Vec t) {
+  t = max(Vec::set1(-160.f), t);
+  const Vec f = frac_floor(t);
+  Vec p = Vec::set1(2.120031713275239e-4f);
+  p = fmadd(p, f, Vec::set1(1.2580584734678268e-3f));
+  p = fmadd(p, f, Vec::set1(9.664114564657211e-3f));
+  p = fmadd(p, f, Vec::set1(5.549038201570511e-2f));
+  p = fmadd(p, f, Vec::set1(2.402283251285553e-1f));
+  p = fmadd(p, f, Vec::set1(6.931471228599548e-1f));
+  p = fmadd(p, f, Vec::set1(1.0f));
+  return scale_pow2(p, t);
+}
+#endif
 
 // 2^t for results that end up rounded to a 16-bit float (bf16 / f16), for t in [-126, 120]
 // (callers clamp): t = n + f with n = floor(t), f in [0, 1), 2^f by a degree-4 polynomial fitted
