@@ -35,26 +35,18 @@ constexpr int64_t kAttnBlockK = 64;     // keys per tile
 // keys per tile of the bfloat16 forward's O^T path (AttnParams::vt, an outside engine's products):
 // larger tiles make fewer, larger products (the O^T accumulator is loaded and stored once per tile)
 constexpr int64_t kAttnVtBlockK = 512;
-constexpr int64_t kAttnBlockRows = 64;  // (query position, head) rows per tile
+// (query position, head) rows per tile; the O^T path too (128 or 256 rows there were no faster on a
+// 2-core Xeon with AMX at head dim 128 and slower at 80)
+constexpr int64_t kAttnBlockRows = 64;
 
-// rows per tile of the O^T path (as kAttnVtBlockK: fewer, larger products)
-constexpr int64_t kAttnVtBlockRows = 64;
-
-// Query positions per tile: the group's heads times this fill about kAttnBlockRows rows
-// (kAttnVtBlockRows in the forward's O^T path: `vt`, see AttnParams::vt).
-inline int64_t attn_block_q(int64_t group, bool vt = false) {
-  const int64_t rows = vt ? kAttnVtBlockRows : kAttnBlockRows;
-  return group >= rows ? 1 : rows / group;
+// Query positions per tile: the group's heads times this fill about kAttnBlockRows rows.
+inline int64_t attn_block_q(int64_t group) {
+  return group >= kAttnBlockRows ? 1 : kAttnBlockRows / group;
 }
-
-// Whether the forward of p takes the O^T path's tiles (bf16, an outside engine, V^T handed in; the
-// kernel still runs narrow blocks and CPUs without AVX512-BF16 its other ways, in the same tiles).
-inline bool attn_fwd_vt(const AttnParams& p) { return p.dtype == DType::kBFloat16 && p.bf16_gemm && p.vt; }
 
 inline int64_t attn_scratch_bytes(int64_t group, int64_t head_dim) {
   const int64_t rows = attn_block_q(group) * group;
   const int64_t mp = (rows + 15) / 16 * 16;
-  const int64_t mpv = (attn_block_q(group, true) * group + 15) / 16 * 16;
   const int64_t bk = kAttnBlockK;
   // backward needs the most: Qf, Qt, dOf, dOt, dQ and its tile (6 * mp * d), St, dPt (2 * bk * mp),
   // K, V, dK, dV tiles (4 * bk * d), three bf16 [bk, mp] tiles (< bk * mp) and per-row vectors, in
@@ -62,8 +54,8 @@ inline int64_t attn_scratch_bytes(int64_t group, int64_t head_dim) {
   const int64_t elems = 6 * mp * head_dim + 3 * bk * mp + 4 * bk * head_dim + 8 * mp;
   // the forward's O^T path: float Q^T, O^T, staging (3 mp d), K / V tiles (2 bk d), the scores and
   // the bf16 probability pairs of kAttnVtBlockK keys, per-row vectors; 4-byte elements
-  const int64_t fwd_vt = (3 * mpv * head_dim + 2 * bk * head_dim + 8 * mpv) * 4 + kAttnVtBlockK * mpv * 6 +
-                         8 * mpv;  // cend: 8 bytes a row
+  const int64_t fwd_vt = (3 * mp * head_dim + 2 * bk * head_dim + 8 * mp) * 4 + kAttnVtBlockK * mp * 6 +
+                         8 * mp;  // cend: 8 bytes a row
   return std::max(elems * 8, fwd_vt) + 64 * 32;
 }
 

@@ -348,12 +348,14 @@ EXAONE_TARGET_BF16 void gemm_bf16(float* C, int64_t ldc, const uint16_t* a, int6
     micro_bf16_tail_rows<kR - 1>(int(rows - i), C + i * ldc, ldc, a + 2 * i * a_si, a_si, a_sc, b, ldb, N, KP, acc);
 }
 
+// vpermw indices interleaving two 16-element rows of bf16 (the halves of one register) into 16 pairs.
+alignas(64) inline constexpr uint16_t kInterleave16[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
 // Interleaves two 16-element bf16 rows into 16 pairs.
 inline __m512i interleave16(__m256i lo_row, __m256i hi_row) {
-  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(lo_row), hi_row, 1);
-  return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), x);
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave16), x);
 }
 
 // VNNI tile of nk rows of width d (ld apart): dst[kp][n][2] = (src[2kp][n], src[2kp + 1][n]);
@@ -402,10 +404,8 @@ inline void scale_cols(float* Ot, int64_t d, int64_t Mp, const float* alpha) {
 template <int NC>
 EXAONE_TARGET_BF16 inline void exp_to_pairs_cols(const float* St, int64_t nk, int64_t Mp, Vec m, const float* sub,
                                                  float* colsum, uint16_t* dst) {
-  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   constexpr float kLog2e = 1.44269504088896341f;
-  const __m512i idx = _mm512_load_si512(kIdx);
+  const __m512i idx = _mm512_load_si512(kInterleave16);
   Vec nsb[NC], s0[NC], s1[NC];
   for (int q = 0; q < NC; ++q) {
     nsb[q] = Vec::zero() - Vec::load(sub + 16 * q) * Vec::set1(kLog2e);
@@ -448,28 +448,30 @@ inline void col_max_rows(const float* S, int64_t nk, int64_t Mp, float* mx) {
   for (int q = 0; q < NC; ++q) m[q].store(mx + 16 * q);
 }
 
-inline void col_max_wide(const float* S, int64_t nk, int64_t Mp, float* mx) {
+// f(std::integral_constant<int, NC>, c) over the columns [0, Mp) in groups of up to four 16-column
+// vectors (Mp a multiple of 16), NC the group's vectors.
+template <typename F>
+inline void by_column_groups(int64_t Mp, const F& f) {
   for (int64_t c = 0; c < Mp; c += 64) {
     switch (std::min<int64_t>(4, (Mp - c) / 16)) {
-      case 1: col_max_rows<1>(S + c, nk, Mp, mx + c); break;
-      case 2: col_max_rows<2>(S + c, nk, Mp, mx + c); break;
-      case 3: col_max_rows<3>(S + c, nk, Mp, mx + c); break;
-      default: col_max_rows<4>(S + c, nk, Mp, mx + c); break;
+      case 1: f(std::integral_constant<int, 1>{}, c); break;
+      case 2: f(std::integral_constant<int, 2>{}, c); break;
+      case 3: f(std::integral_constant<int, 3>{}, c); break;
+      default: f(std::integral_constant<int, 4>{}, c); break;
     }
   }
+}
+
+inline void col_max_wide(const float* S, int64_t nk, int64_t Mp, float* mx) {
+  by_column_groups(Mp, [&](auto nc, int64_t c) { col_max_rows<decltype(nc)::value>(S + c, nk, Mp, mx + c); });
 }
 
 EXAONE_TARGET_BF16 inline void exp_to_pairs(const float* St, int64_t nk, int64_t Mp, float mul, const float* sub,
                                             float* colsum, uint16_t* dst) {
   const Vec m = Vec::set1(mul * 1.44269504088896341f);
-  for (int64_t c = 0; c < Mp; c += 64) {
-    switch (std::min<int64_t>(4, (Mp - c) / 16)) {
-      case 1: exp_to_pairs_cols<1>(St + c, nk, Mp, m, sub + c, colsum + c, dst + 2 * c); break;
-      case 2: exp_to_pairs_cols<2>(St + c, nk, Mp, m, sub + c, colsum + c, dst + 2 * c); break;
-      case 3: exp_to_pairs_cols<3>(St + c, nk, Mp, m, sub + c, colsum + c, dst + 2 * c); break;
-      default: exp_to_pairs_cols<4>(St + c, nk, Mp, m, sub + c, colsum + c, dst + 2 * c); break;
-    }
-  }
+  by_column_groups(Mp, [&](auto nc, int64_t c) {
+    exp_to_pairs_cols<decltype(nc)::value>(St + c, nk, Mp, m, sub + c, colsum + c, dst + 2 * c);
+  });
 }
 
 // O^T [d][Mp] += v^T . p for the last key of an odd tile: v its column of V^T (d values ldv apart),
@@ -634,10 +636,9 @@ void fwd_block(const AttnParams& p, int64_t b, int64_t kvh, int64_t q_begin, int
   q_end = std::min(q_end, len_q);
   k_end = std::min(k_end, len_k);
   k_begin = std::max<int64_t>(k_begin, 0);
-  // the O^T path (bf16, an outside engine, V^T handed in) works on tiles of kAttnVtBlockK keys and
-  // kAttnVtBlockRows rows (the torch layer cuts the query blocks with attn_fwd_vt too)
-  const bool vt_ok = std::is_same_v<T, bf16> && attn_fwd_vt(p);
-  const int64_t bq = attn_block_q(g, vt_ok);
+  // the O^T path (bf16, an outside engine, V^T handed in) works on tiles of kAttnVtBlockK keys
+  const bool vt_ok = std::is_same_v<T, bf16> && p.bf16_gemm && p.vt;
+  const int64_t bq = attn_block_q(g);
   const int64_t mp_max = round_up(bq * g, lanes<A>());
 
   const int64_t bk_max = vt_ok ? kAttnVtBlockK : BK;

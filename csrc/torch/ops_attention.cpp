@@ -159,7 +159,7 @@ void run_fwd(AttnParams p, int64_t batch, int64_t nsplit, int64_t split_keys, fl
   if (batch == 0 || p.q_heads == 0) return;
   set_bf16_engine(p);
   if (!p.bf16_gemm) p.vt = nullptr;
-  const int64_t g = p.group(), bq = cpu::attn_block_q(g, cpu::attn_fwd_vt(p));
+  const int64_t g = p.group(), bq = cpu::attn_block_q(g);
   const auto lens = seq_lengths(p, batch);
   std::vector<FwdItem> items;
   for (int64_t b = 0; b < batch; ++b) {

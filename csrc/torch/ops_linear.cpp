@@ -72,8 +72,7 @@ std::atomic<int> g_linear_brgemm{1};
 // Against the streaming kernel brgemm (torch/brgemm.h; on a Zen 4, its AVX-512 code, 2 threads,
 // the 2.4B shapes) is 0.6-0.85x at 2-10 rows, mixed at 12-15 and 1.1-1.25x at 16; against
 // at::matmul level at 17, 1.1-1.45x at 24-48, 1.1-1.2x at 64 and level at 65-256. Hence
-// [kBrgemmMinRows, kBrgemmMaxRows] (torch/linear.h). Where AMX makes brgemm's products cheap (not
-// On an Intel Xeon with AMX (2 cores, the same shapes) brgemm's tiles against the streaming
+// [kBrgemmMinRows, kBrgemmMaxRows] (torch/linear.h). On an Intel Xeon with AMX (2 cores, the same shapes) brgemm's tiles against the streaming
 // kernel: 0.75-0.84x at 2 rows, 0.94-1.03x at 4, 1.06-1.36x at 6, 1.26-1.69x at 8, 1.74-2.46x at
 // 12; there the range starts at kBrgemmMinRowsAmx (linear_brgemm_min_rows).
 
