@@ -153,6 +153,49 @@ def test_int8_both_cpu_paths(isa, k, m, dtype, int_dot):
 
 
 @pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")
+@pytest.mark.parametrize("isa", INT_DOT_ISAS)
+@pytest.mark.parametrize("row_stream", [True, False], ids=["stream", "blocks"])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_one_row_stream_and_blocks(isa, row_stream, scale_dtype):
+    """One row of 16-bit x on the integer paths: features one after the other (the weight as one
+    stream, the default) and blocks of features side by side. int4: every group the kernels
+    special-case and two they do not (64, 96), 1 to 9 groups (a tail past the eight-group steps of
+    the scale tables), 1 to 37 features, contiguous and padded rows; int8: whole blocks of 128, a
+    shorter last block, k of one block of 16. Both routes meet the error rule and agree with each
+    other to float32 rounding."""
+    _use_isa(isa)
+    before = _C._set_quant_row_stream(row_stream)
+    try:
+        for group, groups, n in [(128, 20, 37), (128, 9, 5), (32, 3, 13), (64, 2, 8), (96, 1, 1), (256, 2, 9)]:
+            k = group * groups
+            q, s, z = _int4(n, k, "cpu", group, scale_dtype)
+            for dtype in (torch.bfloat16, torch.float16) if scale_dtype == torch.float32 else (scale_dtype,):
+                x = torch.randn(1, k).to(dtype)
+                w64 = reference.dequantize_int4(q, s.double(), z, group, torch.float64)
+                out = ops.linear_int4(x, q, s, z, group)
+                _check(out, x, w64, reference.linear_int4(x, q, s, z, group))
+                qpad = torch.zeros(n, k // 2 + 24, dtype=torch.uint8)
+                qpad[:, :k // 2] = q
+                _check(ops.linear_int4(x, qpad[:, :k // 2], s, z, group), x, w64, reference.linear_int4(x, q, s, z, group))
+                _C._set_quant_row_stream(not row_stream)
+                other = ops.linear_int4(x, q, s, z, group)
+                _C._set_quant_row_stream(row_stream)
+                torch.testing.assert_close(out.float(), other.float(), rtol=2e-2 if dtype == torch.bfloat16 else 2e-3,
+                                           atol=1e-3)
+        for k, n in [(2560, 37), (304, 13), (16, 3), (7168, 9)]:
+            q, s = _int8(n, k, "cpu", scale_dtype)
+            x = torch.randn(1, k).to(torch.bfloat16 if scale_dtype == torch.float32 else scale_dtype)
+            w64 = q.double() * s.double()[:, None]
+            _check(ops.linear_int8(x, q, s), x, w64, reference.linear_int8(x, q, s))
+            qpad = torch.zeros(n, k + 40, dtype=torch.int8)
+            qpad[:, :k] = q
+            _check(ops.linear_int8(x, qpad[:, :k], s), x, w64, reference.linear_int8(x, q, s))
+    finally:
+        _C._set_quant_row_stream(before)
+        _use_isa("auto")
+
+
+@pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")
 def test_int8_integer_path_runs_and_falls_back():
     q, s = _int8(64, 2560, "cpu")
     x = torch.randn(4, 2560).to(torch.bfloat16)                # up to 4 rows take it

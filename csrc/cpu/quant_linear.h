@@ -43,6 +43,10 @@ struct QuantLinearArgs {
   // kX8Block, x ~= xs[b] * xw (xs [m, ceil(k / kX8Block)]), for int16 multiply-adds against the
   // sign-extended weights.
   const int16_t* xw = nullptr;  // [m, k]
+  // One row of x on an integer path: the output features one after the other, each over all of
+  // k, so that the weight is read as one sequential stream (quant_linear_impl.h, row4i_stream /
+  // row8i_stream); false: blocks of features side by side, as for several rows.
+  bool row_stream = false;
 };
 
 // Output features handled together; chunk boundaries given to quant_linear_rows should be

@@ -14,6 +14,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 #include "cpu/quant_linear.h"
 #include "cpu/vec.h"
@@ -520,6 +521,135 @@ void block4i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
   over_row_tiles(m0, m1, tile);
 }
 
+// Eight consecutive scales as float32.
+inline __m256 load8_scales(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_scales(const bf16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline __m256 load8_scales(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// How far ahead of its loads the one-row int4 kernel prefetches its weight stream into L2, in bytes.
+constexpr int64_t kRow4PrefetchAhead = 4096;
+
+// int4 with ONE row of x on the integer path (x of prepare_x4): output features [begin, end) one
+// after the other, each over all of k, so that the weight is read as one sequential stream with a
+// prefetch kRow4PrefetchAhead bytes ahead (the rows of a weight are back to back), as bf16's
+// single_row does; the block kernel above walks R rows side by side (R short streams). Per feature,
+// the groups' scales times x's, sxs[g], and the zero points' part, sum over g of z * scale * xs *
+// xsum, are formed eight groups to a vector first; then each group's integer sum (dots4i) is
+// converted and added into one float accumulator with sxs[g].
+template <typename T, typename S, int kG>
+void row4i_stream(const QuantLinearArgs& a, const S* scales, int64_t begin, int64_t end) {
+  const int64_t G = kG ? kG : a.group, groups = a.k / G;
+  constexpr int64_t kStackGroups = 256;
+  float sxs_stack[kStackGroups], xsx_stack[kStackGroups];
+  std::vector<float> heap;
+  float* sxs = sxs_stack;
+  float* xsx = xsx_stack;  // xs * xsum per group (the zero points' part per unit of z * scale)
+  if (groups > kStackGroups) {
+    heap.resize(size_t(2 * groups));
+    sxs = heap.data(), xsx = heap.data() + groups;
+  }
+  for (int64_t g = 0; g < groups; ++g) xsx[g] = a.xs[g] * float(a.xsum[g]);
+  const int8_t* xq[1] = {a.xq};
+  T* y = static_cast<T*>(a.y);
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* q = static_cast<const uint8_t*>(a.q) + n * a.q_stride;
+    const S* sr = scales + n * groups;
+    const uint8_t* zr = a.zeros + n * groups;
+    __m256 corr8 = _mm256_setzero_ps();
+    float corr = 0.f;
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      const __m256 sc = load8_scales(sr + g);
+      _mm256_storeu_ps(sxs + g, _mm256_mul_ps(sc, _mm256_loadu_ps(a.xs + g)));
+      int64_t z8;
+      std::memcpy(&z8, zr + g, 8);
+      const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(z8)));
+      corr8 = _mm256_fmadd_ps(_mm256_mul_ps(zf, sc), _mm256_loadu_ps(xsx + g), corr8);
+    }
+    for (; g < groups; ++g) {
+      sxs[g] = to_float(sr[g]) * a.xs[g];
+      corr += float(zr[g]) * to_float(sr[g]) * xsx[g];
+    }
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const char* ahead = reinterpret_cast<const char*>(q) + kRow4PrefetchAhead;
+    for (g = 0; g < groups; ++g) {
+      const uint8_t* qg = q + g * G / 2;
+      for (int64_t o = 0; o < G / 2; o += 64) _mm_prefetch(ahead + g * G / 2 + o, _MM_HINT_T1);
+      __m256i s[1];
+      xq[0] = a.xq + 2 * g * G;
+      dots4i<1, kG>(qg, xq, G, s);
+      if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), _mm256_broadcast_ss(sxs + g), acc1);
+      else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), _mm256_broadcast_ss(sxs + g), acc0);
+    }
+    y[n] = from_float<T>(hsum_ps(_mm256_add_ps(acc0, acc1)) - (hsum_ps(corr8) + corr));
+  }
+}
+
+template <typename T, typename S>
+void row4i_stream(const QuantLinearArgs& a, const S* scales, int64_t begin, int64_t end) {
+  if (a.group == 128) return row4i_stream<T, S, 128>(a, scales, begin, end);
+  if (a.group == 32) return row4i_stream<T, S, 32>(a, scales, begin, end);
+  if (a.group == 256) return row4i_stream<T, S, 256>(a, scales, begin, end);
+  row4i_stream<T, S, 0>(a, scales, begin, end);
+}
+
+template <typename T>
+void row4i_stream(const QuantLinearArgs& a, int64_t begin, int64_t end) {
+  switch (a.s_dtype) {
+    case DType::kBFloat16: return row4i_stream<T>(a, static_cast<const bf16*>(a.scales), begin, end);
+    case DType::kFloat16: return row4i_stream<T>(a, static_cast<const f16*>(a.scales), begin, end);
+    default: return row4i_stream<T>(a, static_cast<const float*>(a.scales), begin, end);
+  }
+}
+
+// int8 with ONE row of x on the integer path (x of prepare_x8): as row4i_stream, output features
+// one after the other over all of k (one sequential stream, prefetched kRow4PrefetchAhead bytes
+// ahead). Per block of kX8Block inputs, two integer sums take turns over the 16-weight steps, and
+// the block's sum is converted and added into the float accumulator with x's block scale; the
+// feature's scale applies once at the end.
+template <typename T>
+void row8i_stream(const QuantLinearArgs& a, int64_t begin, int64_t end) {
+  const int64_t blocks = (a.k + kX8Block - 1) / kX8Block, full = a.k / kX8Block;
+  T* y = static_cast<T*>(a.y);
+  auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  auto dot = [&](__m256i s, const int8_t* q, const int16_t* x) {
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+#if defined(__AVX512VNNI__)
+    return _mm256_dpwssd_epi32(s, w, ld(x));
+#else
+    return _mm256_add_epi32(s, _mm256_madd_epi16(w, ld(x)));
+#endif
+  };
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* q = static_cast<const int8_t*>(a.q) + n * a.q_stride;
+    const char* ahead = reinterpret_cast<const char*>(q) + kRow4PrefetchAhead;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < full; ++b) {
+      const int64_t k0 = b * kX8Block;
+      _mm_prefetch(ahead + k0, _MM_HINT_T1);
+      _mm_prefetch(ahead + k0 + 64, _MM_HINT_T1);
+      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int64_t c = 0; c < kX8Block; c += 32) {
+        s0 = dot(s0, q + k0 + c, a.xw + k0 + c);
+        s1 = dot(s1, q + k0 + c + 16, a.xw + k0 + c + 16);
+      }
+      const __m256 v = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), sx = _mm256_broadcast_ss(a.xs + b);
+      if (b & 1) acc1 = _mm256_fmadd_ps(v, sx, acc1);
+      else acc0 = _mm256_fmadd_ps(v, sx, acc0);
+    }
+    if (blocks > full) {  // the last block: k % kX8Block inputs, a multiple of 16
+      const int64_t k0 = full * kX8Block;
+      __m256i s0 = _mm256_setzero_si256();
+      for (int64_t c = k0; c < a.k; c += 16) s0 = dot(s0, q + c, a.xw + c);
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(a.xs + full), acc0);
+    }
+    y[n] = from_float<T>(hsum_ps(_mm256_add_ps(acc0, acc1)) * scale_at(a, n));
+  }
+}
+
 // Results of R features for rows m0..m1 (at most kPassRows, [rows][R] float32) stored into y.
 template <typename T, int R>
 void store_rows(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, const float* out) {
@@ -672,6 +802,11 @@ void rows(const QuantLinearArgs& a, int64_t begin, int64_t end) {
     const int64_t m1 = std::min(a.m, m0 + kPassRows);
     int64_t n = begin;
 #if defined(__AVX2__)
+    if (a.m == 1 && a.row_stream && int_path(a)) {
+      if (a.bits == 4) row4i_stream<T>(a, begin, end);
+      else row8i_stream<T>(a, begin, end);
+      return;
+    }
     if (int_path(a))
       for (; n + 2 * kR <= end; n += 2 * kR) block_int<T, 2 * kR>(a, n, m0, m1);
 #endif

@@ -177,6 +177,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_quant_int_dot", &exaone_ext::set_quant_int_dot, py::arg("enabled"),
         "Allow (True) or forbid linear_int4 on CPU to multiply 16-bit x as integers with the weight's nibbles "
         "(integer multiply-adds); returns the previous setting.");
+  m.def("_set_quant_row_stream", &exaone_ext::set_quant_row_stream, py::arg("enabled"),
+        "Allow (True) or forbid one row of x on the quantized linear's integer paths to take the features one "
+        "after the other (the weight read as one stream) in place of blocks side by side; returns the previous "
+        "setting.");
   m.def("_set_cpu_avx512vnni", &exaone_ext::cpu::set_avx512vnni, py::arg("enabled"),
         "Allow (True) or forbid the AVX512-VNNI variant of the quantized linear's integer paths in place of avx512; "
         "returns the previous setting.");

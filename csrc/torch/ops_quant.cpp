@@ -146,10 +146,12 @@ std::vector<int64_t> check_linear_int4_cat(const at::Tensor& x, at::TensorList q
 namespace {
 
 std::atomic<bool> g_int_dot{true};
+std::atomic<bool> g_row_stream{true};  // QuantLinearArgs::row_stream for one row of x
 
 }  // namespace
 
 bool set_quant_int_dot(bool enabled) { return g_int_dot.exchange(enabled); }
+bool set_quant_row_stream(bool enabled) { return g_row_stream.exchange(enabled); }
 
 namespace {
 
@@ -278,6 +280,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, std::vector<QuantLinearArgs> ba
   for (const QuantLinearArgs& base : bases) {
     QuantLinearArgs w = base;
     w.x = a.x, w.x_stride = a.x_stride, w.xw = a.xw, w.xq = a.xq, w.xs = a.xs, w.xsum = a.xsum;
+    w.row_stream = M == 1 && g_row_stream.load(std::memory_order_relaxed);
     w.y = static_cast<char*>(y.data_ptr()) + col * y.element_size();
     w.y_stride = N;
     args.push_back(w);

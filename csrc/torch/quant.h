@@ -40,6 +40,9 @@ inline constexpr int64_t kQuantStreamMaxRowsNonNative = 64;
 // Allow (true, the default) or forbid that integer path; returns the previous setting (tests and
 // benchmarks compare the two).
 bool set_quant_int_dot(bool enabled);
+// One row of x on the integer paths: features one after the other, the weight as one stream
+// (QuantLinearArgs::row_stream; on by default). Returns the previous setting.
+bool set_quant_row_stream(bool enabled);
 
 // The weight half of a quantized-linear argument struct (the CPU kernels' QuantLinearArgs, the
 // CUDA GEMV's QuantGemvArgs: fields bits, s_dtype, k, n, group, q, q_stride, scales, zeros), from
