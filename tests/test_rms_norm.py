@@ -120,6 +120,31 @@ def test_non_contiguous_inputs(device, cpu_variant):
     torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_bf16_weight_each_call_its_own(contiguous, device, cpu_variant):
+    """A bfloat16 weight is widened afresh for every call (on a CPU into a per-thread buffer where it
+    is contiguous): two weights used in turn, and a weight changed in place between calls, give
+    each call its own result; the backward's weight too."""
+    x = torch.randn(7, 96, device=device).to(torch.bfloat16)
+    r = torch.randn(7, 96, device=device).to(torch.bfloat16)
+    ws = [torch.randn(192 if not contiguous else 96, device=device).to(torch.bfloat16) for _ in range(2)]
+    if not contiguous:
+        ws = [w[::2] for w in ws]
+    for w in ws + ws:
+        torch.testing.assert_close(ops.rms_norm(x, w), reference.rms_norm(x, w))
+        y, h = ops.add_rms_norm(x, r, w)
+        torch.testing.assert_close(y, reference.add_rms_norm(x, r, w)[0])
+    w = ws[0]
+    with torch.no_grad():
+        w.mul_(-2)
+    torch.testing.assert_close(ops.rms_norm(x, w), reference.rms_norm(x, w))
+    dy = torch.randn(7, 96, device=device).to(torch.bfloat16)
+    _, g = _run(ops.rms_norm, (x, w), (dy,))
+    _, g_ref = _run(reference.rms_norm, (x, w), (dy,))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_special_values(cpu_variant):
     x = torch.tensor([[1.0, float("inf"), 2.0], [1.0, float("nan"), 2.0], [3e38, 3e38, 1.0], [0.0, 0.0, 0.0]])
     y = ops.rms_norm(x, torch.ones(3))
