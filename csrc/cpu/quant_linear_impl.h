@@ -552,6 +552,24 @@ void row4i_stream(const QuantLinearArgs& a, const S* scales, int64_t begin, int6
   }
   for (int64_t g = 0; g < groups; ++g) xsx[g] = a.xs[g] * float(a.xsum[g]);
   const int8_t* xq[1] = {a.xq};
+#if defined(__AVX512VNNI__)
+  // Groups of 128 or 256 with AVX512-VNNI: one 64-byte load holds 128 weights, whose low nibbles
+  // meet x's elements [0, 32) and [64, 96) of the 128 and the high ones [32, 64) and [96, 128) in
+  // prepare_x4's order; xz holds x's parts rearranged so that each of those is one 64-byte load.
+  // Made once per call (2 k bytes), read for every feature.
+  thread_local std::vector<int8_t> xz_buf;
+  const int8_t* xz = nullptr;
+  if constexpr (kG % 128 == 0 && kG > 0) {
+    xz_buf.resize(size_t(2 * a.k));
+    for (int64_t c = 0; c < 2 * a.k; c += 128) {  // every 128 of the hi and lo parts (G a multiple of 128)
+      std::memcpy(xz_buf.data() + c, a.xq + c, 32);
+      std::memcpy(xz_buf.data() + c + 32, a.xq + c + 64, 32);
+      std::memcpy(xz_buf.data() + c + 64, a.xq + c + 32, 32);
+      std::memcpy(xz_buf.data() + c + 96, a.xq + c + 96, 32);
+    }
+    xz = xz_buf.data();
+  }
+#endif
   T* y = static_cast<T*>(a.y);
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* q = static_cast<const uint8_t*>(a.q) + n * a.q_stride;
@@ -572,8 +590,33 @@ void row4i_stream(const QuantLinearArgs& a, const S* scales, int64_t begin, int6
       sxs[g] = to_float(sr[g]) * a.xs[g];
       corr += float(zr[g]) * to_float(sr[g]) * xsx[g];
     }
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     const char* ahead = reinterpret_cast<const char*>(q) + kRow4PrefetchAhead;
+#if defined(__AVX512VNNI__)
+    if constexpr (kG % 128 == 0 && kG > 0) {  // 512-bit steps of 128 weights on x in xz's order
+      const __m512i nib = _mm512_set1_epi8(15);
+      auto ld = [](const int8_t* p) { return _mm512_loadu_si512(p); };
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      for (g = 0; g < groups; ++g) {
+        const int8_t* xh = xz + 2 * g * G;
+        const int8_t* xl = xh + G;
+        __m512i sh = _mm512_setzero_si512(), sl = _mm512_setzero_si512();
+#pragma GCC unroll 2
+        for (int64_t c = 0; c < G; c += 128) {
+          _mm_prefetch(ahead + (g * G + c) / 2, _MM_HINT_T1);
+          const __m512i b = _mm512_loadu_si512(q + (g * G + c) / 2);
+          const __m512i w0 = _mm512_and_si512(b, nib), w1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+          sh = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sh, w0, ld(xh + c)), w1, ld(xh + c + 64));
+          sl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sl, w0, ld(xl + c)), w1, ld(xl + c + 64));
+        }
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(sh, 7), sl));
+        if (g & 1) acc1 = _mm512_fmadd_ps(v, _mm512_set1_ps(sxs[g]), acc1);
+        else acc0 = _mm512_fmadd_ps(v, _mm512_set1_ps(sxs[g]), acc0);
+      }
+      y[n] = from_float<T>(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - (hsum_ps(corr8) + corr));
+      continue;
+    }
+#endif
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (g = 0; g < groups; ++g) {
       const uint8_t* qg = q + g * G / 2;
       for (int64_t o = 0; o < G / 2; o += 64) _mm_prefetch(ahead + g * G / 2 + o, _MM_HINT_T1);
