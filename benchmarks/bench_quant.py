@@ -5,6 +5,7 @@ bytes plus scales and zero points), and that rate as a fraction of the read band
 
     python benchmarks/bench_quant.py                       # all shapes, rows 1 4 8
     python benchmarks/bench_quant.py --shapes lm_head --rows 1
+    python benchmarks/bench_quant.py --rows 1 --formats bf16 int8 int8-blocks int4 int4-blocks
 
 Each weight is replicated into enough copies (at least --rotate-mb in all) that the calls rotate
 through them and every call reads its weight from memory, not from the last-level cache. A
@@ -71,7 +72,20 @@ def _without_vnni(fn):
     return run
 
 
-FNS = {"bf16": ops.linear, "int8": ops.linear_int8, "int4": ops.linear_int4, "int4-widened": linear_int4_widened}
+def _blocks(fn):
+    """fn with one row of x sent through blocks of 8 weight rows side by side (the route of several
+    rows) in place of the one-row stream, features one after the other (_C._set_quant_row_stream)."""
+    def run(x, *args):
+        before = _C._set_quant_row_stream(False)
+        try:
+            return fn(x, *args)
+        finally:
+            _C._set_quant_row_stream(before)
+    return run
+
+
+FNS = {"bf16": ops.linear, "int8": ops.linear_int8, "int4": ops.linear_int4, "int4-widened": linear_int4_widened,
+       "int8-blocks": _blocks(ops.linear_int8), "int4-blocks": _blocks(ops.linear_int4)}
 if exaone_ext.build_info()["cpu_avx512vnni_active"]:  # this CPU runs the VNNI variant: also time it off
     FNS.update({"int8-novnni": _without_vnni(ops.linear_int8), "int4-novnni": _without_vnni(ops.linear_int4)})
 
@@ -121,10 +135,10 @@ def main():
                                     "bandwidth_GBps": bw / 1e9, "speedup_vs_bf16": rows["bf16"] / dt
                                     if "bf16" in rows else float("nan")})
         del weights
-    print(f"{'shape':22s}{'rows':>5s}{'format':>7s}{'ms':>9s}{'MB read':>9s}{'GB/s':>8s}{'of bw':>8s}"
+    print(f"{'shape':22s}{'rows':>5s}{'format':>12s}{'ms':>9s}{'MB read':>9s}{'GB/s':>8s}{'of bw':>8s}"
           f"{'bw GB/s':>9s}{'vs bf16':>9s}")
     for r in results:
-        print(f"{r['shape'] + ' ' + str(r['in']) + '->' + str(r['out']):22s}{r['rows']:5d}{r['format']:>7s}"
+        print(f"{r['shape'] + ' ' + str(r['in']) + '->' + str(r['out']):22s}{r['rows']:5d}{r['format']:>12s}"
               f"{r['ms']:9.3f}{r['bytes'] / 1e6:9.1f}{r['GBps']:8.1f}{r['fraction']:8.1%}{r['bandwidth_GBps']:9.1f}"
               f"{r['speedup_vs_bf16']:8.2f}x")
     print("of bw: bytes as stored (weights + scales + zero points) per second over the higher of the two "
