@@ -61,33 +61,25 @@ def linear_int4_widened(x, *args):
         _C._set_quant_int_dot(before)
 
 
-def _without_vnni(fn):
-    """fn with the AVX512-VNNI variant of the integer paths turned off (the avx512 code's multiply-adds)."""
+def _switched_off(fn, switch):
+    """fn with one of _C's switches off for the call: _set_cpu_avx512vnni (the avx512 code's
+    multiply-adds in place of the AVX512-VNNI variant's), _set_quant_row_stream (one row of x through
+    blocks of 8 weight rows side by side, the route of several rows, in place of the one-row stream)."""
     def run(x, *args):
-        before = _C._set_cpu_avx512vnni(False)
+        before = switch(False)
         try:
             return fn(x, *args)
         finally:
-            _C._set_cpu_avx512vnni(before)
-    return run
-
-
-def _blocks(fn):
-    """fn with one row of x sent through blocks of 8 weight rows side by side (the route of several
-    rows) in place of the one-row stream, features one after the other (_C._set_quant_row_stream)."""
-    def run(x, *args):
-        before = _C._set_quant_row_stream(False)
-        try:
-            return fn(x, *args)
-        finally:
-            _C._set_quant_row_stream(before)
+            switch(before)
     return run
 
 
 FNS = {"bf16": ops.linear, "int8": ops.linear_int8, "int4": ops.linear_int4, "int4-widened": linear_int4_widened,
-       "int8-blocks": _blocks(ops.linear_int8), "int4-blocks": _blocks(ops.linear_int4)}
+       "int8-blocks": _switched_off(ops.linear_int8, _C._set_quant_row_stream),
+       "int4-blocks": _switched_off(ops.linear_int4, _C._set_quant_row_stream)}
 if exaone_ext.build_info()["cpu_avx512vnni_active"]:  # this CPU runs the VNNI variant: also time it off
-    FNS.update({"int8-novnni": _without_vnni(ops.linear_int8), "int4-novnni": _without_vnni(ops.linear_int4)})
+    FNS.update({"int8-novnni": _switched_off(ops.linear_int8, _C._set_cpu_avx512vnni),
+                "int4-novnni": _switched_off(ops.linear_int4, _C._set_cpu_avx512vnni)})
 
 
 def time_calls(fn, x, copies, calls: int) -> float:
@@ -135,10 +127,10 @@ def main():
                                     "bandwidth_GBps": bw / 1e9, "speedup_vs_bf16": rows["bf16"] / dt
                                     if "bf16" in rows else float("nan")})
         del weights
-    print(f"{'shape':22s}{'rows':>5s}{'format':>12s}{'ms':>9s}{'MB read':>9s}{'GB/s':>8s}{'of bw':>8s}"
+    print(f"{'shape':22s}{'rows':>5s}{'format':>13s}{'ms':>9s}{'MB read':>9s}{'GB/s':>8s}{'of bw':>8s}"
           f"{'bw GB/s':>9s}{'vs bf16':>9s}")
     for r in results:
-        print(f"{r['shape'] + ' ' + str(r['in']) + '->' + str(r['out']):22s}{r['rows']:5d}{r['format']:>12s}"
+        print(f"{r['shape'] + ' ' + str(r['in']) + '->' + str(r['out']):22s}{r['rows']:5d}{r['format']:>13s}"
               f"{r['ms']:9.3f}{r['bytes'] / 1e6:9.1f}{r['GBps']:8.1f}{r['fraction']:8.1%}{r['bandwidth_GBps']:9.1f}"
               f"{r['speedup_vs_bf16']:8.2f}x")
     print("of bw: bytes as stored (weights + scales + zero points) per second over the higher of the two "

@@ -8,6 +8,7 @@
 
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "common/dtypes.h"
 #include "cpu/isa.h"
@@ -127,5 +128,23 @@ inline Rows as_rows(const at::Tensor& t) {
 
 // Rows per task so that a task touches at least ~32K elements (the parallel grain).
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+// A small contiguous CPU tensor as float32 for a kernel to read: bfloat16 widened by a loop into a
+// per-thread buffer (a decode step's x or a norm's weight, a few KiB, where at::to's dispatch costs
+// more than the copy: a few microseconds a call, several calls per layer per step), float32 as is;
+// the pointer lives until this thread's next call (the op's own: its kernels run inside it).
+// Anything else (another dtype, not contiguous, not on the CPU) goes through at::to, held in keep.
+inline const float* float32_view(const at::Tensor& t, at::Tensor& keep) {
+  if (t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kBFloat16) {
+    thread_local std::vector<float> buf;
+    const int64_t n = t.numel();
+    buf.resize(size_t(n));
+    const auto* v = static_cast<const uint16_t*>(t.const_data_ptr());
+    for (int64_t i = 0; i < n; ++i) buf[size_t(i)] = float_from_bits(uint32_t(v[i]) << 16);
+    return buf.data();
+  }
+  keep = t.to(at::kFloat).contiguous();
+  return keep.const_data_ptr<float>();
+}
 
 }  // namespace exaone_ext

@@ -155,23 +155,6 @@ bool set_quant_row_stream(bool enabled) { return g_row_stream.exchange(enabled);
 
 namespace {
 
-// x2 [M, K] as contiguous float32 rows for the streaming kernels. Contiguous bfloat16 (a decode
-// step's few KiB) is widened by a loop into a per-thread buffer, where at::to's dispatch cost more
-// than the copy (several microseconds, four times per layer per step); the pointer lives until this
-// thread's next call. Anything else goes through at::to, held in keep.
-const float* float_rows(const at::Tensor& x2, at::Tensor& keep) {
-  if (x2.scalar_type() == at::kBFloat16 && x2.is_contiguous()) {
-    thread_local std::vector<float> buf;
-    const int64_t n = x2.numel();
-    buf.resize(size_t(n));
-    const auto* v = static_cast<const uint16_t*>(x2.const_data_ptr());
-    for (int64_t i = 0; i < n; ++i) buf[size_t(i)] = float_from_bits(uint32_t(v[i]) << 16);
-    return buf.data();
-  }
-  keep = x2.to(at::kFloat).contiguous();
-  return keep.const_data_ptr<float>();
-}
-
 // y = x @ cat(W_i).T for M rows of bfloat16 x through brgemm on tiles of kBrgemmFeatures dequantised
 // weight rows (see quant_linear_cpu). Figures (Zen 4, AVX-512 brgemm, 2 threads): README "Quantized
 // weights".
@@ -258,7 +241,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, std::vector<QuantLinearArgs> ba
   at::Tensor xk;
   at::Tensor y = at::empty({M, N}, x.options());
   QuantLinearArgs a = bases[0];
-  a.x = float_rows(x.reshape({M, K}), xk);
+  a.x = float32_view(x.reshape({M, K}), xk);  // contiguous bf16: no at::to (torch/common.h)
   a.x_stride = K;
   // 16-bit x: x as 15-bit integers per group / block (cpu/quant_linear.h) where the variant has
   // integer multiply-adds, which keep up with memory where widening the weights to float32 does

@@ -42,20 +42,10 @@ at::ScalarType acc_dtype(DType dt) { return dt == DType::kFloat64 ? at::kDouble 
 
 std::vector<int64_t> row_shape(const at::Tensor& x) { return {x.sizes().begin(), x.sizes().end() - 1}; }
 
-// weight as the contiguous float32 (float64) vector the kernels read. A contiguous bfloat16 CPU
-// weight (a model's norm, a few thousand values) is widened by a loop into a per-thread buffer:
-// at::to's dispatch costs more than the copy, a few microseconds a call, twice per layer per decode
-// step. The pointer lives until this thread's next call (the op's own call: the kernels run inside it).
+// weight as the contiguous float32 (float64) vector the kernels read (float32_view: a contiguous
+// bfloat16 CPU weight without at::to)
 const void* weight_acc(const at::Tensor& weight, DType dt, at::Tensor& keep) {
-  if (acc_dtype(dt) == at::kFloat && weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 &&
-      weight.is_contiguous()) {
-    thread_local std::vector<float> buf;
-    const int64_t n = weight.numel();
-    buf.resize(size_t(n));
-    const auto* w = static_cast<const uint16_t*>(weight.const_data_ptr());
-    for (int64_t i = 0; i < n; ++i) buf[size_t(i)] = float_from_bits(uint32_t(w[i]) << 16);
-    return buf.data();
-  }
+  if (acc_dtype(dt) == at::kFloat) return float32_view(weight, keep);
   keep = weight.to(acc_dtype(dt)).contiguous();
   return keep.const_data_ptr();
 }
