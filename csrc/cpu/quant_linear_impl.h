@@ -556,7 +556,8 @@ void row4i_stream(const QuantLinearArgs& a, const S* scales, int64_t begin, int6
   // Groups of 128 or 256 with AVX512-VNNI: one 64-byte load holds 128 weights, whose low nibbles
   // meet x's elements [0, 32) and [64, 96) of the 128 and the high ones [32, 64) and [96, 128) in
   // prepare_x4's order; xz holds x's parts rearranged so that each of those is one 64-byte load.
-  // Made once per call (2 k bytes), read for every feature.
+  // Made once per chunk of features this is called for (2 k bytes, a few hundred 32-byte copies
+  // beside the chunk's weight bytes), read for every feature of it.
   thread_local std::vector<int8_t> xz_buf;
   const int8_t* xz = nullptr;
   if constexpr (kG % 128 == 0 && kG > 0) {
