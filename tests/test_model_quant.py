@@ -343,3 +343,40 @@ def test_cli_quantize_and_quant_flag(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "quantized    int4 block projections, groups of 128 inputs with zero points; head int8 (the tied embedding reads its rows)" in out
     assert "q_proj.qzeros" in out and "uint8" in out
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_buffers_in_one_hugepage_arena(tiny, tmp_path, fmt):
+    # hugepage_buffers places every projection's and the head's quantized tensors, in the order a
+    # decode step reads them, in one 2 MiB-aligned buffer (each tensor a 64-byte-aligned view): the
+    # values, the outputs and a save / load round trip are unchanged
+    from exaone_ext.model.quant import hugepage_buffers, projections
+    model = ExaoneForCausalLM.from_pretrained(tiny).quantize(fmt)   # the tiny model is below min_bytes
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    ids = _ids(tiny)
+    with torch.no_grad():
+        logits = model(ids)
+    placed = hugepage_buffers(model, min_bytes=0)
+    modules = [m for _, _, m in projections(model)] + [model.lm_head]
+    tensors = [t for m in modules for t in (m.qweight, m.scales, getattr(m, "qzeros", None)) if t is not None]
+    for n, b in model.named_buffers():
+        assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
+    if placed:   # Linux with transparent huge pages (else nothing moves)
+        assert placed >= sum(t.nbytes for t in tensors)
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+        assert tensors[0].data_ptr() % (2 << 20) == 0
+        assert all(t.data_ptr() % 64 == 0 for t in tensors)
+        ptrs = [t.data_ptr() for t in tensors]
+        assert ptrs == sorted(ptrs)   # decode order: layer by layer, q k v o gate up down, then the head
+        ends = [t.data_ptr() + t.nbytes for t in tensors]
+        assert all(e <= p for e, p in zip(ends, ptrs[1:]))   # no overlap
+    with torch.no_grad():
+        assert torch.equal(model(ids), logits)
+    model.save_pretrained(tmp_path / "q")
+    back = ExaoneForCausalLM.from_pretrained(tmp_path / "q")
+    for n, b in back.named_buffers():
+        if n in before:
+            assert torch.equal(b, before[n]), n
+    with torch.no_grad():
+        assert torch.equal(back(ids), logits)
+    assert hugepage_buffers(model, min_bytes=1 << 40) == 0   # below the threshold: nothing moves

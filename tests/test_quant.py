@@ -196,6 +196,37 @@ def test_one_row_stream_and_blocks(isa, row_stream, scale_dtype):
 
 
 @pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")
+def test_one_row_prefetch_distance_changes_nothing_but_speed():
+    # the one-row streams' prefetch distance (per CPU by default; benchmarks sweep it) never changes a
+    # result: none, a line, the defaults and 1 MiB (far past every weight here) give the same bits
+    info = exaone_ext.build_info()["cpu_quant_prefetch_ahead"]
+    assert set(info) == {"int8", "int4"} and all(v in (1024, 4096) for v in info.values())
+    x = torch.randn(1, 2560).to(torch.bfloat16)
+    q8, s8 = _int8(300, 2560, "cpu")
+    q4, s4, z4 = _int4(300, 2560, "cpu", 128, torch.bfloat16)
+    outs = {}
+    try:
+        for bytes_ahead in (-1, 0, 64, 4096, 1 << 20):
+            before8 = _C._set_quant_prefetch_ahead(8, bytes_ahead)
+            before4 = _C._set_quant_prefetch_ahead(4, bytes_ahead)
+            if bytes_ahead == -1:
+                assert (before8, before4) == (info["int8"], info["int4"])
+            outs[bytes_ahead] = (ops.linear_int8(x, q8, s8), ops.linear_int4(x, q4, s4, z4, 128))
+    finally:
+        _C._set_quant_prefetch_ahead(8, -1)
+        _C._set_quant_prefetch_ahead(4, -1)
+    for o8, o4 in outs.values():
+        assert torch.equal(o8, outs[-1][0]) and torch.equal(o4, outs[-1][1])
+    assert _C._set_quant_prefetch_ahead(8, -1) == info["int8"]
+    with pytest.raises(ValueError, match="bits must be 8 .int8. or 4 .int4., got 16"):
+        _C._set_quant_prefetch_ahead(16, 1024)
+    with pytest.raises(ValueError, match=r"bytes must be in 0..1048576 .or -1 for this CPU's default., got -2"):
+        _C._set_quant_prefetch_ahead(4, -2)
+    with pytest.raises(ValueError, match="got 1048577"):
+        _C._set_quant_prefetch_ahead(8, (1 << 20) + 1)
+
+
+@pytest.mark.skipif(not INT_DOT_ISAS, reason="no CPU variant with integer multiply-adds on this machine")
 def test_int8_integer_path_runs_and_falls_back():
     q, s = _int8(64, 2560, "cpu")
     x = torch.randn(4, 2560).to(torch.bfloat16)                # up to 4 rows take it

@@ -107,6 +107,14 @@ bool cpu_has(const char* feature) {
   return false;
 }
 
+bool cpu_is_amd() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
+
 namespace {
 // Switches of the variants compiled on top of avx512 with one more extension (tests turn them off).
 std::atomic<bool> g_avx512bf16{true};

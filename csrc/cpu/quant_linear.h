@@ -47,6 +47,9 @@ struct QuantLinearArgs {
   // k, so that the weight is read as one sequential stream (quant_linear_impl.h, row4i_stream /
   // row8i_stream); false: blocks of features side by side, as for several rows.
   bool row_stream = false;
+  // How far ahead of its loads a one-row stream prefetches the weight into L2, in bytes (the torch
+  // layer picks it per CPU: quant_row_prefetch_ahead in cpu/isa.h).
+  int64_t prefetch_ahead = 4096;
 };
 
 // Output features handled together; chunk boundaries given to quant_linear_rows should be

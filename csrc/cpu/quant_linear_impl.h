@@ -528,12 +528,9 @@ inline __m256 load8_scales(const bf16* p) {
 }
 inline __m256 load8_scales(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// How far ahead of its loads the one-row int4 kernel prefetches its weight stream into L2, in bytes.
-constexpr int64_t kRow4PrefetchAhead = 4096;
-
 // int4 with ONE row of x on the integer path (x of prepare_x4): output features [begin, end) one
 // after the other, each over all of k, so that the weight is read as one sequential stream with a
-// prefetch kRow4PrefetchAhead bytes ahead (the rows of a weight are back to back), as bf16's
+// prefetch a.prefetch_ahead bytes ahead (the rows of a weight are back to back), as bf16's
 // single_row does; the block kernel above walks R rows side by side (R short streams). Per feature,
 // the groups' scales times x's, sxs[g], and the zero points' part, sum over g of z * scale * xs *
 // xsum, are formed eight groups to a vector first; then each group's integer sum (dots4i) is
@@ -591,7 +588,7 @@ void row4i_stream(const QuantLinearArgs& a, const S* scales, int64_t begin, int6
       sxs[g] = to_float(sr[g]) * a.xs[g];
       corr += float(zr[g]) * to_float(sr[g]) * xsx[g];
     }
-    const char* ahead = reinterpret_cast<const char*>(q) + kRow4PrefetchAhead;
+    const char* ahead = reinterpret_cast<const char*>(q) + a.prefetch_ahead;
 #if defined(__AVX512VNNI__)
     if constexpr (kG % 128 == 0 && kG > 0) {  // 512-bit steps of 128 weights on x in xz's order
       const __m512i nib = _mm512_set1_epi8(15);
@@ -649,7 +646,7 @@ void row4i_stream(const QuantLinearArgs& a, int64_t begin, int64_t end) {
 }
 
 // int8 with ONE row of x on the integer path (x of prepare_x8): as row4i_stream, output features
-// one after the other over all of k (one sequential stream, prefetched kRow4PrefetchAhead bytes
+// one after the other over all of k (one sequential stream, prefetched a.prefetch_ahead bytes
 // ahead). Per block of kX8Block inputs, two integer sums take turns over the 16-weight steps, and
 // the block's sum is converted and added into the float accumulator with x's block scale; the
 // feature's scale applies once at the end.
@@ -668,7 +665,7 @@ void row8i_stream(const QuantLinearArgs& a, int64_t begin, int64_t end) {
   };
   for (int64_t n = begin; n < end; ++n) {
     const int8_t* q = static_cast<const int8_t*>(a.q) + n * a.q_stride;
-    const char* ahead = reinterpret_cast<const char*>(q) + kRow4PrefetchAhead;
+    const char* ahead = reinterpret_cast<const char*>(q) + a.prefetch_ahead;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int64_t b = 0; b < full; ++b) {
       const int64_t k0 = b * kX8Block;

@@ -129,6 +129,8 @@ py::dict build_info() {
   // (AMX) or the kernels' own vdpbf16ps (both take P and dS rounded to bfloat16), or float32 tiles
   d["cpu_attention_bf16_products"] = exaone_ext::attn_bf16_products();
   d["cpu_linear_bf16_rows"] = exaone_ext::linear_bf16_rows_engine();
+  d["cpu_quant_prefetch_ahead"] = py::dict(py::arg("int8") = exaone_ext::quant_prefetch_ahead(8),
+                                           py::arg("int4") = exaone_ext::quant_prefetch_ahead(4));
   // the rows of bfloat16 x that take that engine in ops.linear (first, last) where it is brgemm
   d["cpu_linear_brgemm_rows"] = py::make_tuple(exaone_ext::linear_brgemm_min_rows(), exaone_ext::kBrgemmMaxRows);
   d["cpu_isa_best"] = exaone_ext::cpu::isa_name(exaone_ext::cpu::best_isa());
@@ -181,6 +183,9 @@ PYBIND11_MODULE(_C, m) {
         "Allow (True) or forbid one row of x on the quantized linear's integer paths to take the features one "
         "after the other (the weight read as one stream) in place of blocks side by side; returns the previous "
         "setting.");
+  m.def("_set_quant_prefetch_ahead", &exaone_ext::set_quant_prefetch_ahead, py::arg("bits"), py::arg("bytes"),
+        "How far ahead of its loads one row of x on the quantized linear's integer paths prefetches the weight, "
+        "in bytes (0: none; -1: this CPU's default), for int8 (bits=8) or int4 (bits=4); returns the previous value.");
   m.def("_set_cpu_avx512vnni", &exaone_ext::cpu::set_avx512vnni, py::arg("enabled"),
         "Allow (True) or forbid the AVX512-VNNI variant of the quantized linear's integer paths in place of avx512; "
         "returns the previous setting.");

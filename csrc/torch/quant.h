@@ -43,6 +43,14 @@ bool set_quant_int_dot(bool enabled);
 // One row of x on the integer paths: features one after the other, the weight as one stream
 // (QuantLinearArgs::row_stream; on by default). Returns the previous setting.
 bool set_quant_row_stream(bool enabled);
+// How far ahead of its loads a one-row stream prefetches the weight (QuantLinearArgs::prefetch_ahead),
+// in bytes, for int8 (bits 8) or int4 (bits 4). Per CPU by default: on a 2-core AMD Zen 2 (AVX2 only)
+// int8 reads fastest 768-1024 bytes ahead and slower from 1.5 KiB on, int4 there and both formats on
+// Intel 1.5-4 KiB ahead (README, Quantized weights).
+int64_t quant_prefetch_ahead(int64_t bits);
+// Sets it (bytes in 0..1 MiB; 0: no software prefetch; -1: back to the CPU's default); returns the
+// previous value. Benchmarks sweep it.
+int64_t set_quant_prefetch_ahead(int64_t bits, int64_t bytes);
 
 // The weight half of a quantized-linear argument struct (the CPU kernels' QuantLinearArgs, the
 // CUDA GEMV's QuantGemvArgs: fields bits, s_dtype, k, n, group, q, q_stride, scales, zeros), from
