@@ -282,7 +282,7 @@ def test_kvcache_split_kv_long_cache(dtype, attn_decode):
 @pytest.mark.parametrize("hq,hk,s_new", [(8, 8, 1), (8, 4, 1), (12, 4, 1), (32, 8, 1), (40, 8, 1), (16, 2, 1),
                                          (8, 2, 2), (4, 2, 3)])
 @pytest.mark.parametrize("d", [64, 80, 128])
-@pytest.mark.parametrize("lens", [[0, 1, 33, 2900], [37], [1500]], ids=["ragged", "short", "split"])
+@pytest.mark.parametrize("lens", [[0, 1, 33, 2900], [37], [200], [1500]], ids=["ragged", "short", "short-split", "split"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kvcache_decode_shapes(hq, hk, s_new, d, lens, dtype, attn_decode):
     b, max_seq = len(lens), max(lens) + s_new + 5

@@ -14,7 +14,7 @@ _CUDA_BUILT = bool(_C.build_info()["cuda"])
 def has_kernel(device: torch.device | str) -> bool:
     """True when this build has compiled kernels for tensors on `device` (CPU always; CUDA when
     the package was built with CUDA). Elsewhere the public ops run their plain-PyTorch reference."""
-    kind = torch.device(device).type
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
     return kind == "cpu" or (kind == "cuda" and _CUDA_BUILT) or kind == "meta"
 
 
@@ -23,8 +23,13 @@ def autocast(*tensors):
     autocast dtype, as torch's own matmul-like ops are (F.linear, SDPA), so that a model under
     autocast hands the kernels one dtype; the casts are differentiable (gradients of float32 weights
     come back in float32). Outside autocast, or for None, unchanged."""
-    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if first is None or first.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(first.device.type):
+    for first in tensors:   # the first tensor (a loop: this runs on every op call)
+        if isinstance(first, torch.Tensor):
+            break
+    else:
+        return tensors
+    kind = first.device.type
+    if (kind != "cpu" and kind != "cuda") or not torch.is_autocast_enabled(kind):
         return tensors
     dt = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64

@@ -18,8 +18,9 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     weight once (float32 accumulation); more rows multiply tiles of the dequantised weight.
     Differentiable in x only (the quantized weight is for inference).
     """
-    for t, name in ((x, "x"), (qweight, "qweight"), (scales, "scales")):
-        check_tensor(t, name, "linear_int8")
+    if not (isinstance(x, torch.Tensor) and isinstance(qweight, torch.Tensor) and isinstance(scales, torch.Tensor)):
+        for t, name in ((x, "x"), (qweight, "qweight"), (scales, "scales")):
+            check_tensor(t, name, "linear_int8")
     x, = autocast(x)
     if not has_kernel(x.device):
         return reference.linear_int8(x, qweight, scales)
@@ -34,8 +35,10 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     [out, in / group_size] float32 or x's dtype, zeros uint8 [out, in / group_size]; in a multiple
     of group_size, group_size a multiple of 32. Differentiable in x only.
     """
-    for t, name in ((x, "x"), (qweight, "qweight"), (scales, "scales"), (zeros, "zeros")):
-        check_tensor(t, name, "linear_int4")
+    if not (isinstance(x, torch.Tensor) and isinstance(qweight, torch.Tensor) and isinstance(scales, torch.Tensor)
+            and isinstance(zeros, torch.Tensor)):
+        for t, name in ((x, "x"), (qweight, "qweight"), (scales, "scales"), (zeros, "zeros")):
+            check_tensor(t, name, "linear_int4")
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"exaone_ext.linear_int4: 'group_size' must be an int, got {type(group_size).__name__}")
     x, = autocast(x)
@@ -45,6 +48,12 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
 
 def _tensor_list(ts, name: str, op: str) -> list[torch.Tensor]:
+    if isinstance(ts, list):   # the common case first, in one pass (this runs on every decode-step call)
+        for t in ts:
+            if not isinstance(t, torch.Tensor):
+                break
+        else:
+            return ts
     if not isinstance(ts, (list, tuple)):
         raise TypeError(f"exaone_ext.{op}: '{name}' must be a list or tuple of tensors, got {type(ts).__name__}")
     for i, t in enumerate(ts):
