@@ -314,6 +314,34 @@ def test_kvcache_decode_shapes(hq, hk, s_new, d, lens, dtype, attn_decode):
     torch.testing.assert_close(out_nc.float(), other.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("lens,hk", [([200], 8), ([161, 3], 8), ([257], 8), ([300], 2), ([700], 8)],
+                         ids=["200", "161-3", "257", "300-hk2", "700"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kvcache_decode_thread_ranges(lens, hk, dtype, attn_decode):
+    # short caches cut into one key range per thread (batch below the thread count) and balanced
+    # ranges: the result meets the error rule either way, and the two agree to the output's rounding
+    from exaone_ext import _C
+    b, hq, d = len(lens), 32, 80
+    k_cache = torch.randn(b, max(lens) + 4, hk, d).to(dtype)
+    v_cache = torch.randn(b, max(lens) + 4, hk, d).to(dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    q, k_new, v_new = _qkv(b, 1, 1, hq, hk, d, dtype, "cpu")
+    ref64 = reference.flash_attn_with_kvcache(q.double(), k_cache.double(), v_cache.double(), seqlens,
+                                              k_new.double(), v_new.double())
+    ref_lp = reference.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), seqlens, k_new, v_new)
+    outs = {}
+    for ranges in (True, False):
+        before = _C._set_attn_decode_thread_ranges(ranges)
+        try:
+            outs[ranges] = ops.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), seqlens, k_new, v_new)
+        finally:
+            _C._set_attn_decode_thread_ranges(before)
+        assert_error_within(outs[ranges], ref64, ref_lp, "out", k=max(lens) + 1, acc_dtype=P_DTYPE.get(dtype))
+    torch.testing.assert_close(outs[True].float(), outs[False].float(),
+                               atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    assert _C._set_attn_decode_thread_ranges(True) is True
+
+
 @pytest.mark.skipif(exaone_ext.get_cpu_isa() == "scalar", reason="the decode kernels need AVX2")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_kernel_is_taken(dtype):

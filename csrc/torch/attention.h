@@ -41,6 +41,9 @@ namespace exaone_ext {
 // CPU decode kernels (torch/ops_attention.cpp): allow (true) or forbid the kernels that read a KV
 // cache once over all kv heads for few query rows (AVX512-BF16, AVX2); returns the previous setting.
 bool set_attn_decode(bool enabled);
+// The decode kernels' short caches cut into one key range per thread (kDecodeMinRangeElems in
+// torch/ops_attention.cpp; on by default): allow (true) or forbid; returns the previous setting.
+bool set_attn_decode_thread_ranges(bool enabled);
 // CPU attention's per-thread scratch filled with all-ones bytes (NaN in every float type) before the
 // kernels run (tests: a read of scratch no kernel wrote shows as NaN); returns the previous setting.
 bool set_attn_poison_scratch(bool enabled);

@@ -199,6 +199,9 @@ PYBIND11_MODULE(_C, m) {
         "16-64 rows of CPU bfloat16 linear (and of the quantized linears' dequantised tiles) through oneDNN's "
         "brgemm (weight rows as A, read in place): 1 wherever brgemm works (AVX-512, the default), -1 where the "
         "CPU has AMX-BF16, 0 never; returns the previous mode.");
+  m.def("_set_attn_decode_thread_ranges", &exaone_ext::set_attn_decode_thread_ranges, py::arg("enabled"),
+        "Allow (True) or forbid the CPU decode-attention kernels to cut a short cache into one key range per "
+        "thread (else one range of up to 256 keys per item); returns the previous setting.");
   m.def("_set_attn_decode", &exaone_ext::set_attn_decode, py::arg("enabled"),
         "Allow (True) or forbid the CPU decode-attention kernels (one pass over the KV cache for all kv heads); "
         "forbidden, decode calls take the general kernel. Returns the previous setting.");

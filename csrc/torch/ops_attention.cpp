@@ -331,6 +331,7 @@ void combine_splits(const float* part_out, const float* part_lse, int64_t nsplit
 // active; AVX2 + FMA for float32 / bfloat16 / float16 on any CPU with avx2 or avx512 active.
 // set_attn_decode(false) leaves every call to the general kernel (tests, comparisons).
 std::atomic<bool> g_decode{true};
+std::atomic<bool> g_decode_thread_ranges{true};
 
 using DecodeFn = void (*)(const AttnParams&, int64_t, int64_t, int64_t, float*, float*, void*);
 struct DecodeKernel {
@@ -354,13 +355,16 @@ DecodeKernel decode_kernel(const AttnParams& p) {
 
 // Items (sequence, key range), each over all kv heads. Ranges are multiples of the kernel's key
 // block, about 8 per thread over the longest sequence (so a delayed thread's share is small) and at
-// least 256 keys, or one per thread for caches too short for that (see kDecodeMinRangeKeys); with
+// least 256 keys, or one per thread for caches too short for that (see kDecodeMinRangeElems); with
 // more than one range per sequence the partial rows are combined with their LSEs.
 //
-// kDecodeMinRangeKeys: measured on a 2-core Zen 2 (AVX2), batch 1, 32 q / 8 kv heads, head dim 80,
-// bfloat16, one range against two: 161 cached keys 58 -> 49 us, 201 keys 68 -> 58, 257 keys 94 -> 66;
-// 97 and 129 keys (a last range of 33) no faster.
-constexpr int64_t kDecodeMinRangeKeys = 64;
+// kDecodeMinRangeElems: the least cache a range of its own must hold (keys x kv heads x head dim)
+// for a second thread to pay for the partial rows and their combination. Measured on a 2-core Zen 2
+// (AVX2), batch 1, bf16, one range against two: 32 q / 8 kv heads, head dim 80, 161 cached keys
+// 58 -> 44 us, 201 keys 68 -> 53, 257 keys 94 -> 66, while 97 and 129 keys (a last range of 33) were
+// no faster: 64 keys of 8 x 80. With 2 kv heads a step of a 30-layer model was slower split at 200
+// keys (the same rule in keys), which the rule in elements leaves to one thread there.
+constexpr int64_t kDecodeMinRangeElems = 64 * 8 * 80;
 void run_decode(const AttnParams& p, const DecodeKernel& kernel, at::Tensor& out) {
   const int64_t batch = p.batch, threads = at::get_num_threads();
   int64_t max_len = 0;
@@ -371,11 +375,13 @@ void run_decode(const AttnParams& p, const DecodeKernel& kernel, at::Tensor& out
   int64_t range = blocks_of(std::max<int64_t>(256, (max_len + want - 1) / want));
   int64_t nsplit = std::max<int64_t>(1, (max_len + range - 1) / range);
   // Fewer ranges than threads (a short cache, a small batch): one range per thread instead, where the
-  // last still holds kDecodeMinRangeKeys keys (below that a second thread does not pay for the
-  // partial rows and their combination). Either way a sequence's ranges are of equal length (to the
-  // key block), where 257 keys used to be cut into 256 + 1.
+  // last still holds kDecodeMinRangeElems. Either way a sequence's ranges are of equal length (to
+  // the key block), where 257 keys used to be cut into 256 + 1.
   const int64_t per = (threads + batch - 1) / batch;
-  if (nsplit < per && max_len - (per - 1) * blocks_of((max_len + per - 1) / per) >= kDecodeMinRangeKeys) nsplit = per;
+  const int64_t last = max_len - (per - 1) * blocks_of((max_len + per - 1) / per);
+  if (nsplit < per && last * p.kv_heads * p.head_dim >= kDecodeMinRangeElems &&
+      g_decode_thread_ranges.load(std::memory_order_relaxed))
+    nsplit = per;
   range = blocks_of((max_len + nsplit - 1) / nsplit);
   nsplit = std::max<int64_t>(1, (max_len + range - 1) / range);
   const int64_t rows = batch * p.seq_q * p.q_heads, d = p.head_dim;
@@ -443,6 +449,7 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 bool set_attn_decode(bool enabled) { return g_decode.exchange(enabled); }
+bool set_attn_decode_thread_ranges(bool enabled) { return g_decode_thread_ranges.exchange(enabled); }
 
 bool set_attn_poison_scratch(bool enabled) { return g_poison_scratch.exchange(enabled); }
 

@@ -125,11 +125,11 @@ class Attention(nn.Module):
         ops = ctx.ops
         b, s, _ = x.shape
         # the three projections in one call (one pass over their weights at decode); q, k, v are views
-        nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        nq = self.num_heads * self.head_dim
+        hq, hk = self.num_heads, self.num_kv_heads
         qkv = linear_group(x, [self.q_proj, self.k_proj, self.v_proj], ops)                    # [b, s, nq + 2 nk]
-        q = qkv[..., :nq].view(b, s, self.num_heads, self.head_dim)                          # [b, s, hq, hd]
-        k = qkv[..., nq:nq + nk].view(b, s, self.num_kv_heads, self.head_dim)                # [b, s, hk, hd]
-        v = qkv[..., nq + nk:].view(b, s, self.num_kv_heads, self.head_dim)                  # [b, s, hk, hd]
+        # [b, s, hq, hd], [b, s, hk, hd] twice (two tensor ops rather than six: this runs every layer, every step)
+        q, k, v = qkv.view(b, s, hq + 2 * hk, self.head_dim).split((hq, hk, hk), dim=2)
         q, k = ops.apply_rope(q, k, ctx.cos, ctx.sin, ctx.position_ids, position_ids_max=ctx.position_ids_max)
         if ctx.cu_seqlens is not None:
             # packed documents (b == 1): tokens of different documents never see each other; with a

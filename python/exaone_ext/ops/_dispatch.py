@@ -11,9 +11,14 @@ from .. import _C
 _CUDA_BUILT = bool(_C.build_info()["cuda"])
 
 
-def has_kernel(device: torch.device | str) -> bool:
+def has_kernel(device: torch.device | str | torch.Tensor) -> bool:
     """True when this build has compiled kernels for tensors on `device` (CPU always; CUDA when
-    the package was built with CUDA). Elsewhere the public ops run their plain-PyTorch reference."""
+    the package was built with CUDA), or for a tensor given in its place: where it lies. Elsewhere
+    the public ops run their plain-PyTorch reference."""
+    if isinstance(device, torch.Tensor):
+        if device.is_cpu:   # the common case, without making a torch.device (every op call asks)
+            return True
+        device = device.device
     kind = device.type if isinstance(device, torch.device) else torch.device(device).type
     return kind == "cpu" or (kind == "cuda" and _CUDA_BUILT) or kind == "meta"
 

@@ -47,7 +47,7 @@ def flash_attn(q, k, v, causal: bool = True, softmax_scale: float | None = None,
         check_tensor(x, name, "flash_attn")
     scale = _scale(q, softmax_scale, "flash_attn")
     q, k, v = autocast(q, k, v)  # under torch.autocast its dtype, as SDPA
-    if not has_kernel(q.device):
+    if not has_kernel(q):
         return reference.flash_attn(q, k, v, causal, softmax_scale, return_lse)
     out, lse = _ops.flash_attn_fwd(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), bool(causal),
                                    scale)
@@ -65,7 +65,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     max_seqlen_q = check_int(max_seqlen_q, "max_seqlen_q", "flash_attn_varlen")
     max_seqlen_k = check_int(max_seqlen_k, "max_seqlen_k", "flash_attn_varlen")
     q, k, v = autocast(q, k, v)
-    if not has_kernel(q.device):
+    if not has_kernel(q):
         return reference.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            causal, softmax_scale, return_lse)
     out, lse = _ops.flash_attn_varlen_fwd(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v),
@@ -100,7 +100,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
         raise TypeError(f"exaone_ext.flash_attn_with_kvcache: 'cache_seqlens_max' must be an int or None, "
                         f"got {type(cache_seqlens_max).__name__}")
     scale = _scale(q, softmax_scale, "flash_attn_with_kvcache")
-    if not has_kernel(q.device):
+    if not has_kernel(q):
         return reference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
                                                  softmax_scale, cache_seqlens_max)
     if k_new is not None:

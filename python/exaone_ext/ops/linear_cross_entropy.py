@@ -63,7 +63,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if weight.dim() != 2:
         raise ValueError(f"exaone_ext.{op}: 'weight' must be [vocab, hidden_size], got shape {tuple(weight.shape)}")
     hidden, weight = autocast(hidden, weight)  # under torch.autocast: the logits' matmul in its dtype
-    if not has_kernel(hidden.device):
+    if not has_kernel(hidden):
         return reference.linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size)
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)

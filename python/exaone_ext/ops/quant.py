@@ -22,7 +22,7 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
         for t, name in ((x, "x"), (qweight, "qweight"), (scales, "scales")):
             check_tensor(t, name, "linear_int8")
     x, = autocast(x)
-    if not has_kernel(x.device):
+    if not has_kernel(x):
         return reference.linear_int8(x, qweight, scales)
     return _ops.linear_int8(x, qweight, scales)
 
@@ -42,7 +42,7 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"exaone_ext.linear_int4: 'group_size' must be an int, got {type(group_size).__name__}")
     x, = autocast(x)
-    if not has_kernel(x.device):
+    if not has_kernel(x):
         return reference.linear_int4(x, qweight, scales, zeros, group_size)
     return _ops.linear_int4(x, qweight, scales, zeros, group_size)
 
@@ -69,7 +69,7 @@ def linear_int8_cat(x: torch.Tensor, qweights, scales) -> torch.Tensor:
     check_tensor(x, "x", "linear_int8_cat")
     qweights, scales = _tensor_list(qweights, "qweights", "linear_int8_cat"), _tensor_list(scales, "scales", "linear_int8_cat")
     x, = autocast(x)
-    if not has_kernel(x.device):
+    if not has_kernel(x):
         return reference.linear_int8_cat(x, qweights, scales)
     return _ops.linear_int8_cat(x, qweights, scales)
 
@@ -86,7 +86,7 @@ def linear_int4_cat(x: torch.Tensor, qweights, scales, zeros, group_size: int = 
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"exaone_ext.{op}: 'group_size' must be an int, got {type(group_size).__name__}")
     x, = autocast(x)
-    if not has_kernel(x.device):
+    if not has_kernel(x):
         return reference.linear_int4_cat(x, qweights, scales, zeros, group_size)
     return _ops.linear_int4_cat(x, qweights, scales, zeros, group_size)
 

@@ -63,13 +63,13 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if not isinstance(interleaved, bool):
         raise TypeError(f"exaone_ext.apply_rope: 'interleaved' must be a bool, got {type(interleaved).__name__}")
     for name, value in (("k", k), ("cos", cos), ("sin", sin), ("position_ids", position_ids)):
-        if value.device != q.device:
+        if not (value.is_cpu and q.is_cpu) and value.device != q.device:
             raise ValueError(f"exaone_ext.apply_rope: '{name}' must be on the same device as 'q' ({q.device}), "
                              f"got {value.device}")
     if position_ids_max is not None and (isinstance(position_ids_max, bool) or not isinstance(position_ids_max, int)):
         raise TypeError(f"exaone_ext.apply_rope: 'position_ids_max' must be an int or None, "
                         f"got {type(position_ids_max).__name__}")
-    if not has_kernel(q.device):
+    if not has_kernel(q):
         return reference.apply_rope(q, k, cos, sin, position_ids, interleaved, position_ids_max)
     return _ops.apply_rope(q, k, cos, sin, position_ids, interleaved, position_ids_max)
 

@@ -20,7 +20,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     check_tensor(gate, "gate" if up is not None else "gate_up", "swiglu")
     if up is not None:
         check_tensor(up, "up", "swiglu")
-    if not has_kernel(gate.device):
+    if not has_kernel(gate):
         return reference.swiglu(gate, up)
     if up is None:
         return _ops.swiglu_fused(gate)
