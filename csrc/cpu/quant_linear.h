@@ -48,7 +48,7 @@ struct QuantLinearArgs {
   // row8i_stream); false: blocks of features side by side, as for several rows.
   bool row_stream = false;
   // How far ahead of its loads a one-row stream prefetches the weight into L2, in bytes (the torch
-  // layer picks it per CPU: quant_row_prefetch_ahead in cpu/isa.h).
+  // layer picks it per CPU: quant_prefetch_ahead in torch/quant.h).
   int64_t prefetch_ahead = 4096;
 };
 

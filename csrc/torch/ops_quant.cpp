@@ -307,12 +307,13 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, std::vector<QuantLinearArgs> ba
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<QuantLinearArgs> args;
   std::vector<std::pair<int64_t, int64_t>> sizes;
+  const int64_t prefetch_ahead = quant_prefetch_ahead(a.bits);  // every weight has the same bits
   int64_t col = 0;
   for (const QuantLinearArgs& base : bases) {
     QuantLinearArgs w = base;
     w.x = a.x, w.x_stride = a.x_stride, w.xw = a.xw, w.xq = a.xq, w.xs = a.xs, w.xsum = a.xsum;
     w.row_stream = M == 1 && g_row_stream.load(std::memory_order_relaxed);
-    w.prefetch_ahead = quant_prefetch_ahead(w.bits);
+    w.prefetch_ahead = prefetch_ahead;
     w.y = static_cast<char*>(y.data_ptr()) + col * y.element_size();
     w.y_stride = N;
     args.push_back(w);
