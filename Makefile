@@ -22,16 +22,18 @@ CUDA_ARCHS ?= 80 90
 DEPS := numpy safetensors tokenizers jinja2 pybind11 scikit-build-core ninja "cmake>=3.26" \
         pytest pytest-benchmark "transformers>=5" hypothesis matplotlib fastapi uvicorn openai httpx gguf
 
-# Imports the CUDA build on a machine without a GPU and checks every op has a CUDA kernel registered.
+# Imports the CUDA build on a machine without a GPU and checks every op has a CUDA kernel registered
+# (but decode_layers: the CPU's one call through all the decoder layers; on a GPU a CUDA graph of the
+# decode step does that job).
 define CUDA_IMPORT_CHECK
 import json, torch, exaone_ext
 info = exaone_ext.build_info()
 print(json.dumps(info))
 assert info["cuda"], "the CUDA kernels are missing from the build"
 ops = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("exaone_ext::")]
-missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+missing = [n for n in ops if n != "exaone_ext::decode_layers" and not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
 assert ops and not missing, f"ops without a CUDA kernel: {missing}"
-print(f"cuda-build: {len(ops)} ops, each with a CUDA kernel")
+print(f"cuda-build: {len(ops)} ops, each with a CUDA kernel but the CPU-only decode_layers")
 endef
 export CUDA_IMPORT_CHECK
 

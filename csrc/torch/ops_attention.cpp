@@ -21,6 +21,7 @@
 #include "torch/attention.h"
 #include "torch/brgemm.h"
 #include "torch/common.h"
+#include "torch/cpu_ops.h"
 
 namespace exaone_ext {
 namespace {
@@ -398,6 +399,8 @@ void run_decode(const AttnParams& p, const DecodeKernel& kernel, at::Tensor& out
   combine_splits(part_out.data(), part_lse.data(), nsplit, rows, d, out);
 }
 
+}  // namespace
+
 at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                   const std::optional<at::Tensor>& v_new, bool causal, double softmax_scale,
@@ -445,8 +448,6 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
   combine_splits(part_out.data_ptr<float>(), part_lse.data_ptr<float>(), nsplit, rows, p.head_dim, out);
   return out;
 }
-
-}  // namespace
 
 bool set_attn_decode(bool enabled) { return g_decode.exchange(enabled); }
 bool set_attn_decode_thread_ranges(bool enabled) { return g_decode_thread_ranges.exchange(enabled); }

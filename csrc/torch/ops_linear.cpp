@@ -15,6 +15,7 @@
 #include "cpu/linear.h"
 #include "torch/brgemm.h"
 #include "torch/common.h"
+#include "torch/cpu_ops.h"
 #include "torch/linear.h"
 
 namespace exaone_ext {
@@ -196,6 +197,8 @@ at::Tensor linear_cpu_impl(const at::Tensor& x, const std::vector<at::Tensor>& w
   return y.view(out_shape);
 }
 
+}  // namespace
+
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
   return linear_cpu_impl(x, {weight}, check_linear(x, weight));
 }
@@ -204,8 +207,6 @@ at::Tensor linear_cat_cpu(const at::Tensor& x, at::TensorList weights) {
   const std::vector<at::Tensor> ws(weights.begin(), weights.end());
   return linear_cpu_impl(x, ws, check_linear_cat(x, ws));
 }
-
-}  // namespace
 
 bool set_linear_bf16_dot(bool enabled) { return g_bf16_dot.exchange(enabled); }
 bool set_linear_bf16_pairs(bool enabled) { return g_bf16_pairs.exchange(enabled); }

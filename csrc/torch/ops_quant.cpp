@@ -21,6 +21,7 @@
 #include "cpu/quant_linear.h"
 #include "torch/brgemm.h"
 #include "torch/common.h"
+#include "torch/cpu_ops.h"
 #include "torch/quant.h"
 
 namespace exaone_ext {
@@ -341,6 +342,8 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, std::vector<QuantLinearArgs> ba
   return y.view(out_shape);
 }
 
+}  // namespace
+
 at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   const std::vector<int64_t> shape = check_linear_int8(x, qweight, scales);
   QuantLinearArgs a{};
@@ -376,7 +379,6 @@ at::Tensor linear_int4_cat_cpu(const at::Tensor& x, at::TensorList qweights, at:
   return quant_linear_cpu(x, std::move(args), shape);
 }
 
-}  // namespace
 }  // namespace exaone_ext
 
 TORCH_LIBRARY_FRAGMENT(exaone_ext, m) {

@@ -8,6 +8,7 @@
 
 #include "cpu/rms_norm.h"
 #include "torch/common.h"
+#include "torch/cpu_ops.h"
 #include "torch/output.h"
 #include "torch/rms_norm.h"
 
@@ -157,6 +158,8 @@ void run_backward_cpu(const RmsNormBackwardArgs& a) {
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return rms_norm_impl(x, weight, eps, run_forward_cpu);
 }
@@ -164,6 +167,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor
                                                                 const at::Tensor& weight, double eps) {
   return add_rms_norm_impl(x, residual, weight, eps, run_forward_cpu);
 }
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                          const at::Tensor& weight, const at::Tensor& rstd,
                                                          const std::optional<at::Tensor>& dh) {

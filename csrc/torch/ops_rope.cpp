@@ -6,6 +6,7 @@
 
 #include "cpu/rope.h"
 #include "torch/common.h"
+#include "torch/cpu_ops.h"
 #include "torch/output.h"
 #include "torch/rope.h"
 
@@ -151,6 +152,8 @@ void run_cpu_tables(const RopeTableArgs& a) {
                    [&](int64_t b, int64_t e) { cpu::rope_tables(a, b, e); });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> apply_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                                   const at::Tensor& sin, const at::Tensor& position_ids,
                                                   bool interleaved, std::optional<int64_t> position_ids_max) {
@@ -163,6 +166,8 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cpu(const at::Tensor& gra
                                                            std::optional<int64_t> position_ids_max) {
   return apply_rope_impl(grad_q, grad_k, cos, sin, position_ids, interleaved, true, position_ids_max, run_cpu);
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cpu(const at::Tensor& positions, int64_t head_dim, double theta,
                                                     bool llama3, double factor, double low_freq_factor,

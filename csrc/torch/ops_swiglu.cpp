@@ -4,6 +4,7 @@
 
 #include "cpu/swiglu.h"
 #include "torch/common.h"
+#include "torch/cpu_ops.h"
 #include "torch/output.h"
 #include "torch/swiglu.h"
 
@@ -104,12 +105,17 @@ void run_cpu(const SwigluArgs& a, bool backward) {
 const SwigluRunner kCpuForward = [](const SwigluArgs& a) { run_cpu(a, false); };
 const SwigluRunner kCpuBackward = [](const SwigluArgs& a) { run_cpu(a, true); };
 
+}  // namespace
+
 at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) { return swiglu_impl(gate, up, kCpuForward); }
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
                                                        const at::Tensor& up) {
   return swiglu_backward_impl(grad, gate, up, kCpuBackward);
 }
 at::Tensor swiglu_fused_cpu(const at::Tensor& gate_up) { return swiglu_fused_impl(gate_up, kCpuForward); }
+
+namespace {
+
 at::Tensor swiglu_fused_backward_cpu(const at::Tensor& grad, const at::Tensor& gate_up) {
   return swiglu_fused_backward_impl(grad, gate_up, kCpuBackward);
 }

@@ -25,11 +25,12 @@ from torch import nn
 from .. import ops as _kernel_ops
 from ..ops import reference as _reference_ops
 from ..ops.attention import attention_head_dim_supported
+from . import decode_layers
 from .config import ExaoneConfig
 from .kv_cache import KVCache, LayerKVCache
 from .layers import Linear, linear_group
 
-_OP_NAMES = ("linear", "linear_cat", "linear_int8_cat", "linear_int4_cat", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
+_OP_NAMES = ("decode_layers", "linear", "linear_cat", "linear_int8_cat", "linear_int4_cat", "rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "swiglu", "flash_attn",
              "flash_attn_varlen", "flash_attn_with_kvcache")
 _ATTENTION_OPS = ("flash_attn", "flash_attn_varlen", "flash_attn_with_kvcache")
 
@@ -42,6 +43,7 @@ def _resolve_ops(use_kernels: bool, kernel_attention: bool) -> SimpleNamespace:
 
 
 _OPS = {(k, a): _resolve_ops(k, a) for k in (False, True) for a in (False, True)}
+_KERNEL_OPS = _OPS[(True, True)]
 
 
 def ops_for(use_kernels: bool, head_dim: int | None = None) -> SimpleNamespace:
@@ -218,6 +220,12 @@ class ExaoneForCausalLM(nn.Module):
     or load a checkpoint with `ExaoneForCausalLM.from_pretrained(path)`. `use_kernels` (switchable
     at any time) chooses the compiled ops or their plain-PyTorch references for every layer.
     """
+
+    # A forward against a KV cache on the CPU (no packed documents) runs every block in one call of
+    # ops.decode_layers when the blocks are the model's own (no hook, nothing replaced or patched) and
+    # nothing records gradients: the same kernels in the same order without Python between them
+    # (model/decode_layers.py). False: always through the Python blocks.
+    cpu_fused_layers: bool = True
 
     def __init__(self, config: ExaoneConfig, use_kernels: bool = True):
         super().__init__()
@@ -411,8 +419,13 @@ class ExaoneForCausalLM(nn.Module):
         ctx = ForwardContext(ops, self.rope_cos, self.rope_sin, position_ids, ctx_cu, max_seqlen, kv_cache,
                              cache_max, packed_slots, pos_max, decode_rows, continued)
         h = self.transformer.wte(input_ids)                                                            # [b, s, d]
-        for block in self.transformer.h:
-            h = block(h, ctx)
+        if (kv_cache is not None and packed_slots is None and self.cpu_fused_layers and ops is _KERNEL_OPS
+                and decode_layers.in_plain_eager_mode(h) and (plan := decode_layers.plan_for(self)).usable()):
+            # on the CPU, every block in one call of the same kernels (model/decode_layers.py)
+            h = decode_layers.run(plan, h, ctx, ops)
+        else:
+            for block in self.transformer.h:
+                h = block(h, ctx)
         if kv_cache is not None:
             kv_cache.advance(doc_lengths if packed_slots is not None else s)
         if num_logits_to_keep > 0 and cu_seqlens is not None:
