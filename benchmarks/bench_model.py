@@ -13,7 +13,9 @@ weights + KV cache. With --quant, the same bf16 model quantized (a copy per form
 projection, and the head in --quant-head's format; the tied embedding then looks up the quantized
 head's rows) decodes too, its bytes read counted as stored (quantized weights, scales, zero points,
 the head and norms; a float embedding only while it is the head), and prefills (also against bf16
-prefills alternated with its own, reported as a speed ratio). On a GPU (or with
+prefills alternated with its own, reported as a speed ratio). On a CPU each decode also runs
+alternated with its Python blocks (cpu_fused_layers off), reported as the speed ratio of the one-call
+path (ops.decode_layers). On a GPU (or with
 --engine) decoding also goes through the Engine, as generate() and the server run it: on a GPU with
 its decode step replayed as a CUDA graph, and without. A standalone script (not part of the test run)."""
 from __future__ import annotations
@@ -190,6 +192,19 @@ def main():
         sync(device)
         return time.perf_counter() - t, cache
 
+    def one_call_vs_blocks(model):
+        """On a CPU: decode through the one-call path (ops.decode_layers) against the Python blocks
+        (cpu_fused_layers False), alternated three times; the speed ratio of the fastest of each."""
+        t_one, t_blocks = [], []
+        for _ in range(3):
+            t_one.append(ours_decode(True, model=model)[0])
+            model.cpu_fused_layers = False
+            try:
+                t_blocks.append(ours_decode(True, model=model)[0])
+            finally:
+                model.cpu_fused_layers = True
+        return min(t_blocks) / min(t_one)
+
     def ours_prefill(use_kernels, model=model):
         model.use_kernels = use_kernels
         ids = torch.randint(0, V, (1, args.prefill), device=device)
@@ -205,6 +220,8 @@ def main():
         (dt, _), frac, fracs = bracketed(lambda: ours_decode(True))
         rows["ours (kernels)"] = {"decode_tok_s": args.decode / dt, "decode_fraction_of_bandwidth": frac,
                                   "decode_fraction_per_run": fracs}
+        if device.type == "cpu":
+            rows["ours (kernels)"]["one_call_vs_python_blocks"] = one_call_vs_blocks(model)
         (dt_ref, _), frac, fracs = bracketed(lambda: ours_decode(False))
         rows["ours (reference ops)"] = {"decode_tok_s": args.decode / dt_ref, "decode_fraction_of_bandwidth": frac,
                                         "decode_fraction_per_run": fracs}
@@ -286,6 +303,8 @@ def main():
             (dtq, _), frac, fracs = bracketed(lambda: ours_decode(True, model=qmodel), q_read)
             rows[name] = {"decode_tok_s": args.decode / dtq, "decode_fraction_of_bandwidth": frac,
                           "decode_fraction_per_run": fracs, "read_per_token": q_read, "head": head}
+            if device.type == "cpu":
+                rows[name]["one_call_vs_python_blocks"] = one_call_vs_blocks(qmodel)
             if args.prefill:
                 # against bf16 prefills alternated with these, so that both see the machine in one state
                 tq, tb = [], []
@@ -350,6 +369,10 @@ def main():
     if alternated:
         print("prefill speed against bf16, alternated with bf16 prefills: "
               + ", ".join(f"{name.removeprefix('ours ')} {x:.2f}x" for name, x in alternated.items()))
+    one_call = {name: r["one_call_vs_python_blocks"] for name, r in rows.items() if "one_call_vs_python_blocks" in r}
+    if one_call:
+        print("decode with the layers in one call (ops.decode_layers) against the Python blocks, alternated: "
+              + ", ".join(f"{name.removeprefix('ours ')} {x:.2f}x" for name, x in one_call.items()))
     if "transformers" in rows:
         hf_r, ours_r = rows["transformers"], rows["ours (kernels)"]
         print(f"ours / transformers: decode {ours_r['decode_tok_s'] / hf_r['decode_tok_s']:.2f}x"
