@@ -83,6 +83,67 @@ py::dict cxx_runtime() {
   return d;
 }
 
+// Checks of the model's one-call plan (python/exaone_ext/model/decode_layers.py), run on every
+// forward that may take it: a few thousand dict lookups and identity comparisons, at C speed (some
+// 100 ns each from Python's map / all). Lists only; a dict given is read, never changed.
+PyObject* list_item(const py::list& l, Py_ssize_t i) { return PyList_GET_ITEM(l.ptr(), i); }
+
+void same_length(const py::list& a, const py::list& b, const char* fn) {
+  if (PyList_GET_SIZE(a.ptr()) != PyList_GET_SIZE(b.ptr()))
+    throw py::value_error(std::string(fn) + ": the lists must be as long as each other, got " +
+                          std::to_string(PyList_GET_SIZE(a.ptr())) + " and " + std::to_string(PyList_GET_SIZE(b.ptr())));
+}
+
+PyObject* dict_entry(PyObject* d, PyObject* key, const char* fn) {  // borrowed, or null where missing
+  if (!PyDict_Check(d)) throw py::type_error(std::string(fn) + ": expected dicts, got a " + Py_TYPE(d)->tp_name);
+  PyObject* v = PyDict_GetItemWithError(d, key);
+  if (!v && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+// Whether dicts[i][keys[i]] is objs[i] for every i (a missing key: False).
+bool same_entries(const py::list& dicts, const py::list& keys, const py::list& objs) {
+  same_length(dicts, keys, "_same_entries");
+  same_length(dicts, objs, "_same_entries");
+  for (Py_ssize_t i = 0, n = PyList_GET_SIZE(dicts.ptr()); i < n; ++i)
+    if (dict_entry(list_item(dicts, i), list_item(keys, i), "_same_entries") != list_item(objs, i)) return false;
+  return true;
+}
+
+// Whether type(objs[i]) is types[i] for every i.
+bool same_types(const py::list& objs, const py::list& types) {
+  same_length(objs, types, "_same_types");
+  for (Py_ssize_t i = 0, n = PyList_GET_SIZE(objs.ptr()); i < n; ++i)
+    if (reinterpret_cast<PyObject*>(Py_TYPE(list_item(objs, i))) != list_item(types, i)) return false;
+  return true;
+}
+
+// Whether every dict of the list is empty.
+bool all_empty(const py::list& dicts) {
+  for (Py_ssize_t i = 0, n = PyList_GET_SIZE(dicts.ptr()); i < n; ++i) {
+    PyObject* d = list_item(dicts, i);
+    if (!PyDict_Check(d)) throw py::type_error(std::string("_all_empty: expected dicts, got a ") + Py_TYPE(d)->tp_name);
+    if (PyDict_GET_SIZE(d) != 0) return false;
+  }
+  return true;
+}
+
+// Whether every dict holds `key` with a true value (want_true), or none holds `key` (not want_true).
+bool entries(const py::list& dicts, const py::str& key, bool want_true) {
+  for (Py_ssize_t i = 0, n = PyList_GET_SIZE(dicts.ptr()); i < n; ++i) {
+    PyObject* v = dict_entry(list_item(dicts, i), key.ptr(), "_entries");
+    if (!want_true) {
+      if (v) return false;
+      continue;
+    }
+    if (!v) return false;
+    const int t = PyObject_IsTrue(v);
+    if (t < 0) throw py::error_already_set();
+    if (t == 0) return false;
+  }
+  return true;
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = EXAONE_EXT_VERSION;
@@ -239,5 +300,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("_advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"),
         "Advise transparent huge pages for the whole 2 MiB pages of a CPU buffer not yet touched; returns the bytes advised.");
   exaone_ext::register_text_bindings(m);
+  m.def("_same_entries", &same_entries, py::arg("dicts"), py::arg("keys"), py::arg("objs"),
+        "Whether dicts[i][keys[i]] is objs[i] for every i (lists; a missing key: False).");
+  m.def("_same_types", &same_types, py::arg("objs"), py::arg("types"),
+        "Whether type(objs[i]) is types[i] for every i (lists).");
+  m.def("_all_empty", &all_empty, py::arg("dicts"), "Whether every dict of the list is empty.");
+  m.def("_entries", &entries, py::arg("dicts"), py::arg("key"), py::arg("want_true"),
+        "want_true: whether every dict of the list holds key with a true value; else whether none holds key.");
   m.def("get_cpu_isa", []() { return std::string(exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa())); });
 }
