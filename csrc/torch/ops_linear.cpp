@@ -257,7 +257,14 @@ at::Tensor linear_tiled(const at::Tensor& x2, int64_t n,
   // ~8 MiB tiles (a multiple of 64 rows): large enough for the matmul to reach its rate, small
   // beside the weight.
   const int64_t tile_rows = std::min(n, std::max<int64_t>(64, ((int64_t(8) << 20) / std::max<int64_t>(1, K * x2.element_size())) / 64 * 64));
-  at::Tensor tile = at::empty({tile_rows, K}, x2.options());
+  // The tile's memory is kept per calling thread from one call to the next: a fresh 8 MiB block is
+  // mapped anew by the allocator on every call (glibc), and its page faults cost as much as the
+  // dequantisation (Zen 5, 2 threads, 256 x 7168 -> 2560 int4: 0.75x of bf16 with a fresh tile,
+  // 0.87x with the pages kept).
+  thread_local at::Tensor kept;
+  const int64_t need = tile_rows * K * x2.element_size();
+  if (!kept.defined() || kept.numel() < need) kept = at::empty({need}, x2.options().dtype(at::kByte));
+  at::Tensor tile = kept.narrow(0, 0, need).view(x2.scalar_type()).view({tile_rows, K});
   for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
     const int64_t n1 = std::min(n, n0 + tile_rows);
     fill(n0, n1, tile);
