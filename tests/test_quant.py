@@ -79,7 +79,7 @@ def int_dot(request):
 
 
 @pytest.mark.parametrize("isa", INT_DOT_ISAS)
-@pytest.mark.parametrize("group,groups", [(32, 3), (64, 2), (96, 2), (128, 3), (256, 1)])
+@pytest.mark.parametrize("group,groups", [(32, 3), (32, 8), (64, 2), (64, 6), (96, 2), (128, 3), (256, 1)])
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_both_cpu_paths(isa, group, groups, m, dtype, int_dot):
@@ -159,14 +159,16 @@ def test_int8_both_cpu_paths(isa, k, m, dtype, int_dot):
 def test_one_row_stream_and_blocks(isa, row_stream, scale_dtype):
     """One row of 16-bit x on the integer paths: features one after the other (the weight as one
     stream, the default) and blocks of features side by side. int4: every group the kernels
-    special-case and two they do not (64, 96), 1 to 9 groups (a tail past the eight-group steps of
+    special-case and one they do not (96), 1 to 80 groups (a tail past the eight-group steps of
     the scale tables), 1 to 37 features, contiguous and padded rows; int8: whole blocks of 128, a
     shorter last block, k of one block of 16. Both routes meet the error rule and agree with each
     other to float32 rounding."""
     _use_isa(isa)
     before = _C._set_quant_row_stream(row_stream)
     try:
-        for group, groups, n in [(128, 20, 37), (128, 9, 5), (32, 3, 13), (64, 2, 8), (96, 1, 1), (256, 2, 9)]:
+        # groups of 32 / 64 with k a multiple of 128: 64-byte steps with a scale per 16-byte lane
+        for group, groups, n in [(128, 20, 37), (128, 9, 5), (32, 3, 13), (64, 2, 8), (96, 1, 1), (256, 2, 9),
+                                 (32, 80, 11), (32, 4, 3), (64, 40, 7), (64, 6, 2)]:
             k = group * groups
             q, s, z = _int4(n, k, "cpu", group, scale_dtype)
             for dtype in (torch.bfloat16, torch.float16) if scale_dtype == torch.float32 else (scale_dtype,):
