@@ -567,31 +567,41 @@ void row4i_stream(const QuantLinearArgs& a, const S* scales, int64_t begin, int6
     }
     xz = xz_buf.data();
   }
-  // Groups of 32 or 64 (GGUF's Q4_0 blocks, some AWQ checkpoints) with k a multiple of 128: the same
-  // 64-byte steps of 128 weights, whose four 16-byte lanes are the four 32-element blocks; each lane's
-  // sums are scaled by its own group's sxs (a permute of 4 or 2 consecutive sxs), so that a step costs
-  // what a step of the groups of 128 does (before: 16-byte steps per block of 32, 2.2x the time per
-  // weight on Zen 5). xz per 128 of k: the hi parts of the four blocks' first 16 elements, of their
-  // last 16, then the lo parts the same way (runs of 16 keep their order in prepare_x4's layout).
+#endif
+  // Groups of 32 (GGUF's Q4_0 blocks) and, with AVX512-VNNI, 64 (some AWQ checkpoints), with k a
+  // multiple of the step: the wide steps of the groups of 128 (AVX512-VNNI: 64 bytes, 128 weights;
+  // else 32 bytes, 64 weights), whose 16-byte lanes are 32-element blocks, each lane's sums scaled by
+  // its own group's sxs (one permute of the step's consecutive sxs). Before: a 16-byte step per block
+  // of 32, 1.4-2x the time per weight on Zen 5. xz per step: the hi parts of its blocks' first 16
+  // elements, of their last 16, then the lo parts the same way (runs of 16 keep their order in
+  // prepare_x4's layout).
+#if defined(__AVX512VNNI__)
+  constexpr int64_t kStep = 128;
   constexpr bool kSmall = kG == 32 || kG == 64;
-  const bool small_steps = kSmall && a.k % 128 == 0;
+#else
+  constexpr int64_t kStep = 64;   // AVX2 (groups of 64 already take 32-byte steps there)
+  constexpr bool kSmall = kG == 32;
+  thread_local std::vector<int8_t> xz_buf;
+  const int8_t* xz = nullptr;
+#endif
+  const bool small_steps = kSmall && a.k % kStep == 0;
   if (small_steps) {
+    constexpr int kBlocks = int(kStep / 32);
     xz_buf.resize(size_t(2 * a.k));
-    for (int64_t c = 0; c < a.k; c += 128) {
+    for (int64_t c = 0; c < a.k; c += kStep) {
       int8_t* dst = xz_buf.data() + 2 * c;
-      for (int b = 0; b < 4; ++b) {
+      for (int b = 0; b < kBlocks; ++b) {
         const int64_t e = c + 32 * b, g = e / G, i = e - g * G;   // the block's first element, its group
         const int8_t* hi = a.xq + 2 * g * G;
         for (int half = 0; half < 2; ++half) {
           const int64_t o = x4_order(i + 16 * half, G);
-          std::memcpy(dst + 64 * half + 16 * b, hi + o, 16);          // hi parts: H0, H1
-          std::memcpy(dst + 128 + 64 * half + 16 * b, hi + G + o, 16);  // lo parts: L0, L1
+          std::memcpy(dst + 16 * kBlocks * half + 16 * b, hi + o, 16);                  // H0, H1
+          std::memcpy(dst + 16 * kBlocks * (2 + half) + 16 * b, hi + G + o, 16);        // L0, L1
         }
       }
     }
     xz = xz_buf.data();
   }
-#endif
   T* y = static_cast<T*>(a.y);
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* q = static_cast<const uint8_t*>(a.q) + n * a.q_stride;
@@ -661,6 +671,30 @@ void row4i_stream(const QuantLinearArgs& a, const S* scales, int64_t begin, int6
         else acc0 = _mm512_fmadd_ps(v, sc, acc0);
       }
       y[n] = from_float<T>(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - (hsum_ps(corr8) + corr));
+      continue;
+    }
+#else
+    if (small_steps) {  // 32-byte steps of 64 weights (two blocks of 32, groups of 32), a scale per 16-byte lane
+      const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+      const __m256i lanes = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+      auto ld = [](const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t c = 0; c < a.k; c += 64) {
+        _mm_prefetch(ahead + c / 2, _MM_HINT_T1);
+        const int8_t* x = xz + 2 * c;
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c / 2));
+        const __m256i w0 = _mm256_and_si256(b, nib), w1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+        // 16-bit sums of two products of pairs: |.| <= 2 * 2 * 15 * 128
+        const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(w0, ld(x)), _mm256_maddubs_epi16(w1, ld(x + 32)));
+        const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(w0, ld(x + 64)), _mm256_maddubs_epi16(w1, ld(x + 96)));
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(ph, ones), 7),
+                                                             _mm256_madd_epi16(pl, ones)));
+        const __m128 s2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sxs + c / 32)));
+        const __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), lanes);
+        if (c & 64) acc1 = _mm256_fmadd_ps(v, sc, acc1);
+        else acc0 = _mm256_fmadd_ps(v, sc, acc0);
+      }
+      y[n] = from_float<T>(hsum_ps(_mm256_add_ps(acc0, acc1)) - (hsum_ps(corr8) + corr));
       continue;
     }
 #endif
