@@ -40,7 +40,9 @@ def _best_pair(fa, fb, repeats):
 
 
 def _engines():
-    """(default mode, other mode, other's name) of the CPU bf16 tile products, or None when one runs here."""
+    """Per direction, forward then backward: (the other engine's mode, its name) of the CPU bf16 tile
+    products, or None when one engine runs here. The default may differ by direction ("oneDNN brgemm
+    (AVX-512) forward, avx512bf16 backward" on Zen 5)."""
     default = exaone_ext.build_info()["cpu_attention_bf16_products"]
     if default == "float32":
         return None
@@ -49,7 +51,10 @@ def _engines():
     _C._set_attn_brgemm(before)
     if not brgemm.startswith("oneDNN"):
         return None
-    return (-1, 1, brgemm) if not default.startswith("oneDNN") else (-1, 0, "avx512bf16")
+    fwd_on = default.startswith("oneDNN")
+    bwd_on = fwd_on and "backward" not in default
+    other = lambda on: (0, "avx512bf16") if on else (1, brgemm)  # noqa: E731
+    return other(fwd_on), other(bwd_on)
 
 
 def _with_mode(mode, f):
@@ -72,7 +77,7 @@ def main() -> None:
     engines = _engines()
     print(f"threads {torch.get_num_threads()}, causal, batch 1, seq {s}; TFLOP/s as flash-attention counts them; "
           f"bf16 tile products: {exaone_ext.build_info()['cpu_attention_bf16_products']}"
-          + (f" (other engine: {engines[2]})" if engines else ""))
+          + (f" (other engine: forward {engines[0][1]}, backward {engines[1][1]})" if engines else ""))
     for name, hq, hk, d in MODELS:
         fl = 4 * s * s * hq * d / 2
         for dtype in (torch.bfloat16, torch.float32):
@@ -83,7 +88,7 @@ def main() -> None:
             fns = [_with_mode(-1, fwd), lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
                                                                                enable_gqa=True)]
             with torch.no_grad():
-                a, b, *c = _best(fns + ([_with_mode(other[1], fwd)] if other else []), args.repeats)
+                a, b, *c = _best(fns + ([_with_mode(other[0][0], fwd)] if other else []), args.repeats)
             extra = f" | other engine {fl / c[0] / 1e12:.3f} TF/s (x{a / c[0]:.2f} the default's rate)" if c else ""
             print(f"fwd {name} {str(dtype)[6:]:9s} exaone_ext {a * 1e3:8.1f} ms {fl / a / 1e12:.3f} TF/s | "
                   f"sdpa {b * 1e3:8.1f} ms {fl / b / 1e12:.3f} TF/s | x{b / a:.2f}{extra}", flush=True)
@@ -95,7 +100,7 @@ def main() -> None:
             dot = do.transpose(1, 2).contiguous()
             bwd = lambda: torch.autograd.grad(o, lq, do, retain_graph=True)  # noqa: E731
             fns = [_with_mode(-1, bwd), lambda: torch.autograd.grad(ot, lt, dot, retain_graph=True)]
-            a, b, *c = _best(fns + ([_with_mode(other[1], bwd)] if other else []), max(2, args.repeats - 1))
+            a, b, *c = _best(fns + ([_with_mode(other[1][0], bwd)] if other else []), max(2, args.repeats - 1))
             extra = f" | other engine {2.5 * fl / c[0] / 1e12:.3f} TF/s (x{a / c[0]:.2f} the default's rate)" if c else ""
             print(f"bwd {name} {str(dtype)[6:]:9s} exaone_ext {a * 1e3:8.1f} ms {2.5 * fl / a / 1e12:.3f} TF/s | "
                   f"sdpa {b * 1e3:8.1f} ms {2.5 * fl / b / 1e12:.3f} TF/s | x{b / a:.2f}{extra}", flush=True)

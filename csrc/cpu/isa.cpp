@@ -1,6 +1,9 @@
 #include "cpu/isa.h"
 
 #include <atomic>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <cstdlib>
 #include <stdexcept>
 
@@ -105,6 +108,17 @@ bool cpu_has(const char* feature) {
   (void)feature;
 #endif
   return false;
+}
+
+int cpu_x86_family() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+  const int base = int((eax >> 8) & 0xf);
+  return base == 0xf ? base + int((eax >> 20) & 0xff) : base;
+#else
+  return 0;
+#endif
 }
 
 bool cpu_is_amd() {

@@ -17,6 +17,7 @@ void set_isa(const std::string& name);  // "avx512" | "avx2" | "scalar" | "auto"
 std::vector<std::string> cpu_features();  // the relevant features this CPU reports
 bool cpu_has(const char* feature);        // e.g. "avx512bf16", "amx_tile"
 bool cpu_is_amd();                        // the vendor (tuning choices that differ between AMD and Intel)
+int cpu_x86_family();                     // CPUID's family (base + extended; 0 off x86): AMD Zen 4 25, Zen 5 26
 
 // Kernels declared with EXAONE_DECLARE_ISA_KERNEL_BF16 (the elementwise ops) also have a variant
 // compiled with AVX512-BF16 (csrc/cpu/<op>_avx512bf16.cpp: the avx512 code whose bf16 stores use

@@ -25,9 +25,11 @@ bool brgemm_works();
 // Whether the CPU has AMX-BF16 tiles.
 bool cpu_amx_bf16();
 
-// The rule of a brgemm switch: mode 0 never, -1 (the default) where the CPU has AMX-BF16, 1 wherever
-// brgemm works; and always only on the AVX-512 variant with AVX512-BF16 allowed and oneDNN enabled.
-bool brgemm_allowed(int mode);
+// The rule of a brgemm switch: mode 0 never, -1 (the default) where the CPU has AMX-BF16, and for an
+// attention forward (`forward`) also on AMD Zen 5 and later (family 26+, full 512-bit datapaths),
+// 1 wherever brgemm works; and always only on the AVX-512 variant with AVX512-BF16 allowed and
+// oneDNN enabled.
+bool brgemm_allowed(int mode, bool forward = false);
 
 // Returns the mode normalised to -1, 0 or 1.
 inline int brgemm_mode(int mode) { return mode < 0 ? -1 : mode > 0 ? 1 : 0; }

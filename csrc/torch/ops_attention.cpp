@@ -27,14 +27,15 @@ namespace exaone_ext {
 namespace {
 
 // ---- the bfloat16 tile products: the kernels' own, or oneDNN's brgemm (torch/brgemm.h) -----------
-// -1: the default (on where the CPU has AMX-BF16), 0: off, 1: on wherever brgemm works.
+// -1: the default (on where the CPU has AMX-BF16; the forward also on AMD Zen 5+: torch/brgemm.h),
+// 0: off, 1: on wherever brgemm works.
 std::atomic<int> g_brgemm{-1};
 
-bool brgemm_on() { return brgemm_allowed(g_brgemm.load(std::memory_order_relaxed)); }
+bool brgemm_on(bool forward) { return brgemm_allowed(g_brgemm.load(std::memory_order_relaxed), forward); }
 
 // The engine for p's bf16 tile products (null: the kernels' own), chosen once per call.
-void set_bf16_engine(AttnParams& p) {
-  p.bf16_gemm = p.dtype == DType::kBFloat16 && brgemm_on() ? &brgemm_bf16 : nullptr;
+void set_bf16_engine(AttnParams& p, bool forward) {
+  p.bf16_gemm = p.dtype == DType::kBFloat16 && brgemm_on(forward) ? &brgemm_bf16 : nullptr;
 }
 
 // Runs n items over ATen's threads, each thread pulling the next item (the caller orders them so
@@ -158,7 +159,7 @@ std::vector<std::pair<int64_t, int64_t>> seq_lengths(const AttnParams& p, int64_
 void run_fwd(AttnParams p, int64_t batch, int64_t nsplit, int64_t split_keys, float* part_out,
              float* part_lse, int64_t part_size) {
   if (batch == 0 || p.q_heads == 0) return;
-  set_bf16_engine(p);
+  set_bf16_engine(p, true);
   if (!p.bf16_gemm) p.vt = nullptr;
   const int64_t g = p.group(), bq = cpu::attn_block_q(g);
   const auto lens = seq_lengths(p, batch);
@@ -199,7 +200,7 @@ void run_fwd(AttnParams p, int64_t batch, int64_t nsplit, int64_t split_keys, fl
 // the accumulators are summed in split order afterwards (deterministic, no atomics).
 void run_bwd(AttnBwdParams bp, int64_t batch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              const at::Tensor& dout, const at::Tensor& out, at::Tensor& dk, at::Tensor& dv) {
-  set_bf16_engine(bp.fwd);
+  set_bf16_engine(bp.fwd, false);
   const AttnParams& p = bp.fwd;
   if (batch == 0 || p.q_heads == 0 || dout.numel() == 0 || dk.numel() == 0) return;
   const auto keep_kv = use_heads_major_kv(bp.fwd, k, v);
@@ -258,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
                                                       bool causal, double softmax_scale) {
   at::Tensor out, lse;
   AttnParams p = prepare_flash_attn_fwd(q, k, v, causal, softmax_scale, out, lse);
-  set_bf16_engine(p);
+  set_bf16_engine(p, true);
   const at::Tensor keep_vt = use_transposed_v(p, v);
   const auto keep = use_heads_major_kv(p, k, v, /*v_too=*/!p.vt);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
@@ -273,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
   VarlenOffsets offsets;
   AttnParams p = prepare_flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                causal, softmax_scale, out, lse, offsets);
-  set_bf16_engine(p);
+  set_bf16_engine(p, true);
   const at::Tensor keep_vt = use_transposed_v(p, v);
   const auto keep = use_heads_major_kv(p, k, v, /*v_too=*/!p.vt);
   run_fwd(p, p.batch, 1, 0, nullptr, nullptr, 0);
@@ -427,7 +428,7 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache
   // like a dense call: V^T of the filled rows, one pass over them, against seq_q times as much work.
   at::Tensor keep_vt;
   if (p.seq_q >= kVtMinQueries) {
-    set_bf16_engine(p);
+    set_bf16_engine(p, true);
     keep_vt = use_transposed_v(p, v_cache, max_len);
   }
   const int64_t part_floats = batch * p.seq_q * p.q_heads * (p.head_dim + 1);
@@ -457,7 +458,9 @@ bool set_attn_poison_scratch(bool enabled) { return g_poison_scratch.exchange(en
 int set_attn_brgemm(int mode) { return g_brgemm.exchange(brgemm_mode(mode)); }
 
 std::string attn_bf16_products() {
-  if (brgemm_on()) return brgemm_engine_name();
+  const bool fwd = brgemm_on(true), bwd = brgemm_on(false);
+  if (fwd && bwd) return brgemm_engine_name();
+  if (fwd) return std::string(brgemm_engine_name()) + " forward, avx512bf16 backward";
 #if defined(EXAONE_HAVE_AVX512)
   if (cpu::active_isa() == cpu::Isa::kAvx512 && cpu::avx512bf16_allowed()) return "avx512bf16";
 #endif
