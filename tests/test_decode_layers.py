@@ -78,6 +78,43 @@ def test_op_matches_reference(dtype, s):
         assert not torch.equal(a, before)            # the new keys / values were written
 
 
+@pytest.mark.parametrize("case", ["last-dim stride 2", "seq stride 2", "weight view at an offset", "no new tokens",
+                                  "nan"])
+def test_op_odd_but_legal_inputs_match_reference(case):
+    """Strided h, a weight that is a view into a larger tensor, zero new tokens, NaN: as the reference."""
+    gen = torch.Generator().manual_seed(2)
+    weights, layout = _layer_weights("int8", torch.float32, gen)
+    h = torch.randn(2, 2, D, generator=gen)
+    if case == "last-dim stride 2":
+        h = torch.randn(2, 2, 2 * D, generator=gen)[..., ::2]
+    elif case == "seq stride 2":
+        h = torch.randn(2, 4, D, generator=gen)[:, ::2]
+    elif case == "weight view at an offset":
+        big = torch.randn(3, *weights[0].shape, generator=gen)
+        big[1] = weights[0]
+        weights[0] = big[1]                                    # ln_1's weight at a storage offset
+        bigq = torch.zeros(weights[2].shape[0] + 5, weights[2].shape[1], dtype=weights[2].dtype)
+        bigq[5:] = weights[2]
+        weights[2] = bigq[5:]                                  # q_proj's int8 rows at an offset
+    elif case == "no new tokens":
+        h = torch.randn(2, 0, D, generator=gen)
+    else:
+        h[1, 0, 7] = float("nan")
+    seqlens = torch.tensor([3, 6], dtype=torch.int32)
+    caches = [[torch.randn(2, 16, HK, HD, generator=gen)], [torch.randn(2, 16, HK, HD, generator=gen)]]
+    cos, sin = ops.rope_cos_sin(HD, 64, 1e6)
+    got_caches = [[c.clone() for c in cs] for cs in caches]
+    got = _call(ops.decode_layers, h, weights, layout, got_caches, seqlens, cos, sin)
+    want_caches = [[c.clone() for c in cs] for cs in caches]
+    want = _call(reference.decode_layers, h, weights, layout, want_caches, seqlens, cos, sin)
+    assert got.shape == h.shape
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4, equal_nan=True)
+    if case == "nan":
+        assert got[1].isnan().all() and not got[0].isnan().any()   # the NaN row's own tokens only
+    for a, b in zip(got_caches[0] + got_caches[1], want_caches[0] + want_caches[1]):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, equal_nan=True)
+
+
 def test_op_rejects_bad_layout_before_writing():
     gen = torch.Generator().manual_seed(1)
     weights, layout = _layer_weights("dense", torch.float32, gen)
