@@ -128,19 +128,22 @@ bool all_empty(const py::list& dicts) {
   return true;
 }
 
-// Whether every dict holds `key` with a true value (want_true), or none holds `key` (not want_true).
-bool entries(const py::list& dicts, const py::str& key, bool want_true) {
+// Whether every dict of the list holds `key` with a true value.
+bool all_true(const py::list& dicts, const py::str& key) {
   for (Py_ssize_t i = 0, n = PyList_GET_SIZE(dicts.ptr()); i < n; ++i) {
-    PyObject* v = dict_entry(list_item(dicts, i), key.ptr(), "_entries");
-    if (!want_true) {
-      if (v) return false;
-      continue;
-    }
+    PyObject* v = dict_entry(list_item(dicts, i), key.ptr(), "_all_true");
     if (!v) return false;
     const int t = PyObject_IsTrue(v);
     if (t < 0) throw py::error_already_set();
     if (t == 0) return false;
   }
+  return true;
+}
+
+// Whether no dict of the list holds `key`.
+bool none_holds(const py::list& dicts, const py::str& key) {
+  for (Py_ssize_t i = 0, n = PyList_GET_SIZE(dicts.ptr()); i < n; ++i)
+    if (dict_entry(list_item(dicts, i), key.ptr(), "_none_holds")) return false;
   return true;
 }
 
@@ -305,7 +308,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_same_types", &same_types, py::arg("objs"), py::arg("types"),
         "Whether type(objs[i]) is types[i] for every i (lists).");
   m.def("_all_empty", &all_empty, py::arg("dicts"), "Whether every dict of the list is empty.");
-  m.def("_entries", &entries, py::arg("dicts"), py::arg("key"), py::arg("want_true"),
-        "want_true: whether every dict of the list holds key with a true value; else whether none holds key.");
+  m.def("_all_true", &all_true, py::arg("dicts"), py::arg("key"),
+        "Whether every dict of the list holds key with a true value.");
+  m.def("_none_holds", &none_holds, py::arg("dicts"), py::arg("key"), "Whether no dict of the list holds key.");
   m.def("get_cpu_isa", []() { return std::string(exaone_ext::cpu::isa_name(exaone_ext::cpu::active_isa())); });
 }

@@ -24,9 +24,6 @@ from .. import _C
 from .layers import Linear
 from .quant import QuantLinear
 
-_KINDS = {8: 8, 4: 4}
-
-
 _modeling = None
 
 
@@ -132,7 +129,7 @@ class LayersPlan:
         for m in modules:
             if m._buffers["scales"].dtype not in (dtype, torch.float32):
                 return f"scales in {m._buffers['scales'].dtype} for a {dtype} model"
-        self.layout += [_KINDS[bits], len(modules), group if bits == 4 else 0]
+        self.layout += [bits, len(modules), group if bits == 4 else 0]   # kind: 8 / 4, as the op takes it
         names = ("qweight", "scales") if bits == 8 else ("qweight", "scales", "qzeros")
         for name in names:
             for m in modules:
@@ -150,8 +147,8 @@ class LayersPlan:
         global), every kernel switch on, no forward patched on a class or an instance."""
         return (self.reason is None and _C._all_empty(self._hook_dicts)
                 and not _nn_module._global_forward_hooks and not _nn_module._global_forward_pre_hooks
-                and _C._entries(self._kernel_dicts, "use_kernels", True)
-                and _C._entries(self._mod_dicts, "forward", False)
+                and _C._all_true(self._kernel_dicts, "use_kernels")
+                and _C._none_holds(self._mod_dicts, "forward")
                 and all(a is b for a, b in zip(_forwards(), self._originals)))
 
     def _read_weights(self) -> list[torch.Tensor]:
