@@ -856,10 +856,33 @@ void block8i_f32(const QuantLinearArgs& a, int64_t n0, int64_t m0, int64_t m1, f
         if (contiguous) prefetch_span(q0 + R * a.q_stride, k0 * R + r * L, L);
         else prefetch_span(q + R * a.q_stride, 0, L);
         __m256i sum[MT];
+        int64_t c = 0;
+#if defined(__AVX512BW__)
+        {  // 512-bit steps of 32 weights (as row8i_stream), the two halves of each sum added after
+          __m512i wide[MT];
+#pragma GCC unroll 16
+          for (int j = 0; j < MT; ++j) wide[j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+          for (; c + 32 <= L; c += 32) {
+            const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c)));
+#pragma GCC unroll 16
+            for (int j = 0; j < MT; ++j)
+#if defined(__AVX512VNNI__)
+              wide[j] = _mm512_dpwssd_epi32(wide[j], w, _mm512_loadu_si512(xw[j] + c));
+#else
+              wide[j] = _mm512_add_epi32(wide[j], _mm512_madd_epi16(w, _mm512_loadu_si512(xw[j] + c)));
+#endif
+          }
+#pragma GCC unroll 16
+          for (int j = 0; j < MT; ++j)
+            sum[j] = _mm256_add_epi32(_mm512_castsi512_si256(wide[j]), _mm512_extracti64x4_epi64(wide[j], 1));
+        }
+#else
 #pragma GCC unroll 16
         for (int j = 0; j < MT; ++j) sum[j] = _mm256_setzero_si256();
+#endif
 #pragma GCC unroll 8
-        for (int64_t c = 0; c < L; c += 16) {
+        for (; c < L; c += 16) {
           const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c)));
 #pragma GCC unroll 16
           for (int j = 0; j < MT; ++j)
